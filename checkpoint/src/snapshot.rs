@@ -1,0 +1,365 @@
+//! Snapshot files: a paused VM's complete state and memory, checksummed.
+//!
+//! # Layout (little-endian)
+//!
+//! ```text
+//! header (64 bytes)
+//!   magic "USNAPSHT" | version u32 | page_size u32 | memory_bytes u64
+//!   | memory_hash u64 | state_len u64 | state_checksum u64
+//!   | header_checksum u64 (of the 48 bytes before) | reserved u64
+//! state      state_len bytes: the VmState encoding
+//! memory     for each 1 MiB chunk of guest memory, in address order:
+//!              bitmap [32 bytes]: bit i set = page i of the chunk is stored
+//!              the stored (non-zero) pages, 4 KiB each, in page order
+//! trailer    file_checksum u64 (xxh3-64 of every byte before it) | "USNAPEND"
+//! ```
+//!
+//! `memory_hash` is [`memory::hash`] of the guest memory the file holds, so a
+//! restored VM can be checked end to end.
+//!
+//! Writing goes to a temporary file that is synced and renamed into place, so
+//! a crash never leaves a half-written snapshot under the final name. Reading
+//! verifies the header and state checksums before using them, loads memory
+//! into a VM that has not run, and returns that VM only if the file checksum
+//! and the memory hash match: a damaged snapshot is never half-loaded.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use understudy_vm::memory::{self, MemoryError};
+use understudy_vm::state::{StateError, VmState};
+use understudy_vm::{Vm, VmConfig, VmError};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+/// First bytes of a snapshot file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"USNAPSHT";
+/// Last bytes of a snapshot file.
+pub const SNAPSHOT_END_MAGIC: [u8; 8] = *b"USNAPEND";
+/// Format version written and read by this build.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const PAGE_SIZE: usize = 4096;
+const CHUNK_PAGES: usize = 256;
+const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_SIZE;
+const HEADER_LEN: usize = 64;
+
+/// Errors of writing or reading a snapshot file.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file could not be created, written, read or renamed.
+    #[error("snapshot file {path}: I/O error")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file ended before the named part was complete.
+    #[error("snapshot is truncated: it ends inside the {0}")]
+    Truncated(&'static str),
+    /// Not a snapshot file.
+    #[error("not an Understudy snapshot: bad magic bytes")]
+    BadMagic,
+    /// A snapshot of another format version.
+    #[error("snapshot format version {found} is not supported (this build reads {SNAPSHOT_VERSION})")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// A checksum did not match: the named part is corrupted.
+    #[error("snapshot is corrupted: the {part} checksum does not match")]
+    Corrupted {
+        /// Which part: "header", "state" or "file".
+        part: &'static str,
+    },
+    /// The memory loaded does not hash to the value the snapshot recorded.
+    #[error("restored memory hashes to {found:#018x}, the snapshot recorded {expected:#018x}")]
+    MemoryHashMismatch {
+        /// Recorded hash.
+        expected: u64,
+        /// Hash of what was loaded.
+        found: u64,
+    },
+    /// Bytes follow the trailer.
+    #[error("snapshot has data after its trailer")]
+    TrailingData,
+    /// The header's page size or memory size is not usable.
+    #[error("snapshot header is inconsistent: {0}")]
+    BadHeader(String),
+    /// The VM state could not be decoded.
+    #[error("snapshot VM state is invalid")]
+    State(#[from] StateError),
+    /// Reading guest memory failed.
+    #[error("cannot access guest memory")]
+    Memory(#[from] MemoryError),
+    /// Creating or restoring the VM failed.
+    #[error("cannot restore the VM")]
+    Vm(#[from] VmError),
+}
+
+/// What a snapshot holds, as reported after writing or reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// [`memory::hash`] of the guest memory.
+    pub memory_hash: u64,
+    /// Pages stored (non-zero pages).
+    pub stored_pages: u64,
+    /// Size of the file.
+    pub file_bytes: u64,
+}
+
+struct Header {
+    memory_bytes: u64,
+    memory_hash: u64,
+    state_len: u64,
+    state_checksum: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        bytes[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        bytes[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.memory_bytes.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.memory_hash.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.state_len.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.state_checksum.to_le_bytes());
+        let checksum = xxh3_64(&bytes[..48]);
+        bytes[48..56].copy_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Self, SnapshotError> {
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        if bytes[0..8] != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::BadMagic);
+        }
+        if xxh3_64(&bytes[..48]) != u64_at(48) {
+            return Err(SnapshotError::Corrupted { part: "header" });
+        }
+        let version = u32_at(8);
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion { found: version });
+        }
+        if u32_at(12) as usize != PAGE_SIZE {
+            return Err(SnapshotError::BadHeader(format!("page size {} is not 4096", u32_at(12))));
+        }
+        let header = Self {
+            memory_bytes: u64_at(16),
+            memory_hash: u64_at(24),
+            state_len: u64_at(32),
+            state_checksum: u64_at(40),
+        };
+        if header.memory_bytes % CHUNK_BYTES as u64 != 0 {
+            return Err(SnapshotError::BadHeader(format!(
+                "memory size {} is not a whole number of MiB",
+                header.memory_bytes
+            )));
+        }
+        if header.state_len > 64 << 20 {
+            return Err(SnapshotError::BadHeader(format!("state of {} bytes", header.state_len)));
+        }
+        Ok(header)
+    }
+}
+
+/// A writer that hashes everything written through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Xxh3,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        self.inner.write_all(bytes)
+    }
+}
+
+/// A reader that hashes everything read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Xxh3,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn take(&mut self, buffer: &mut [u8], part: &'static str, path: &Path) -> Result<(), SnapshotError> {
+        match self.inner.read_exact(buffer) {
+            Ok(()) => {
+                self.hasher.update(buffer);
+                Ok(())
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(SnapshotError::Truncated(part))
+            }
+            Err(source) => Err(SnapshotError::Io { path: path.to_path_buf(), source }),
+        }
+    }
+}
+
+/// Writes the paused `vm` to `path` atomically (temporary file, sync, rename).
+pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
+    let state = vm.capture_state()?.encode();
+    let memory = vm.memory();
+    let memory_bytes = memory::size(memory);
+    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let temporary = path.with_extension("partial");
+    let file = File::create(&temporary).map_err(io)?;
+    let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Xxh3::new(), written: 0 };
+
+    // The memory hash goes into the header but is known only after a pass over
+    // memory; the VM is paused, so hash first, then write.
+    let memory_hash = memory::hash(memory)?;
+    let header = Header {
+        memory_bytes,
+        memory_hash,
+        state_len: state.len() as u64,
+        state_checksum: xxh3_64(&state),
+    };
+    out.put(&header.encode()).map_err(io)?;
+    out.put(&state).map_err(io)?;
+
+    let mut chunk = vec![0u8; CHUNK_BYTES];
+    let mut stored_pages = 0u64;
+    for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
+        memory::read(memory, chunk_start, &mut chunk)?;
+        let mut bitmap = [0u8; CHUNK_PAGES / 8];
+        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+            if contents.iter().any(|&byte| byte != 0) {
+                bitmap[page / 8] |= 1 << (page % 8);
+            }
+        }
+        out.put(&bitmap).map_err(io)?;
+        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+            if bitmap[page / 8] & (1 << (page % 8)) != 0 {
+                out.put(contents).map_err(io)?;
+                stored_pages += 1;
+            }
+        }
+    }
+    let checksum = out.hasher.digest();
+    out.inner.write_all(&checksum.to_le_bytes()).map_err(io)?;
+    out.inner.write_all(&SNAPSHOT_END_MAGIC).map_err(io)?;
+    let file_bytes = out.written + 16;
+    let file = out.inner.into_inner().map_err(|error| io(error.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&temporary, path).map_err(io)?;
+    if let Some(directory) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        File::open(directory).and_then(|dir| dir.sync_all()).map_err(io)?;
+    }
+    Ok(SnapshotSummary { memory_bytes, memory_hash, stored_pages, file_bytes })
+}
+
+/// Reads a snapshot into a new, paused VM. The VM is returned only when every
+/// checksum and the memory hash match; otherwise it is dropped unused.
+pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
+    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io)?;
+    let file_bytes = file.metadata().map_err(io)?.len();
+    let mut input = HashingReader { inner: BufReader::with_capacity(1 << 20, file), hasher: Xxh3::new() };
+
+    let mut header_bytes = [0u8; HEADER_LEN];
+    input.take(&mut header_bytes, "header", path)?;
+    let header = Header::decode(&header_bytes)?;
+    let mut state_bytes = vec![0u8; header.state_len as usize];
+    input.take(&mut state_bytes, "VM state", path)?;
+    if xxh3_64(&state_bytes) != header.state_checksum {
+        return Err(SnapshotError::Corrupted { part: "state" });
+    }
+    let state = VmState::decode(&state_bytes)?;
+    if state.memory_bytes != header.memory_bytes {
+        return Err(SnapshotError::BadHeader(format!(
+            "header says {} bytes of memory, the VM state {}",
+            header.memory_bytes, state.memory_bytes
+        )));
+    }
+
+    let vm = Vm::new(VmConfig { memory_bytes: state.memory_bytes, vcpus: state.vcpus.len() as u32 })?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut stored_pages = 0u64;
+    for chunk_start in (0..header.memory_bytes).step_by(CHUNK_BYTES) {
+        let mut bitmap = [0u8; CHUNK_PAGES / 8];
+        input.take(&mut bitmap, "memory", path)?;
+        for index in 0..CHUNK_PAGES {
+            if bitmap[index / 8] & (1 << (index % 8)) != 0 {
+                input.take(&mut page, "memory", path)?;
+                memory::write(vm.memory(), chunk_start + (index * PAGE_SIZE) as u64, &page)?;
+                stored_pages += 1;
+            }
+        }
+    }
+    let expected_checksum = input.hasher.digest();
+    let mut trailer = [0u8; 16];
+    input.take(&mut trailer, "trailer", path)?;
+    if trailer[8..] != SNAPSHOT_END_MAGIC {
+        return Err(SnapshotError::Corrupted { part: "file" });
+    }
+    if u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes")) != expected_checksum {
+        return Err(SnapshotError::Corrupted { part: "file" });
+    }
+    let mut extra = [0u8; 1];
+    if input.inner.read(&mut extra).map_err(io)? != 0 {
+        return Err(SnapshotError::TrailingData);
+    }
+    let found = memory::hash(vm.memory())?;
+    if found != header.memory_hash {
+        return Err(SnapshotError::MemoryHashMismatch { expected: header.memory_hash, found });
+    }
+    memory::clear_vmm_dirty_bits(vm.memory());
+    vm.restore_state(&state)?;
+    Ok((
+        vm,
+        SnapshotSummary {
+            memory_bytes: header.memory_bytes,
+            memory_hash: found,
+            stored_pages,
+            file_bytes,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_header() -> Header {
+        Header { memory_bytes: 8 << 20, memory_hash: 1, state_len: 100, state_checksum: 2 }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let decoded = Header::decode(&sample_header().encode()).expect("valid header");
+        assert_eq!(decoded.memory_bytes, 8 << 20);
+        assert_eq!(decoded.state_len, 100);
+    }
+
+    #[test]
+    fn a_flipped_header_bit_is_detected() {
+        let mut bytes = sample_header().encode();
+        bytes[20] ^= 1;
+        assert!(matches!(Header::decode(&bytes), Err(SnapshotError::Corrupted { part: "header" })));
+    }
+
+    #[test]
+    fn another_file_type_is_not_a_snapshot() {
+        let mut bytes = sample_header().encode();
+        bytes[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        assert!(matches!(Header::decode(&bytes), Err(SnapshotError::BadMagic)));
+    }
+
+    #[test]
+    fn a_truncated_file_is_refused_before_any_vm_is_made() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("short.snap");
+        std::fs::write(&path, &sample_header().encode()[..40]).expect("write");
+        assert!(matches!(restore(&path), Err(SnapshotError::Truncated("header"))));
+    }
+}

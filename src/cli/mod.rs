@@ -1,0 +1,168 @@
+//! The subcommands, and what they share: VM options, the live statistics
+//! loop, and Ctrl-C handling.
+
+pub mod bench;
+pub mod run;
+pub mod snapshot;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use understudy_vm::progress::ProgressSample;
+use understudy_vm::workload::{WorkloadSpec, parse_size};
+use understudy_vm::{Vm, VmConfig, VmEvent};
+
+/// Options that shape a new VM.
+#[derive(clap::Args, Clone, Debug)]
+pub struct VmOptions {
+    /// Guest memory (e.g. 512M, 1G).
+    #[arg(long, default_value = "512M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// Number of vCPUs; each runs the workload on its share of the working set.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Workload: idle, counter[:spin=N], or
+    /// memtouch:rate=200MB/s,wss=128M,pattern=seq|random|hotspot|sparse|zero.
+    #[arg(long, default_value = "memtouch:rate=200MB/s,wss=128M,pattern=random")]
+    pub workload: WorkloadSpec,
+}
+
+impl VmOptions {
+    /// The VM shape.
+    pub fn config(&self) -> VmConfig {
+        VmConfig { memory_bytes: self.memory, vcpus: self.vcpus }
+    }
+}
+
+fn parse_memory(value: &str) -> Result<u64, String> {
+    parse_size("memory", value).map_err(|error| error.to_string())
+}
+
+/// Parses durations such as `500ms`, `2s`, `1.5s`, `3m`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let (number, unit) = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|at| value.split_at(at))
+        .unwrap_or((value, "s"));
+    let number: f64 = number.parse().map_err(|_| format!("bad duration '{value}'"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => return Err(format!("bad duration unit in '{value}': use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("bad duration '{value}'"))
+}
+
+/// Set by SIGINT/SIGTERM; the statistics loop stops cleanly when it is.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, flag.clone()).context("cannot install the Ctrl-C handler")?;
+    }
+    Ok(flag)
+}
+
+/// Fails if a vCPU reported that the guest stopped.
+pub fn check_events(vm: &Vm) -> anyhow::Result<()> {
+    if let Ok(event) = vm.events().try_recv() {
+        match event {
+            VmEvent::GuestPanicked { vcpu, message } => bail!("guest panicked on vCPU {vcpu}: {message}"),
+            VmEvent::VcpuFailed { vcpu, reason } => bail!("vCPU {vcpu} stopped: {reason}"),
+            VmEvent::GuestExited { vcpu, code } => bail!("guest exited on vCPU {vcpu} with code {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every vCPU runs its workload; returns the sample that showed it.
+pub fn wait_until_running(vm: &Vm, timeout: Duration) -> anyhow::Result<ProgressSample> {
+    let started = Instant::now();
+    loop {
+        check_events(vm)?;
+        let sample = ProgressSample::read(vm)?;
+        if sample.all_running() && sample.heartbeats() > 0 {
+            return Ok(sample);
+        }
+        if started.elapsed() > timeout {
+            let states: Vec<_> = sample.vcpus.iter().map(|status| (status.state, status.heartbeat)).collect();
+            bail!("the guest did not report progress within {timeout:?}: (state, heartbeat) per vCPU {states:?}");
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// One line of live statistics.
+#[derive(Serialize)]
+pub struct StatsLine {
+    /// Seconds since the VM started running.
+    pub t: f64,
+    /// Bytes per second of pages the guest reports writing (memtouch).
+    pub guest_dirtied_mb_per_s: f64,
+    /// Dirty pages per second seen in the dirty log (KVM OR VMM).
+    pub dirty_log_pages_per_s: f64,
+    /// Counter steps per second (counter).
+    pub counter_steps_per_s: f64,
+    /// Per-vCPU counter values.
+    pub counters: Vec<u64>,
+    /// Per-vCPU pages written.
+    pub pages_written: Vec<u64>,
+}
+
+/// Prints statistics once a second until `duration` passes or Ctrl-C.
+pub fn monitor(vm: &Vm, duration: Option<Duration>, json: bool, stop: &AtomicBool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut previous = ProgressSample::read(vm)?;
+    // Start the dirty-log window now, so the first line's rate is for one second.
+    vm.harvest_dirty()?;
+    let mut next_report = started + Duration::from_secs(1);
+    loop {
+        check_events(vm)?;
+        let deadline = duration.map(|d| started + d);
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        if Instant::now() < next_report {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let dirty = vm.harvest_dirty()?;
+        let sample = ProgressSample::read(vm)?;
+        let seconds = sample.at.duration_since(previous.at).as_secs_f64();
+        let rates = sample.rates_since(&previous);
+        let line = StatsLine {
+            t: started.elapsed().as_secs_f64(),
+            guest_dirtied_mb_per_s: rates.dirtied_bytes_per_sec / 1e6,
+            dirty_log_pages_per_s: dirty.count() as f64 / seconds,
+            counter_steps_per_s: rates.counter_steps_per_sec,
+            counters: sample.vcpus.iter().map(|status| status.counter).collect(),
+            pages_written: sample.vcpus.iter().map(|status| status.pages_written).collect(),
+        };
+        if json {
+            println!("{}", serde_json::to_string(&line)?);
+        } else {
+            println!(
+                "t={:6.1}s  guest dirtied {:8.1} MB/s  dirty log {:9.0} pages/s  counter {:11.0} steps/s",
+                line.t, line.guest_dirtied_mb_per_s, line.dirty_log_pages_per_s, line.counter_steps_per_s
+            );
+        }
+        previous = sample;
+        next_report += Duration::from_secs(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("3h").is_err());
+    }
+}

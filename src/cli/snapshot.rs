@@ -1,0 +1,115 @@
+//! `understudy snapshot` and `understudy restore`: a paused VM to a file and back.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+use understudy_checkpoint::snapshot;
+use understudy_vm::Vm;
+use understudy_vm::progress::ProgressSample;
+
+use super::{VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running};
+
+/// Arguments of `understudy snapshot`.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArguments {
+    #[command(flatten)]
+    vm: VmOptions,
+    /// Let the guest run this long before the snapshot.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    after: Duration,
+    /// The snapshot file to write.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+/// Arguments of `understudy restore`.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArguments {
+    /// The snapshot file to read.
+    input: PathBuf,
+    /// Run this long after restoring, then pause and report (default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Print statistics as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A vCPU's progress at a moment the VM was paused (a consistent reading).
+#[derive(Serialize)]
+struct VcpuProgress {
+    counter: u64,
+    counter_hash: u64,
+    pages_written: u64,
+}
+
+fn paused_progress(vm: &Vm) -> anyhow::Result<Vec<VcpuProgress>> {
+    Ok(ProgressSample::read(vm)?
+        .vcpus
+        .iter()
+        .map(|status| VcpuProgress {
+            counter: status.counter,
+            counter_hash: status.counter_hash,
+            pages_written: status.pages_written,
+        })
+        .collect())
+}
+
+/// Boots, runs, pauses and writes the snapshot.
+pub fn snapshot(arguments: SnapshotArguments) -> anyhow::Result<()> {
+    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    vm.resume()?;
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    std::thread::sleep(arguments.after);
+    check_events(&vm)?;
+    let pause = vm.pause()?;
+    let progress = paused_progress(&vm)?;
+    let writing = Instant::now();
+    let summary = snapshot::write(&vm, &arguments.output)
+        .with_context(|| format!("cannot write the snapshot {}", arguments.output.display()))?;
+    println!(
+        "{}",
+        json!({
+            "event": "snapshot",
+            "path": arguments.output,
+            "memory_hash": summary.memory_hash,
+            "memory_bytes": summary.memory_bytes,
+            "stored_pages": summary.stored_pages,
+            "file_bytes": summary.file_bytes,
+            "pause_us": pause.as_secs_f64() * 1e6,
+            "write_ms": writing.elapsed().as_secs_f64() * 1e3,
+            "vcpus": progress,
+        })
+    );
+    vm.shutdown();
+    Ok(())
+}
+
+/// Restores a snapshot and lets the guest continue.
+pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
+    let stop = stop_flag()?;
+    let restoring = Instant::now();
+    let (mut vm, summary) = snapshot::restore(&arguments.input)
+        .with_context(|| format!("cannot restore the snapshot {}", arguments.input.display()))?;
+    println!(
+        "{}",
+        json!({
+            "event": "restored",
+            "memory_hash": summary.memory_hash,
+            "memory_bytes": summary.memory_bytes,
+            "restore_ms": restoring.elapsed().as_secs_f64() * 1e3,
+            "vcpus": paused_progress(&vm)?,
+        })
+    );
+    vm.resume()?;
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    monitor(&vm, arguments.duration, arguments.json, &stop)?;
+    vm.pause()?;
+    check_events(&vm)?;
+    println!("{}", json!({ "event": "stopped", "vcpus": paused_progress(&vm)? }));
+    vm.shutdown();
+    Ok(())
+}

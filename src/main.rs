@@ -1,0 +1,53 @@
+//! `understudy`: fault tolerance and live migration for KVM virtual machines.
+//!
+//! This binary is the one entry point: `run` a VM standalone, `snapshot` and
+//! `restore` it, and `bench` the VM core. Errors are printed once, here, with
+//! their whole chain of causes.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "understudy", version, about = "Fault tolerance and live migration for KVM virtual machines")]
+struct Arguments {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `understudy_vm=debug`.
+    #[arg(long, global = true, default_value = "warn", env = "UNDERSTUDY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a VM with the built-in guest and print live statistics once a second.
+    Run(cli::run::RunArguments),
+    /// Run a VM for a while, pause it, and write its complete state and memory to a file.
+    Snapshot(cli::snapshot::SnapshotArguments),
+    /// Start a VM from a snapshot file and let it continue.
+    Restore(cli::snapshot::RestoreArguments),
+    /// Measure the VM core (dirtying throughput, harvest and capture costs, start-up time).
+    Bench(cli::bench::BenchArguments),
+}
+
+fn main() -> ExitCode {
+    let arguments = Arguments::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&arguments.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match arguments.command {
+        Command::Run(arguments) => cli::run::run(arguments),
+        Command::Snapshot(arguments) => cli::snapshot::snapshot(arguments),
+        Command::Restore(arguments) => cli::snapshot::restore(arguments),
+        Command::Bench(arguments) => cli::bench::bench(arguments),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

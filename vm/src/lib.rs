@@ -1,0 +1,25 @@
+//! The Understudy VM core: a KVM virtual machine that runs the built-in
+//! ring-3 guest, with complete state capture/restore and dirty-page tracking.
+//!
+//! - [`memory`]: guest memory (vm-memory, VMM writes tracked per page);
+//! - [`dirty`]: the dirty set, KVM's log OR the VMM's bitmap;
+//! - [`boot`]: page tables, the embedded guest image, first registers;
+//! - [`vcpu`] and [`state`]: vCPU state capture/restore and its encoding;
+//! - [`vm`]: the VM, its vCPU threads, pause/resume;
+//! - [`progress`]: guest progress read from its status slots;
+//! - [`bus`]: port-I/O and MMIO dispatch;
+//! - [`workload`]: the guest workload as the user names it.
+
+pub mod boot;
+pub mod bus;
+pub mod dirty;
+pub mod memory;
+pub mod progress;
+pub mod ratelimit;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+pub mod workload;
+
+pub use understudy_guest_abi as guest_abi;
+pub use vm::{Vm, VmConfig, VmError, VmEvent};

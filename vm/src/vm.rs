@@ -1,0 +1,616 @@
+//! A KVM virtual machine running the built-in guest: memory slots with dirty
+//! logging, one thread per vCPU, pause/resume, and state capture/restore.
+//!
+//! # vCPU threads and pausing
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. The guest runs in ring 3 and
+//! does not exit on its own, so [`Vm::pause`] sets the requested state to
+//! "paused", sets each vCPU's `immediate_exit` flag and kicks its thread with
+//! a real-time signal; `KVM_RUN` returns `EINTR`, the thread sees the request
+//! and parks. `pause` returns once every thread is parked, so the caller may
+//! then read vCPU state and memory at an instruction boundary.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use understudy_guest_abi::{
+    BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VcpuStatus, status_gpa,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusAction, BusDevice};
+use crate::dirty::{DirtyLogError, DirtySet, DirtyTracker};
+use crate::log_limited;
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::state::VmState;
+use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::workload::WorkloadSpec;
+
+/// How long a yielding guest (its `HLT`) waits before it is run again.
+const YIELD_NAP: Duration = Duration::from_millis(1);
+/// How long [`Vm::pause`] waits for all vCPUs before it gives up.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of VM set-up and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you root?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{operation} failed")]
+    Kvm {
+        /// The operation.
+        operation: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory set-up or access failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot preparation failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Harvesting the dirty set failed.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    /// A state does not fit this VM.
+    #[error("the saved state is for {saved}, this VM has {actual}")]
+    StateMismatch {
+        /// What the state describes.
+        saved: String,
+        /// What the VM has.
+        actual: String,
+    },
+    /// The vCPUs did not stop in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// An operation needs the VM paused (or not started).
+    #[error("the VM must be paused to {0}")]
+    NotPaused(&'static str),
+    /// The vCPU kick signal could not be installed or sent.
+    #[error("failed to {0} the vCPU kick signal")]
+    Signal(&'static str, #[source] vmm_sys_util::errno::Error),
+    /// A vCPU thread could not be started.
+    #[error("failed to start a vCPU thread")]
+    SpawnThread(#[source] std::io::Error),
+}
+
+/// Shape of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+}
+
+/// Something a vCPU reports that the VMM should act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest finished its workload with an exit code.
+    GuestExited {
+        /// The vCPU.
+        vcpu: u32,
+        /// The guest's exit code.
+        code: u32,
+    },
+    /// The guest panicked.
+    GuestPanicked {
+        /// The vCPU.
+        vcpu: u32,
+        /// The panic message from its status slot.
+        message: String,
+    },
+    /// KVM stopped the vCPU (triple fault, failed entry, internal error).
+    VcpuFailed {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened, with the registers.
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunRequest {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// Run/pause/stop requests shared with the vCPU threads.
+struct Control {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+struct ControlState {
+    requested: RunRequest,
+    /// vCPU threads currently parked (not in `KVM_RUN`).
+    parked: u32,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().expect("vCPU control lock poisoned")
+    }
+
+    /// Parks the calling vCPU thread while it should not run. Returns false on stop.
+    fn wait_until_running(&self, slot: &VcpuSlot) -> bool {
+        let mut state = self.lock();
+        loop {
+            match state.requested {
+                RunRequest::Stop => return false,
+                RunRequest::Run if !slot.stopped.load(Ordering::Acquire) => {
+                    // A pauser sets the flag only after changing `requested` under
+                    // this lock, so clearing it here cannot lose a kick.
+                    slot.set_immediate_exit(false);
+                    return true;
+                }
+                _ => {
+                    state.parked += 1;
+                    self.changed.notify_all();
+                    state = self.changed.wait(state).expect("vCPU control lock poisoned");
+                    state.parked -= 1;
+                }
+            }
+        }
+    }
+
+    /// Sleeps up to `duration`, waking early if the VM is paused or stopped.
+    fn nap(&self, duration: Duration) {
+        let state = self.lock();
+        if state.requested == RunRequest::Run {
+            let _ = self.changed.wait_timeout(state, duration);
+        }
+    }
+}
+
+/// One vCPU as the VM and its thread share it.
+struct VcpuSlot {
+    vcpu: Mutex<Vcpu>,
+    /// `kvm_run.immediate_exit` of this vCPU (set once the thread starts).
+    immediate_exit: AtomicPtr<u8>,
+    /// The guest stopped on this vCPU (exit, panic or failure); it stays parked.
+    stopped: AtomicBool,
+}
+
+impl VcpuSlot {
+    fn set_immediate_exit(&self, value: bool) {
+        let flag = self.immediate_exit.load(Ordering::Acquire);
+        if !flag.is_null() {
+            // SAFETY: the pointer is to `immediate_exit` inside the vCPU's mmap'd
+            // kvm_run, which lives as long as the VcpuFd owned by this slot. KVM
+            // reads the byte on entry to KVM_RUN; a racing plain byte store is
+            // what KVM's API documents for this flag.
+            unsafe { flag.write_volatile(u8::from(value)) };
+        }
+    }
+}
+
+/// The ports of the guest's paravirtual interface (yield, panic, exit).
+struct GuestControlPorts;
+
+impl BusDevice for GuestControlPorts {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> BusAction {
+        let mut value = [0u8; 4];
+        let len = data.len().min(4);
+        value[..len].copy_from_slice(&data[..len]);
+        match PORT_YIELD + offset as u16 {
+            PORT_YIELD => BusAction::Yield,
+            PORT_PANIC => BusAction::Panic,
+            PORT_EXIT => BusAction::Exit(u32::from_le_bytes(value)),
+            _ => BusAction::Continue,
+        }
+    }
+}
+
+/// The kick signal's handler: it only has to exist, so `KVM_RUN` returns `EINTR`.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), VmError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|source| VmError::Signal("install", source));
+    });
+    result
+}
+
+/// A virtual machine with the built-in guest.
+pub struct Vm {
+    config: VmConfig,
+    tsc_khz: u32,
+    vcpus: Vec<Arc<VcpuSlot>>,
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<Control>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    dirty: DirtyTracker,
+    events_sender: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+    fd: VmFd,
+    memory: Arc<GuestMemory>,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Creates a VM with zeroed memory and vCPUs that have not been set up.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        install_kick_handler()?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { operation: "KVM_CREATE_VM", source })?;
+        let memory = Arc::new(memory::create(config.memory_bytes)?);
+        for (slot, region) in memory.iter().enumerate() {
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+            };
+            // SAFETY: the region is a live mapping of exactly `memory_size` bytes,
+            // owned by `memory`, which the Vm keeps until after `fd` is closed
+            // (fields drop in declaration order: `fd` before `memory`).
+            unsafe { fd.set_user_memory_region(slot_region) }
+                .map_err(|source| VmError::Kvm { operation: "KVM_SET_USER_MEMORY_REGION", source })?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm { operation: "KVM_GET_SUPPORTED_CPUID", source })?;
+        let mut vcpus = Vec::new();
+        let mut msr_indices = Vec::new();
+        for index in 0..config.vcpus {
+            let mut vcpu = Vcpu::new(&fd, index, &cpuid, msr_indices.clone())?;
+            if index == 0 {
+                msr_indices = vcpu::saveable_msrs(&kvm, vcpu.fd_mut())
+                    .map_err(|source| VmError::Kvm { operation: "KVM_GET_MSRS", source })?;
+                vcpu.set_msr_indices(msr_indices.clone());
+            }
+            vcpus.push(Arc::new(VcpuSlot {
+                vcpu: Mutex::new(vcpu),
+                immediate_exit: AtomicPtr::new(std::ptr::null_mut()),
+                stopped: AtomicBool::new(false),
+            }));
+        }
+        let tsc_khz = match vcpus.first() {
+            Some(slot) => slot.vcpu.lock().expect("fresh lock").tsc_khz()?,
+            None => return Err(VmError::Boot(BootError::TooManyVcpus(0))),
+        };
+        let mut pio = Bus::new();
+        pio.insert(u64::from(PORT_YIELD), 3, Arc::new(GuestControlPorts))
+            .expect("an empty bus has room for the guest control ports");
+        let (events_sender, events) = channel();
+        Ok(Self {
+            config,
+            tsc_khz,
+            dirty: DirtyTracker::new(&memory),
+            vcpus,
+            threads: Vec::new(),
+            control: Arc::new(Control {
+                state: Mutex::new(ControlState { requested: RunRequest::Pause, parked: 0 }),
+                changed: Condvar::new(),
+            }),
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            events_sender,
+            events,
+            fd,
+            memory,
+            _kvm: kvm,
+        })
+    }
+
+    /// Creates a VM and prepares the built-in guest to run `workload`.
+    pub fn boot(config: VmConfig, workload: &WorkloadSpec) -> Result<Self, VmError> {
+        let vm = Self::new(config)?;
+        let image = boot::prepare(&vm.memory, config.vcpus, vm.tsc_khz, workload)?;
+        for slot in &vm.vcpus {
+            slot.vcpu.lock().expect("fresh lock").configure_boot(&image)?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM's shape.
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+
+    /// The vCPUs' TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Events from the vCPUs (guest exit, panic, failure).
+    pub fn events(&self) -> &Receiver<VmEvent> {
+        &self.events
+    }
+
+    /// Starts the vCPU threads (the first call) or lets them run again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.threads.is_empty() {
+            for slot in &self.vcpus {
+                let thread = VcpuThread {
+                    slot: slot.clone(),
+                    control: self.control.clone(),
+                    pio: self.pio.clone(),
+                    mmio: self.mmio.clone(),
+                    memory: self.memory.clone(),
+                    events: self.events_sender.clone(),
+                };
+                let index = slot.vcpu.lock().expect("vCPU lock poisoned").index();
+                let handle = std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn(move || thread.run())
+                    .map_err(VmError::SpawnThread)?;
+                self.threads.push(handle);
+            }
+        }
+        self.control.lock().requested = RunRequest::Run;
+        self.control.changed.notify_all();
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary; returns how long it took.
+    pub fn pause(&self) -> Result<Duration, VmError> {
+        let started = Instant::now();
+        self.control.lock().requested = RunRequest::Pause;
+        self.control.changed.notify_all();
+        self.kick_all()?;
+        let mut state = self.control.lock();
+        let mut last_kick = Instant::now();
+        while state.parked < self.threads.len() as u32 {
+            if started.elapsed() > PAUSE_TIMEOUT {
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            let (next, _) = self
+                .control
+                .changed
+                .wait_timeout(state, Duration::from_millis(10))
+                .expect("vCPU control lock poisoned");
+            state = next;
+            if last_kick.elapsed() > Duration::from_millis(10) {
+                // A thread between its check and KVM_RUN saw immediate_exit;
+                // one that somehow missed both gets kicked again.
+                drop(state);
+                self.kick_all()?;
+                last_kick = Instant::now();
+                state = self.control.lock();
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    fn kick_all(&self) -> Result<(), VmError> {
+        for slot in &self.vcpus {
+            slot.set_immediate_exit(true);
+        }
+        for thread in &self.threads {
+            thread.kill(kick_signal()).map_err(|source| VmError::Signal("send", source))?;
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        let state = self.control.lock();
+        state.requested != RunRequest::Run && state.parked == self.threads.len() as u32
+    }
+
+    /// Captures the state of every vCPU and of the VM. The VM must be paused.
+    pub fn capture_state(&self) -> Result<VmState, VmError> {
+        if !self.is_paused() {
+            return Err(VmError::NotPaused("capture its state"));
+        }
+        let clock = self
+            .fd
+            .get_clock()
+            .map_err(|source| VmError::Kvm { operation: "KVM_GET_CLOCK", source })?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|slot| slot.vcpu.lock().expect("vCPU lock poisoned").capture())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState { memory_bytes: self.config.memory_bytes, clock, vcpus })
+    }
+
+    /// Restores a captured state into this VM, whose memory the caller has
+    /// already filled. The VM must not be running.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        if !self.is_paused() {
+            return Err(VmError::NotPaused("restore a state"));
+        }
+        let actual = self.config;
+        if state.memory_bytes != actual.memory_bytes || state.vcpus.len() != actual.vcpus as usize {
+            return Err(VmError::StateMismatch {
+                saved: format!("{} bytes and {} vCPUs", state.memory_bytes, state.vcpus.len()),
+                actual: format!("{} bytes and {} vCPUs", actual.memory_bytes, actual.vcpus),
+            });
+        }
+        let mut clock = state.clock;
+        // Restore the clock as it was: no adjustment for the time spent saved.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|source| VmError::Kvm { operation: "KVM_SET_CLOCK", source })?;
+        for (slot, vcpu_state) in self.vcpus.iter().zip(&state.vcpus) {
+            slot.vcpu.lock().expect("vCPU lock poisoned").restore(vcpu_state)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and clears the dirty set (KVM's log OR the VMM's own writes).
+    pub fn harvest_dirty(&self) -> Result<DirtySet, VmError> {
+        Ok(self.dirty.harvest(&self.fd, &self.memory)?)
+    }
+
+    /// Gives back a harvested dirty set whose consumer failed.
+    pub fn put_back_dirty(&self, set: &DirtySet) -> Result<(), VmError> {
+        Ok(self.dirty.put_back(set)?)
+    }
+
+    /// The boot page the guest was started with.
+    pub fn boot_info(&self) -> Result<BootInfo, VmError> {
+        Ok(memory::read_value(&self.memory, BOOT_INFO_GPA)?)
+    }
+
+    /// vCPU `index`'s status slot, read from guest memory (live, no pause).
+    pub fn vcpu_status(&self, index: u32) -> Result<VcpuStatus, VmError> {
+        Ok(memory::read_value(&self.memory, status_gpa(index))?)
+    }
+
+    /// Stops and joins the vCPU threads.
+    pub fn shutdown(&mut self) {
+        self.control.lock().requested = RunRequest::Stop;
+        self.control.changed.notify_all();
+        if let Err(error) = self.kick_all() {
+            tracing::warn!(%error, "could not kick vCPUs for shutdown");
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Everything a vCPU thread needs.
+struct VcpuThread {
+    slot: Arc<VcpuSlot>,
+    control: Arc<Control>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    memory: Arc<GuestMemory>,
+    events: Sender<VmEvent>,
+}
+
+impl VcpuThread {
+    fn run(self) {
+        let index = {
+            let mut vcpu = self.slot.vcpu.lock().expect("vCPU lock poisoned");
+            let run = vcpu.fd_mut().get_kvm_run();
+            self.slot.immediate_exit.store(&raw mut run.immediate_exit, Ordering::Release);
+            vcpu.index()
+        };
+        while self.control.wait_until_running(&self.slot) {
+            let action = {
+                let mut vcpu = self.slot.vcpu.lock().expect("vCPU lock poisoned");
+                self.run_once(&mut vcpu)
+            };
+            match action {
+                BusAction::Continue => {}
+                BusAction::Yield => self.control.nap(YIELD_NAP),
+                BusAction::Exit(code) => self.stop(VmEvent::GuestExited { vcpu: index, code }),
+                BusAction::Panic => {
+                    let message = self.panic_message(index);
+                    tracing::error!(vcpu = index, %message, "guest panicked");
+                    self.stop(VmEvent::GuestPanicked { vcpu: index, message });
+                }
+            }
+        }
+    }
+
+    fn stop(&self, event: VmEvent) {
+        self.slot.stopped.store(true, Ordering::Release);
+        // The receiver may be gone when the VMM is shutting down; nothing to do then.
+        let _ = self.events.send(event);
+    }
+
+    fn panic_message(&self, index: u32) -> String {
+        match memory::read_value::<VcpuStatus>(&self.memory, status_gpa(index)) {
+            Ok(status) => {
+                let len = status.message.iter().position(|&b| b == 0).unwrap_or(MESSAGE_LEN);
+                String::from_utf8_lossy(&status.message[..len]).into_owned()
+            }
+            Err(error) => format!("(status slot unreadable: {error})"),
+        }
+    }
+
+    /// Enters the guest once and handles the exit.
+    fn run_once(&self, vcpu: &mut Vcpu) -> BusAction {
+        let index = vcpu.index();
+        let exit = match vcpu.fd_mut().run() {
+            Ok(exit) => exit,
+            Err(error) if matches!(error.errno(), libc::EINTR | libc::EAGAIN) => {
+                return BusAction::Continue;
+            }
+            Err(error) => return self.failed(vcpu, format!("KVM_RUN failed: {error}")),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => match self.pio.write(u64::from(port), data) {
+                Some(action) => action,
+                None => {
+                    log_limited!(warn, vcpu = index, port, "guest wrote to an unclaimed port");
+                    BusAction::Continue
+                }
+            },
+            VcpuExit::IoIn(port, data) => {
+                if !self.pio.read(u64::from(port), data) {
+                    log_limited!(warn, vcpu = index, port, "guest read an unclaimed port");
+                }
+                BusAction::Continue
+            }
+            VcpuExit::MmioWrite(address, data) => match self.mmio.write(address, data) {
+                Some(action) => action,
+                None => {
+                    log_limited!(warn, vcpu = index, address, "guest wrote unclaimed MMIO");
+                    BusAction::Continue
+                }
+            },
+            VcpuExit::MmioRead(address, data) => {
+                if !self.mmio.read(address, data) {
+                    log_limited!(warn, vcpu = index, address, "guest read unclaimed MMIO");
+                }
+                BusAction::Continue
+            }
+            VcpuExit::Hlt => BusAction::Yield,
+            VcpuExit::Intr => BusAction::Continue,
+            other => {
+                let reason = format!("{other:?}");
+                self.failed(vcpu, reason)
+            }
+        }
+    }
+
+    fn failed(&self, vcpu: &mut Vcpu, what: String) -> BusAction {
+        let index = vcpu.index();
+        let registers = match vcpu.capture() {
+            Ok(state) => format!("{state:?}"),
+            Err(error) => format!("(registers unreadable: {error})"),
+        };
+        let reason = format!("{what}; {registers}");
+        tracing::error!(vcpu = index, %reason, "vCPU stopped");
+        self.stop(VmEvent::VcpuFailed { vcpu: index, reason });
+        BusAction::Continue
+    }
+}

@@ -1,0 +1,278 @@
+//! The workload the built-in guest runs, as the user writes it on the command
+//! line: `idle`, `counter[:spin=N]`, or
+//! `memtouch:rate=200MB/s,wss=128M,pattern=random[,seed=N][,log]`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use understudy_guest_abi::{FLAG_WRITE_LOG, PAGE_SIZE, Pattern, Workload};
+
+/// Default busy-loop iterations between two counter steps (a few million steps/s).
+pub const DEFAULT_COUNTER_SPIN: u32 = 200;
+
+/// Errors of parsing a workload or a size.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WorkloadError {
+    /// The workload name is unknown.
+    #[error("unknown workload '{0}': expected idle, counter or memtouch")]
+    UnknownWorkload(String),
+    /// An option is unknown for this workload.
+    #[error("unknown option '{option}' for workload {workload}")]
+    UnknownOption {
+        /// The workload.
+        workload: &'static str,
+        /// The option.
+        option: String,
+    },
+    /// A value could not be parsed.
+    #[error("bad value '{value}' for {option}: {reason}")]
+    BadValue {
+        /// The option.
+        option: &'static str,
+        /// The value given.
+        value: String,
+        /// What was expected.
+        reason: &'static str,
+    },
+}
+
+/// A parsed workload choice, ready to go into the guest's boot page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Which workload.
+    pub workload: Workload,
+    /// memtouch: page choice and contents.
+    pub pattern: Pattern,
+    /// memtouch: bytes per second over all vCPUs, 0 for unthrottled.
+    pub rate_bytes_per_sec: u64,
+    /// memtouch: working-set size; `None` for the whole work area.
+    pub wss: Option<u64>,
+    /// Seed of the guest's pseudo-random generators.
+    pub seed: u64,
+    /// `FLAG_*` bits for the boot page.
+    pub flags: u32,
+    /// counter: busy-loop iterations between two steps.
+    pub counter_spin: u32,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        Self {
+            workload: Workload::Idle,
+            pattern: Pattern::Random,
+            rate_bytes_per_sec: 0,
+            wss: None,
+            seed: 0x5eed,
+            flags: 0,
+            counter_spin: DEFAULT_COUNTER_SPIN,
+        }
+    }
+}
+
+impl WorkloadSpec {
+    /// The working-set size given `available` bytes of work area, page-aligned.
+    pub fn wss_bytes(&self, available: u64) -> u64 {
+        self.wss.unwrap_or(available) / PAGE_SIZE * PAGE_SIZE
+    }
+}
+
+impl FromStr for WorkloadSpec {
+    type Err = WorkloadError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (name, options) = text.split_once(':').unwrap_or((text, ""));
+        let mut spec = Self::default();
+        let workload_name: &'static str = match name {
+            "idle" => "idle",
+            "counter" => "counter",
+            "memtouch" => "memtouch",
+            other => return Err(WorkloadError::UnknownWorkload(other.to_string())),
+        };
+        spec.workload = match workload_name {
+            "idle" => Workload::Idle,
+            "counter" => Workload::Counter,
+            _ => Workload::MemTouch,
+        };
+        for option in options.split(',').filter(|option| !option.is_empty()) {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            match (spec.workload, key) {
+                (_, "seed") => spec.seed = parse_u64("seed", value)?,
+                (Workload::MemTouch, "rate") => spec.rate_bytes_per_sec = parse_rate(value)?,
+                (Workload::MemTouch, "wss") => spec.wss = Some(parse_size("wss", value)?),
+                (Workload::MemTouch, "pattern") => spec.pattern = parse_pattern(value)?,
+                (Workload::MemTouch, "log") => spec.flags |= FLAG_WRITE_LOG,
+                (Workload::Counter, "spin") => {
+                    spec.counter_spin = u32::try_from(parse_u64("spin", value)?).map_err(|_| {
+                        WorkloadError::BadValue {
+                            option: "spin",
+                            value: value.to_string(),
+                            reason: "at most 4294967295",
+                        }
+                    })?
+                }
+                _ => {
+                    return Err(WorkloadError::UnknownOption {
+                        workload: workload_name,
+                        option: key.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for WorkloadSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.workload {
+            Workload::Idle => write!(f, "idle"),
+            Workload::Counter => write!(f, "counter:spin={}", self.counter_spin),
+            Workload::MemTouch => {
+                let pattern = match self.pattern {
+                    Pattern::Seq => "seq",
+                    Pattern::Random => "random",
+                    Pattern::Hotspot => "hotspot",
+                    Pattern::Sparse => "sparse",
+                    Pattern::Zero => "zero",
+                };
+                write!(f, "memtouch:pattern={pattern}")?;
+                match self.rate_bytes_per_sec {
+                    0 => write!(f, ",rate=max")?,
+                    rate => write!(f, ",rate={}MB/s", rate as f64 / 1e6)?,
+                }
+                if let Some(wss) = self.wss {
+                    write!(f, ",wss={}K", wss >> 10)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn parse_u64(option: &'static str, value: &str) -> Result<u64, WorkloadError> {
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|_| WorkloadError::BadValue {
+        option,
+        value: value.to_string(),
+        reason: "expected an unsigned integer",
+    })
+}
+
+fn parse_pattern(value: &str) -> Result<Pattern, WorkloadError> {
+    match value {
+        "seq" => Ok(Pattern::Seq),
+        "random" => Ok(Pattern::Random),
+        "hotspot" => Ok(Pattern::Hotspot),
+        "sparse" => Ok(Pattern::Sparse),
+        "zero" => Ok(Pattern::Zero),
+        _ => Err(WorkloadError::BadValue {
+            option: "pattern",
+            value: value.to_string(),
+            reason: "expected seq, random, hotspot, sparse or zero",
+        }),
+    }
+}
+
+/// Parses a byte size: `4096`, `64K`, `128M`, `1G` (binary), `128MiB`, or
+/// `100MB` / `1GB` (decimal).
+pub fn parse_size(option: &'static str, value: &str) -> Result<u64, WorkloadError> {
+    let bad = || WorkloadError::BadValue {
+        option,
+        value: value.to_string(),
+        reason: "expected a size such as 4096, 64K, 128M, 1G, 128MiB or 100MB",
+    };
+    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(multiplier).ok_or_else(bad)
+}
+
+/// Parses a rate: a size per second (`200MB/s`, `1G/s`, `500M`), or `max` / `0`.
+pub fn parse_rate(value: &str) -> Result<u64, WorkloadError> {
+    if value == "max" {
+        return Ok(0);
+    }
+    parse_size("rate", value.strip_suffix("/s").unwrap_or(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_example_parses() {
+        let spec: WorkloadSpec =
+            "memtouch:rate=200MB/s,wss=128M,pattern=random".parse().expect("valid");
+        assert_eq!(spec.workload, Workload::MemTouch);
+        assert_eq!(spec.rate_bytes_per_sec, 200_000_000);
+        assert_eq!(spec.wss, Some(128 << 20));
+        assert_eq!(spec.pattern, Pattern::Random);
+    }
+
+    #[test]
+    fn bare_names_parse() {
+        let spec: WorkloadSpec = "counter".parse().expect("valid");
+        assert_eq!(spec.workload, Workload::Counter);
+        assert_eq!(spec.counter_spin, DEFAULT_COUNTER_SPIN);
+    }
+
+    #[test]
+    fn write_log_flag_parses() {
+        let spec: WorkloadSpec = "memtouch:log,pattern=sparse".parse().expect("valid");
+        assert_eq!(spec.flags, FLAG_WRITE_LOG);
+        assert_eq!(spec.pattern, Pattern::Sparse);
+    }
+
+    #[test]
+    fn unknown_workloads_are_refused() {
+        assert_eq!(
+            "spin".parse::<WorkloadSpec>(),
+            Err(WorkloadError::UnknownWorkload("spin".to_string()))
+        );
+    }
+
+    #[test]
+    fn options_of_another_workload_are_refused() {
+        let result = "counter:pattern=seq".parse::<WorkloadSpec>();
+        assert!(matches!(result, Err(WorkloadError::UnknownOption { workload: "counter", .. })));
+    }
+
+    #[test]
+    fn sizes_use_binary_and_decimal_units() {
+        assert_eq!(parse_size("wss", "64K"), Ok(64 << 10));
+        assert_eq!(parse_size("wss", "2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("wss", "100MB"), Ok(100_000_000));
+    }
+
+    #[test]
+    fn malformed_sizes_are_refused() {
+        assert!(parse_size("wss", "12X").is_err());
+        assert!(parse_size("wss", "M").is_err());
+        assert!(parse_size("wss", "99999999999G").is_err());
+    }
+
+    #[test]
+    fn max_rate_means_unthrottled() {
+        assert_eq!(parse_rate("max"), Ok(0));
+        assert_eq!(parse_rate("1G/s"), Ok(1 << 30));
+    }
+
+    #[test]
+    fn wss_defaults_to_the_available_area_page_aligned() {
+        let spec = WorkloadSpec::default();
+        assert_eq!(spec.wss_bytes(10_000), 8192);
+    }
+}
