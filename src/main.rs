@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "understudy", version, about = "Fault tolerance and live migration for KVM virtual machines")]
+#[command(
+    name = "understudy",
+    version,
+    about = "Fault tolerance and live migration for KVM virtual machines"
+)]
 struct Arguments {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `understudy_vm=debug`.
     #[arg(long, global = true, default_value = "warn", env = "UNDERSTUDY_LOG")]
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
     let arguments = Arguments::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&arguments.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match arguments.command {
         Command::Run(arguments) => cli::run::run(arguments),
         Command::Snapshot(arguments) => cli::snapshot::snapshot(arguments),

@@ -9,7 +9,16 @@ fn main() {
     let guest_dir = manifest_dir.join("../guest");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let target_dir = out_dir.join("guest-target");
-    for path in ["src", "abi/src", "abi/Cargo.toml", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld", ".cargo/config.toml"] {
+    for path in [
+        "src",
+        "abi/src",
+        "abi/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "link.ld",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
     }
 
@@ -17,7 +26,13 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&guest_dir)
-        .args(["build", "--release", "--locked", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's flags and wrappers (coverage, clippy, sanitizers) are for
@@ -35,8 +50,13 @@ fn main() {
     ] {
         command.env_remove(variable);
     }
-    let status = command.status().expect("failed to run cargo to build the guest");
-    assert!(status.success(), "building the guest (guest/) failed: {status}");
+    let status = command
+        .status()
+        .expect("failed to run cargo to build the guest");
+    assert!(
+        status.success(),
+        "building the guest (guest/) failed: {status}"
+    );
 
     let built = target_dir.join("x86_64-unknown-linux-gnu/release/understudy-guest");
     std::fs::copy(&built, out_dir.join("understudy-guest"))

@@ -5,8 +5,8 @@
 //! ```text
 //! header (64 bytes)
 //!   magic "USNAPSHT" | version u32 | page_size u32 | memory_bytes u64
-//!   | memory_hash u64 | state_len u64 | state_checksum u64
-//!   | header_checksum u64 (of the 48 bytes before) | reserved u64
+//!   | memory_hash u64 | state_len u64 | state_checksum u64 | stored_pages u64
+//!   | header_checksum u64 (of the 56 bytes before)
 //! state      state_len bytes: the VmState encoding
 //! memory     for each 1 MiB chunk of guest memory, in address order:
 //!              bitmap [32 bytes]: bit i set = page i of the chunk is stored
@@ -15,7 +15,9 @@
 //! ```
 //!
 //! `memory_hash` is [`memory::hash`] of the guest memory the file holds, so a
-//! restored VM can be checked end to end.
+//! restored VM can be checked end to end. `stored_pages` fixes the file's
+//! length, so truncation is caught before anything is read, and a damaged
+//! chunk bitmap is caught as corruption.
 //!
 //! Writing goes to a temporary file that is synced and renamed into place, so
 //! a crash never leaves a half-written snapshot under the final name. Reading
@@ -42,6 +44,7 @@ const PAGE_SIZE: usize = 4096;
 const CHUNK_PAGES: usize = 256;
 const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_SIZE;
 const HEADER_LEN: usize = 64;
+const TRAILER_LEN: u64 = 16;
 
 /// Errors of writing or reading a snapshot file.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,9 @@ pub enum SnapshotError {
     #[error("not an Understudy snapshot: bad magic bytes")]
     BadMagic,
     /// A snapshot of another format version.
-    #[error("snapshot format version {found} is not supported (this build reads {SNAPSHOT_VERSION})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads {SNAPSHOT_VERSION})"
+    )]
     UnsupportedVersion {
         /// The version found.
         found: u32,
@@ -70,7 +75,7 @@ pub enum SnapshotError {
     /// A checksum did not match: the named part is corrupted.
     #[error("snapshot is corrupted: the {part} checksum does not match")]
     Corrupted {
-        /// Which part: "header", "state" or "file".
+        /// Which part: "header", "state", "memory bitmap" or "file".
         part: &'static str,
     },
     /// The memory loaded does not hash to the value the snapshot recorded.
@@ -116,6 +121,7 @@ struct Header {
     memory_hash: u64,
     state_len: u64,
     state_checksum: u64,
+    stored_pages: u64,
 }
 
 impl Header {
@@ -128,8 +134,9 @@ impl Header {
         bytes[24..32].copy_from_slice(&self.memory_hash.to_le_bytes());
         bytes[32..40].copy_from_slice(&self.state_len.to_le_bytes());
         bytes[40..48].copy_from_slice(&self.state_checksum.to_le_bytes());
-        let checksum = xxh3_64(&bytes[..48]);
-        bytes[48..56].copy_from_slice(&checksum.to_le_bytes());
+        bytes[48..56].copy_from_slice(&self.stored_pages.to_le_bytes());
+        let checksum = xxh3_64(&bytes[..56]);
+        bytes[56..64].copy_from_slice(&checksum.to_le_bytes());
         bytes
     }
 
@@ -139,7 +146,7 @@ impl Header {
         if bytes[0..8] != SNAPSHOT_MAGIC {
             return Err(SnapshotError::BadMagic);
         }
-        if xxh3_64(&bytes[..48]) != u64_at(48) {
+        if xxh3_64(&bytes[..56]) != u64_at(56) {
             return Err(SnapshotError::Corrupted { part: "header" });
         }
         let version = u32_at(8);
@@ -147,24 +154,47 @@ impl Header {
             return Err(SnapshotError::UnsupportedVersion { found: version });
         }
         if u32_at(12) as usize != PAGE_SIZE {
-            return Err(SnapshotError::BadHeader(format!("page size {} is not 4096", u32_at(12))));
+            return Err(SnapshotError::BadHeader(format!(
+                "page size {} is not 4096",
+                u32_at(12)
+            )));
         }
         let header = Self {
             memory_bytes: u64_at(16),
             memory_hash: u64_at(24),
             state_len: u64_at(32),
             state_checksum: u64_at(40),
+            stored_pages: u64_at(48),
         };
-        if header.memory_bytes % CHUNK_BYTES as u64 != 0 {
+        if header.stored_pages > header.memory_bytes / PAGE_SIZE as u64 {
+            return Err(SnapshotError::BadHeader(format!(
+                "{} stored pages in {} bytes of memory",
+                header.stored_pages, header.memory_bytes
+            )));
+        }
+        if !header.memory_bytes.is_multiple_of(CHUNK_BYTES as u64) {
             return Err(SnapshotError::BadHeader(format!(
                 "memory size {} is not a whole number of MiB",
                 header.memory_bytes
             )));
         }
         if header.state_len > 64 << 20 {
-            return Err(SnapshotError::BadHeader(format!("state of {} bytes", header.state_len)));
+            return Err(SnapshotError::BadHeader(format!(
+                "state of {} bytes",
+                header.state_len
+            )));
         }
         Ok(header)
+    }
+
+    /// The exact length of a file with this header.
+    fn file_len(&self) -> u64 {
+        let chunks = self.memory_bytes / CHUNK_BYTES as u64;
+        HEADER_LEN as u64
+            + self.state_len
+            + chunks * (CHUNK_PAGES / 8) as u64
+            + self.stored_pages * PAGE_SIZE as u64
+            + TRAILER_LEN
     }
 }
 
@@ -190,7 +220,12 @@ struct HashingReader<R> {
 }
 
 impl<R: Read> HashingReader<R> {
-    fn take(&mut self, buffer: &mut [u8], part: &'static str, path: &Path) -> Result<(), SnapshotError> {
+    fn take(
+        &mut self,
+        buffer: &mut [u8],
+        part: &'static str,
+        path: &Path,
+    ) -> Result<(), SnapshotError> {
         match self.inner.read_exact(buffer) {
             Ok(()) => {
                 self.hasher.update(buffer);
@@ -199,9 +234,23 @@ impl<R: Read> HashingReader<R> {
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Err(SnapshotError::Truncated(part))
             }
-            Err(source) => Err(SnapshotError::Io { path: path.to_path_buf(), source }),
+            Err(source) => Err(SnapshotError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
+}
+
+/// Which pages of a chunk are stored: the non-zero ones.
+fn chunk_bitmap(chunk: &[u8]) -> [u8; CHUNK_PAGES / 8] {
+    let mut bitmap = [0u8; CHUNK_PAGES / 8];
+    for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+        if contents.iter().any(|&byte| byte != 0) {
+            bitmap[page / 8] |= 1 << (page % 8);
+        }
+    }
+    bitmap
 }
 
 /// Writes the paused `vm` to `path` atomically (temporary file, sync, rename).
@@ -209,38 +258,47 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
     let state = vm.capture_state()?.encode();
     let memory = vm.memory();
     let memory_bytes = memory::size(memory);
-    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let temporary = path.with_extension("partial");
     let file = File::create(&temporary).map_err(io)?;
-    let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Xxh3::new(), written: 0 };
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Xxh3::new(),
+        written: 0,
+    };
 
-    // The memory hash goes into the header but is known only after a pass over
-    // memory; the VM is paused, so hash first, then write.
+    // The memory hash and page count go into the header but are known only
+    // after a pass over memory; the VM is paused, so count first, then write.
     let memory_hash = memory::hash(memory)?;
+    let mut chunk = vec![0u8; CHUNK_BYTES];
+    let mut stored_pages = 0u64;
+    for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
+        memory::read(memory, chunk_start, &mut chunk)?;
+        stored_pages += chunk_bitmap(&chunk)
+            .iter()
+            .map(|byte| u64::from(byte.count_ones()))
+            .sum::<u64>();
+    }
     let header = Header {
         memory_bytes,
         memory_hash,
         state_len: state.len() as u64,
         state_checksum: xxh3_64(&state),
+        stored_pages,
     };
     out.put(&header.encode()).map_err(io)?;
     out.put(&state).map_err(io)?;
 
-    let mut chunk = vec![0u8; CHUNK_BYTES];
-    let mut stored_pages = 0u64;
     for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
         memory::read(memory, chunk_start, &mut chunk)?;
-        let mut bitmap = [0u8; CHUNK_PAGES / 8];
-        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
-            if contents.iter().any(|&byte| byte != 0) {
-                bitmap[page / 8] |= 1 << (page % 8);
-            }
-        }
+        let bitmap = chunk_bitmap(&chunk);
         out.put(&bitmap).map_err(io)?;
         for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
             if bitmap[page / 8] & (1 << (page % 8)) != 0 {
                 out.put(contents).map_err(io)?;
-                stored_pages += 1;
             }
         }
     }
@@ -248,27 +306,49 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
     out.inner.write_all(&checksum.to_le_bytes()).map_err(io)?;
     out.inner.write_all(&SNAPSHOT_END_MAGIC).map_err(io)?;
     let file_bytes = out.written + 16;
-    let file = out.inner.into_inner().map_err(|error| io(error.into_error()))?;
+    let file = out
+        .inner
+        .into_inner()
+        .map_err(|error| io(error.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);
     std::fs::rename(&temporary, path).map_err(io)?;
     if let Some(directory) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        File::open(directory).and_then(|dir| dir.sync_all()).map_err(io)?;
+        File::open(directory)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
     }
-    Ok(SnapshotSummary { memory_bytes, memory_hash, stored_pages, file_bytes })
+    Ok(SnapshotSummary {
+        memory_bytes,
+        memory_hash,
+        stored_pages,
+        file_bytes,
+    })
 }
 
 /// Reads a snapshot into a new, paused VM. The VM is returned only when every
 /// checksum and the memory hash match; otherwise it is dropped unused.
 pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
-    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(io)?;
     let file_bytes = file.metadata().map_err(io)?.len();
-    let mut input = HashingReader { inner: BufReader::with_capacity(1 << 20, file), hasher: Xxh3::new() };
+    let mut input = HashingReader {
+        inner: BufReader::with_capacity(1 << 20, file),
+        hasher: Xxh3::new(),
+    };
 
     let mut header_bytes = [0u8; HEADER_LEN];
     input.take(&mut header_bytes, "header", path)?;
     let header = Header::decode(&header_bytes)?;
+    if file_bytes < header.file_len() {
+        return Err(SnapshotError::Truncated("file"));
+    }
+    if file_bytes > header.file_len() {
+        return Err(SnapshotError::TrailingData);
+    }
     let mut state_bytes = vec![0u8; header.state_len as usize];
     input.take(&mut state_bytes, "VM state", path)?;
     if xxh3_64(&state_bytes) != header.state_checksum {
@@ -282,7 +362,10 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
         )));
     }
 
-    let vm = Vm::new(VmConfig { memory_bytes: state.memory_bytes, vcpus: state.vcpus.len() as u32 })?;
+    let vm = Vm::new(VmConfig {
+        memory_bytes: state.memory_bytes,
+        vcpus: state.vcpus.len() as u32,
+    })?;
     let mut page = vec![0u8; PAGE_SIZE];
     let mut stored_pages = 0u64;
     for chunk_start in (0..header.memory_bytes).step_by(CHUNK_BYTES) {
@@ -290,11 +373,21 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
         input.take(&mut bitmap, "memory", path)?;
         for index in 0..CHUNK_PAGES {
             if bitmap[index / 8] & (1 << (index % 8)) != 0 {
+                if stored_pages == header.stored_pages {
+                    return Err(SnapshotError::Corrupted {
+                        part: "memory bitmap",
+                    });
+                }
                 input.take(&mut page, "memory", path)?;
                 memory::write(vm.memory(), chunk_start + (index * PAGE_SIZE) as u64, &page)?;
                 stored_pages += 1;
             }
         }
+    }
+    if stored_pages != header.stored_pages {
+        return Err(SnapshotError::Corrupted {
+            part: "memory bitmap",
+        });
     }
     let expected_checksum = input.hasher.digest();
     let mut trailer = [0u8; 16];
@@ -305,13 +398,12 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
     if u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes")) != expected_checksum {
         return Err(SnapshotError::Corrupted { part: "file" });
     }
-    let mut extra = [0u8; 1];
-    if input.inner.read(&mut extra).map_err(io)? != 0 {
-        return Err(SnapshotError::TrailingData);
-    }
     let found = memory::hash(vm.memory())?;
     if found != header.memory_hash {
-        return Err(SnapshotError::MemoryHashMismatch { expected: header.memory_hash, found });
+        return Err(SnapshotError::MemoryHashMismatch {
+            expected: header.memory_hash,
+            found,
+        });
     }
     memory::clear_vmm_dirty_bits(vm.memory());
     vm.restore_state(&state)?;
@@ -331,7 +423,13 @@ mod tests {
     use super::*;
 
     fn sample_header() -> Header {
-        Header { memory_bytes: 8 << 20, memory_hash: 1, state_len: 100, state_checksum: 2 }
+        Header {
+            memory_bytes: 8 << 20,
+            memory_hash: 1,
+            state_len: 100,
+            state_checksum: 2,
+            stored_pages: 3,
+        }
     }
 
     #[test]
@@ -345,14 +443,20 @@ mod tests {
     fn a_flipped_header_bit_is_detected() {
         let mut bytes = sample_header().encode();
         bytes[20] ^= 1;
-        assert!(matches!(Header::decode(&bytes), Err(SnapshotError::Corrupted { part: "header" })));
+        assert!(matches!(
+            Header::decode(&bytes),
+            Err(SnapshotError::Corrupted { part: "header" })
+        ));
     }
 
     #[test]
     fn another_file_type_is_not_a_snapshot() {
         let mut bytes = sample_header().encode();
         bytes[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
-        assert!(matches!(Header::decode(&bytes), Err(SnapshotError::BadMagic)));
+        assert!(matches!(
+            Header::decode(&bytes),
+            Err(SnapshotError::BadMagic)
+        ));
     }
 
     #[test]
@@ -360,6 +464,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("short.snap");
         std::fs::write(&path, &sample_header().encode()[..40]).expect("write");
-        assert!(matches!(restore(&path), Err(SnapshotError::Truncated("header"))));
+        assert!(matches!(
+            restore(&path),
+            Err(SnapshotError::Truncated("header"))
+        ));
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_header_promises_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("short.snap");
+        std::fs::write(&path, sample_header().encode()).expect("write");
+        assert!(matches!(
+            restore(&path),
+            Err(SnapshotError::Truncated("file"))
+        ));
+    }
+
+    #[test]
+    fn file_length_counts_bitmaps_pages_and_trailer() {
+        let header = sample_header();
+        assert_eq!(header.file_len(), 64 + 100 + 8 * 32 + 3 * 4096 + 16);
     }
 }

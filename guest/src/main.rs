@@ -78,7 +78,9 @@ pub(crate) struct Status {
 
 impl Status {
     fn for_vcpu(index: u32) -> Self {
-        let status = Self { slot: status_gpa(index) as *mut VcpuStatus };
+        let status = Self {
+            slot: status_gpa(index) as *mut VcpuStatus,
+        };
         // SAFETY: the slot is inside the identity-mapped status page, owned by this vCPU.
         unsafe { core::ptr::write_volatile(&raw mut (*status.slot).vcpu_index, index) };
         status
@@ -176,8 +178,13 @@ impl Write for MessageBuffer {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let index = current_vcpu_index();
-    let status = Status { slot: status_gpa(index) as *mut VcpuStatus };
-    let mut buffer = MessageBuffer { bytes: [0; MESSAGE_LEN], len: 0 };
+    let status = Status {
+        slot: status_gpa(index) as *mut VcpuStatus,
+    };
+    let mut buffer = MessageBuffer {
+        bytes: [0; MESSAGE_LEN],
+        len: 0,
+    };
     // The buffer never fails; a truncated message is still useful.
     let _ = write!(buffer, "{}", info.message());
     if let Some(location) = info.location() {
@@ -195,8 +202,7 @@ fn current_vcpu_index() -> u32 {
     let rsp: u64;
     // SAFETY: reads RSP only.
     unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
-    (rsp.saturating_sub(understudy_guest_abi::STACKS_GPA) / understudy_guest_abi::STACK_SIZE)
-        as u32
+    (rsp.saturating_sub(understudy_guest_abi::STACKS_GPA) / understudy_guest_abi::STACK_SIZE) as u32
 }
 
 // The guest has no libc: the compiler's calls to these land here. They use the
@@ -250,7 +256,12 @@ pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
         // SAFETY: the caller guarantees both ranges are valid for n bytes.
-        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(a.add(i)),
+                core::ptr::read_volatile(b.add(i)),
+            )
+        };
         if x != y {
             return i32::from(x) - i32::from(y);
         }

@@ -87,7 +87,10 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
     let end = total_pages * (u64::from(index) + 1) / vcpus;
     let pages = end - first;
     if pages == 0 {
-        panic!("memtouch: vCPU {index} has no pages (wss {} bytes)", boot.wss_bytes);
+        panic!(
+            "memtouch: vCPU {index} has no pages (wss {} bytes)",
+            boot.wss_bytes
+        );
     }
     let pattern = Pattern::from_u32(boot.pattern).unwrap_or(Pattern::Random);
     let write_log = boot.flags & FLAG_WRITE_LOG != 0;
@@ -97,8 +100,7 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
         0
     } else {
         let per_vcpu_rate = (boot.rate_bytes_per_sec / vcpus).max(1);
-        (u128::from(boot.tsc_khz) * 1000 * u128::from(PAGE_SIZE) / u128::from(per_vcpu_rate))
-            as u64
+        (u128::from(boot.tsc_khz) * 1000 * u128::from(PAGE_SIZE) / u128::from(per_vcpu_rate)) as u64
     };
 
     let ticks_per_second = boot.tsc_khz * 1000;

@@ -33,7 +33,10 @@ pub struct VmOptions {
 impl VmOptions {
     /// The VM shape.
     pub fn config(&self) -> VmConfig {
-        VmConfig { memory_bytes: self.memory, vcpus: self.vcpus }
+        VmConfig {
+            memory_bytes: self.memory,
+            vcpus: self.vcpus,
+        }
     }
 }
 
@@ -47,7 +50,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map(|at| value.split_at(at))
         .unwrap_or((value, "s"));
-    let number: f64 = number.parse().map_err(|_| format!("bad duration '{value}'"))?;
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("bad duration '{value}'"))?;
     let seconds = match unit {
         "ms" => number / 1000.0,
         "s" => number,
@@ -61,7 +66,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, flag.clone()).context("cannot install the Ctrl-C handler")?;
+        signal_hook::flag::register(signal, flag.clone())
+            .context("cannot install the Ctrl-C handler")?;
     }
     Ok(flag)
 }
@@ -70,9 +76,13 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 pub fn check_events(vm: &Vm) -> anyhow::Result<()> {
     if let Ok(event) = vm.events().try_recv() {
         match event {
-            VmEvent::GuestPanicked { vcpu, message } => bail!("guest panicked on vCPU {vcpu}: {message}"),
+            VmEvent::GuestPanicked { vcpu, message } => {
+                bail!("guest panicked on vCPU {vcpu}: {message}")
+            }
             VmEvent::VcpuFailed { vcpu, reason } => bail!("vCPU {vcpu} stopped: {reason}"),
-            VmEvent::GuestExited { vcpu, code } => bail!("guest exited on vCPU {vcpu} with code {code}"),
+            VmEvent::GuestExited { vcpu, code } => {
+                bail!("guest exited on vCPU {vcpu} with code {code}")
+            }
         }
     }
     Ok(())
@@ -88,8 +98,14 @@ pub fn wait_until_running(vm: &Vm, timeout: Duration) -> anyhow::Result<Progress
             return Ok(sample);
         }
         if started.elapsed() > timeout {
-            let states: Vec<_> = sample.vcpus.iter().map(|status| (status.state, status.heartbeat)).collect();
-            bail!("the guest did not report progress within {timeout:?}: (state, heartbeat) per vCPU {states:?}");
+            let states: Vec<_> = sample
+                .vcpus
+                .iter()
+                .map(|status| (status.state, status.heartbeat))
+                .collect();
+            bail!(
+                "the guest did not report progress within {timeout:?}: (state, heartbeat) per vCPU {states:?}"
+            );
         }
         std::thread::sleep(Duration::from_micros(100));
     }
@@ -113,7 +129,12 @@ pub struct StatsLine {
 }
 
 /// Prints statistics once a second until `duration` passes or Ctrl-C.
-pub fn monitor(vm: &Vm, duration: Option<Duration>, json: bool, stop: &AtomicBool) -> anyhow::Result<()> {
+pub fn monitor(
+    vm: &Vm,
+    duration: Option<Duration>,
+    json: bool,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut previous = ProgressSample::read(vm)?;
     // Start the dirty-log window now, so the first line's rate is for one second.
@@ -139,14 +160,21 @@ pub fn monitor(vm: &Vm, duration: Option<Duration>, json: bool, stop: &AtomicBoo
             dirty_log_pages_per_s: dirty.count() as f64 / seconds,
             counter_steps_per_s: rates.counter_steps_per_sec,
             counters: sample.vcpus.iter().map(|status| status.counter).collect(),
-            pages_written: sample.vcpus.iter().map(|status| status.pages_written).collect(),
+            pages_written: sample
+                .vcpus
+                .iter()
+                .map(|status| status.pages_written)
+                .collect(),
         };
         if json {
             println!("{}", serde_json::to_string(&line)?);
         } else {
             println!(
                 "t={:6.1}s  guest dirtied {:8.1} MB/s  dirty log {:9.0} pages/s  counter {:11.0} steps/s",
-                line.t, line.guest_dirtied_mb_per_s, line.dirty_log_pages_per_s, line.counter_steps_per_s
+                line.t,
+                line.guest_dirtied_mb_per_s,
+                line.dirty_log_pages_per_s,
+                line.counter_steps_per_s
             );
         }
         previous = sample;

@@ -109,7 +109,10 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     monitor(&vm, arguments.duration, arguments.json, &stop)?;
     vm.pause()?;
     check_events(&vm)?;
-    println!("{}", json!({ "event": "stopped", "vcpus": paused_progress(&vm)? }));
+    println!(
+        "{}",
+        json!({ "event": "stopped", "vcpus": paused_progress(&vm)? })
+    );
     vm.shutdown();
     Ok(())
 }

@@ -114,7 +114,11 @@ pub fn prepare(
     let available = memory_bytes.saturating_sub(WORK_AREA_GPA);
     let wss = workload.wss_bytes(available);
     if wss > available || wss > (WRITE_LOG_SIZE * 8) * PAGE_SIZE {
-        return Err(BootError::WorkingSetTooLarge { wss, memory: memory_bytes, available });
+        return Err(BootError::WorkingSetTooLarge {
+            wss,
+            memory: memory_bytes,
+            available,
+        });
     }
     if wss / PAGE_SIZE < u64::from(vcpus) {
         return Err(BootError::WorkingSetTooSmall { wss, vcpus });
@@ -145,7 +149,11 @@ pub fn prepare(
         counter_spin: workload.counter_spin,
     };
     memory::write(memory, BOOT_INFO_GPA, boot.as_bytes())?;
-    memory::write(memory, STATUS_GPA, &vec![0; (STATUS_SLOT_SIZE * u64::from(vcpus)) as usize])?;
+    memory::write(
+        memory,
+        STATUS_GPA,
+        &vec![0; (STATUS_SLOT_SIZE * u64::from(vcpus)) as usize],
+    )?;
     Ok(BootImage { entry })
 }
 
@@ -162,7 +170,13 @@ fn write_page_tables(memory: &GuestMemory, memory_bytes: u64) -> Result<(), Boot
         memory::write(memory, PDPT_GPA + gib * 8, (pd | flags).as_bytes())?;
         let entries: Vec<u64> = (0..512u64)
             .map(|i| (gib << 30) + (i << 21))
-            .map(|base| if base < memory_bytes { base | flags | PTE_HUGE } else { 0 })
+            .map(|base| {
+                if base < memory_bytes {
+                    base | flags | PTE_HUGE
+                } else {
+                    0
+                }
+            })
             .collect();
         memory::write(memory, pd, entries.as_bytes())?;
     }
@@ -228,7 +242,10 @@ mod tests {
         let last_pd = pdpt1 & !0xfff;
         let last_mapped: u64 = memory::read_value(&memory, last_pd + 255 * 8).expect("read");
         let first_unmapped: u64 = memory::read_value(&memory, last_pd + 256 * 8).expect("read");
-        assert_eq!(last_mapped, (1 << 30) + (255 << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_HUGE);
+        assert_eq!(
+            last_mapped,
+            ((1 << 30) + (255 << 21)) | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_HUGE
+        );
         assert_eq!(first_unmapped, 0);
     }
 

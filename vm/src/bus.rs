@@ -58,16 +58,23 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<dyn BusDevice>,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
-        if let Some((&other_base, &(other_len, _))) = before {
-            if other_base + other_len > base {
-                return Err(BusError::Overlap { base, len });
-            }
+        if let Some((&other_base, &(other_len, _))) = before
+            && other_base + other_len > base
+        {
+            return Err(BusError::Overlap { base, len });
         }
         self.devices.insert(base, (len, device));
         Ok(())
@@ -94,7 +101,8 @@ impl Bus {
 
     /// Routes a write; returns `None` when nobody owns `address`.
     pub fn write(&self, address: u64, data: &[u8]) -> Option<BusAction> {
-        self.find(address).map(|(offset, device)| device.write(offset, data))
+        self.find(address)
+            .map(|(offset, device)| device.write(offset, data))
     }
 }
 
@@ -114,7 +122,10 @@ mod tests {
         }
 
         fn write(&self, offset: u64, data: &[u8]) -> BusAction {
-            self.writes.lock().expect("not poisoned").push((offset, data.to_vec()));
+            self.writes
+                .lock()
+                .expect("not poisoned")
+                .push((offset, data.to_vec()));
             BusAction::Continue
         }
     }
@@ -125,7 +136,10 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(0x500, 0x10, device.clone()).expect("free range");
         assert_eq!(bus.write(0x503, &[7]), Some(BusAction::Continue));
-        assert_eq!(device.writes.lock().expect("not poisoned").as_slice(), &[(3, vec![7])]);
+        assert_eq!(
+            device.writes.lock().expect("not poisoned").as_slice(),
+            &[(3, vec![7])]
+        );
     }
 
     #[test]
@@ -139,22 +153,34 @@ mod tests {
     #[test]
     fn the_end_of_a_range_is_exclusive() {
         let mut bus = Bus::new();
-        bus.insert(0x500, 0x10, Arc::new(Recorder::default())).expect("free range");
+        bus.insert(0x500, 0x10, Arc::new(Recorder::default()))
+            .expect("free range");
         assert_eq!(bus.write(0x510, &[1]), None);
     }
 
     #[test]
     fn overlapping_ranges_are_refused() {
         let mut bus = Bus::new();
-        bus.insert(0x500, 0x10, Arc::new(Recorder::default())).expect("free range");
+        bus.insert(0x500, 0x10, Arc::new(Recorder::default()))
+            .expect("free range");
         let result = bus.insert(0x50f, 1, Arc::new(Recorder::default()));
-        assert_eq!(result, Err(BusError::Overlap { base: 0x50f, len: 1 }));
+        assert_eq!(
+            result,
+            Err(BusError::Overlap {
+                base: 0x50f,
+                len: 1
+            })
+        );
     }
 
     #[test]
     fn adjacent_ranges_are_accepted() {
         let mut bus = Bus::new();
-        bus.insert(0x500, 0x10, Arc::new(Recorder::default())).expect("free range");
-        assert!(bus.insert(0x510, 0x10, Arc::new(Recorder::default())).is_ok());
+        bus.insert(0x500, 0x10, Arc::new(Recorder::default()))
+            .expect("free range");
+        assert!(
+            bus.insert(0x510, 0x10, Arc::new(Recorder::default()))
+                .is_ok()
+        );
     }
 }

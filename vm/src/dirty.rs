@@ -62,17 +62,20 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// An empty bitmap for `pages` pages.
     pub fn new(pages: usize) -> Self {
-        Self { words: vec![0; pages.div_ceil(64)], pages }
+        Self {
+            words: vec![0; pages.div_ceil(64)],
+            pages,
+        }
     }
 
     /// Wraps KVM's (or vm-memory's) bitmap words for `pages` pages. Bits past
     /// `pages` are cleared; missing words count as clean.
     pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
         words.resize(pages.div_ceil(64), 0);
-        if pages % 64 != 0 {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << (pages % 64)) - 1;
-            }
+        if !pages.is_multiple_of(64)
+            && let Some(last) = words.last_mut()
+        {
+            *last &= (1u64 << (pages % 64)) - 1;
         }
         Self { words, pages }
     }
@@ -118,13 +121,19 @@ impl DirtyBitmap {
 
     /// Number of dirty pages.
     pub fn count(&self) -> usize {
-        self.words.iter().map(|word| word.count_ones() as usize).sum()
+        self.words
+            .iter()
+            .map(|word| word.count_ones() as usize)
+            .sum()
     }
 
     /// ORs `other` into `self`.
     pub fn union_with(&mut self, other: &DirtyBitmap) -> Result<(), DirtyLogError> {
         if self.pages != other.pages {
-            return Err(DirtyLogError::LengthMismatch { left: self.pages, right: other.pages });
+            return Err(DirtyLogError::LengthMismatch {
+                left: self.pages,
+                right: other.pages,
+            });
         }
         for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
             *mine |= theirs;
@@ -135,7 +144,11 @@ impl DirtyBitmap {
     /// Whether every page dirty in `self` is also dirty in `other`.
     pub fn is_subset_of(&self, other: &DirtyBitmap) -> bool {
         self.pages == other.pages
-            && self.words.iter().zip(&other.words).all(|(mine, theirs)| mine & !theirs == 0)
+            && self
+                .words
+                .iter()
+                .zip(&other.words)
+                .all(|(mine, theirs)| mine & !theirs == 0)
     }
 
     /// Dirty page numbers in ascending order.
@@ -189,7 +202,9 @@ impl DirtySet {
     /// Guest-physical addresses of all dirty pages, ascending within each region.
     pub fn page_addresses(&self) -> impl Iterator<Item = u64> + '_ {
         self.regions.iter().flat_map(|(start, bitmap)| {
-            bitmap.iter().map(move |page| start + page as u64 * DIRTY_PAGE_SIZE)
+            bitmap
+                .iter()
+                .map(move |page| start + page as u64 * DIRTY_PAGE_SIZE)
         })
     }
 
@@ -215,7 +230,9 @@ impl DirtyTracker {
             .iter()
             .map(|region| DirtyBitmap::new((region.len() / DIRTY_PAGE_SIZE) as usize))
             .collect();
-        Self { put_back: Mutex::new(put_back) }
+        Self {
+            put_back: Mutex::new(put_back),
+        }
     }
 
     /// Reads and clears the dirty set since the previous harvest.
@@ -234,7 +251,10 @@ impl DirtyTracker {
                     for (index, (_, bitmap)) in regions.into_iter().enumerate() {
                         put_back[index].union_with(&bitmap)?;
                     }
-                    return Err(DirtyLogError::GetDirtyLog { slot: slot as u32, source });
+                    return Err(DirtyLogError::GetDirtyLog {
+                        slot: slot as u32,
+                        source,
+                    });
                 }
             };
             let mut bitmap = DirtyBitmap::from_words(kvm_words, pages);
@@ -324,7 +344,10 @@ mod tests {
     #[test]
     fn runs_group_consecutive_pages() {
         let bitmap = DirtyBitmap::from_words(vec![0b1110_0111, 1], 128);
-        assert_eq!(bitmap.runs().collect::<Vec<_>>(), vec![(0, 3), (5, 3), (64, 1)]);
+        assert_eq!(
+            bitmap.runs().collect::<Vec<_>>(),
+            vec![(0, 3), (5, 3), (64, 1)]
+        );
     }
 
     #[test]
@@ -345,7 +368,13 @@ mod tests {
     fn union_of_different_lengths_is_an_error() {
         let mut left = DirtyBitmap::new(64);
         let result = left.union_with(&DirtyBitmap::new(65));
-        assert!(matches!(result, Err(DirtyLogError::LengthMismatch { left: 64, right: 65 })));
+        assert!(matches!(
+            result,
+            Err(DirtyLogError::LengthMismatch {
+                left: 64,
+                right: 65
+            })
+        ));
     }
 
     #[test]
@@ -364,7 +393,10 @@ mod tests {
                 (0x10_0000, DirtyBitmap::from_words(vec![0b1], 4)),
             ],
         };
-        assert_eq!(set.page_addresses().collect::<Vec<_>>(), vec![0x1000, 0x10_0000]);
+        assert_eq!(
+            set.page_addresses().collect::<Vec<_>>(),
+            vec![0x1000, 0x10_0000]
+        );
         assert!(set.contains(0x10_0fff));
         assert!(!set.contains(0x2000));
         assert_eq!(set.count(), 2);

@@ -57,7 +57,7 @@ pub enum MemoryError {
 
 /// The `(guest-physical start, size)` of each region for `bytes` of memory.
 pub fn region_layout(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-    if bytes % MEMORY_ALIGNMENT != 0 || !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+    if !bytes.is_multiple_of(MEMORY_ALIGNMENT) || !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
         return Err(MemoryError::BadSize { bytes });
     }
     let mut layout = Vec::new();
@@ -86,20 +86,24 @@ pub fn size(memory: &GuestMemory) -> u64 {
 
 /// Copies guest memory at `gpa` into `buffer`.
 pub fn read(memory: &GuestMemory, gpa: u64, buffer: &mut [u8]) -> Result<(), MemoryError> {
-    memory.read_slice(buffer, GuestAddress(gpa)).map_err(|source| MemoryError::Access {
-        gpa,
-        len: buffer.len(),
-        source,
-    })
+    memory
+        .read_slice(buffer, GuestAddress(gpa))
+        .map_err(|source| MemoryError::Access {
+            gpa,
+            len: buffer.len(),
+            source,
+        })
 }
 
 /// Copies `data` into guest memory at `gpa`; the pages are marked dirty.
 pub fn write(memory: &GuestMemory, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-    memory.write_slice(data, GuestAddress(gpa)).map_err(|source| MemoryError::Access {
-        gpa,
-        len: data.len(),
-        source,
-    })
+    memory
+        .write_slice(data, GuestAddress(gpa))
+        .map_err(|source| MemoryError::Access {
+            gpa,
+            len: data.len(),
+            source,
+        })
 }
 
 /// Reads a plain-data value from guest memory.
@@ -154,17 +158,26 @@ mod tests {
     #[test]
     fn layout_splits_at_one_gib() {
         let layout = region_layout(2560 << 20).expect("valid size");
-        assert_eq!(layout, vec![(0, 1 << 30), (1 << 30, 1 << 30), (2 << 30, 512 << 20)]);
+        assert_eq!(
+            layout,
+            vec![(0, 1 << 30), (1 << 30, 1 << 30), (2 << 30, 512 << 20)]
+        );
     }
 
     #[test]
     fn layout_rejects_unaligned_sizes() {
-        assert!(matches!(region_layout((512 << 20) + 4096), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(
+            region_layout((512 << 20) + 4096),
+            Err(MemoryError::BadSize { .. })
+        ));
     }
 
     #[test]
     fn layout_rejects_tiny_memory() {
-        assert!(matches!(region_layout(2 << 20), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(
+            region_layout(2 << 20),
+            Err(MemoryError::BadSize { .. })
+        ));
     }
 
     #[test]

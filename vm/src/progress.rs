@@ -19,18 +19,27 @@ pub struct ProgressSample {
 impl ProgressSample {
     /// Reads all status slots (live; a pair of fields may be one step apart).
     pub fn read(vm: &Vm) -> Result<Self, VmError> {
-        let vcpus = (0..vm.config().vcpus).map(|index| vm.vcpu_status(index)).collect::<Result<_, _>>()?;
-        Ok(Self { at: Instant::now(), vcpus })
+        let vcpus = (0..vm.config().vcpus)
+            .map(|index| vm.vcpu_status(index))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            at: Instant::now(),
+            vcpus,
+        })
     }
 
     /// Whether every vCPU has started its workload.
     pub fn all_running(&self) -> bool {
-        self.vcpus.iter().all(|status| status.state == STATE_RUNNING)
+        self.vcpus
+            .iter()
+            .all(|status| status.state == STATE_RUNNING)
     }
 
     /// Whether any vCPU panicked.
     pub fn any_panicked(&self) -> bool {
-        self.vcpus.iter().any(|status| status.state == STATE_PANICKED)
+        self.vcpus
+            .iter()
+            .any(|status| status.state == STATE_PANICKED)
     }
 
     /// memtouch: pages written by all vCPUs.

@@ -2,8 +2,8 @@
 //! unclaimed port, a bad MMIO access): at most one line per call site per
 //! second, with a count of what was suppressed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The state behind one call site of [`log_limited!`](crate::log_limited).
@@ -16,7 +16,10 @@ pub struct LogLimit {
 impl LogLimit {
     /// A limit that allows the first line.
     pub const fn new() -> Self {
-        Self { last_second: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+        Self {
+            last_second: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
     }
 
     /// Whether to log now; `Some(n)` with the number of lines suppressed since the last one.

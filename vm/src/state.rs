@@ -190,7 +190,11 @@ impl VmState {
         if reader.offset != bytes.len() {
             return Err(StateError::TrailingBytes(bytes.len() - reader.offset));
         }
-        Ok(Self { memory_bytes, clock, vcpus })
+        Ok(Self {
+            memory_bytes,
+            clock,
+            vcpus,
+        })
     }
 }
 
@@ -215,7 +219,10 @@ impl<'a> Reader<'a> {
     fn take(&mut self, len: usize) -> Result<&'a [u8], StateError> {
         let available = self.bytes.len() - self.offset;
         if len > available {
-            return Err(StateError::Truncated { offset: self.offset, needed: len - available });
+            return Err(StateError::Truncated {
+                offset: self.offset,
+                needed: len - available,
+            });
         }
         let slice = &self.bytes[self.offset..self.offset + len];
         self.offset += len;
@@ -238,10 +245,7 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
-    fn value<T: FromBytes>(
-        &mut self,
-        field: &'static str,
-    ) -> Result<T, StateError> {
+    fn value<T: FromBytes>(&mut self, field: &'static str) -> Result<T, StateError> {
         let bytes = self.blob()?;
         T::read_from_bytes(bytes).map_err(|_| StateError::BadFieldSize {
             field,
@@ -253,15 +257,15 @@ impl<'a> Reader<'a> {
     fn count(&mut self, field: &'static str) -> Result<usize, StateError> {
         let count = self.u32()?;
         if count > MAX_LIST_LEN {
-            return Err(StateError::ListTooLong { field, found: count });
+            return Err(StateError::ListTooLong {
+                field,
+                found: count,
+            });
         }
         Ok(count as usize)
     }
 
-    fn list<T: FromBytes>(
-        &mut self,
-        field: &'static str,
-    ) -> Result<Vec<T>, StateError> {
+    fn list<T: FromBytes>(&mut self, field: &'static str) -> Result<Vec<T>, StateError> {
         let count = self.count(field)?;
         let size = std::mem::size_of::<T>();
         let bytes = self.take(count * size)?;
@@ -277,28 +281,58 @@ mod tests {
     use super::*;
 
     fn sample_state() -> VmState {
-        let mut regs = kvm_regs { rip: 0x10_0000, rsp: 0x17ff8, rdi: 1, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: 0x10_0000,
+            rsp: 0x17ff8,
+            rdi: 1,
+            ..Default::default()
+        };
         regs.rflags = 0x202;
-        let mut sregs = kvm_sregs { cr3: 0x1000, efer: 0xd01, ..Default::default() };
+        let mut sregs = kvm_sregs {
+            cr3: 0x1000,
+            efer: 0xd01,
+            ..Default::default()
+        };
         sregs.cs.selector = 0x33;
         let vcpu = VcpuState {
             tsc_khz: 2_500_000,
             regs,
             sregs,
             xsave: (0..1024).collect(),
-            xcrs: kvm_xcrs { nr_xcrs: 1, ..Default::default() },
-            debug_regs: kvm_debugregs { dr7: 0x400, ..Default::default() },
+            xcrs: kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            },
+            debug_regs: kvm_debugregs {
+                dr7: 0x400,
+                ..Default::default()
+            },
             events: kvm_vcpu_events::default(),
             mp_state: kvm_mp_state { mp_state: 0 },
             msrs: vec![
-                kvm_msr_entry { index: 0x10, data: 123_456, ..Default::default() },
-                kvm_msr_entry { index: 0xc000_0080, data: 0xd01, ..Default::default() },
+                kvm_msr_entry {
+                    index: 0x10,
+                    data: 123_456,
+                    ..Default::default()
+                },
+                kvm_msr_entry {
+                    index: 0xc000_0080,
+                    data: 0xd01,
+                    ..Default::default()
+                },
             ],
-            cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: 0x906ea, ..Default::default() }],
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x906ea,
+                ..Default::default()
+            }],
         };
         VmState {
             memory_bytes: 512 << 20,
-            clock: kvm_clock_data { clock: 99, ..Default::default() },
+            clock: kvm_clock_data {
+                clock: 99,
+                ..Default::default()
+            },
             vcpus: vec![vcpu.clone(), vcpu],
         }
     }
@@ -316,7 +350,11 @@ mod tests {
         let refused = (0..encoded.len())
             .filter(|&len| VmState::decode(&encoded[..len]).is_err())
             .count();
-        assert_eq!(refused, encoded.len(), "some prefix of the encoding decoded");
+        assert_eq!(
+            refused,
+            encoded.len(),
+            "some prefix of the encoding decoded"
+        );
     }
 
     #[test]
@@ -337,7 +375,10 @@ mod tests {
     fn other_versions_are_refused() {
         let mut encoded = sample_state().encode();
         encoded[8] = 2;
-        assert_eq!(VmState::decode(&encoded), Err(StateError::UnsupportedVersion { found: 2 }));
+        assert_eq!(
+            VmState::decode(&encoded),
+            Err(StateError::UnsupportedVersion { found: 2 })
+        );
     }
 
     #[test]

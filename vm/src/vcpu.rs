@@ -56,12 +56,19 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Creates vCPU `index` with KVM's supported CPUID table.
-    pub fn new(vm: &VmFd, index: u32, cpuid: &CpuId, msr_indices: Vec<u32>) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Kvm {
-            index,
-            operation: "KVM_CREATE_VCPU",
-            source,
-        })?;
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        cpuid: &CpuId,
+        msr_indices: Vec<u32>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                operation: "KVM_CREATE_VCPU",
+                source,
+            })?;
         let mut cpuid = cpuid.clone();
         for entry in cpuid.as_mut_slice() {
             if entry.function == 1 {
@@ -69,8 +76,14 @@ impl Vcpu {
                 entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24);
             }
         }
-        let vcpu = Self { index, fd, msr_indices };
-        vcpu.fd.set_cpuid2(&cpuid).map_err(|source| vcpu.kvm("KVM_SET_CPUID2", source))?;
+        let vcpu = Self {
+            index,
+            fd,
+            msr_indices,
+        };
+        vcpu.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| vcpu.kvm("KVM_SET_CPUID2", source))?;
         Ok(vcpu)
     }
 
@@ -90,17 +103,26 @@ impl Vcpu {
     }
 
     fn kvm(&self, operation: &'static str, source: kvm_ioctls::Error) -> VcpuError {
-        VcpuError::Kvm { index: self.index, operation, source }
+        VcpuError::Kvm {
+            index: self.index,
+            operation,
+            source,
+        }
     }
 
     /// The TSC frequency the vCPU runs at.
     pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
-        self.fd.get_tsc_khz().map_err(|source| self.kvm("KVM_GET_TSC_KHZ", source))
+        self.fd
+            .get_tsc_khz()
+            .map_err(|source| self.kvm("KVM_GET_TSC_KHZ", source))
     }
 
     /// Sets the registers for the guest's first instruction.
     pub fn configure_boot(&self, image: &BootImage) -> Result<(), VcpuError> {
-        let sregs = self.fd.get_sregs().map_err(|source| self.kvm("KVM_GET_SREGS", source))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|source| self.kvm("KVM_GET_SREGS", source))?;
         self.fd
             .set_sregs(&boot::initial_sregs(sregs))
             .map_err(|source| self.kvm("KVM_SET_SREGS", source))?;
@@ -111,16 +133,34 @@ impl Vcpu {
 
     /// Captures the vCPU's complete state. The vCPU must not be running.
     pub fn capture(&self) -> Result<VcpuState, VcpuError> {
-        let regs = self.fd.get_regs().map_err(|source| self.kvm("KVM_GET_REGS", source))?;
-        let sregs = self.fd.get_sregs().map_err(|source| self.kvm("KVM_GET_SREGS", source))?;
-        let xsave = self.fd.get_xsave().map_err(|source| self.kvm("KVM_GET_XSAVE", source))?;
-        let xcrs = self.fd.get_xcrs().map_err(|source| self.kvm("KVM_GET_XCRS", source))?;
-        let debug_regs =
-            self.fd.get_debug_regs().map_err(|source| self.kvm("KVM_GET_DEBUGREGS", source))?;
-        let events =
-            self.fd.get_vcpu_events().map_err(|source| self.kvm("KVM_GET_VCPU_EVENTS", source))?;
-        let mp_state =
-            self.fd.get_mp_state().map_err(|source| self.kvm("KVM_GET_MP_STATE", source))?;
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|source| self.kvm("KVM_GET_REGS", source))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|source| self.kvm("KVM_GET_SREGS", source))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(|source| self.kvm("KVM_GET_XSAVE", source))?;
+        let xcrs = self
+            .fd
+            .get_xcrs()
+            .map_err(|source| self.kvm("KVM_GET_XCRS", source))?;
+        let debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(|source| self.kvm("KVM_GET_DEBUGREGS", source))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|source| self.kvm("KVM_GET_VCPU_EVENTS", source))?;
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(|source| self.kvm("KVM_GET_MP_STATE", source))?;
         let cpuid = self
             .fd
             .get_cpuid2(MAX_CPUID_ENTRIES)
@@ -143,11 +183,19 @@ impl Vcpu {
         let entries: Vec<kvm_msr_entry> = self
             .msr_indices
             .iter()
-            .map(|&index| kvm_msr_entry { index, ..Default::default() })
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|_| VcpuError::List { index: self.index, what: "MSR" })?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(|source| self.kvm("KVM_GET_MSRS", source))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::List {
+            index: self.index,
+            what: "MSR",
+        })?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|source| self.kvm("KVM_GET_MSRS", source))?;
         if read != entries.len() {
             return Err(VcpuError::Msr {
                 index: self.index,
@@ -163,17 +211,26 @@ impl Vcpu {
     /// Restores a state captured by [`Vcpu::capture`], in the order KVM needs
     /// (CPUID first; MSRs before the registers that depend on them; events last).
     pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
-        let cpuid = CpuId::from_entries(&state.cpuid)
-            .map_err(|_| VcpuError::List { index: self.index, what: "CPUID" })?;
-        self.fd.set_cpuid2(&cpuid).map_err(|source| self.kvm("KVM_SET_CPUID2", source))?;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::List {
+            index: self.index,
+            what: "CPUID",
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| self.kvm("KVM_SET_CPUID2", source))?;
         if self.tsc_khz()? != state.tsc_khz {
             self.fd
                 .set_tsc_khz(state.tsc_khz)
                 .map_err(|source| self.kvm("KVM_SET_TSC_KHZ", source))?;
         }
-        let msrs = Msrs::from_entries(&state.msrs)
-            .map_err(|_| VcpuError::List { index: self.index, what: "MSR" })?;
-        let written = self.fd.set_msrs(&msrs).map_err(|source| self.kvm("KVM_SET_MSRS", source))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::List {
+            index: self.index,
+            what: "MSR",
+        })?;
+        let written = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|source| self.kvm("KVM_SET_MSRS", source))?;
         if written != state.msrs.len() {
             return Err(VcpuError::Msr {
                 index: self.index,
@@ -183,18 +240,26 @@ impl Vcpu {
                 total: state.msrs.len(),
             });
         }
-        self.fd.set_regs(&state.regs).map_err(|source| self.kvm("KVM_SET_REGS", source))?;
-        self.fd.set_sregs(&state.sregs).map_err(|source| self.kvm("KVM_SET_SREGS", source))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(|source| self.kvm("KVM_SET_REGS", source))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(|source| self.kvm("KVM_SET_SREGS", source))?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
         let words = state.xsave.len().min(xsave.region.len());
         xsave.region[..words].copy_from_slice(&state.xsave[..words]);
         // SAFETY: `xsave` is a complete 4 KiB kvm_xsave, the size KVM_SET_XSAVE reads.
         unsafe { self.fd.set_xsave(&xsave) }.map_err(|source| self.kvm("KVM_SET_XSAVE", source))?;
-        self.fd.set_xcrs(&state.xcrs).map_err(|source| self.kvm("KVM_SET_XCRS", source))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(|source| self.kvm("KVM_SET_XCRS", source))?;
         self.fd
             .set_debug_regs(&state.debug_regs)
             .map_err(|source| self.kvm("KVM_SET_DEBUGREGS", source))?;
-        self.fd.set_mp_state(state.mp_state).map_err(|source| self.kvm("KVM_SET_MP_STATE", source))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(|source| self.kvm("KVM_SET_MP_STATE", source))?;
         self.fd
             .set_vcpu_events(&state.events)
             .map_err(|source| self.kvm("KVM_SET_VCPU_EVENTS", source))
@@ -209,20 +274,31 @@ impl Vcpu {
 pub fn saveable_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::Error> {
     let mut indices = kvm.get_msr_index_list()?.as_slice().to_vec();
     loop {
-        let entries: Vec<kvm_msr_entry> =
-            indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
         let Ok(mut msrs) = Msrs::from_entries(&entries) else {
             return Ok(Vec::new());
         };
         let read = probe.get_msrs(&mut msrs)?;
         if read < indices.len() {
-            tracing::debug!(msr = format_args!("{:#x}", indices[read]), "MSR is not readable, not saved");
+            tracing::debug!(
+                msr = format_args!("{:#x}", indices[read]),
+                "MSR is not readable, not saved"
+            );
             indices.remove(read);
             continue;
         }
         let written = probe.set_msrs(&msrs)?;
         if written < indices.len() {
-            tracing::debug!(msr = format_args!("{:#x}", indices[written]), "MSR is not writable, not saved");
+            tracing::debug!(
+                msr = format_args!("{:#x}", indices[written]),
+                "MSR is not writable, not saved"
+            );
             indices.remove(written);
             continue;
         }

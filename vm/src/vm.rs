@@ -161,7 +161,10 @@ impl Control {
                 _ => {
                     state.parked += 1;
                     self.changed.notify_all();
-                    state = self.changed.wait(state).expect("vCPU control lock poisoned");
+                    state = self
+                        .changed
+                        .wait(state)
+                        .expect("vCPU control lock poisoned");
                     state.parked -= 1;
                 }
             }
@@ -259,7 +262,10 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         install_kick_handler()?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { operation: "KVM_CREATE_VM", source })?;
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+            operation: "KVM_CREATE_VM",
+            source,
+        })?;
         let memory = Arc::new(memory::create(config.memory_bytes)?);
         for (slot, region) in memory.iter().enumerate() {
             let slot_region = kvm_userspace_memory_region {
@@ -272,19 +278,27 @@ impl Vm {
             // SAFETY: the region is a live mapping of exactly `memory_size` bytes,
             // owned by `memory`, which the Vm keeps until after `fd` is closed
             // (fields drop in declaration order: `fd` before `memory`).
-            unsafe { fd.set_user_memory_region(slot_region) }
-                .map_err(|source| VmError::Kvm { operation: "KVM_SET_USER_MEMORY_REGION", source })?;
+            unsafe { fd.set_user_memory_region(slot_region) }.map_err(|source| VmError::Kvm {
+                operation: "KVM_SET_USER_MEMORY_REGION",
+                source,
+            })?;
         }
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm { operation: "KVM_GET_SUPPORTED_CPUID", source })?;
+            .map_err(|source| VmError::Kvm {
+                operation: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
         let mut vcpus = Vec::new();
         let mut msr_indices = Vec::new();
         for index in 0..config.vcpus {
             let mut vcpu = Vcpu::new(&fd, index, &cpuid, msr_indices.clone())?;
             if index == 0 {
-                msr_indices = vcpu::saveable_msrs(&kvm, vcpu.fd_mut())
-                    .map_err(|source| VmError::Kvm { operation: "KVM_GET_MSRS", source })?;
+                msr_indices =
+                    vcpu::saveable_msrs(&kvm, vcpu.fd_mut()).map_err(|source| VmError::Kvm {
+                        operation: "KVM_GET_MSRS",
+                        source,
+                    })?;
                 vcpu.set_msr_indices(msr_indices.clone());
             }
             vcpus.push(Arc::new(VcpuSlot {
@@ -308,7 +322,10 @@ impl Vm {
             vcpus,
             threads: Vec::new(),
             control: Arc::new(Control {
-                state: Mutex::new(ControlState { requested: RunRequest::Pause, parked: 0 }),
+                state: Mutex::new(ControlState {
+                    requested: RunRequest::Pause,
+                    parked: 0,
+                }),
                 changed: Condvar::new(),
             }),
             pio: Arc::new(pio),
@@ -326,7 +343,10 @@ impl Vm {
         let vm = Self::new(config)?;
         let image = boot::prepare(&vm.memory, config.vcpus, vm.tsc_khz, workload)?;
         for slot in &vm.vcpus {
-            slot.vcpu.lock().expect("fresh lock").configure_boot(&image)?;
+            slot.vcpu
+                .lock()
+                .expect("fresh lock")
+                .configure_boot(&image)?;
         }
         Ok(vm)
     }
@@ -411,7 +431,9 @@ impl Vm {
             slot.set_immediate_exit(true);
         }
         for thread in &self.threads {
-            thread.kill(kick_signal()).map_err(|source| VmError::Signal("send", source))?;
+            thread
+                .kill(kick_signal())
+                .map_err(|source| VmError::Signal("send", source))?;
         }
         Ok(())
     }
@@ -426,16 +448,20 @@ impl Vm {
         if !self.is_paused() {
             return Err(VmError::NotPaused("capture its state"));
         }
-        let clock = self
-            .fd
-            .get_clock()
-            .map_err(|source| VmError::Kvm { operation: "KVM_GET_CLOCK", source })?;
+        let clock = self.fd.get_clock().map_err(|source| VmError::Kvm {
+            operation: "KVM_GET_CLOCK",
+            source,
+        })?;
         let vcpus = self
             .vcpus
             .iter()
             .map(|slot| slot.vcpu.lock().expect("vCPU lock poisoned").capture())
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState { memory_bytes: self.config.memory_bytes, clock, vcpus })
+        Ok(VmState {
+            memory_bytes: self.config.memory_bytes,
+            clock,
+            vcpus,
+        })
     }
 
     /// Restores a captured state into this VM, whose memory the caller has
@@ -447,18 +473,26 @@ impl Vm {
         let actual = self.config;
         if state.memory_bytes != actual.memory_bytes || state.vcpus.len() != actual.vcpus as usize {
             return Err(VmError::StateMismatch {
-                saved: format!("{} bytes and {} vCPUs", state.memory_bytes, state.vcpus.len()),
+                saved: format!(
+                    "{} bytes and {} vCPUs",
+                    state.memory_bytes,
+                    state.vcpus.len()
+                ),
                 actual: format!("{} bytes and {} vCPUs", actual.memory_bytes, actual.vcpus),
             });
         }
         let mut clock = state.clock;
         // Restore the clock as it was: no adjustment for the time spent saved.
         clock.flags = 0;
-        self.fd
-            .set_clock(&clock)
-            .map_err(|source| VmError::Kvm { operation: "KVM_SET_CLOCK", source })?;
+        self.fd.set_clock(&clock).map_err(|source| VmError::Kvm {
+            operation: "KVM_SET_CLOCK",
+            source,
+        })?;
         for (slot, vcpu_state) in self.vcpus.iter().zip(&state.vcpus) {
-            slot.vcpu.lock().expect("vCPU lock poisoned").restore(vcpu_state)?;
+            slot.vcpu
+                .lock()
+                .expect("vCPU lock poisoned")
+                .restore(vcpu_state)?;
         }
         Ok(())
     }
@@ -519,7 +553,9 @@ impl VcpuThread {
         let index = {
             let mut vcpu = self.slot.vcpu.lock().expect("vCPU lock poisoned");
             let run = vcpu.fd_mut().get_kvm_run();
-            self.slot.immediate_exit.store(&raw mut run.immediate_exit, Ordering::Release);
+            self.slot
+                .immediate_exit
+                .store(&raw mut run.immediate_exit, Ordering::Release);
             vcpu.index()
         };
         while self.control.wait_until_running(&self.slot) {
@@ -534,7 +570,10 @@ impl VcpuThread {
                 BusAction::Panic => {
                     let message = self.panic_message(index);
                     tracing::error!(vcpu = index, %message, "guest panicked");
-                    self.stop(VmEvent::GuestPanicked { vcpu: index, message });
+                    self.stop(VmEvent::GuestPanicked {
+                        vcpu: index,
+                        message,
+                    });
                 }
             }
         }
@@ -549,7 +588,11 @@ impl VcpuThread {
     fn panic_message(&self, index: u32) -> String {
         match memory::read_value::<VcpuStatus>(&self.memory, status_gpa(index)) {
             Ok(status) => {
-                let len = status.message.iter().position(|&b| b == 0).unwrap_or(MESSAGE_LEN);
+                let len = status
+                    .message
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(MESSAGE_LEN);
                 String::from_utf8_lossy(&status.message[..len]).into_owned()
             }
             Err(error) => format!("(status slot unreadable: {error})"),
@@ -610,7 +653,10 @@ impl VcpuThread {
         };
         let reason = format!("{what}; {registers}");
         tracing::error!(vcpu = index, %reason, "vCPU stopped");
-        self.stop(VmEvent::VcpuFailed { vcpu: index, reason });
+        self.stop(VmEvent::VcpuFailed {
+            vcpu: index,
+            reason,
+        });
         BusAction::Continue
     }
 }

@@ -184,7 +184,9 @@ pub fn parse_size(option: &'static str, value: &str) -> Result<u64, WorkloadErro
         value: value.to_string(),
         reason: "expected a size such as 4096, 64K, 128M, 1G, 128MiB or 100MB",
     };
-    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (number, unit) = value.split_at(digits_end);
     let number: u64 = number.parse().map_err(|_| bad())?;
     let multiplier: u64 = match unit {
@@ -214,8 +216,9 @@ mod tests {
 
     #[test]
     fn the_issue_example_parses() {
-        let spec: WorkloadSpec =
-            "memtouch:rate=200MB/s,wss=128M,pattern=random".parse().expect("valid");
+        let spec: WorkloadSpec = "memtouch:rate=200MB/s,wss=128M,pattern=random"
+            .parse()
+            .expect("valid");
         assert_eq!(spec.workload, Workload::MemTouch);
         assert_eq!(spec.rate_bytes_per_sec, 200_000_000);
         assert_eq!(spec.wss, Some(128 << 20));
@@ -247,7 +250,13 @@ mod tests {
     #[test]
     fn options_of_another_workload_are_refused() {
         let result = "counter:pattern=seq".parse::<WorkloadSpec>();
-        assert!(matches!(result, Err(WorkloadError::UnknownOption { workload: "counter", .. })));
+        assert!(matches!(
+            result,
+            Err(WorkloadError::UnknownOption {
+                workload: "counter",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -141,7 +141,9 @@ pub const FLAG_WRITE_LOG: u32 = 1;
 
 /// The boot page, written by the VMM at [`BOOT_INFO_GPA`] before the first run.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct BootInfo {
     /// Must be [`BOOT_MAGIC`].
     pub magic: u64,
@@ -277,7 +279,10 @@ mod tests {
 
     #[test]
     fn workload_and_pattern_numbers_round_trip() {
-        assert_eq!(Workload::from_u32(Workload::Counter as u32), Some(Workload::Counter));
+        assert_eq!(
+            Workload::from_u32(Workload::Counter as u32),
+            Some(Workload::Counter)
+        );
         assert_eq!(Pattern::from_u32(Pattern::Zero as u32), Some(Pattern::Zero));
         assert_eq!(Pattern::from_u32(99), None);
     }
