@@ -11,19 +11,14 @@ use understudy_vm::memory;
 use understudy_vm::{Vm, VmConfig};
 
 const WSS: u64 = 16 << 20;
+/// Over 1 GiB, so guest memory spans two KVM slots.
+const GUEST_MEMORY: u64 = 1536 << 20;
 
 fn memtouch_vm(pattern: &str) -> Vm {
     let workload = format!("memtouch:log,pattern={pattern},wss=16M,rate=100MB/s")
         .parse()
         .expect("valid workload");
-    let mut vm = Vm::boot(
-        VmConfig {
-            memory_bytes: 64 << 20,
-            vcpus: 2,
-        },
-        &workload,
-    )
-    .expect("boot");
+    let mut vm = Vm::boot(VmConfig::new(GUEST_MEMORY, 2), &workload).expect("boot");
     vm.resume().expect("resume");
     std::thread::sleep(Duration::from_millis(100));
     vm
@@ -93,13 +88,13 @@ fn the_dirty_set_holds_pages_the_vmm_wrote() {
     if !require_kvm() {
         return;
     }
-    // Arrange: a paused guest with a clean dirty set.
+    // Arrange: a paused guest with a clean dirty set; the pages span both memory slots.
     let mut vm = memtouch_vm("sparse");
     start_window(&mut vm);
     let vmm_pages = [
         WORK_AREA_GPA + 3 * PAGE_SIZE,
-        (48 << 20) + 5 * PAGE_SIZE,
-        (64 << 20) - PAGE_SIZE,
+        (1 << 30) + 5 * PAGE_SIZE,
+        GUEST_MEMORY - PAGE_SIZE,
     ];
 
     // Act: the VMM writes (as a device would) while the guest cannot.

@@ -362,10 +362,7 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
         )));
     }
 
-    let vm = Vm::new(VmConfig {
-        memory_bytes: state.memory_bytes,
-        vcpus: state.vcpus.len() as u32,
-    })?;
+    let vm = Vm::new(VmConfig::new(state.memory_bytes, state.vcpus.len() as u32))?;
     let mut page = vec![0u8; PAGE_SIZE];
     let mut stored_pages = 0u64;
     for chunk_start in (0..header.memory_bytes).step_by(CHUNK_BYTES) {

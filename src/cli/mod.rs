@@ -33,10 +33,7 @@ pub struct VmOptions {
 impl VmOptions {
     /// The VM shape.
     pub fn config(&self) -> VmConfig {
-        VmConfig {
-            memory_bytes: self.memory,
-            vcpus: self.vcpus,
-        }
+        VmConfig::new(self.memory, self.vcpus)
     }
 }
 
@@ -128,36 +125,62 @@ pub struct StatsLine {
     pub pages_written: Vec<u64>,
 }
 
-/// Prints statistics once a second until `duration` passes or Ctrl-C.
-pub fn monitor(
-    vm: &Vm,
-    duration: Option<Duration>,
-    json: bool,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
+/// How the statistics loop runs.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct MonitorOptions {
+    /// Stop after this long (e.g. 10s); default: until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print statistics as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Harvest the dirty log this often (e.g. 25ms, as a checkpointing epoch would);
+    /// the statistics add up the harvests of each second.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub harvest_interval: Duration,
+}
+
+/// Prints statistics once a second until the duration passes or Ctrl-C.
+pub fn monitor(vm: &Vm, options: MonitorOptions, stop: &AtomicBool) -> anyhow::Result<()> {
+    let MonitorOptions {
+        duration,
+        json,
+        harvest_interval,
+    } = options;
     let started = Instant::now();
     let mut previous = ProgressSample::read(vm)?;
     // Start the dirty-log window now, so the first line's rate is for one second.
     vm.harvest_dirty()?;
     let mut next_report = started + Duration::from_secs(1);
+    let mut next_harvest = started + harvest_interval;
+    let mut dirty_pages = 0;
     loop {
         check_events(vm)?;
         let deadline = duration.map(|d| started + d);
         if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
-        if Instant::now() < next_report {
-            std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        if now >= next_harvest {
+            dirty_pages += vm.harvest_dirty()?.count();
+            next_harvest += harvest_interval;
+        }
+        if now < next_report {
+            let wake = next_report.min(next_harvest);
+            std::thread::sleep(
+                wake.saturating_duration_since(now)
+                    .min(Duration::from_millis(20)),
+            );
             continue;
         }
-        let dirty = vm.harvest_dirty()?;
+        dirty_pages += vm.harvest_dirty()?.count();
         let sample = ProgressSample::read(vm)?;
         let seconds = sample.at.duration_since(previous.at).as_secs_f64();
         let rates = sample.rates_since(&previous);
         let line = StatsLine {
             t: started.elapsed().as_secs_f64(),
             guest_dirtied_mb_per_s: rates.dirtied_bytes_per_sec / 1e6,
-            dirty_log_pages_per_s: dirty.count() as f64 / seconds,
+            dirty_log_pages_per_s: std::mem::take(&mut dirty_pages) as f64 / seconds,
             counter_steps_per_s: rates.counter_steps_per_sec,
             counters: sample.vcpus.iter().map(|status| status.counter).collect(),
             pages_written: sample

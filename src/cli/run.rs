@@ -5,19 +5,15 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use understudy_vm::Vm;
 
-use super::{VmOptions, monitor, parse_duration, stop_flag, wait_until_running};
+use super::{MonitorOptions, VmOptions, monitor, stop_flag, wait_until_running};
 
 /// Arguments of `understudy run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArguments {
     #[command(flatten)]
     vm: VmOptions,
-    /// Stop after this long (e.g. 10s); default: until Ctrl-C.
-    #[arg(long, value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Print statistics as JSON lines.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    monitor: MonitorOptions,
 }
 
 /// Runs the VM until the duration passes or Ctrl-C.
@@ -28,7 +24,7 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     let first_progress = started.elapsed();
-    if arguments.json {
+    if arguments.monitor.json {
         println!(
             "{}",
             json!({
@@ -48,10 +44,10 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
             first_progress.as_secs_f64() * 1e3
         );
     }
-    monitor(&vm, arguments.duration, arguments.json, &stop)?;
+    monitor(&vm, arguments.monitor, &stop)?;
     vm.pause()?;
     vm.shutdown();
-    if !arguments.json {
+    if !arguments.monitor.json {
         println!("stopped after {:.1} s", started.elapsed().as_secs_f64());
     }
     Ok(())

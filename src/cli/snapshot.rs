@@ -10,7 +10,9 @@ use understudy_checkpoint::snapshot;
 use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
 
-use super::{VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running};
+use super::{
+    MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
+};
 
 /// Arguments of `understudy snapshot`.
 #[derive(clap::Args, Debug)]
@@ -30,12 +32,8 @@ pub struct SnapshotArguments {
 pub struct RestoreArguments {
     /// The snapshot file to read.
     input: PathBuf,
-    /// Run this long after restoring, then pause and report (default: until Ctrl-C).
-    #[arg(long, value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Print statistics as JSON lines.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    monitor: MonitorOptions,
 }
 
 /// A vCPU's progress at a moment the VM was paused (a consistent reading).
@@ -106,7 +104,7 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     );
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
-    monitor(&vm, arguments.duration, arguments.json, &stop)?;
+    monitor(&vm, arguments.monitor, &stop)?;
     vm.pause()?;
     check_events(&vm)?;
     println!(

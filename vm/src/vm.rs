@@ -94,6 +94,20 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// Register memory slots with `KVM_MEM_LOG_DIRTY_PAGES`. Always on for a
+    /// VM that is checkpointed; off only for baseline measurements.
+    pub dirty_log: bool,
+}
+
+impl VmConfig {
+    /// A VM of `memory_bytes` and `vcpus`, with dirty logging on.
+    pub fn new(memory_bytes: u64, vcpus: u32) -> Self {
+        Self {
+            memory_bytes,
+            vcpus,
+            dirty_log: true,
+        }
+    }
 }
 
 /// Something a vCPU reports that the VMM should act on.
@@ -273,7 +287,11 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                flags: if config.dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the region is a live mapping of exactly `memory_size` bytes,
             // owned by `memory`, which the Vm keeps until after `fd` is closed
