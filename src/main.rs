@@ -37,6 +37,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: called first thing, before any other thread exists; restores the
+    // default action so `understudy run | head` ends quietly instead of
+    // panicking on a write to a closed pipe.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let arguments = Arguments::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&arguments.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

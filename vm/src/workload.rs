@@ -138,10 +138,15 @@ impl fmt::Display for WorkloadSpec {
                 write!(f, "memtouch:pattern={pattern}")?;
                 match self.rate_bytes_per_sec {
                     0 => write!(f, ",rate=max")?,
-                    rate => write!(f, ",rate={}MB/s", rate as f64 / 1e6)?,
+                    rate if rate.is_multiple_of(1_000_000) => {
+                        write!(f, ",rate={}MB/s", rate / 1_000_000)?
+                    }
+                    rate => write!(f, ",rate={rate}/s")?,
                 }
-                if let Some(wss) = self.wss {
-                    write!(f, ",wss={}K", wss >> 10)?;
+                match self.wss {
+                    Some(wss) if wss.is_multiple_of(1 << 20) => write!(f, ",wss={}M", wss >> 20)?,
+                    Some(wss) => write!(f, ",wss={}K", wss >> 10)?,
+                    None => {}
                 }
                 Ok(())
             }
@@ -277,6 +282,15 @@ mod tests {
     fn max_rate_means_unthrottled() {
         assert_eq!(parse_rate("max"), Ok(0));
         assert_eq!(parse_rate("1G/s"), Ok(1 << 30));
+    }
+
+    #[test]
+    fn display_gives_a_spec_that_parses_back() {
+        let spec: WorkloadSpec = "memtouch:rate=max,wss=128M,pattern=hotspot"
+            .parse()
+            .expect("valid");
+        let again: WorkloadSpec = spec.to_string().parse().expect("display output parses");
+        assert_eq!(again, spec);
     }
 
     #[test]
