@@ -57,7 +57,7 @@ const USER_DATA_SELECTOR: u16 = 0x2b;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The VM has more vCPUs than the memory map has stacks for.
-    #[error("the built-in guest supports at most {MAX_VCPUS} vCPUs, {0} were requested")]
+    #[error("the built-in guest supports 1 to {MAX_VCPUS} vCPUs, {0} were requested")]
     TooManyVcpus(u32),
     /// The working set does not fit in guest memory.
     #[error(

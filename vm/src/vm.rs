@@ -274,6 +274,9 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM with zeroed memory and vCPUs that have not been set up.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        if !(1..=understudy_guest_abi::MAX_VCPUS).contains(&config.vcpus) {
+            return Err(VmError::Boot(BootError::TooManyVcpus(config.vcpus)));
+        }
         install_kick_handler()?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
@@ -325,10 +328,7 @@ impl Vm {
                 stopped: AtomicBool::new(false),
             }));
         }
-        let tsc_khz = match vcpus.first() {
-            Some(slot) => slot.vcpu.lock().expect("fresh lock").tsc_khz()?,
-            None => return Err(VmError::Boot(BootError::TooManyVcpus(0))),
-        };
+        let tsc_khz = vcpus[0].vcpu.lock().expect("fresh lock").tsc_khz()?;
         let mut pio = Bus::new();
         pio.insert(u64::from(PORT_YIELD), 3, Arc::new(GuestControlPorts))
             .expect("an empty bus has room for the guest control ports");
