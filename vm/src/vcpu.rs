@@ -180,29 +180,18 @@ impl Vcpu {
     }
 
     fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>, VcpuError> {
-        let entries: Vec<kvm_msr_entry> = self
-            .msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::List {
-            index: self.index,
-            what: "MSR",
-        })?;
+        let mut msrs = msr_list(&self.msr_indices, self.index)?;
         let read = self
             .fd
             .get_msrs(&mut msrs)
             .map_err(|source| self.kvm("KVM_GET_MSRS", source))?;
-        if read != entries.len() {
+        if read != self.msr_indices.len() {
             return Err(VcpuError::Msr {
                 index: self.index,
                 operation: "read",
-                msr: entries[read].index,
+                msr: self.msr_indices[read],
                 done: read,
-                total: entries.len(),
+                total: self.msr_indices.len(),
             });
         }
         Ok(msrs.as_slice().to_vec())
@@ -271,20 +260,23 @@ impl Vcpu {
 /// take back with `KVM_SET_MSRS` (e.g. paravirtual MSRs that need an
 /// in-kernel LAPIC). `probe` must be a fresh vCPU: it gets its own values
 /// written back.
-pub fn saveable_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::Error> {
-    let mut indices = kvm.get_msr_index_list()?.as_slice().to_vec();
+pub fn saveable_msrs(kvm: &Kvm, probe: &Vcpu) -> Result<Vec<u32>, VcpuError> {
+    let kvm_error = |operation, source| VcpuError::Kvm {
+        index: probe.index,
+        operation,
+        source,
+    };
+    let mut indices = kvm
+        .get_msr_index_list()
+        .map_err(|source| kvm_error("KVM_GET_MSR_INDEX_LIST", source))?
+        .as_slice()
+        .to_vec();
     loop {
-        let entries: Vec<kvm_msr_entry> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
-            return Ok(Vec::new());
-        };
-        let read = probe.get_msrs(&mut msrs)?;
+        let mut msrs = msr_list(&indices, probe.index)?;
+        let read = probe
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|source| kvm_error("KVM_GET_MSRS", source))?;
         if read < indices.len() {
             tracing::debug!(
                 msr = format_args!("{:#x}", indices[read]),
@@ -293,7 +285,10 @@ pub fn saveable_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::
             indices.remove(read);
             continue;
         }
-        let written = probe.set_msrs(&msrs)?;
+        let written = probe
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|source| kvm_error("KVM_SET_MSRS", source))?;
         if written < indices.len() {
             tracing::debug!(
                 msr = format_args!("{:#x}", indices[written]),
@@ -304,4 +299,19 @@ pub fn saveable_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::
         }
         return Ok(indices);
     }
+}
+
+/// An MSR list for `indices`, values zeroed, ready for `KVM_GET_MSRS`.
+fn msr_list(indices: &[u32], vcpu: u32) -> Result<Msrs, VcpuError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| VcpuError::List {
+        index: vcpu,
+        what: "MSR",
+    })
 }

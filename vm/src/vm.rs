@@ -315,11 +315,7 @@ impl Vm {
         for index in 0..config.vcpus {
             let mut vcpu = Vcpu::new(&fd, index, &cpuid, msr_indices.clone())?;
             if index == 0 {
-                msr_indices =
-                    vcpu::saveable_msrs(&kvm, vcpu.fd_mut()).map_err(|source| VmError::Kvm {
-                        operation: "KVM_GET_MSRS",
-                        source,
-                    })?;
+                msr_indices = vcpu::saveable_msrs(&kvm, &vcpu)?;
                 vcpu.set_msr_indices(msr_indices.clone());
             }
             vcpus.push(Arc::new(VcpuSlot {
