@@ -11,7 +11,8 @@
 //! memory     for each 1 MiB chunk of guest memory, in address order:
 //!              bitmap [32 bytes]: bit i set = page i of the chunk is stored
 //!              the stored (non-zero) pages, 4 KiB each, in page order
-//! trailer    file_checksum u64 (xxh3-64 of every byte before it) | "USNAPEND"
+//! trailer    file_checksum u64 (xxh3-64 of every byte between header and
+//!            trailer; the header has its own checksum) | "USNAPEND"
 //! ```
 //!
 //! `memory_hash` is [`memory::hash`] of the guest memory the file holds, so a
@@ -19,14 +20,17 @@
 //! length, so truncation is caught before anything is read, and a damaged
 //! chunk bitmap is caught as corruption.
 //!
-//! Writing goes to a temporary file that is synced and renamed into place, so
-//! a crash never leaves a half-written snapshot under the final name. Reading
+//! Writing makes one pass over memory (the header, which needs the memory
+//! hash and page count, is written last, in place) into a temporary file that
+//! is synced and renamed into place, so a crash never leaves a half-written
+//! snapshot under the final name. Reading
 //! verifies the header and state checksums before using them, loads memory
 //! into a VM that has not run, and returns that VM only if the file checksum
 //! and the memory hash match: a damaged snapshot is never half-loaded.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use understudy_vm::memory::{self, MemoryError};
@@ -270,8 +274,10 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
         written: 0,
     };
 
-    // The memory hash and page count go into the header but are known only
-    // after a pass over memory; the VM is paused, so count first, then write.
+    // The header needs the memory hash and page count, known only after the
+    // one pass over memory: write a placeholder now, the real header last.
+    out.inner.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
+    out.put(&state).map_err(io)?;
     // Hashing the chunks in address order gives the same value as `memory::hash`.
     let mut memory_hasher = Xxh3::new();
     let mut chunk = vec![0u8; CHUNK_BYTES];
@@ -279,12 +285,20 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
     for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
         memory::read(memory, chunk_start, &mut chunk)?;
         memory_hasher.update(&chunk);
-        stored_pages += chunk_bitmap(&chunk)
-            .iter()
-            .map(|byte| u64::from(byte.count_ones()))
-            .sum::<u64>();
+        let bitmap = chunk_bitmap(&chunk);
+        out.put(&bitmap).map_err(io)?;
+        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+            if bitmap[page / 8] & (1 << (page % 8)) != 0 {
+                out.put(contents).map_err(io)?;
+                stored_pages += 1;
+            }
+        }
     }
     let memory_hash = memory_hasher.digest();
+    let checksum = out.hasher.digest();
+    out.inner.write_all(&checksum.to_le_bytes()).map_err(io)?;
+    out.inner.write_all(&SNAPSHOT_END_MAGIC).map_err(io)?;
+    let file_bytes = HEADER_LEN as u64 + out.written + TRAILER_LEN;
     let header = Header {
         memory_bytes,
         memory_hash,
@@ -292,27 +306,11 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
         state_checksum: xxh3_64(&state),
         stored_pages,
     };
-    out.put(&header.encode()).map_err(io)?;
-    out.put(&state).map_err(io)?;
-
-    for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
-        memory::read(memory, chunk_start, &mut chunk)?;
-        let bitmap = chunk_bitmap(&chunk);
-        out.put(&bitmap).map_err(io)?;
-        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
-            if bitmap[page / 8] & (1 << (page % 8)) != 0 {
-                out.put(contents).map_err(io)?;
-            }
-        }
-    }
-    let checksum = out.hasher.digest();
-    out.inner.write_all(&checksum.to_le_bytes()).map_err(io)?;
-    out.inner.write_all(&SNAPSHOT_END_MAGIC).map_err(io)?;
-    let file_bytes = out.written + 16;
     let file = out
         .inner
         .into_inner()
         .map_err(|error| io(error.into_error()))?;
+    file.write_all_at(&header.encode(), 0).map_err(io)?;
     file.sync_all().map_err(io)?;
     drop(file);
     std::fs::rename(&temporary, path).map_err(io)?;
@@ -346,6 +344,8 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
     let mut header_bytes = [0u8; HEADER_LEN];
     input.take(&mut header_bytes, "header", path)?;
     let header = Header::decode(&header_bytes)?;
+    // The file checksum starts after the header, which has its own.
+    input.hasher = Xxh3::new();
     if file_bytes < header.file_len() {
         return Err(SnapshotError::Truncated("file"));
     }
