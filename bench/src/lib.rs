@@ -235,18 +235,17 @@ fn first_progress(report: &mut Report) -> Result<(), BenchError> {
             .map_err(|error| BenchError::Child(error.to_string()))?;
         let total = started.elapsed();
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout
+        let value = stdout
             .lines()
-            .find(|line| line.contains("\"guest_running\""))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["event"] == "guest_running")
+            .and_then(|line| line["first_progress_ms"].as_f64())
             .ok_or_else(|| {
-                BenchError::Child(String::from_utf8_lossy(&output.stderr).into_owned())
+                BenchError::Child(format!(
+                    "no guest_running line with first_progress_ms; stderr: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                ))
             })?;
-        let value: f64 = line
-            .split("\"first_progress_ms\":")
-            .nth(1)
-            .and_then(|rest| rest.split([',', '}']).next())
-            .and_then(|number| number.parse().ok())
-            .ok_or_else(|| BenchError::Child(format!("no first_progress_ms in {line}")))?;
         in_process.push(Duration::from_secs_f64(value / 1e3));
         spawned.push(total);
     }
