@@ -1,0 +1,894 @@
+//! Encoder and decoder of page batches, and the frame between them.
+//!
+//! ```text
+//! frame:  header (56 bytes, little-endian)
+//!           0  magic "UPGF"
+//!           4  version u8 (1)
+//!           5  records compressor u8   (0 none, 1 gzip, 2 zstd)
+//!           6  literals compressor u8
+//!           7  reserved u8 (0)
+//!           8  sequence u64            (0, 1, 2, ... per stream)
+//!          16  page count u32
+//!          20  whole pages u32         (pages in the literal section)
+//!          24  records length u32      (decompressed)
+//!          28  compressed records length u32
+//!          32  store pages u32         (version store capacity of both sides)
+//!          36  payload length u32      (bytes after the header)
+//!          40  content checksum u64    (xxh3 of the decoded batch)
+//!          48  header checksum u64     (xxh3 of bytes 0..48)
+//!         compressed records | compressed literal section
+//! ```
+//!
+//! Sequence of a stream: the encoder numbers frames from 0; the decoder
+//! accepts only the next number. Each side updates its reference state
+//! (version store, dictionaries) once per frame: the encoder as it encodes,
+//! the decoder only after the frame decoded completely *and* its content
+//! checksum matched. A corrupted, truncated, reordered or foreign frame is an
+//! error that leaves the decoder exactly as it was; a decoder whose
+//! references drifted from the encoder's (a bug, or a frame lost) shows up as
+//! a checksum mismatch, never as silently wrong pages.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::auto::AutoPolicy;
+use crate::batch::{PAGE_SIZE, PageBatch};
+use crate::compressor::{Compressor, CompressorError, CompressorId, CompressorSpec, Decompressor};
+use crate::spec::{CodecSpec, TransformKind};
+use crate::transform::{TransformDecoder, TransformEncoder, TransformError, TransformStats};
+
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"UPGF";
+/// Frame format version.
+pub const VERSION: u8 = 1;
+/// Header length.
+pub const HEADER_LEN: usize = 56;
+/// Most pages in one frame (1 GiB); larger epochs are split by the caller.
+pub const MAX_PAGES_PER_FRAME: usize = 1 << 18;
+
+/// A frame that cannot be made or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Shorter than its header says.
+    #[error("frame is truncated: {actual} bytes where {expected} were announced")]
+    Truncated {
+        /// Bytes announced.
+        expected: usize,
+        /// Bytes present.
+        actual: usize,
+    },
+    /// Not a frame.
+    #[error("not a page frame (bad magic)")]
+    BadMagic,
+    /// From another version.
+    #[error("page frame version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u8),
+    /// Header corrupted.
+    #[error("page frame header is corrupted (checksum mismatch)")]
+    HeaderChecksum,
+    /// Not the frame expected next.
+    #[error(
+        "frame {actual} arrived where frame {expected} was expected: frames were lost or reordered"
+    )]
+    OutOfOrder {
+        /// The next sequence number the decoder accepts.
+        expected: u64,
+        /// The frame's.
+        actual: u64,
+    },
+    /// Encoder and decoder disagree about the version store.
+    #[error("frame uses a version store of {frame} pages where this stream uses {stream}")]
+    StoreMismatch {
+        /// Capacity in the frame.
+        frame: usize,
+        /// Capacity of the stream.
+        stream: usize,
+    },
+    /// Unknown compressor byte.
+    #[error("frame names unknown compressor {0}")]
+    UnknownCompressor(u8),
+    /// Header counts that cannot be right.
+    #[error("frame header is inconsistent: {0}")]
+    Inconsistent(&'static str),
+    /// More pages than a frame may hold.
+    #[error("a batch of {0} pages is more than one frame holds ({MAX_PAGES_PER_FRAME})")]
+    BatchTooLarge(usize),
+    /// A section failed to compress.
+    #[error("cannot compress the {section} section")]
+    Compress {
+        /// Which section.
+        section: &'static str,
+        /// Why.
+        #[source]
+        source: CompressorError,
+    },
+    /// A section failed to decompress.
+    #[error("cannot decompress the {section} section")]
+    Decompress {
+        /// Which section.
+        section: &'static str,
+        /// Why.
+        #[source]
+        source: CompressorError,
+    },
+    /// The page records are malformed.
+    #[error("cannot decode the page records")]
+    Records(#[from] TransformError),
+    /// Decoded, but not to what the encoder had.
+    #[error(
+        "frame {sequence} decoded to pages that do not match its checksum: the frame is corrupted or the decoder's reference pages are out of sync with the encoder's"
+    )]
+    ContentChecksum {
+        /// The frame.
+        sequence: u64,
+    },
+}
+
+/// What encoding one batch did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EncodeStats {
+    /// Pages in the batch.
+    pub pages: usize,
+    /// Bytes of page contents in.
+    pub input_bytes: usize,
+    /// Bytes of frame out.
+    pub output_bytes: usize,
+    /// How pages were encoded.
+    pub transform: TransformStats,
+    /// The compressor used for the records (the `auto` policy's choice).
+    pub compressor: CompressorSpec,
+}
+
+/// What decoding one frame did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeStats {
+    /// Pages decoded.
+    pub pages: usize,
+    /// Frame bytes in.
+    pub input_bytes: usize,
+}
+
+/// Turns page batches into frames. One encoder per stream.
+pub struct Encoder {
+    spec: CodecSpec,
+    transform: TransformEncoder,
+    records_compressor: Compressor,
+    literals_compressor: Compressor,
+    auto: Option<AutoPolicy>,
+    sequence: u64,
+    records: Vec<u8>,
+    literals: Vec<u8>,
+    compressed_records: Vec<u8>,
+    compressed_literals: Vec<u8>,
+}
+
+impl Encoder {
+    /// An encoder for `spec`, at the start of a stream.
+    pub fn new(spec: &CodecSpec) -> Self {
+        Self {
+            spec: *spec,
+            transform: TransformEncoder::new(spec.transform, spec.cache_pages(), spec.samples),
+            records_compressor: Compressor::new(spec.compressor),
+            literals_compressor: Compressor::new(spec.literal_compressor()),
+            auto: spec.auto_link_mbit.map(AutoPolicy::new),
+            sequence: 0,
+            records: Vec::new(),
+            literals: Vec::new(),
+            compressed_records: Vec::new(),
+            compressed_literals: Vec::new(),
+        }
+    }
+
+    /// The spec this encoder was made from.
+    pub fn spec(&self) -> &CodecSpec {
+        &self.spec
+    }
+
+    /// Bytes of state held: page versions, fingerprint tables, dictionaries.
+    pub fn memory_bytes(&self) -> usize {
+        self.transform.memory_bytes()
+            + self.records_compressor.memory_bytes()
+            + self.literals_compressor.memory_bytes()
+    }
+
+    /// Encodes `batch` as the next frame of the stream, appended to `out`.
+    pub fn encode(
+        &mut self,
+        batch: &PageBatch,
+        out: &mut Vec<u8>,
+    ) -> Result<EncodeStats, CodecError> {
+        if batch.len() > MAX_PAGES_PER_FRAME {
+            return Err(CodecError::BatchTooLarge(batch.len()));
+        }
+        self.records.clear();
+        self.literals.clear();
+        if let Some(auto) = &self.auto {
+            self.transform.search = auto.search_enabled();
+        }
+        let transform = self
+            .transform
+            .encode(batch, &mut self.records, &mut self.literals);
+        let literal_bytes = if self.transform.kind() == TransformKind::Raw {
+            batch.contents()
+        } else {
+            &self.literals
+        };
+        self.compressed_records.clear();
+        self.compressed_literals.clear();
+        let (records_id, literals_id, compressor) = match &mut self.auto {
+            None => {
+                self.records_compressor
+                    .compress(&self.records, &mut self.compressed_records)
+                    .map_err(|source| CodecError::Compress {
+                        section: "records",
+                        source,
+                    })?;
+                self.literals_compressor
+                    .compress(literal_bytes, &mut self.compressed_literals)
+                    .map_err(|source| CodecError::Compress {
+                        section: "literal",
+                        source,
+                    })?;
+                (
+                    self.records_compressor.spec().id(),
+                    self.literals_compressor.spec().id(),
+                    self.records_compressor.spec(),
+                )
+            }
+            Some(auto) => {
+                auto.observe_transform(&transform);
+                let spec = auto
+                    .compress(
+                        &self.records,
+                        literal_bytes,
+                        &mut self.compressed_records,
+                        &mut self.compressed_literals,
+                    )
+                    .map_err(|source| CodecError::Compress {
+                        section: "records or literal",
+                        source,
+                    })?;
+                (spec.id(), spec.id(), spec)
+            }
+        };
+        let literal_pages = literal_bytes.len() / PAGE_SIZE;
+        let payload_len = self.compressed_records.len() + self.compressed_literals.len();
+        let header = FrameHeader {
+            records_compressor: records_id as u8,
+            literals_compressor: literals_id as u8,
+            sequence: self.sequence,
+            page_count: batch.len() as u32,
+            literal_pages: literal_pages as u32,
+            records_len: u32::try_from(self.records.len())
+                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
+            compressed_records_len: u32::try_from(self.compressed_records.len())
+                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
+            store_pages: self.transform.store_capacity() as u32,
+            payload_len: u32::try_from(payload_len)
+                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
+            content_checksum: batch.checksum(),
+        };
+        let start = out.len();
+        header.write(out);
+        out.extend_from_slice(&self.compressed_records);
+        out.extend_from_slice(&self.compressed_literals);
+        self.sequence += 1;
+        Ok(EncodeStats {
+            pages: batch.len(),
+            input_bytes: batch.content_bytes(),
+            output_bytes: out.len() - start,
+            transform,
+            compressor,
+        })
+    }
+}
+
+/// Turns frames back into page batches. One decoder per stream; it accepts
+/// frames from any codec (the frame says how it was made).
+#[derive(Default)]
+pub struct Decoder {
+    transform: Option<TransformDecoder>,
+    records_decompressor: Decompressor,
+    literals_decompressor: Decompressor,
+    next_sequence: u64,
+    records: Vec<u8>,
+    literals: Vec<u8>,
+}
+
+impl Decoder {
+    /// A decoder at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The sequence number of the next frame this decoder accepts.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+
+    /// Bytes of state held: page versions and dictionaries.
+    pub fn memory_bytes(&self) -> usize {
+        self.transform
+            .as_ref()
+            .map_or(0, TransformDecoder::memory_bytes)
+            + self.records_decompressor.memory_bytes()
+            + self.literals_decompressor.memory_bytes()
+    }
+
+    /// Decodes one whole frame into `out` (cleared first) and commits it.
+    ///
+    /// On error nothing in the decoder changed, and `out` holds nothing to
+    /// use.
+    pub fn decode(&mut self, frame: &[u8], out: &mut PageBatch) -> Result<DecodeStats, CodecError> {
+        out.clear();
+        let header = FrameHeader::read(frame)?;
+        if header.sequence != self.next_sequence {
+            return Err(CodecError::OutOfOrder {
+                expected: self.next_sequence,
+                actual: header.sequence,
+            });
+        }
+        let store_pages = header.store_pages as usize;
+        if let Some(transform) = &self.transform {
+            if transform.store_capacity() != store_pages {
+                return Err(CodecError::StoreMismatch {
+                    frame: store_pages,
+                    stream: transform.store_capacity(),
+                });
+            }
+        }
+        let records_id = CompressorId::from_byte(header.records_compressor)
+            .ok_or(CodecError::UnknownCompressor(header.records_compressor))?;
+        let literals_id = CompressorId::from_byte(header.literals_compressor)
+            .ok_or(CodecError::UnknownCompressor(header.literals_compressor))?;
+        let page_count = header.page_count as usize;
+        let literal_pages = header.literal_pages as usize;
+        if page_count > MAX_PAGES_PER_FRAME {
+            return Err(CodecError::Inconsistent("more pages than a frame holds"));
+        }
+        if literal_pages > page_count {
+            return Err(CodecError::Inconsistent("more whole pages than pages"));
+        }
+        if header.records_len as usize > page_count * (PAGE_SIZE + 40) {
+            return Err(CodecError::Inconsistent("records longer than their pages"));
+        }
+        let payload = &frame[HEADER_LEN..];
+        let split = header.compressed_records_len as usize;
+        if split > payload.len() {
+            return Err(CodecError::Inconsistent(
+                "records section longer than the payload",
+            ));
+        }
+        let (records, literals) = payload.split_at(split);
+        let staged_records = self
+            .records_decompressor
+            .decompress(
+                records_id,
+                records,
+                header.records_len as usize,
+                &mut self.records,
+            )
+            .map_err(|source| CodecError::Decompress {
+                section: "records",
+                source,
+            })?;
+        let staged_literals = self
+            .literals_decompressor
+            .decompress(
+                literals_id,
+                literals,
+                literal_pages * PAGE_SIZE,
+                &mut self.literals,
+            )
+            .map_err(|source| CodecError::Decompress {
+                section: "literal",
+                source,
+            })?;
+        let fresh;
+        let transform = match &self.transform {
+            Some(transform) => transform,
+            None => {
+                fresh = TransformDecoder::new(store_pages);
+                &fresh
+            }
+        };
+        transform.decode(&self.records, &self.literals, page_count, out)?;
+        if out.checksum() != header.content_checksum {
+            out.clear();
+            return Err(CodecError::ContentChecksum {
+                sequence: header.sequence,
+            });
+        }
+        // Verified: commit every piece of reference state.
+        let commit = |decompressor: &mut Decompressor, staged, section| match staged {
+            Some(staged) => decompressor
+                .commit(staged)
+                .map_err(|source| CodecError::Decompress { section, source }),
+            None => Ok(()),
+        };
+        commit(&mut self.records_decompressor, staged_records, "records")?;
+        commit(&mut self.literals_decompressor, staged_literals, "literal")?;
+        self.transform
+            .get_or_insert_with(|| TransformDecoder::new(store_pages))
+            .commit(out);
+        self.next_sequence += 1;
+        Ok(DecodeStats {
+            pages: page_count,
+            input_bytes: frame.len(),
+        })
+    }
+}
+
+/// The fixed header of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FrameHeader {
+    records_compressor: u8,
+    literals_compressor: u8,
+    sequence: u64,
+    page_count: u32,
+    literal_pages: u32,
+    records_len: u32,
+    compressed_records_len: u32,
+    store_pages: u32,
+    payload_len: u32,
+    content_checksum: u64,
+}
+
+impl FrameHeader {
+    fn write(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&[
+            VERSION,
+            self.records_compressor,
+            self.literals_compressor,
+            0,
+        ]);
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        for field in [
+            self.page_count,
+            self.literal_pages,
+            self.records_len,
+            self.compressed_records_len,
+            self.store_pages,
+            self.payload_len,
+        ] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        out.extend_from_slice(&self.content_checksum.to_le_bytes());
+        let checksum = xxh3_64(&out[start..]);
+        out.extend_from_slice(&checksum.to_le_bytes());
+    }
+
+    fn read(frame: &[u8]) -> Result<Self, CodecError> {
+        if frame.len() < HEADER_LEN {
+            return Err(CodecError::Truncated {
+                expected: HEADER_LEN,
+                actual: frame.len(),
+            });
+        }
+        if frame[0..4] != MAGIC {
+            return Err(CodecError::BadMagic);
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(frame[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(frame[at..at + 8].try_into().expect("8 bytes"));
+        if xxh3_64(&frame[..48]) != u64_at(48) {
+            return Err(CodecError::HeaderChecksum);
+        }
+        if frame[4] != VERSION {
+            return Err(CodecError::UnsupportedVersion(frame[4]));
+        }
+        let header = Self {
+            records_compressor: frame[5],
+            literals_compressor: frame[6],
+            sequence: u64_at(8),
+            page_count: u32_at(16),
+            literal_pages: u32_at(20),
+            records_len: u32_at(24),
+            compressed_records_len: u32_at(28),
+            store_pages: u32_at(32),
+            payload_len: u32_at(36),
+            content_checksum: u64_at(40),
+        };
+        let expected = HEADER_LEN + header.payload_len as usize;
+        if frame.len() != expected {
+            return Err(CodecError::Truncated {
+                expected,
+                actual: frame.len(),
+            });
+        }
+        Ok(header)
+    }
+}
+
+/// Encodes then decodes `batches` with `spec`, checking every page: used by
+/// tests and the benchmark's own correctness check. Returns the frame sizes.
+pub fn round_trip(spec: &CodecSpec, batches: &[PageBatch]) -> Result<Vec<usize>, CodecError> {
+    let mut encoder = Encoder::new(spec);
+    let mut decoder = Decoder::new();
+    let mut frame = Vec::new();
+    let mut decoded = PageBatch::new();
+    let mut sizes = Vec::with_capacity(batches.len());
+    for batch in batches {
+        frame.clear();
+        encoder.encode(batch, &mut frame)?;
+        decoder.decode(&frame, &mut decoded)?;
+        if decoded != *batch {
+            return Err(CodecError::ContentChecksum {
+                sequence: decoder.next_sequence() - 1,
+            });
+        }
+        sizes.push(frame.len());
+    }
+    Ok(sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::synthetic::{SyntheticTrace, generate};
+
+    fn specs() -> Vec<CodecSpec> {
+        [
+            "raw",
+            "gzip:level=1",
+            "zstd:level=1",
+            "zstd:level=3,dict=16K",
+            "delta:cache=1M",
+            "delta:cache=64K,miss=zstd-1",
+            "similarity:cache=1M+zstd:level=1",
+            "similarity:cache=64K,samples=2",
+            "auto:cache=1M,mbit=100",
+        ]
+        .iter()
+        .map(|text| text.parse().expect("valid spec"))
+        .collect()
+    }
+
+    fn batches() -> Vec<PageBatch> {
+        generate(&SyntheticTrace {
+            pages: 200,
+            epochs: 6,
+            seed: 7,
+        })
+    }
+
+    fn frames(spec: &CodecSpec, batches: &[PageBatch]) -> Vec<Vec<u8>> {
+        let mut encoder = Encoder::new(spec);
+        batches
+            .iter()
+            .map(|batch| {
+                let mut frame = Vec::new();
+                encoder.encode(batch, &mut frame).expect("encode");
+                frame
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_round_trips() {
+        assert!(round_trip(&specs()[0], &batches()).is_ok());
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        assert!(round_trip(&specs()[1], &batches()).is_ok());
+    }
+
+    #[test]
+    fn zstd_round_trips() {
+        assert!(round_trip(&specs()[2], &batches()).is_ok());
+    }
+
+    #[test]
+    fn zstd_with_dictionary_round_trips() {
+        assert!(round_trip(&specs()[3], &batches()).is_ok());
+    }
+
+    #[test]
+    fn delta_round_trips() {
+        assert!(round_trip(&specs()[4], &batches()).is_ok());
+    }
+
+    #[test]
+    fn delta_with_small_cache_and_miss_compressor_round_trips() {
+        assert!(round_trip(&specs()[5], &batches()).is_ok());
+    }
+
+    #[test]
+    fn similarity_composed_with_zstd_round_trips() {
+        assert!(round_trip(&specs()[6], &batches()).is_ok());
+    }
+
+    #[test]
+    fn similarity_with_small_cache_round_trips() {
+        assert!(round_trip(&specs()[7], &batches()).is_ok());
+    }
+
+    #[test]
+    fn auto_round_trips() {
+        assert!(round_trip(&specs()[8], &batches()).is_ok());
+    }
+
+    #[test]
+    fn delta_is_smaller_than_raw_on_later_epochs() {
+        let batches = batches();
+        let raw = round_trip(&specs()[0], &batches).expect("raw");
+        let delta = round_trip(&specs()[4], &batches).expect("delta");
+
+        assert!(delta[3] * 3 < raw[3], "delta {} raw {}", delta[3], raw[3]);
+    }
+
+    #[test]
+    fn reordered_frame_is_refused_and_changes_nothing() {
+        let batches = batches();
+        let frames = frames(&specs()[4], &batches);
+        let mut decoder = Decoder::new();
+        let mut out = PageBatch::new();
+        decoder.decode(&frames[0], &mut out).expect("first frame");
+
+        let skipped = decoder.decode(&frames[2], &mut out);
+        let in_order = decoder.decode(&frames[1], &mut out);
+
+        assert!(matches!(
+            skipped,
+            Err(CodecError::OutOfOrder {
+                expected: 1,
+                actual: 2
+            })
+        ));
+        assert!(in_order.is_ok());
+        assert_eq!(out, batches[1]);
+    }
+
+    #[test]
+    fn truncated_frame_is_refused() {
+        let frames = frames(&specs()[2], &batches());
+        let frame = &frames[0][..frames[0].len() - 1];
+
+        let result = Decoder::new().decode(frame, &mut PageBatch::new());
+
+        assert!(matches!(result, Err(CodecError::Truncated { .. })));
+    }
+
+    #[test]
+    fn corrupted_header_is_refused() {
+        let mut frames = frames(&specs()[2], &batches());
+        frames[0][17] ^= 1;
+
+        let result = Decoder::new().decode(&frames[0], &mut PageBatch::new());
+
+        assert!(matches!(result, Err(CodecError::HeaderChecksum)));
+    }
+
+    #[test]
+    fn corrupted_payload_is_refused_and_a_good_copy_then_applies() {
+        let batches = batches();
+        let mut frames = frames(&specs()[4], &batches);
+        let good = frames[0].clone();
+        let last = frames[0].len() - 1;
+        frames[0][last] ^= 0x40;
+        let mut decoder = Decoder::new();
+        let mut out = PageBatch::new();
+
+        let corrupted = decoder.decode(&frames[0], &mut out);
+        let retried = decoder.decode(&good, &mut out);
+
+        assert!(matches!(
+            corrupted,
+            Err(CodecError::ContentChecksum { sequence: 0 })
+        ));
+        assert!(retried.is_ok());
+        assert_eq!(out, batches[0]);
+    }
+
+    #[test]
+    fn decoder_out_of_sync_is_detected_by_the_checksum() {
+        let batches = batches();
+        let frames = frames(&specs()[4], &batches);
+        let mut decoder = Decoder::new();
+        let mut out = PageBatch::new();
+        decoder.decode(&frames[0], &mut out).expect("frame 0");
+        // Give the decoder a different history for frame 1: a batch with the
+        // same page numbers but other contents, encoded by another encoder.
+        let mut other = batches[1].clone();
+        for index in 0..other.len() {
+            other.page_mut(index)[0] ^= 0x5a;
+        }
+        let mut foreign = Encoder::new(&specs()[4]);
+        let mut scratch = Vec::new();
+        foreign.encode(&batches[0], &mut scratch).expect("encode 0");
+        scratch.clear();
+        foreign.encode(&other, &mut scratch).expect("encode 1");
+        decoder
+            .decode(&scratch, &mut out)
+            .expect("foreign frame 1 is valid on its own");
+
+        let result = decoder.decode(&frames[2], &mut out);
+
+        assert!(matches!(
+            result,
+            Err(CodecError::ContentChecksum { sequence: 2 }) | Err(CodecError::Records(_))
+        ));
+    }
+
+    #[test]
+    fn frame_from_a_stream_with_another_store_size_is_refused() {
+        let batches = batches();
+        let small = frames(&specs()[5], &batches);
+        let large = frames(&specs()[4], &batches);
+        let mut decoder = Decoder::new();
+        decoder
+            .decode(&large[0], &mut PageBatch::new())
+            .expect("frame 0");
+
+        let result = decoder.decode(&small[1], &mut PageBatch::new());
+
+        assert!(matches!(result, Err(CodecError::StoreMismatch { .. })));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// How a page of the next epoch is made from the memory so far.
+        #[derive(Clone, Debug)]
+        enum Change {
+            Random(u64),
+            Zero,
+            Fill(u8),
+            /// XOR bytes at these offsets: sparse edits, first and last byte.
+            Flip(Vec<u16>),
+            /// Change every other byte: the worst case for run lengths.
+            Alternate,
+            /// Copy another page of memory, then flip one byte.
+            CopyOf(usize, u16),
+        }
+
+        fn change() -> impl Strategy<Value = Change> {
+            prop_oneof![
+                any::<u64>().prop_map(Change::Random),
+                Just(Change::Zero),
+                any::<u8>().prop_map(Change::Fill),
+                prop::collection::vec(prop_oneof![Just(0u16), Just(4095u16), 0u16..4096], 1..12)
+                    .prop_map(Change::Flip),
+                Just(Change::Alternate),
+                (0usize..24, 0u16..4096).prop_map(|(source, at)| Change::CopyOf(source, at)),
+            ]
+        }
+
+        /// Page numbers: a dense low range and a few at the top of the
+        /// address space (large jumps between neighbours).
+        fn page_number(slot: usize) -> u64 {
+            if slot < 20 {
+                slot as u64
+            } else {
+                u64::MAX - (24 - slot) as u64
+            }
+        }
+
+        fn epochs() -> impl Strategy<Value = Vec<Vec<(usize, Change)>>> {
+            prop::collection::vec(prop::collection::vec((0usize..24, change()), 0..24), 1..5)
+        }
+
+        fn build(epochs: &[Vec<(usize, Change)>]) -> Vec<PageBatch> {
+            let mut memory = vec![[0u8; PAGE_SIZE]; 24];
+            epochs
+                .iter()
+                .map(|changes| {
+                    let mut touched = std::collections::BTreeMap::new();
+                    for (slot, change) in changes {
+                        let page = &mut memory[*slot];
+                        match change {
+                            Change::Random(seed) => {
+                                let mut state = *seed;
+                                for byte in page.iter_mut() {
+                                    state = state
+                                        .wrapping_mul(6364136223846793005)
+                                        .wrapping_add(1442695040888963407);
+                                    *byte = (state >> 56) as u8;
+                                }
+                            }
+                            Change::Zero => page.fill(0),
+                            Change::Fill(value) => page.fill(*value),
+                            Change::Flip(offsets) => {
+                                for offset in offsets {
+                                    page[*offset as usize] ^= 0xa5;
+                                }
+                            }
+                            Change::Alternate => {
+                                for byte in page.iter_mut().step_by(2) {
+                                    *byte = byte.wrapping_add(1);
+                                }
+                            }
+                            Change::CopyOf(source, at) => {
+                                let copy = memory[*source];
+                                memory[*slot] = copy;
+                                memory[*slot][*at as usize] ^= 1;
+                            }
+                        }
+                        touched.insert(page_number(*slot), memory[*slot]);
+                    }
+                    let mut batch = PageBatch::new();
+                    for (number, page) in touched {
+                        batch.push(number, &page);
+                    }
+                    batch
+                })
+                .collect()
+        }
+
+        fn check(spec: &str, epochs: &[Vec<(usize, Change)>]) -> Result<(), TestCaseError> {
+            let spec: CodecSpec = spec.parse().expect("valid spec");
+            let result = round_trip(&spec, &build(epochs));
+            prop_assert!(result.is_ok(), "{spec}: {:?}", result.err());
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn raw_round_trips(epochs in epochs()) { check("raw", &epochs)?; }
+
+            #[test]
+            fn gzip_round_trips(epochs in epochs()) { check("gzip:level=1", &epochs)?; }
+
+            #[test]
+            fn zstd_round_trips(epochs in epochs()) { check("zstd:level=1", &epochs)?; }
+
+            #[test]
+            fn delta_round_trips(epochs in epochs()) { check("delta:cache=1M", &epochs)?; }
+
+            #[test]
+            fn delta_with_evictions_round_trips(epochs in epochs()) {
+                check("delta:cache=16K,miss=gzip-1", &epochs)?;
+            }
+
+            #[test]
+            fn similarity_round_trips(epochs in epochs()) { check("similarity:cache=1M", &epochs)?; }
+
+            #[test]
+            fn similarity_with_evictions_round_trips(epochs in epochs()) {
+                check("similarity:cache=16K,samples=8+zstd:level=1", &epochs)?;
+            }
+
+            #[test]
+            fn auto_round_trips(epochs in epochs()) { check("auto:cache=32K,mbit=10", &epochs)?; }
+
+            #[test]
+            fn mutated_frames_never_panic_or_apply(
+                epochs in epochs(),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+            ) {
+                let spec: CodecSpec = "similarity:cache=1M+zstd:level=1".parse().expect("spec");
+                let batches = build(&epochs);
+                let mut encoder = Encoder::new(&spec);
+                let mut decoder = Decoder::new();
+                let mut out = PageBatch::new();
+                for (index, batch) in batches.iter().enumerate() {
+                    let mut frame = Vec::new();
+                    encoder.encode(batch, &mut frame).expect("encode");
+                    if index + 1 == batches.len() {
+                        let mut mutated = frame.clone();
+                        for (at, xor) in &flips {
+                            let at = at.index(mutated.len());
+                            mutated[at] ^= xor;
+                        }
+                        let result = decoder.decode(&mutated, &mut out);
+                        // A mutation that decodes must decode to the truth
+                        // (it hit bytes the decoder never reads): the content
+                        // checksum guarantees it.
+                        if result.is_ok() {
+                            prop_assert_eq!(&out, batch);
+                        } else {
+                            prop_assert_eq!(decoder.next_sequence(), index as u64);
+                        }
+                    } else {
+                        decoder.decode(&frame, &mut out).expect("decode");
+                    }
+                }
+            }
+        }
+    }
+}

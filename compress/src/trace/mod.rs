@@ -1,0 +1,623 @@
+//! Memory traces: what a program's (or a guest's) memory did, epoch by
+//! epoch, kept on disk so codec experiments run on real data.
+//!
+//! Epoch 0 holds every resident page; each later epoch holds the pages whose
+//! contents changed since the epoch before, with their new contents. Page
+//! numbers are addresses divided by 4096 (virtual for processes, guest
+//! physical for VMs), strictly increasing within an epoch.
+//!
+//! ```text
+//! file header (64 bytes, little-endian)
+//!    0  magic "USTRACE\0"
+//!    8  version u32 (1)
+//!   12  page size u32 (4096)
+//!   16  source u32 (1 process, 2 guest, 3 synthetic)
+//!   20  description length u32 (at most 64 KiB)
+//!   24  interval ns u64 (asked for)
+//!   32  created, Unix seconds u64
+//!   40  reserved, 16 zero bytes
+//!   56  checksum u64: xxh3 of bytes 0..56 and the description
+//!   64  description (UTF-8: the command line, the workload)
+//! epoch (repeated)
+//!    0  magic "EPOC"
+//!    4  reserved u32 (0)
+//!    8  index u64 (0, 1, 2, ...)
+//!   16  time ns u64 (since the capture started)
+//!   24  pause ns u64 (how long the source was stopped for it)
+//!   32  page count u64
+//!   40  checksum u64: xxh3 of bytes 0..40, the page numbers, the contents
+//!   48  page numbers (u64 each), then contents (4096 bytes each)
+//! end (24 bytes)
+//!    0  magic "UEND"
+//!    4  reserved u32 (0)
+//!    8  epoch count u64
+//!   16  checksum u64: xxh3 of bytes 0..16
+//! ```
+//!
+//! A writer fills `NAME.partial` and renames it once the end record is
+//! synced, so a trace file that exists is complete; a reader still checks
+//! every checksum and refuses a file without its end record.
+
+pub mod process;
+pub mod synthetic;
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+use crate::batch::{PAGE_SIZE, PageBatch};
+
+const MAGIC: [u8; 8] = *b"USTRACE\0";
+const VERSION: u32 = 1;
+const EPOCH_MAGIC: [u8; 4] = *b"EPOC";
+const END_MAGIC: [u8; 4] = *b"UEND";
+const HEADER_LEN: usize = 64;
+const EPOCH_HEADER_LEN: usize = 48;
+const END_LEN: usize = 24;
+const MAX_DESCRIPTION: usize = 64 << 10;
+
+/// A trace that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// I/O on the trace file failed.
+    #[error("cannot {action} trace {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a trace.
+    #[error("{0} is not an understudy trace (bad magic)")]
+    BadMagic(PathBuf),
+    /// Another version or page size.
+    #[error("{path}: trace version {version} with {page_size}-byte pages is not supported")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: u32,
+        /// Its page size.
+        page_size: u32,
+    },
+    /// A checksum failed.
+    #[error("{path}: {what} is corrupted (checksum mismatch)")]
+    Corrupted {
+        /// The file.
+        path: PathBuf,
+        /// Which part.
+        what: String,
+    },
+    /// The file ends early.
+    #[error("{path} is truncated after {epochs} epochs (the capture did not finish?)")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Complete epochs read.
+        epochs: u64,
+    },
+    /// Structurally wrong.
+    #[error("{path}: {what}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A writer was given pages out of order.
+    #[error("page numbers of an epoch must be strictly increasing")]
+    Unordered,
+}
+
+/// Where a trace came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceSource {
+    /// A Linux process (`/proc/PID/mem`).
+    Process,
+    /// The built-in guest in an understudy VM.
+    Guest,
+    /// Generated (tests only).
+    Synthetic,
+}
+
+impl TraceSource {
+    fn code(self) -> u32 {
+        match self {
+            Self::Process => 1,
+            Self::Guest => 2,
+            Self::Synthetic => 3,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(Self::Process),
+            2 => Some(Self::Guest),
+            3 => Some(Self::Synthetic),
+            _ => None,
+        }
+    }
+
+    /// A lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Guest => "guest",
+            Self::Synthetic => "synthetic",
+        }
+    }
+}
+
+/// What a trace says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceInfo {
+    /// Where it came from.
+    pub source: TraceSource,
+    /// The command line or workload.
+    pub description: String,
+    /// The interval asked for, in nanoseconds.
+    pub interval_ns: u64,
+    /// When it was made, Unix seconds.
+    pub created_unix_s: u64,
+}
+
+/// One epoch of a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epoch {
+    /// 0 for the first (every resident page), then 1, 2, ...
+    pub index: u64,
+    /// When the epoch was taken, since the capture started.
+    pub time_ns: u64,
+    /// How long the source was stopped to take it.
+    pub pause_ns: u64,
+    /// The pages.
+    pub pages: PageBatch,
+}
+
+/// Writes a trace, epoch by epoch.
+pub struct TraceWriter {
+    path: PathBuf,
+    partial: PathBuf,
+    file: BufWriter<File>,
+    epochs: u64,
+}
+
+impl TraceWriter {
+    /// Starts `path` (written as `path.partial` until [`finish`](Self::finish)).
+    pub fn create(path: &Path, info: &TraceInfo) -> Result<Self, TraceError> {
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let file = File::create(&partial).map_err(|source| TraceError::Io {
+            action: "create",
+            path: partial.clone(),
+            source,
+        })?;
+        let mut writer = Self {
+            path: path.to_owned(),
+            partial,
+            file: BufWriter::with_capacity(1 << 20, file),
+            epochs: 0,
+        };
+        let description =
+            &info.description.as_bytes()[..info.description.len().min(MAX_DESCRIPTION)];
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        header.extend_from_slice(&info.source.code().to_le_bytes());
+        header.extend_from_slice(&(description.len() as u32).to_le_bytes());
+        header.extend_from_slice(&info.interval_ns.to_le_bytes());
+        header.extend_from_slice(&info.created_unix_s.to_le_bytes());
+        header.extend_from_slice(&[0; 16]);
+        let mut hasher = Xxh3::new();
+        hasher.update(&header);
+        hasher.update(description);
+        header.extend_from_slice(&hasher.digest().to_le_bytes());
+        writer.write(&header)?;
+        writer.write(description)?;
+        Ok(writer)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), TraceError> {
+        self.file.write_all(bytes).map_err(|source| TraceError::Io {
+            action: "write",
+            path: self.partial.clone(),
+            source,
+        })
+    }
+
+    /// Epochs written so far.
+    pub fn epochs(&self) -> u64 {
+        self.epochs
+    }
+
+    /// Appends the next epoch.
+    pub fn write_epoch(
+        &mut self,
+        time_ns: u64,
+        pause_ns: u64,
+        pages: &PageBatch,
+    ) -> Result<(), TraceError> {
+        if pages
+            .page_numbers()
+            .windows(2)
+            .any(|pair| pair[0] >= pair[1])
+        {
+            return Err(TraceError::Unordered);
+        }
+        let mut header = Vec::with_capacity(EPOCH_HEADER_LEN);
+        header.extend_from_slice(&EPOCH_MAGIC);
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&self.epochs.to_le_bytes());
+        header.extend_from_slice(&time_ns.to_le_bytes());
+        header.extend_from_slice(&pause_ns.to_le_bytes());
+        header.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        let numbers: Vec<u8> = pages
+            .page_numbers()
+            .iter()
+            .flat_map(|number| number.to_le_bytes())
+            .collect();
+        let mut hasher = Xxh3::new();
+        hasher.update(&header);
+        hasher.update(&numbers);
+        hasher.update(pages.contents());
+        header.extend_from_slice(&hasher.digest().to_le_bytes());
+        self.write(&header)?;
+        self.write(&numbers)?;
+        self.write(pages.contents())?;
+        self.epochs += 1;
+        Ok(())
+    }
+
+    /// Writes the end record, syncs, and renames the file into place.
+    pub fn finish(mut self) -> Result<PathBuf, TraceError> {
+        let mut end = Vec::with_capacity(END_LEN);
+        end.extend_from_slice(&END_MAGIC);
+        end.extend_from_slice(&0u32.to_le_bytes());
+        end.extend_from_slice(&self.epochs.to_le_bytes());
+        let checksum = xxh3_64(&end);
+        end.extend_from_slice(&checksum.to_le_bytes());
+        self.write(&end)?;
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| TraceError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|error| error.into_error())
+            .map_err(io("write", &self.partial))?;
+        file.sync_all().map_err(io("sync", &self.partial))?;
+        std::fs::rename(&self.partial, &self.path).map_err(io("rename", &self.partial))?;
+        Ok(self.path)
+    }
+}
+
+/// Reads a trace, epoch by epoch.
+pub struct TraceReader {
+    path: PathBuf,
+    file: BufReader<File>,
+    remaining: u64,
+    info: TraceInfo,
+    epochs: u64,
+    finished: bool,
+}
+
+impl TraceReader {
+    /// Opens `path` and checks its header.
+    pub fn open(path: &Path) -> Result<Self, TraceError> {
+        let io = |action| {
+            let path = path.to_owned();
+            move |source| TraceError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let mut file = File::open(path).map_err(io("open"))?;
+        let length = file.seek(std::io::SeekFrom::End(0)).map_err(io("read"))?;
+        file.rewind().map_err(io("read"))?;
+        let mut reader = Self {
+            path: path.to_owned(),
+            file: BufReader::with_capacity(1 << 20, file),
+            remaining: length,
+            info: TraceInfo {
+                source: TraceSource::Synthetic,
+                description: String::new(),
+                interval_ns: 0,
+                created_unix_s: 0,
+            },
+            epochs: 0,
+            finished: false,
+        };
+        let mut header = [0u8; HEADER_LEN];
+        reader.read_exact(&mut header)?;
+        if header[0..8] != MAGIC {
+            return Err(TraceError::BadMagic(path.to_owned()));
+        }
+        let u32_at =
+            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let description_len = u32_at(20) as usize;
+        if description_len > MAX_DESCRIPTION {
+            return Err(reader.malformed("the description is longer than 64 KiB".to_owned()));
+        }
+        let mut description = vec![0u8; description_len];
+        reader.read_exact(&mut description)?;
+        let mut hasher = Xxh3::new();
+        hasher.update(&header[..56]);
+        hasher.update(&description);
+        if hasher.digest() != u64_at(56) {
+            return Err(reader.corrupted("the header".to_owned()));
+        }
+        let (version, page_size) = (u32_at(8), u32_at(12));
+        if version != VERSION || page_size != PAGE_SIZE as u32 {
+            return Err(TraceError::Unsupported {
+                path: path.to_owned(),
+                version,
+                page_size,
+            });
+        }
+        reader.info = TraceInfo {
+            source: TraceSource::from_code(u32_at(16))
+                .ok_or_else(|| reader.malformed(format!("unknown source {}", u32_at(16))))?,
+            description: String::from_utf8_lossy(&description).into_owned(),
+            interval_ns: u64_at(24),
+            created_unix_s: u64_at(32),
+        };
+        Ok(reader)
+    }
+
+    /// The trace's header.
+    pub fn info(&self) -> &TraceInfo {
+        &self.info
+    }
+
+    fn malformed(&self, what: String) -> TraceError {
+        TraceError::Malformed {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    fn corrupted(&self, what: String) -> TraceError {
+        TraceError::Corrupted {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    fn read_exact(&mut self, buffer: &mut [u8]) -> Result<(), TraceError> {
+        if (buffer.len() as u64) > self.remaining {
+            return Err(TraceError::Truncated {
+                path: self.path.clone(),
+                epochs: self.epochs,
+            });
+        }
+        self.file
+            .read_exact(buffer)
+            .map_err(|source| TraceError::Io {
+                action: "read",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.remaining -= buffer.len() as u64;
+        Ok(())
+    }
+
+    /// The next epoch, or `None` after the last one (once the end record
+    /// checked).
+    pub fn next_epoch(&mut self) -> Result<Option<Epoch>, TraceError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut magic = [0u8; 4];
+        self.read_exact(&mut magic)?;
+        if magic == END_MAGIC {
+            let mut end = [0u8; END_LEN];
+            end[..4].copy_from_slice(&magic);
+            self.read_exact(&mut end[4..])?;
+            let count = u64::from_le_bytes(end[8..16].try_into().expect("8 bytes"));
+            let checksum = u64::from_le_bytes(end[16..24].try_into().expect("8 bytes"));
+            if xxh3_64(&end[..16]) != checksum {
+                return Err(self.corrupted("the end record".to_owned()));
+            }
+            if count != self.epochs {
+                return Err(self.malformed(format!(
+                    "the end record counts {count} epochs where the file holds {}",
+                    self.epochs
+                )));
+            }
+            if self.remaining != 0 {
+                return Err(
+                    self.malformed(format!("{} bytes follow the end record", self.remaining))
+                );
+            }
+            self.finished = true;
+            return Ok(None);
+        }
+        if magic != EPOCH_MAGIC {
+            return Err(self.malformed(format!("epoch {} has a bad magic", self.epochs)));
+        }
+        let mut header = [0u8; EPOCH_HEADER_LEN];
+        header[..4].copy_from_slice(&magic);
+        self.read_exact(&mut header[4..])?;
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let (index, time_ns, pause_ns, page_count, checksum) =
+            (u64_at(8), u64_at(16), u64_at(24), u64_at(32), u64_at(40));
+        if index != self.epochs {
+            return Err(self.malformed(format!(
+                "epoch {index} found where epoch {} belongs",
+                self.epochs
+            )));
+        }
+        let bytes_needed = page_count.checked_mul(8 + PAGE_SIZE as u64);
+        if bytes_needed.is_none_or(|needed| needed > self.remaining) {
+            return Err(TraceError::Truncated {
+                path: self.path.clone(),
+                epochs: self.epochs,
+            });
+        }
+        let page_count = page_count as usize;
+        let mut numbers = vec![0u8; page_count * 8];
+        self.read_exact(&mut numbers)?;
+        let mut contents = vec![0u8; page_count * PAGE_SIZE];
+        self.read_exact(&mut contents)?;
+        let mut hasher = Xxh3::new();
+        hasher.update(&header[..40]);
+        hasher.update(&numbers);
+        hasher.update(&contents);
+        if hasher.digest() != checksum {
+            return Err(self.corrupted(format!("epoch {index}")));
+        }
+        let page_numbers: Vec<u64> = numbers
+            .chunks_exact(8)
+            .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+            .collect();
+        if page_numbers.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(self.malformed(format!("epoch {index}: page numbers are not increasing")));
+        }
+        let pages = PageBatch::from_parts(page_numbers, contents)
+            .expect("one page of contents per page number, read above");
+        self.epochs += 1;
+        Ok(Some(Epoch {
+            index,
+            time_ns,
+            pause_ns,
+            pages,
+        }))
+    }
+}
+
+/// Reads a whole trace into memory.
+pub fn load(path: &Path) -> Result<(TraceInfo, Vec<Epoch>), TraceError> {
+    let mut reader = TraceReader::open(path)?;
+    let mut epochs = Vec::new();
+    while let Some(epoch) = reader.next_epoch()? {
+        epochs.push(epoch);
+    }
+    Ok((reader.info().clone(), epochs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::synthetic::{SyntheticTrace, generate};
+
+    fn info() -> TraceInfo {
+        TraceInfo {
+            source: TraceSource::Synthetic,
+            description: "unit test".to_owned(),
+            interval_ns: 25_000_000,
+            created_unix_s: 1,
+        }
+    }
+
+    fn write_trace(path: &Path, batches: &[PageBatch]) {
+        let mut writer = TraceWriter::create(path, &info()).expect("create");
+        for (index, batch) in batches.iter().enumerate() {
+            writer
+                .write_epoch(index as u64 * 1000, 10, batch)
+                .expect("write epoch");
+        }
+        writer.finish().expect("finish");
+    }
+
+    fn batches() -> Vec<PageBatch> {
+        generate(&SyntheticTrace {
+            pages: 64,
+            epochs: 3,
+            seed: 1,
+        })
+    }
+
+    #[test]
+    fn written_trace_reads_back() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("t.trace");
+        let batches = batches();
+        write_trace(&path, &batches);
+
+        let (read_info, epochs) = load(&path).expect("load");
+
+        assert_eq!(read_info, info());
+        assert_eq!(
+            epochs.iter().map(|e| e.pages.clone()).collect::<Vec<_>>(),
+            batches
+        );
+        assert_eq!(epochs[2].time_ns, 2000);
+    }
+
+    #[test]
+    fn unfinished_trace_does_not_exist_under_its_name() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("t.trace");
+        let mut writer = TraceWriter::create(&path, &info()).expect("create");
+        writer.write_epoch(0, 0, &batches()[0]).expect("write");
+        drop(writer);
+
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn truncated_trace_is_refused() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("t.trace");
+        write_trace(&path, &batches());
+        let length = std::fs::metadata(&path).expect("metadata").len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        file.set_len(length - END_LEN as u64 - 5).expect("truncate");
+
+        let result = load(&path);
+
+        assert!(matches!(
+            result,
+            Err(TraceError::Truncated { epochs: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn flipped_content_bit_is_refused() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("t.trace");
+        write_trace(&path, &batches());
+        let mut bytes = std::fs::read(&path).expect("read");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        std::fs::write(&path, bytes).expect("write");
+
+        let result = load(&path);
+
+        assert!(matches!(result, Err(TraceError::Corrupted { .. })));
+    }
+
+    #[test]
+    fn unordered_pages_are_refused_by_the_writer() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let mut writer =
+            TraceWriter::create(&directory.path().join("t.trace"), &info()).expect("create");
+        let mut batch = PageBatch::new();
+        batch.push(2, &[0; PAGE_SIZE]);
+        batch.push(1, &[0; PAGE_SIZE]);
+
+        assert!(matches!(
+            writer.write_epoch(0, 0, &batch),
+            Err(TraceError::Unordered)
+        ));
+    }
+}
