@@ -1,7 +1,8 @@
 //! `understudy`: fault tolerance and live migration for KVM virtual machines.
 //!
 //! This binary is the one entry point: `run` a VM standalone, `snapshot` and
-//! `restore` it, and `bench` the VM core. Errors are printed once, here, with
+//! `restore` it, capture memory `trace`s, and `bench` the VM core and the
+//! checkpoint codecs. Errors are printed once, here, with
 //! their whole chain of causes.
 
 mod cli;
@@ -32,8 +33,12 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotArguments),
     /// Start a VM from a snapshot file and let it continue.
     Restore(cli::snapshot::RestoreArguments),
-    /// Measure the VM core (dirtying throughput, harvest and capture costs, start-up time).
-    Bench(cli::bench::BenchArguments),
+    /// Record memory traces from processes or the built-in guest, and summarise them.
+    #[command(subcommand)]
+    Trace(cli::trace::TraceCommand),
+    /// Benchmarks: the VM core (`bench vm`) and checkpoint codecs on traces (`bench compress`).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +57,8 @@ fn main() -> ExitCode {
         Command::Run(arguments) => cli::run::run(arguments),
         Command::Snapshot(arguments) => cli::snapshot::snapshot(arguments),
         Command::Restore(arguments) => cli::snapshot::restore(arguments),
-        Command::Bench(arguments) => cli::bench::bench(arguments),
+        Command::Trace(command) => cli::trace::trace(command),
+        Command::Bench(command) => cli::bench::bench(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

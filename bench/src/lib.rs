@@ -7,6 +7,12 @@
 //!   and with every work-area page dirty;
 //! - the cost of pausing the vCPUs and of a full state capture;
 //! - the time from starting `understudy run` to the guest's first progress.
+//!
+//! And, in [`compress`], the codec tradeoff benchmark on memory traces
+//! (`understudy bench compress`).
+
+pub mod compress;
+mod svg;
 
 use std::fmt;
 use std::process::Command;

@@ -212,18 +212,20 @@ impl Encoder {
         } else {
             &self.literals
         };
-        self.compressed_records.clear();
-        self.compressed_literals.clear();
-        let (records_id, literals_id, compressor) = match &mut self.auto {
+        // The sections go straight into `out`, after room for the header.
+        let start = out.len();
+        out.resize(start + HEADER_LEN, 0);
+        let (records_id, literals_id, compressor, records_end) = match &mut self.auto {
             None => {
                 self.records_compressor
-                    .compress(&self.records, &mut self.compressed_records)
+                    .compress(&self.records, out)
                     .map_err(|source| CodecError::Compress {
                         section: "records",
                         source,
                     })?;
+                let records_end = out.len();
                 self.literals_compressor
-                    .compress(literal_bytes, &mut self.compressed_literals)
+                    .compress(literal_bytes, out)
                     .map_err(|source| CodecError::Compress {
                         section: "literal",
                         source,
@@ -232,10 +234,13 @@ impl Encoder {
                     self.records_compressor.spec().id(),
                     self.literals_compressor.spec().id(),
                     self.records_compressor.spec(),
+                    records_end,
                 )
             }
             Some(auto) => {
                 auto.observe_transform(&transform);
+                self.compressed_records.clear();
+                self.compressed_literals.clear();
                 let spec = auto
                     .compress(
                         &self.records,
@@ -247,30 +252,27 @@ impl Encoder {
                         section: "records or literal",
                         source,
                     })?;
-                (spec.id(), spec.id(), spec)
+                out.extend_from_slice(&self.compressed_records);
+                let records_end = out.len();
+                out.extend_from_slice(&self.compressed_literals);
+                (spec.id(), spec.id(), spec, records_end)
             }
         };
-        let literal_pages = literal_bytes.len() / PAGE_SIZE;
-        let payload_len = self.compressed_records.len() + self.compressed_literals.len();
+        let too_large = |_| CodecError::BatchTooLarge(batch.len());
         let header = FrameHeader {
             records_compressor: records_id as u8,
             literals_compressor: literals_id as u8,
             sequence: self.sequence,
             page_count: batch.len() as u32,
-            literal_pages: literal_pages as u32,
-            records_len: u32::try_from(self.records.len())
-                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
-            compressed_records_len: u32::try_from(self.compressed_records.len())
-                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
+            literal_pages: (literal_bytes.len() / PAGE_SIZE) as u32,
+            records_len: u32::try_from(self.records.len()).map_err(too_large)?,
+            compressed_records_len: u32::try_from(records_end - start - HEADER_LEN)
+                .map_err(too_large)?,
             store_pages: self.transform.store_capacity() as u32,
-            payload_len: u32::try_from(payload_len)
-                .map_err(|_| CodecError::BatchTooLarge(batch.len()))?,
+            payload_len: u32::try_from(out.len() - start - HEADER_LEN).map_err(too_large)?,
             content_checksum: batch.checksum(),
         };
-        let start = out.len();
-        header.write(out);
-        out.extend_from_slice(&self.compressed_records);
-        out.extend_from_slice(&self.compressed_literals);
+        out[start..start + HEADER_LEN].copy_from_slice(&header.encode());
         self.sequence += 1;
         Ok(EncodeStats {
             pages: batch.len(),
@@ -434,29 +436,31 @@ struct FrameHeader {
 }
 
 impl FrameHeader {
-    fn write(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[0..4].copy_from_slice(&MAGIC);
+        bytes[4..8].copy_from_slice(&[
             VERSION,
             self.records_compressor,
             self.literals_compressor,
             0,
         ]);
-        out.extend_from_slice(&self.sequence.to_le_bytes());
-        for field in [
+        bytes[8..16].copy_from_slice(&self.sequence.to_le_bytes());
+        let fields = [
             self.page_count,
             self.literal_pages,
             self.records_len,
             self.compressed_records_len,
             self.store_pages,
             self.payload_len,
-        ] {
-            out.extend_from_slice(&field.to_le_bytes());
+        ];
+        for (index, field) in fields.iter().enumerate() {
+            bytes[16 + index * 4..20 + index * 4].copy_from_slice(&field.to_le_bytes());
         }
-        out.extend_from_slice(&self.content_checksum.to_le_bytes());
-        let checksum = xxh3_64(&out[start..]);
-        out.extend_from_slice(&checksum.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.content_checksum.to_le_bytes());
+        let checksum = xxh3_64(&bytes[..48]);
+        bytes[48..56].copy_from_slice(&checksum.to_le_bytes());
+        bytes
     }
 
     fn read(frame: &[u8]) -> Result<Self, CodecError> {

@@ -211,6 +211,8 @@ pub struct TransformEncoder {
     scratch: Vec<u8>,
     best: Vec<u8>,
     batch_hashes: HashMap<u64, u32>,
+    /// Whether the batch being encoded is committed page by page.
+    immediate: bool,
 }
 
 impl TransformEncoder {
@@ -231,6 +233,7 @@ impl TransformEncoder {
             scratch: Vec::with_capacity(PAGE_SIZE),
             best: Vec::with_capacity(PAGE_SIZE),
             batch_hashes: HashMap::new(),
+            immediate: false,
         }
     }
 
@@ -251,7 +254,14 @@ impl TransformEncoder {
 
     /// Writes one record per page of `batch` to `records`, and the pages sent
     /// whole to `literals` (for `raw` the literal section is the batch's own
-    /// contents, and nothing is copied). Then commits the batch to the store.
+    /// contents, and nothing is copied), and commits the batch to the store.
+    ///
+    /// When the page numbers are strictly increasing (dirty sets and traces
+    /// are), each page is committed right after it is encoded, while it is
+    /// still in cache, and references to pages already committed in this
+    /// batch are not used: every reference the decoder sees is still to the
+    /// version it held before the batch. Otherwise the batch is committed at
+    /// the end.
     pub fn encode(
         &mut self,
         batch: &PageBatch,
@@ -261,6 +271,10 @@ impl TransformEncoder {
         let mut stats = TransformStats::default();
         let mut previous: Option<u64> = None;
         self.batch_hashes.clear();
+        self.immediate = batch
+            .page_numbers()
+            .windows(2)
+            .all(|pair| pair[0] < pair[1]);
         for (index, (page_number, page)) in batch.iter().enumerate() {
             let tag_at = records.len();
             records.push(TAG_WHOLE);
@@ -280,8 +294,15 @@ impl TransformEncoder {
                 literals.extend_from_slice(page);
                 stats.whole += 1;
             }
+            if self.immediate {
+                self.commit_page(page_number, page, tag == TAG_ZERO);
+            }
         }
-        self.commit(batch);
+        if !self.immediate {
+            for (page_number, page) in batch.iter() {
+                self.commit_page(page_number, page, is_zero_page(page));
+            }
+        }
         stats
     }
 
@@ -323,7 +344,9 @@ impl TransformEncoder {
             }
             self.batch_hashes.insert(page_hash, index as u32);
             if let Some(base) = index_tables.duplicate_candidate(page_hash) {
-                if self.store.get(base) == Some(page) {
+                if self.store.get(base) == Some(page)
+                    && !self.committed_in_batch(batch, index, base)
+                {
                     varint::write(
                         records,
                         varint::zigzag(base.wrapping_sub(page_number) as i64),
@@ -339,7 +362,10 @@ impl TransformEncoder {
                 else {
                     continue;
                 };
-                if candidate == page_number || tried[..slot].contains(&candidate) {
+                if candidate == page_number
+                    || tried[..slot].contains(&candidate)
+                    || self.committed_in_batch(batch, index, candidate)
+                {
                     continue;
                 }
                 tried[slot] = candidate;
@@ -389,15 +415,20 @@ impl TransformEncoder {
         tag
     }
 
-    fn commit(&mut self, batch: &PageBatch) {
-        for (page_number, page) in batch.iter() {
-            self.store.put(page_number, page);
-            if let Some(index) = &mut self.index {
-                if !is_zero_page(page) {
-                    index.insert(page_number, page, xxh3_64(page));
-                }
-            }
+    fn commit_page(&mut self, page_number: u64, page: &Page, zero: bool) {
+        self.store.put(page_number, page);
+        if let (Some(index), false) = (&mut self.index, zero) {
+            index.insert(page_number, page, xxh3_64(page));
         }
+    }
+
+    /// Whether page `candidate` was already committed earlier in this batch
+    /// (so the decoder's version of it is older than the encoder's).
+    fn committed_in_batch(&self, batch: &PageBatch, index: usize, candidate: u64) -> bool {
+        self.immediate
+            && batch.page_numbers()[..index]
+                .binary_search(&candidate)
+                .is_ok()
     }
 }
 
@@ -607,6 +638,48 @@ mod tests {
 
         assert_eq!(out, batch);
         assert_eq!(stats.duplicate, 1);
+    }
+
+    #[test]
+    fn unsorted_batch_round_trips_with_references_to_its_own_pages() {
+        let mut encoder = TransformEncoder::new(TransformKind::Similarity, 16, 4);
+        let mut decoder = TransformDecoder::new(16);
+        let mut first = PageBatch::new();
+        first.push(1, &page_with(1));
+        first.push(2, &page_with(2));
+        encode_decode(&mut encoder, &mut decoder, &first);
+        // Page 2 takes page 1's old contents, page 1 changes: in this order,
+        // a reference to page 1 must resolve to its old version.
+        let mut second = PageBatch::new();
+        second.push(2, &page_with(1));
+        second.push(1, &page_with(3));
+        second.push(0, &page_with(1));
+
+        let (out, _) = encode_decode(&mut encoder, &mut decoder, &second);
+
+        assert_eq!(out, second);
+    }
+
+    #[test]
+    fn sorted_batch_does_not_refer_to_pages_it_already_changed() {
+        let mut encoder = TransformEncoder::new(TransformKind::Similarity, 16, 4);
+        let mut decoder = TransformDecoder::new(16);
+        let mut first = PageBatch::new();
+        first.push(1, &page_with(1));
+        encode_decode(&mut encoder, &mut decoder, &first);
+        // Page 1 changes, then page 2 becomes a near copy of page 1's new
+        // contents, whose fingerprints now point at page 1.
+        let mut changed = page_with(1);
+        changed[10] ^= 0xff;
+        let mut near_copy = changed;
+        near_copy[3000] ^= 1;
+        let mut second = PageBatch::new();
+        second.push(1, &changed);
+        second.push(2, &near_copy);
+
+        let (out, _) = encode_decode(&mut encoder, &mut decoder, &second);
+
+        assert_eq!(out, second);
     }
 
     #[test]

@@ -1,16 +1,102 @@
-//! `understudy bench`: the VM core's numbers (see `understudy-bench`).
+//! `understudy bench`: the VM core's numbers (`bench vm`) and the codec
+//! tradeoff comparison on memory traces (`bench compress`); see
+//! `understudy-bench`.
 
-/// Arguments of `understudy bench`.
-#[derive(clap::Args, Debug)]
-pub struct BenchArguments {
-    /// Seconds each dirtying-throughput measurement runs.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use understudy_bench::compress::{self, DEFAULT_CODECS};
+use understudy_compress::CodecSpec;
+
+use super::parse_duration;
+
+/// `understudy bench` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Measure the VM core: dirtying throughput, harvest and capture costs, start-up.
+    Vm {
+        /// Seconds each dirtying-throughput measurement runs.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
+    Compress(CompressArguments),
 }
 
-/// Runs the VM-core benchmarks and prints a report.
-pub fn bench(arguments: BenchArguments) -> anyhow::Result<()> {
-    let report = understudy_bench::vm_core(arguments.seconds)?;
-    print!("{report}");
+/// Arguments of `understudy bench compress`.
+#[derive(clap::Args, Debug)]
+pub struct CompressArguments {
+    /// Trace files.
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
+    /// Codec to compare (repeat for several); default: a representative set.
+    /// Syntax: raw, gzip:level=N, zstd:level=N[,dict=SIZE], delta[:cache=SIZE][,miss=C],
+    /// similarity[:cache=SIZE][,samples=N], T+C (e.g. delta+zstd:level=1), auto[:mbit=N].
+    #[arg(long = "codec", value_parser = parse_codec)]
+    codecs: Vec<String>,
+    /// Epoch length the bandwidth column assumes.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    epoch: Duration,
+    /// Write a plot of ratio against encode throughput (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_codec(text: &str) -> Result<String, String> {
+    text.parse::<CodecSpec>()
+        .map(|_| text.to_owned())
+        .map_err(|error| error.to_string())
+}
+
+/// Runs an `understudy bench` subcommand.
+pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Vm { seconds } => {
+            let report = understudy_bench::vm_core(seconds)?;
+            print!("{report}");
+            Ok(())
+        }
+        BenchCommand::Compress(arguments) => bench_compress(arguments),
+    }
+}
+
+fn bench_compress(arguments: CompressArguments) -> anyhow::Result<()> {
+    let codecs: Vec<String> = if arguments.codecs.is_empty() {
+        DEFAULT_CODECS
+            .iter()
+            .map(|codec| (*codec).to_owned())
+            .collect()
+    } else {
+        arguments.codecs
+    };
+    let json = arguments.json;
+    let report = compress::run(&arguments.traces, &codecs, arguments.epoch, |result| {
+        if !json {
+            eprintln!(
+                "  {} on {}: ratio {:.2}, encode {:.0} MB/s",
+                result.codec,
+                result.trace,
+                result.ratio(),
+                result.encode_mb_per_s()
+            );
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{report}");
+    }
+    if let Some(path) = arguments.plot {
+        report
+            .plot(&path)
+            .with_context(|| format!("plot {}", path.display()))?;
+        if !json {
+            println!("plot written to {}", path.display());
+        }
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod run;
 pub mod snapshot;
+pub mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

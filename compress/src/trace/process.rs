@@ -103,6 +103,12 @@ fn thread_state(stat: &str) -> Option<char> {
         .next()
 }
 
+/// The process's memory and page map, opened for one epoch.
+struct ProcFiles {
+    mem: File,
+    pagemap: File,
+}
+
 /// Sends `SIGCONT` when dropped, so a stopped process always continues.
 struct StoppedProcess(i32);
 
@@ -116,8 +122,6 @@ impl Drop for StoppedProcess {
 /// Reads epochs of one process.
 pub struct ProcessCapture {
     pid: i32,
-    mem: File,
-    pagemap: File,
     /// Hash of every resident writable page as of the last epoch, with the
     /// epoch that last saw it.
     hashes: PageNumberMap<(u64, u64)>,
@@ -127,23 +131,14 @@ pub struct ProcessCapture {
 }
 
 impl ProcessCapture {
-    /// Opens process `pid`'s memory (needs ptrace access: root, or the parent
-    /// under the default Yama setting).
+    /// Prepares to capture process `pid` (reading its memory needs ptrace
+    /// access: root, or the parent under the default Yama setting).
     pub fn attach(pid: i32) -> Result<Self, CaptureError> {
-        let open = |name: &str| {
-            let path = PathBuf::from(format!("/proc/{pid}/{name}"));
-            File::open(&path).map_err(|source| {
-                if source.kind() == std::io::ErrorKind::NotFound {
-                    CaptureError::Exited(pid)
-                } else {
-                    CaptureError::Proc { path, source }
-                }
-            })
-        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            return Err(CaptureError::Exited(pid));
+        }
         Ok(Self {
             pid,
-            mem: open("mem")?,
-            pagemap: open("pagemap")?,
             hashes: PageNumberMap::default(),
             epoch: 0,
             buffer: vec![0; READ_CHUNK_PAGES * PAGE_SIZE],
@@ -167,6 +162,14 @@ impl ProcessCapture {
                 source,
             }
         }
+    }
+
+    /// Opens a /proc file of the process. Done every epoch: a process that
+    /// called `exec` has a new address space, which files opened before do
+    /// not see.
+    fn open(&self, name: &str) -> Result<File, CaptureError> {
+        File::open(format!("/proc/{}/{name}", self.pid))
+            .map_err(|error| self.proc_error(name, error))
     }
 
     fn stop(&self) -> Result<StoppedProcess, CaptureError> {
@@ -224,9 +227,13 @@ impl ProcessCapture {
         let stopped = self.stop()?;
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
             .map_err(|error| self.proc_error("maps", error))?;
+        let files = ProcFiles {
+            mem: self.open("mem")?,
+            pagemap: self.open("pagemap")?,
+        };
         self.epoch += 1;
         for mapping in writable_mappings(&maps) {
-            self.read_mapping(mapping, out)?;
+            self.read_mapping(&files, mapping, out)?;
         }
         drop(stopped);
         let pause = started.elapsed();
@@ -235,12 +242,17 @@ impl ProcessCapture {
         Ok(pause)
     }
 
-    fn read_mapping(&mut self, mapping: Mapping, out: &mut PageBatch) -> Result<(), CaptureError> {
+    fn read_mapping(
+        &mut self,
+        files: &ProcFiles,
+        mapping: Mapping,
+        out: &mut PageBatch,
+    ) -> Result<(), CaptureError> {
         let first_page = mapping.start / PAGE_SIZE as u64;
         let pages = ((mapping.end - mapping.start) / PAGE_SIZE as u64) as usize;
         let mut entries = std::mem::take(&mut self.entries);
         entries.resize(pages * 8, 0);
-        let read = self
+        let read = files
             .pagemap
             .read_at(&mut entries, first_page * 8)
             .map_err(|error| self.proc_error("pagemap", error));
@@ -271,7 +283,7 @@ impl ProcessCapture {
             while index + run < pages && run < READ_CHUNK_PAGES && resident(index + run) {
                 run += 1;
             }
-            if let Err(error) = self.read_run(first_page + index as u64, run, out) {
+            if let Err(error) = self.read_run(&files.mem, first_page + index as u64, run, out) {
                 self.entries = entries;
                 return Err(error);
             }
@@ -285,13 +297,14 @@ impl ProcessCapture {
     /// changed ones. A page the kernel refuses to read is skipped.
     fn read_run(
         &mut self,
+        mem: &File,
         page_number: u64,
         count: usize,
         out: &mut PageBatch,
     ) -> Result<(), CaptureError> {
         let bytes = count * PAGE_SIZE;
         let address = page_number * PAGE_SIZE as u64;
-        let whole = self.mem.read_at(&mut self.buffer[..bytes], address);
+        let whole = mem.read_at(&mut self.buffer[..bytes], address);
         let readable = match whole {
             Ok(read) if read == bytes => count,
             _ => {
@@ -299,7 +312,7 @@ impl ProcessCapture {
                 let mut readable = 0;
                 for page in 0..count {
                     let slice = &mut self.buffer[page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
-                    match self.mem.read_at(slice, address + (page * PAGE_SIZE) as u64) {
+                    match mem.read_at(slice, address + (page * PAGE_SIZE) as u64) {
                         Ok(read) if read == PAGE_SIZE => readable = page + 1,
                         Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {
                             return Err(CaptureError::Exited(self.pid));
@@ -339,6 +352,10 @@ pub struct EpochReport {
 /// Captures epochs of process `pid` every `interval` until `duration` has
 /// passed, `stop` is set, or the process exits, writing them to `writer`.
 /// Calls `report` after each epoch. Returns how many epochs were written.
+///
+/// Epochs are written by a second thread while the process runs on; if the
+/// disk falls behind, the capture waits for it (the epochs' timestamps show
+/// the intervals actually achieved).
 pub fn capture(
     pid: i32,
     interval: Duration,
@@ -348,33 +365,64 @@ pub fn capture(
     mut report: impl FnMut(&EpochReport),
 ) -> Result<u64, CaptureError> {
     let mut capture = ProcessCapture::attach(pid)?;
-    let started = Instant::now();
-    let mut next = started;
-    let mut batch = PageBatch::new();
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < duration {
-        let at = started.elapsed();
-        let pause = match capture.take_epoch(&mut batch) {
-            Ok(pause) => pause,
-            Err(CaptureError::Exited(_)) if writer.epochs() > 0 => break,
-            Err(error) => return Err(error),
-        };
-        writer.write_epoch(at.as_nanos() as u64, pause.as_nanos() as u64, &batch)?;
-        report(&EpochReport {
-            index: writer.epochs() - 1,
-            pages: batch.len(),
-            pause,
-            resident_pages: capture.hashes.len(),
+    let (to_writer, from_capture) = std::sync::mpsc::sync_channel::<(u64, u64, PageBatch)>(2);
+    let (spare_batches, recycled) = std::sync::mpsc::channel::<PageBatch>();
+    std::thread::scope(|scope| {
+        let writing = scope.spawn(move || -> Result<(), TraceError> {
+            for (time_ns, pause_ns, batch) in from_capture {
+                writer.write_epoch(time_ns, pause_ns, &batch)?;
+                // The capture side may have ended: a batch it no longer wants
+                // is simply dropped.
+                let _ = spare_batches.send(batch);
+            }
+            Ok(())
         });
-        next += interval;
-        let now = Instant::now();
-        if next < now {
-            next = now;
+        let started = Instant::now();
+        let mut next = started;
+        let mut index = 0u64;
+        let mut outcome = Ok(());
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < duration {
+            let at = started.elapsed();
+            let mut batch = recycled.try_recv().unwrap_or_default();
+            let pause = match capture.take_epoch(&mut batch) {
+                Ok(pause) => pause,
+                Err(CaptureError::Exited(_)) if index > 0 => break,
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            };
+            let pages = batch.len();
+            if to_writer
+                .send((at.as_nanos() as u64, pause.as_nanos() as u64, batch))
+                .is_err()
+            {
+                break; // The writer failed; its error is reported below.
+            }
+            report(&EpochReport {
+                index,
+                pages,
+                pause,
+                resident_pages: capture.hashes.len(),
+            });
+            index += 1;
+            next += interval;
+            let now = Instant::now();
+            if next < now {
+                next = now;
+            }
+            while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep((next - Instant::now()).min(Duration::from_millis(5)));
+            }
         }
-        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(5)));
-        }
-    }
-    Ok(writer.epochs())
+        drop(to_writer);
+        let written = writing
+            .join()
+            .expect("the trace writer thread does not panic");
+        outcome?;
+        written?;
+        Ok(index)
+    })
 }
 
 #[cfg(test)]
