@@ -326,6 +326,14 @@ impl CompressReport {
     /// An SVG scatter plot: compression ratio against encode throughput, one
     /// colour per trace, each point labelled with its codec.
     pub fn plot(&self, path: &Path) -> Result<(), CompressBenchError> {
+        // Points are numbered by codec; the key says which number is which.
+        let mut codecs: Vec<&str> = Vec::new();
+        for result in &self.results {
+            if !codecs.contains(&result.codec.as_str()) {
+                codecs.push(&result.codec);
+            }
+        }
+        let number = |codec: &str| codecs.iter().position(|c| *c == codec).map_or(0, |i| i + 1);
         let series: Vec<crate::svg::Series> = self
             .traces
             .iter()
@@ -335,15 +343,21 @@ impl CompressReport {
                     .results
                     .iter()
                     .filter(|r| r.trace == trace.name)
-                    .map(|r| (r.encode_mb_per_s(), r.ratio(), r.codec.clone()))
+                    .map(|r| (r.encode_mb_per_s(), r.ratio(), number(&r.codec).to_string()))
                     .collect(),
             })
+            .collect();
+        let key: Vec<String> = codecs
+            .iter()
+            .enumerate()
+            .map(|(index, codec)| format!("{} {codec}", index + 1))
             .collect();
         let svg = crate::svg::scatter(
             "Checkpoint codecs: compression ratio against encode speed (epochs 1+)",
             "encode MB/s per core (log)",
             "compression ratio (log)",
             &series,
+            &key,
         );
         std::fs::write(path, svg).map_err(|source| CompressBenchError::Plot {
             path: path.to_owned(),

@@ -1,4 +1,4 @@
-//! Benchmarks of the VM core, run by `understudy bench`:
+//! Benchmarks of the VM core, run by `understudy bench vm`:
 //!
 //! - guest dirtying throughput (`memtouch` at full speed) with the dirty log
 //!   harvested every 25 ms (as replication will), harvested once a second,

@@ -11,10 +11,10 @@ pub struct Series {
     pub points: Vec<(f64, f64, String)>,
 }
 
-const WIDTH: f64 = 1000.0;
+const WIDTH: f64 = 1100.0;
 const HEIGHT: f64 = 680.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 200.0;
+const RIGHT: f64 = 290.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
 const COLOURS: [&str; 8] = [
@@ -31,8 +31,10 @@ fn escape(text: &str) -> String {
 fn decades(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut low, mut high) = (f64::INFINITY, f64::NEG_INFINITY);
     for value in values.filter(|v| *v > 0.0 && v.is_finite()) {
-        low = low.min(value.log10().floor());
-        high = high.max(value.log10().ceil());
+        // A small tolerance keeps 0.9999 (a ratio of 1 less frame headers)
+        // in the decade of 1.
+        low = low.min((value.log10() + 1e-3).floor());
+        high = high.max((value.log10() - 1e-3).ceil());
     }
     if !low.is_finite() {
         return (0.0, 1.0);
@@ -43,8 +45,15 @@ fn decades(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (low, high)
 }
 
-/// Draws the plot.
-pub fn scatter(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+/// Draws the plot; `key` lines are listed under the series legend (what the
+/// point labels stand for).
+pub fn scatter(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    key: &[String],
+) -> String {
     let all = || series.iter().flat_map(|s| s.points.iter());
     let (x_low, x_high) = decades(all().map(|p| p.0));
     let (y_low, y_high) = decades(all().map(|p| p.1));
@@ -140,6 +149,16 @@ pub fn scatter(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> 
             escape(&series.name)
         );
     }
+    let key_top = TOP + 30.0 + series.len() as f64 * 20.0;
+    for (index, line) in key.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{:.1}" font-size="11">{}</text>"#,
+            WIDTH - RIGHT + 14.0,
+            key_top + index as f64 * 16.0,
+            escape(line)
+        );
+    }
     svg.push_str("</svg>\n");
     svg
 }
@@ -158,7 +177,7 @@ mod tests {
             ],
         }];
 
-        let svg = scatter("t", "x", "y", &series);
+        let svg = scatter("t", "x", "y", &series, &["1 raw".to_owned()]);
 
         assert_eq!(svg.matches("<circle").count(), 3); // Two points, one legend dot.
         assert!(svg.contains("a&lt;b"));
@@ -167,5 +186,6 @@ mod tests {
     #[test]
     fn decades_cover_the_values() {
         assert_eq!(decades([3.0, 250.0].into_iter()), (0.0, 3.0));
+        assert_eq!(decades([0.9999, 5.0].into_iter()), (0.0, 1.0));
     }
 }

@@ -134,7 +134,7 @@ impl AutoPolicy {
             .collect();
         if !unobserved.is_empty() {
             tries.extend(unobserved);
-        } else if self.batches % PROBE_EVERY == 0 {
+        } else if self.batches.is_multiple_of(PROBE_EVERY) {
             self.next_probe = (self.next_probe + 1) % self.candidates.len();
             tries.push(self.next_probe);
         }

@@ -330,13 +330,13 @@ impl Decoder {
             });
         }
         let store_pages = header.store_pages as usize;
-        if let Some(transform) = &self.transform {
-            if transform.store_capacity() != store_pages {
-                return Err(CodecError::StoreMismatch {
-                    frame: store_pages,
-                    stream: transform.store_capacity(),
-                });
-            }
+        if let Some(transform) = &self.transform
+            && transform.store_capacity() != store_pages
+        {
+            return Err(CodecError::StoreMismatch {
+                frame: store_pages,
+                stream: transform.store_capacity(),
+            });
         }
         let records_id = CompressorId::from_byte(header.records_compressor)
             .ok_or(CodecError::UnknownCompressor(header.records_compressor))?;

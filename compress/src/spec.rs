@@ -128,7 +128,7 @@ pub enum SpecError {
 /// Formats a byte count with the largest K/M/G suffix that divides it.
 pub fn format_size(bytes: u64) -> String {
     for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }
@@ -155,7 +155,10 @@ fn bad(parameter: &str, value: &str, why: &'static str) -> SpecError {
 }
 
 /// Splits `name:key=value,key=value` into the name and its parameters.
-fn split_parameters(text: &str) -> Result<(&str, Vec<(&str, &str)>), SpecError> {
+/// A name and its `key=value` parameters.
+type Parameters<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+
+fn split_parameters(text: &str) -> Result<Parameters<'_>, SpecError> {
     let Some((name, parameters)) = text.split_once(':') else {
         return Ok((text, Vec::new()));
     };

@@ -324,36 +324,35 @@ impl TransformEncoder {
         self.best.clear();
         let mut best_tag = TAG_WHOLE;
         let mut best_base = page_number;
-        if let Some(old) = self.store.get(page_number) {
-            if xor_rle::encode(page, old, &mut self.best, DELTA_LIMIT) {
-                best_tag = TAG_DELTA;
-                if self.best.len() <= GOOD_ENOUGH {
-                    return self.write_delta(page_number, best_tag, best_base, records, stats);
-                }
+        if let Some(old) = self.store.get(page_number)
+            && xor_rle::encode(page, old, &mut self.best, DELTA_LIMIT)
+        {
+            best_tag = TAG_DELTA;
+            if self.best.len() <= GOOD_ENOUGH {
+                return self.write_delta(page_number, best_tag, best_base, records, stats);
             }
         }
         if let (Some(index_tables), true) = (&self.index, self.search) {
             let page_hash = xxh3_64(page);
             // Duplicates: earlier in this batch, then anywhere in the store.
-            if let Some(&earlier) = self.batch_hashes.get(&page_hash) {
-                if batch.page(earlier as usize) == page {
-                    varint::write(records, u64::from(earlier));
-                    stats.duplicate += 1;
-                    return TAG_BATCH_DUPLICATE;
-                }
+            if let Some(&earlier) = self.batch_hashes.get(&page_hash)
+                && batch.page(earlier as usize) == page
+            {
+                varint::write(records, u64::from(earlier));
+                stats.duplicate += 1;
+                return TAG_BATCH_DUPLICATE;
             }
             self.batch_hashes.insert(page_hash, index as u32);
-            if let Some(base) = index_tables.duplicate_candidate(page_hash) {
-                if self.store.get(base) == Some(page)
-                    && !self.committed_in_batch(batch, index, base)
-                {
-                    varint::write(
-                        records,
-                        varint::zigzag(base.wrapping_sub(page_number) as i64),
-                    );
-                    stats.duplicate += 1;
-                    return TAG_DUPLICATE;
-                }
+            if let Some(base) = index_tables.duplicate_candidate(page_hash)
+                && self.store.get(base) == Some(page)
+                && !self.committed_in_batch(batch, index, base)
+            {
+                varint::write(
+                    records,
+                    varint::zigzag(base.wrapping_sub(page_number) as i64),
+                );
+                stats.duplicate += 1;
+                return TAG_DUPLICATE;
             }
             // Similar pages: candidates named by sampled-block fingerprints.
             let mut tried = [u64::MAX; 8];

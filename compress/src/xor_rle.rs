@@ -57,7 +57,8 @@ pub fn encode(page: &Page, reference: &Page, out: &mut Vec<u8>, limit: usize) ->
     while index < WORDS {
         // Skip equal 64-byte blocks with one (vectorised) comparison: most of
         // a dirty page is usually unchanged.
-        if index % 8 == 0 && page[index * 8..index * 8 + 64] == reference[index * 8..index * 8 + 64]
+        if index.is_multiple_of(8)
+            && page[index * 8..index * 8 + 64] == reference[index * 8..index * 8 + 64]
         {
             index += 8;
             continue;
@@ -124,7 +125,7 @@ pub fn apply(encoded: &[u8], target: &mut Page) -> Result<(), XorRleError> {
             *byte ^= xor;
         }
         position += length;
-        at = end as u64;
+        at = end;
     }
     Ok(())
 }
