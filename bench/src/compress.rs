@@ -7,7 +7,9 @@
 //! run. Epoch 0 (every resident page) primes both sides, as the first full
 //! copy of a replication does, and is reported on its own; the steady-state
 //! numbers cover epochs 1 and later, the ones a checkpointing epoch sends.
-//! Times are single-threaded, so MB/s are per core.
+//! Times are single-threaded, so MB/s are per core; each codec runs several
+//! times (fresh state each time) and the run with the median encode time is
+//! reported, since a shared two-core machine varies by 20 % from run to run.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -229,12 +231,29 @@ fn run_codec(
     Ok(result)
 }
 
-/// Runs every codec on every trace. `progress` hears about each result as
-/// it is measured.
+/// Runs `codec` on `epochs` `repeat` times (fresh encoder and decoder each
+/// time) and keeps the run with the median encode time.
+fn run_codec_repeated(
+    name: &str,
+    spec: &CodecSpec,
+    codec: &str,
+    epochs: &[Epoch],
+    repeat: usize,
+) -> Result<CodecResult, CompressBenchError> {
+    let mut runs = (0..repeat.max(1))
+        .map(|_| run_codec(name, spec, codec, epochs))
+        .collect::<Result<Vec<_>, _>>()?;
+    runs.sort_by_key(|run| run.encode);
+    Ok(runs.swap_remove(runs.len() / 2))
+}
+
+/// Runs every codec on every trace, each `repeat` times (the median encode
+/// time is reported). `progress` hears about each result as it is measured.
 pub fn run(
     traces: &[PathBuf],
     codecs: &[String],
     epoch: Duration,
+    repeat: usize,
     mut progress: impl FnMut(&CodecResult),
 ) -> Result<CompressReport, CompressBenchError> {
     let specs: Vec<(String, CodecSpec)> = codecs
@@ -267,7 +286,7 @@ pub fn run(
             mean_interval: Duration::from_nanos(span / later.len() as u64),
         });
         for (codec, spec) in &specs {
-            let result = run_codec(&name, spec, codec, &epochs)?;
+            let result = run_codec_repeated(&name, spec, codec, &epochs, repeat)?;
             progress(&result);
             report.results.push(result);
         }

@@ -6,8 +6,8 @@
 //! The cost of a candidate is `CPU seconds + compressed bytes / link speed`
 //! per input byte, an upper bound on the time a checkpoint spends between the
 //! pause and the last byte on the wire. Observations are moving averages;
-//! every fourth batch also tries the next candidate in turn, so the choice
-//! follows the workload. When similarity search finds almost nothing (under
+//! every fourth batch another candidate is tried on a 256 KiB sample, so the
+//! choice follows the workload at a small cost. When similarity search finds almost nothing (under
 //! 1 % of changed pages over a window), it is switched off for a while: the
 //! same-address delta still runs.
 
@@ -17,7 +17,12 @@ use crate::compressor::{Compressor, CompressorError, CompressorSpec};
 use crate::transform::TransformStats;
 
 const PROBE_EVERY: u64 = 4;
-const SMOOTHING: f64 = 0.3;
+const SAMPLE_BYTES: usize = 256 << 10;
+/// Weight an observation keeps after each newer one.
+const DECAY: f64 = 0.7;
+/// Batches smaller than this do not update the estimates (once there are
+/// some): their cost is overhead, not compression.
+const MIN_OBSERVED_BYTES: f64 = 16384.0;
 const SEARCH_WINDOW_PAGES: usize = 2048;
 const SEARCH_OFF_BATCHES: u64 = 32;
 
@@ -27,9 +32,12 @@ struct Candidate {
     literals: Compressor,
     records_out: Vec<u8>,
     literals_out: Vec<u8>,
-    /// Moving averages per input byte.
-    seconds_per_byte: Option<f64>,
-    output_per_byte: Option<f64>,
+    /// Decaying sums of what it was measured on: seconds spent, bytes in,
+    /// bytes out. Ratios of sums weigh each batch by its size, so a batch of
+    /// a few bytes (all frame overhead) cannot swing the estimate.
+    seconds: f64,
+    input: f64,
+    output: f64,
 }
 
 impl Candidate {
@@ -40,20 +48,38 @@ impl Candidate {
             literals: Compressor::new(spec),
             records_out: Vec::new(),
             literals_out: Vec::new(),
-            seconds_per_byte: None,
-            output_per_byte: None,
+            seconds: 0.0,
+            input: 0.0,
+            output: 0.0,
         }
     }
 
-    fn expected_cost(&self, link_bytes_per_second: f64) -> Option<f64> {
-        Some(self.seconds_per_byte? + self.output_per_byte? / link_bytes_per_second)
+    fn measured(&self) -> bool {
+        self.input > 0.0
     }
 
-    fn observe(&mut self, seconds_per_byte: f64, output_per_byte: f64) {
-        let blend =
-            |old: Option<f64>, new: f64| Some(old.map_or(new, |old| old + SMOOTHING * (new - old)));
-        self.seconds_per_byte = blend(self.seconds_per_byte, seconds_per_byte);
-        self.output_per_byte = blend(self.output_per_byte, output_per_byte);
+    fn expected_cost(&self, link_bytes_per_second: f64) -> Option<f64> {
+        self.measured()
+            .then(|| (self.seconds + self.output / link_bytes_per_second) / self.input)
+    }
+
+    /// Compresses both sections into this candidate's buffers and updates
+    /// its estimates.
+    fn measure(&mut self, records: &[u8], literals: &[u8]) -> Result<(), CompressorError> {
+        self.records_out.clear();
+        self.literals_out.clear();
+        let started = Instant::now();
+        self.records.compress(records, &mut self.records_out)?;
+        self.literals.compress(literals, &mut self.literals_out)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let input = (records.len() + literals.len()) as f64;
+        let output = (self.records_out.len() + self.literals_out.len()) as f64;
+        if input >= MIN_OBSERVED_BYTES || !self.measured() {
+            self.seconds = self.seconds * DECAY + seconds;
+            self.input = self.input * DECAY + input.max(1.0);
+            self.output = self.output * DECAY + output;
+        }
+        Ok(())
     }
 }
 
@@ -119,8 +145,12 @@ impl AutoPolicy {
         }
     }
 
-    /// Compresses the two sections of a batch with the chosen compressor (and
-    /// sometimes a second one, to keep learning); returns the compressor used.
+    /// Compresses the two sections of a batch with the chosen compressor;
+    /// returns the compressor used. Candidates never measured, and one other
+    /// candidate every fourth batch, are first tried on a sample (the first
+    /// 256 KiB of each section), which updates their estimates at a small
+    /// fraction of the batch's cost; then the candidate with the lowest
+    /// expected cost compresses the batch.
     pub fn compress(
         &mut self,
         records: &[u8],
@@ -128,55 +158,40 @@ impl AutoPolicy {
         records_out: &mut Vec<u8>,
         literals_out: &mut Vec<u8>,
     ) -> Result<CompressorSpec, CompressorError> {
-        let mut tries = vec![self.current];
-        let unobserved: Vec<usize> = (0..self.candidates.len())
-            .filter(|&index| self.candidates[index].seconds_per_byte.is_none())
+        let mut probes: Vec<usize> = (0..self.candidates.len())
+            .filter(|&index| !self.candidates[index].measured())
             .collect();
-        if !unobserved.is_empty() {
-            tries.extend(unobserved);
-        } else if self.batches.is_multiple_of(PROBE_EVERY) {
+        if probes.is_empty() && self.batches.is_multiple_of(PROBE_EVERY) {
             self.next_probe = (self.next_probe + 1) % self.candidates.len();
-            tries.push(self.next_probe);
-        }
-        tries.dedup();
-        let input = (records.len() + literals.len()).max(1) as f64;
-        let mut best: Option<(usize, f64)> = None;
-        for index in tries {
-            let candidate = &mut self.candidates[index];
-            candidate.records_out.clear();
-            candidate.literals_out.clear();
-            let started = Instant::now();
-            candidate
-                .records
-                .compress(records, &mut candidate.records_out)?;
-            candidate
-                .literals
-                .compress(literals, &mut candidate.literals_out)?;
-            let seconds = started.elapsed().as_secs_f64();
-            let output = (candidate.records_out.len() + candidate.literals_out.len()) as f64;
-            candidate.observe(seconds / input, output / input);
-            let cost = seconds + output / self.link_bytes_per_second;
-            if best.is_none_or(|(_, best_cost)| cost < best_cost) {
-                best = Some((index, cost));
+            if self.next_probe != self.current {
+                probes.push(self.next_probe);
             }
         }
-        let (chosen, _) = best.expect("at least the current candidate was tried");
-        let candidate = &self.candidates[chosen];
+        let records_sample = &records[..records.len().min(SAMPLE_BYTES)];
+        let literals_sample = &literals[..literals.len().min(SAMPLE_BYTES)];
+        for index in probes {
+            self.candidates[index].measure(records_sample, literals_sample)?;
+        }
+        self.current = self.cheapest();
+        let candidate = &mut self.candidates[self.current];
+        candidate.measure(records, literals)?;
         records_out.extend_from_slice(&candidate.records_out);
         literals_out.extend_from_slice(&candidate.literals_out);
-        let link = self.link_bytes_per_second;
-        self.current = (0..self.candidates.len())
-            .min_by(|&a, &b| {
-                let cost = |index: usize| {
-                    self.candidates[index]
-                        .expected_cost(link)
-                        .unwrap_or(f64::INFINITY)
-                };
-                cost(a).total_cmp(&cost(b))
-            })
-            .unwrap_or(chosen);
         self.batches += 1;
         Ok(candidate.spec)
+    }
+
+    /// The candidate with the lowest expected cost per input byte.
+    fn cheapest(&self) -> usize {
+        let link = self.link_bytes_per_second;
+        let cost = |index: usize| {
+            self.candidates[index]
+                .expected_cost(link)
+                .unwrap_or(f64::INFINITY)
+        };
+        (0..self.candidates.len())
+            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+            .unwrap_or(self.current)
     }
 }
 

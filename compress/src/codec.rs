@@ -89,6 +89,9 @@ pub enum CodecError {
     /// Header counts that cannot be right.
     #[error("frame header is inconsistent: {0}")]
     Inconsistent(&'static str),
+    /// An earlier encode failed after the encoder's state advanced.
+    #[error("the encoder failed earlier and is out of step with its decoder: start a new stream")]
+    EncoderBroken,
     /// More pages than a frame may hold.
     #[error("a batch of {0} pages is more than one frame holds ({MAX_PAGES_PER_FRAME})")]
     BatchTooLarge(usize),
@@ -159,6 +162,7 @@ pub struct Encoder {
     literals: Vec<u8>,
     compressed_records: Vec<u8>,
     compressed_literals: Vec<u8>,
+    broken: bool,
 }
 
 impl Encoder {
@@ -175,6 +179,7 @@ impl Encoder {
             literals: Vec::new(),
             compressed_records: Vec::new(),
             compressed_literals: Vec::new(),
+            broken: false,
         }
     }
 
@@ -191,14 +196,35 @@ impl Encoder {
     }
 
     /// Encodes `batch` as the next frame of the stream, appended to `out`.
+    ///
+    /// A batch refused up front (too large) changes nothing. Any later
+    /// failure leaves `out` as it was and the encoder unusable (its reference
+    /// state already moved on): the stream must start again.
     pub fn encode(
         &mut self,
         batch: &PageBatch,
         out: &mut Vec<u8>,
     ) -> Result<EncodeStats, CodecError> {
+        if self.broken {
+            return Err(CodecError::EncoderBroken);
+        }
         if batch.len() > MAX_PAGES_PER_FRAME {
             return Err(CodecError::BatchTooLarge(batch.len()));
         }
+        let start = out.len();
+        let result = self.encode_frame(batch, out);
+        if result.is_err() {
+            out.truncate(start);
+            self.broken = true;
+        }
+        result
+    }
+
+    fn encode_frame(
+        &mut self,
+        batch: &PageBatch,
+        out: &mut Vec<u8>,
+    ) -> Result<EncodeStats, CodecError> {
         self.records.clear();
         self.literals.clear();
         if let Some(auto) = &self.auto {

@@ -51,10 +51,18 @@ pub struct PageStore {
 
 impl PageStore {
     /// A store holding at most `capacity` pages (0 holds nothing).
+    ///
+    /// The address space for all of them is reserved at once, so the store
+    /// never moves as it fills; memory is only used as pages arrive.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.min(u32::MAX as usize);
         Self {
-            capacity: capacity.min(u32::MAX as usize),
-            ..Self::default()
+            capacity,
+            contents: Vec::with_capacity(capacity * PAGE_SIZE),
+            slot_page_numbers: Vec::with_capacity(capacity),
+            referenced: Vec::with_capacity(capacity),
+            slots: PageNumberMap::with_capacity_and_hasher(capacity, Default::default()),
+            hand: 0,
         }
     }
 
@@ -73,12 +81,10 @@ impl PageStore {
         self.slot_page_numbers.is_empty()
     }
 
-    /// Bytes held: page contents plus bookkeeping.
+    /// Bytes held: page contents plus bookkeeping, for the pages held (the
+    /// rest of the reservation is address space the kernel has not backed).
     pub fn memory_bytes(&self) -> usize {
-        self.contents.capacity()
-            + self.slot_page_numbers.capacity() * 8
-            + self.referenced.capacity()
-            + self.slots.capacity() * (8 + 4 + 1)
+        self.contents.len() + self.len() * (8 + 1) + self.slots.capacity() * (8 + 4 + 1)
     }
 
     /// The version of page `page_number` held, if any.
@@ -98,10 +104,10 @@ impl PageStore {
             None if self.len() < self.capacity => {
                 let slot = self.len();
                 self.slot_page_numbers.push(page_number);
-                self.referenced.push(false);
-                self.contents.resize((slot + 1) * PAGE_SIZE, 0);
+                self.referenced.push(true);
+                self.contents.extend_from_slice(contents);
                 self.slots.insert(page_number, slot as u32);
-                slot
+                return;
             }
             None => {
                 let slot = self.evict();

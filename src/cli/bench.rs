@@ -38,6 +38,9 @@ pub struct CompressArguments {
     /// Epoch length the bandwidth column assumes.
     #[arg(long, default_value = "25ms", value_parser = parse_duration)]
     epoch: Duration,
+    /// Runs per codec and trace; the median encode time is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Write a plot of ratio against encode throughput (SVG).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -74,17 +77,23 @@ fn bench_compress(arguments: CompressArguments) -> anyhow::Result<()> {
         arguments.codecs
     };
     let json = arguments.json;
-    let report = compress::run(&arguments.traces, &codecs, arguments.epoch, |result| {
-        if !json {
-            eprintln!(
-                "  {} on {}: ratio {:.2}, encode {:.0} MB/s",
-                result.codec,
-                result.trace,
-                result.ratio(),
-                result.encode_mb_per_s()
-            );
-        }
-    })?;
+    let report = compress::run(
+        &arguments.traces,
+        &codecs,
+        arguments.epoch,
+        arguments.repeat,
+        |result| {
+            if !json {
+                eprintln!(
+                    "  {} on {}: ratio {:.2}, encode {:.0} MB/s",
+                    result.codec,
+                    result.trace,
+                    result.ratio(),
+                    result.encode_mb_per_s()
+                );
+            }
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {

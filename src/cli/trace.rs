@@ -43,9 +43,9 @@ pub struct CaptureArguments {
     /// Let the process (or guest) run this long before epoch 0, past its start-up.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     warmup: Duration,
-    /// The trace file to write.
+    /// The trace file to write (default: NAME-PID.trace, or guest.trace).
     #[arg(long, short)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Capture this running process.
     #[arg(long, conflicts_with = "guest")]
     pid: Option<i32>,
@@ -209,13 +209,22 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
         }
     };
     sleep_unless_stopped(arguments.warmup, &stop);
+    let out = arguments.out.clone().unwrap_or_else(|| {
+        let program = description
+            .split_whitespace()
+            .next()
+            .and_then(|path| path.rsplit('/').next())
+            .unwrap_or("process")
+            .to_owned();
+        PathBuf::from(format!("{program}-{pid}.trace"))
+    });
     let info = TraceInfo {
         source: TraceSource::Process,
         description,
         interval_ns: arguments.interval.as_nanos() as u64,
         created_unix_s: now_unix_s(),
     };
-    let mut writer = TraceWriter::create(&arguments.out, &info)?;
+    let mut writer = TraceWriter::create(&out, &info)?;
     let mut reporter = Reporter::new(arguments.json);
     let captured = process::capture(
         pid,
@@ -263,7 +272,11 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
         interval_ns: arguments.interval.as_nanos() as u64,
         created_unix_s: now_unix_s(),
     };
-    let mut writer = TraceWriter::create(&arguments.out, &info)?;
+    let out = arguments
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("guest.trace"));
+    let mut writer = TraceWriter::create(&out, &info)?;
     let mut reporter = Reporter::new(arguments.json);
     let mut batch = PageBatch::new();
     let mut page = [0u8; 4096];
