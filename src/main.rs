@@ -33,6 +33,10 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotArguments),
     /// Start a VM from a snapshot file and let it continue.
     Restore(cli::snapshot::RestoreArguments),
+    /// Run a VM protected by a secondary: checkpoints streamed every epoch.
+    Primary(cli::replicate::PrimaryArguments),
+    /// Wait for a primary, apply its checkpoints, and take over its guest if it is lost.
+    Secondary(cli::replicate::SecondaryArguments),
     /// Record memory traces from processes or the built-in guest, and summarise them.
     #[command(subcommand)]
     Trace(cli::trace::TraceCommand),
@@ -57,6 +61,8 @@ fn main() -> ExitCode {
         Command::Run(arguments) => cli::run::run(arguments),
         Command::Snapshot(arguments) => cli::snapshot::snapshot(arguments),
         Command::Restore(arguments) => cli::snapshot::restore(arguments),
+        Command::Primary(arguments) => cli::replicate::primary(arguments),
+        Command::Secondary(arguments) => cli::replicate::secondary(arguments),
         Command::Trace(command) => cli::trace::trace(command),
         Command::Bench(command) => cli::bench::bench(command),
     };

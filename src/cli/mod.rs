@@ -2,6 +2,7 @@
 //! loop, and Ctrl-C handling.
 
 pub mod bench;
+pub mod replicate;
 pub mod run;
 pub mod snapshot;
 pub mod trace;

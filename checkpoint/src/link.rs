@@ -1,0 +1,241 @@
+//! One replication connection: messages out from several threads, messages
+//! in with liveness, and heartbeats on their own schedule.
+//!
+//! Liveness is "bytes arrived recently": a peer streaming a large epoch is
+//! alive even though no `Heartbeat` can overtake its `Pages`. Each side sends
+//! a `Heartbeat` whenever it has sent nothing for one interval; the other
+//! side declares it lost after `misses` intervals of silence.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
+
+/// How often heartbeats go out and how many may be missed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatPolicy {
+    /// Send a heartbeat after this long without sending anything.
+    pub interval: Duration,
+    /// Declare the peer lost after this many intervals of silence.
+    pub misses: u32,
+}
+
+impl Default for HeartbeatPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(10),
+            misses: 5,
+        }
+    }
+}
+
+impl HeartbeatPolicy {
+    /// Silence after which the peer is lost.
+    pub fn timeout(&self) -> Duration {
+        self.interval * self.misses
+    }
+}
+
+/// The sending half: numbered messages, one writer at a time.
+#[derive(Clone)]
+pub struct LinkSender {
+    inner: Arc<Mutex<SenderState>>,
+}
+
+struct SenderState {
+    sender: Sender,
+    stream: TcpStream,
+    last_sent: Instant,
+}
+
+impl LinkSender {
+    /// Wraps the writing side of `stream`.
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(SenderState {
+                sender: Sender::new(),
+                stream,
+                last_sent: Instant::now(),
+            })),
+        }
+    }
+
+    /// Sends `message` for `epoch`.
+    pub fn send(&self, epoch: u64, message: &Message) -> Result<(), ProtocolError> {
+        let mut state = self
+            .inner
+            .lock()
+            .expect("a sender never panics holding the lock");
+        let bytes = state.sender.encode(epoch, message);
+        state.stream.write_all(&bytes)?;
+        state.last_sent = Instant::now();
+        Ok(())
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.inner
+            .lock()
+            .expect("a sender never panics holding the lock")
+            .last_sent
+            .elapsed()
+    }
+
+    /// Starts a thread that sends a heartbeat whenever nothing was sent for
+    /// an interval, until `stop` is set or a send fails.
+    pub fn start_heartbeats(
+        &self,
+        policy: HeartbeatPolicy,
+        stop: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        let sender = self.clone();
+        let started = Instant::now();
+        std::thread::Builder::new()
+            .name("heartbeat".to_owned())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let idle = sender.idle_for();
+                    if idle >= policy.interval {
+                        let clock = started.elapsed().as_nanos() as u64;
+                        if sender.send(0, &Message::Heartbeat(clock)).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(policy.interval);
+                    } else {
+                        std::thread::sleep(policy.interval - idle);
+                    }
+                }
+            })
+            .expect("spawning the heartbeat thread")
+    }
+
+    /// Closes both directions (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let state = self
+            .inner
+            .lock()
+            .expect("a sender never panics holding the lock");
+        let _ = state.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads from a stream whose read timeout is short, failing with
+/// `TimedOut` once nothing arrived for the policy's timeout.
+pub struct LivenessReader {
+    stream: TcpStream,
+    timeout: Duration,
+    last_progress: Instant,
+}
+
+impl LivenessReader {
+    /// Wraps the reading side of `stream` (its read timeout is set here).
+    pub fn new(stream: TcpStream, policy: HeartbeatPolicy) -> std::io::Result<Self> {
+        stream.set_read_timeout(Some(policy.interval.max(Duration::from_millis(1))))?;
+        Ok(Self {
+            stream,
+            timeout: policy.timeout(),
+            last_progress: Instant::now(),
+        })
+    }
+
+    /// When bytes last arrived.
+    pub fn last_progress(&self) -> Instant {
+        self.last_progress
+    }
+
+    /// Reads the next message.
+    pub fn receive(&mut self) -> Result<Envelope, ProtocolError> {
+        read_message(self)
+    }
+}
+
+impl Read for LivenessReader {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.read(buffer) {
+                Ok(0) if !buffer.is_empty() => {
+                    return Err(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "the peer closed the connection",
+                    ));
+                }
+                Ok(read) => {
+                    self.last_progress = Instant::now();
+                    return Ok(read);
+                }
+                Err(error)
+                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    if self.last_progress.elapsed() >= self.timeout {
+                        return Err(std::io::Error::new(
+                            ErrorKind::TimedOut,
+                            format!("nothing heard from the peer for {:?}", self.timeout),
+                        ));
+                    }
+                }
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+/// Whether `error` means the peer is gone (rather than misbehaving).
+pub fn is_peer_lost(error: &ProtocolError) -> bool {
+    matches!(error, ProtocolError::Io(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    }
+
+    #[test]
+    fn heartbeats_keep_a_quiet_peer_alive() {
+        let (client, server) = pair();
+        let policy = HeartbeatPolicy {
+            interval: Duration::from_millis(5),
+            misses: 4,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let heartbeats = LinkSender::new(client).start_heartbeats(policy, stop.clone());
+        let mut reader = LivenessReader::new(server, policy).expect("reader");
+
+        let beats = (0..10)
+            .map(|_| reader.receive())
+            .filter(|r| r.is_ok())
+            .count();
+
+        stop.store(true, Ordering::Relaxed);
+        heartbeats.join().expect("heartbeat thread");
+        assert_eq!(beats, 10);
+    }
+
+    #[test]
+    fn silent_peer_is_lost_after_the_timeout() {
+        let (_client, server) = pair();
+        let policy = HeartbeatPolicy {
+            interval: Duration::from_millis(5),
+            misses: 4,
+        };
+        let mut reader = LivenessReader::new(server, policy).expect("reader");
+        let started = Instant::now();
+
+        let result = reader.receive();
+
+        let waited = started.elapsed();
+        assert!(matches!(result, Err(ProtocolError::Io(ref e)) if e.kind() == ErrorKind::TimedOut));
+        assert!(waited >= policy.timeout());
+    }
+}

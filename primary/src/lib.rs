@@ -1,0 +1,664 @@
+//! The primary: runs the guest and protects it by streaming checkpoints to a
+//! secondary.
+//!
+//! - **Initial synchronisation** (epoch 0), by iterative pre-copy while the
+//!   guest runs: all non-zero memory, then the pages dirtied meanwhile, round
+//!   after round until few remain; then one short pause for the rest and the
+//!   vCPU/VM state.
+//! - **Continuous checkpointing**: every epoch the vCPUs are paused, the dirty
+//!   set harvested, the dirty pages and the state copied into a staging
+//!   batch, and the guest resumed at once. Encoding, sending and awaiting the
+//!   acknowledgement happen on other threads, off the guest's critical path;
+//!   a bounded queue of two checkpoints between them applies backpressure
+//!   when the link cannot keep up (the epoch then lengthens, and the metrics
+//!   show it).
+//! - **Heartbeats** go out whenever nothing else was sent for an interval;
+//!   the secondary is declared lost after the configured number of silent
+//!   intervals, and the guest keeps running, unprotected, loudly reported.
+//!
+//! Threads: the caller's (checkpoints), `sender` (encode and send, in epoch
+//! order), `acks` (reads acknowledgements), `heartbeat`.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader};
+use understudy_checkpoint::protocol::{
+    EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
+};
+use understudy_compress::codec::MAX_PAGES_PER_FRAME;
+use understudy_compress::{CodecError, CodecSpec, Encoder, PageBatch};
+use understudy_vm::memory::{self, MemoryError};
+use understudy_vm::progress::ProgressSample;
+use understudy_vm::{Vm, VmError};
+
+const PAGE_SIZE: u64 = 4096;
+/// Pages read per batch during pre-copy.
+const PRECOPY_CHUNK_PAGES: usize = 16384;
+/// Pre-copy stops when a round finds fewer dirty pages than this.
+const PRECOPY_DONE_PAGES: usize = 2048;
+
+/// A primary that cannot go on protecting.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    /// The secondary could not be reached.
+    #[error("cannot connect to the secondary at {address}")]
+    Connect {
+        /// Its address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secondary refused us.
+    #[error("the secondary refused this primary: {0}")]
+    Refused(String),
+    /// The protocol failed.
+    #[error("replication protocol failure")]
+    Protocol(#[from] ProtocolError),
+    /// The VM failed.
+    #[error("the VM failed")]
+    Vm(#[from] VmError),
+    /// Guest memory could not be read.
+    #[error("guest memory could not be read")]
+    Memory(#[from] MemoryError),
+    /// The codec failed.
+    #[error("the checkpoint codec failed")]
+    Codec(#[from] CodecError),
+    /// The secondary was lost (the guest runs on, unprotected).
+    #[error("the secondary was lost: {0}")]
+    SecondaryLost(String),
+}
+
+/// How the primary protects its guest.
+#[derive(Clone, Debug)]
+pub struct PrimaryOptions {
+    /// The secondary's address.
+    pub secondary: SocketAddr,
+    /// Time between checkpoints.
+    pub epoch: Duration,
+    /// Page codec.
+    pub codec: CodecSpec,
+    /// Heartbeats.
+    pub heartbeat: HeartbeatPolicy,
+    /// Compute the memory hash at every checkpoint (during the pause) and
+    /// have the secondary check it: for tests and audits.
+    pub verify: bool,
+    /// Most pre-copy rounds before the final pause of epoch 0.
+    pub precopy_rounds: u32,
+}
+
+/// A vCPU's counter at a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterReading {
+    /// Counter value.
+    pub counter: u64,
+    /// Its hash chain value.
+    pub counter_hash: u64,
+}
+
+/// One checkpoint, as it went.
+#[derive(Clone, Debug, Default)]
+pub struct EpochMetrics {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Time since the previous checkpoint.
+    pub epoch_length: Duration,
+    /// How long the guest was paused.
+    pub pause: Duration,
+    /// Dirty pages in the checkpoint.
+    pub dirty_pages: usize,
+    /// Bytes of page contents.
+    pub raw_bytes: u64,
+    /// Bytes on the wire (frames and state).
+    pub wire_bytes: u64,
+    /// Time spent encoding.
+    pub encode: Duration,
+    /// Time spent writing to the socket.
+    pub send: Duration,
+    /// Memory hash at the checkpoint (with `verify`).
+    pub memory_hash: Option<u64>,
+    /// Counters at the checkpoint.
+    pub counters: Vec<CounterReading>,
+}
+
+/// What the primary reports.
+#[derive(Clone, Debug)]
+pub enum PrimaryEvent {
+    /// Epoch 0 was sent and acknowledged.
+    Synchronised {
+        /// Pre-copy rounds.
+        rounds: u32,
+        /// Pages sent in all.
+        pages: u64,
+        /// Pause of the final round.
+        pause: Duration,
+        /// From start to acknowledgement.
+        total: Duration,
+    },
+    /// A checkpoint was sent.
+    Sent(EpochMetrics),
+    /// The secondary acknowledged an epoch.
+    Acknowledged {
+        /// The epoch.
+        epoch: u64,
+        /// From the end of its pause to its acknowledgement.
+        latency: Duration,
+    },
+}
+
+/// Work for the sender thread, in order.
+enum Work {
+    Begin(u64),
+    Pages(u64, PageBatch),
+    End {
+        epoch: u64,
+        state: Vec<u8>,
+        metrics: Box<EpochMetrics>,
+        checkpointed: Instant,
+    },
+}
+
+struct Shared {
+    /// When each epoch's checkpoint pause ended, until it is acknowledged.
+    checkpointed: Mutex<HashMap<u64, Instant>>,
+    lost: Mutex<Option<String>>,
+    acknowledged: Mutex<Option<u64>>,
+}
+
+impl Shared {
+    fn lose(&self, reason: String) {
+        let mut lost = self.lost.lock().expect("no panics under this lock");
+        if lost.is_none() {
+            *lost = Some(reason);
+        }
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().expect("no panics under this lock").clone()
+    }
+}
+
+/// A connection to a secondary with its threads.
+pub struct Protection {
+    link: LinkSender,
+    work: Option<SyncSender<Work>>,
+    events: Receiver<PrimaryEvent>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    options: PrimaryOptions,
+    next_epoch: u64,
+    last_checkpoint: Instant,
+}
+
+fn counters(vm: &Vm) -> Result<Vec<CounterReading>, VmError> {
+    Ok(ProgressSample::read(vm)?
+        .vcpus
+        .iter()
+        .map(|status| CounterReading {
+            counter: status.counter,
+            counter_hash: status.counter_hash,
+        })
+        .collect())
+}
+
+/// Identity of the guest image this build runs.
+pub fn guest_image_hash() -> u64 {
+    xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE)
+}
+
+impl Protection {
+    /// Connects to the secondary and greets it.
+    pub fn connect(vm: &Vm, options: PrimaryOptions, vm_id: u64) -> Result<Self, PrimaryError> {
+        let stream = TcpStream::connect_timeout(&options.secondary, Duration::from_secs(2))
+            .map_err(|source| PrimaryError::Connect {
+                address: options.secondary,
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let read_half = stream.try_clone().map_err(ProtocolError::Io)?;
+        let link = LinkSender::new(stream);
+        let mut reader =
+            LivenessReader::new(read_half, options.heartbeat).map_err(ProtocolError::Io)?;
+        let config = vm.config();
+        link.send(
+            0,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                purpose: Purpose::Replicate,
+                memory_bytes: config.memory_bytes,
+                vcpus: config.vcpus,
+                guest_image_hash: guest_image_hash(),
+                vm_id,
+            }),
+        )?;
+        loop {
+            match reader.receive()?.message {
+                Message::Welcome => break,
+                Message::Refuse(reason) | Message::Goodbye(reason) => {
+                    return Err(PrimaryError::Refused(reason));
+                }
+                Message::Heartbeat(_) => {}
+                other => {
+                    return Err(PrimaryError::Refused(format!(
+                        "the secondary answered Hello with {}",
+                        other.name()
+                    )));
+                }
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            checkpointed: Mutex::new(HashMap::new()),
+            lost: Mutex::new(None),
+            acknowledged: Mutex::new(None),
+        });
+        let (work_sender, work) = sync_channel::<Work>(2);
+        let (events_sender, events) = std::sync::mpsc::channel();
+        let mut threads = vec![link.start_heartbeats(options.heartbeat, stop.clone())];
+        {
+            let link = link.clone();
+            let shared = shared.clone();
+            let events = events_sender.clone();
+            let codec = options.codec;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sender".to_owned())
+                    .spawn(move || send_loop(&link, &codec, &work, &shared, &events))
+                    .expect("spawning the sender thread"),
+            );
+        }
+        {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            let link = link.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("acks".to_owned())
+                    .spawn(move || ack_loop(&mut reader, &link, &shared, &events_sender, &stop))
+                    .expect("spawning the acknowledgement thread"),
+            );
+        }
+        Ok(Self {
+            link,
+            work: Some(work_sender),
+            events,
+            shared,
+            stop,
+            threads,
+            options,
+            next_epoch: 0,
+            last_checkpoint: Instant::now(),
+        })
+    }
+
+    /// Events since the last call.
+    pub fn events(&self) -> impl Iterator<Item = PrimaryEvent> + '_ {
+        self.events.try_iter()
+    }
+
+    /// Why the secondary was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.shared.lost()
+    }
+
+    /// The last acknowledged epoch.
+    pub fn acknowledged(&self) -> Option<u64> {
+        *self
+            .shared
+            .acknowledged
+            .lock()
+            .expect("no panics under this lock")
+    }
+
+    fn submit(&self, work: Work) -> Result<(), PrimaryError> {
+        if let Some(reason) = self.lost() {
+            return Err(PrimaryError::SecondaryLost(reason));
+        }
+        let Some(queue) = &self.work else {
+            return Err(PrimaryError::SecondaryLost("the sender stopped".to_owned()));
+        };
+        queue.send(work).map_err(|_| {
+            PrimaryError::SecondaryLost(
+                self.lost()
+                    .unwrap_or_else(|| "the sender stopped".to_owned()),
+            )
+        })
+    }
+
+    /// Epoch 0: pre-copy rounds while the guest runs, then a final pause.
+    /// `checkpointed` hears about the final checkpoint before any of it is
+    /// sent. Returns once the secondary acknowledged it.
+    pub fn synchronise(
+        &mut self,
+        vm: &mut Vm,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<PrimaryEvent, PrimaryError> {
+        let started = Instant::now();
+        self.submit(Work::Begin(0))?;
+        vm.harvest_dirty()?;
+        let mut pages = 0u64;
+        let mut rounds = 1u32;
+        // Round 1: every non-zero page.
+        let size = memory::size(vm.memory());
+        let mut batch = PageBatch::with_capacity(PRECOPY_CHUNK_PAGES);
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for address in (0..size).step_by(PAGE_SIZE as usize) {
+            memory::read(vm.memory(), address, &mut page)?;
+            if page.iter().any(|byte| *byte != 0) {
+                batch.push(address / PAGE_SIZE, &page);
+            }
+            if batch.len() == PRECOPY_CHUNK_PAGES {
+                pages += batch.len() as u64;
+                self.submit(Work::Pages(0, std::mem::take(&mut batch)))?;
+            }
+        }
+        pages += batch.len() as u64;
+        self.submit(Work::Pages(0, batch))?;
+        // Later rounds: what the guest dirtied meanwhile.
+        while rounds < self.options.precopy_rounds {
+            let dirty = vm.harvest_dirty()?;
+            rounds += 1;
+            let addresses: Vec<u64> = dirty.page_addresses().collect();
+            pages += addresses.len() as u64;
+            for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
+                self.submit(Work::Pages(0, read_pages(vm, chunk)?))?;
+            }
+            if addresses.len() < PRECOPY_DONE_PAGES {
+                break;
+            }
+        }
+        let (batch, state, metrics) = self.checkpoint(vm, 0)?;
+        checkpointed(&metrics);
+        let pause = metrics.pause;
+        pages += batch.len() as u64;
+        self.submit(Work::Pages(0, batch))?;
+        self.submit(Work::End {
+            epoch: 0,
+            state,
+            metrics: Box::new(metrics),
+            checkpointed: Instant::now(),
+        })?;
+        self.next_epoch = 1;
+        while self.acknowledged().is_none() {
+            if let Some(reason) = self.lost() {
+                return Err(PrimaryError::SecondaryLost(reason));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.last_checkpoint = Instant::now();
+        Ok(PrimaryEvent::Synchronised {
+            rounds,
+            pages,
+            pause,
+            total: started.elapsed(),
+        })
+    }
+
+    /// Pauses the guest, takes its dirty pages and state, resumes it.
+    fn checkpoint(
+        &mut self,
+        vm: &mut Vm,
+        epoch: u64,
+    ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
+        let paused = Instant::now();
+        vm.pause()?;
+        let taken = (|| -> Result<_, PrimaryError> {
+            let dirty = vm.harvest_dirty()?;
+            let addresses: Vec<u64> = dirty.page_addresses().collect();
+            let batch = match read_pages(vm, &addresses) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    // The pages stay dirty for the next checkpoint.
+                    vm.put_back_dirty(&dirty)?;
+                    return Err(error);
+                }
+            };
+            let state = vm.capture_state()?.encode();
+            let memory_hash = if self.options.verify {
+                Some(memory::hash(vm.memory())?)
+            } else {
+                None
+            };
+            Ok((batch, state, memory_hash, counters(vm)?))
+        })();
+        vm.resume()?;
+        let pause = paused.elapsed();
+        let (batch, state, memory_hash, counters) = taken?;
+        let now = Instant::now();
+        let metrics = EpochMetrics {
+            epoch,
+            epoch_length: now - self.last_checkpoint,
+            pause,
+            dirty_pages: batch.len(),
+            raw_bytes: batch.content_bytes() as u64,
+            memory_hash,
+            counters,
+            ..EpochMetrics::default()
+        };
+        self.last_checkpoint = now;
+        Ok((batch, state, metrics))
+    }
+
+    /// Takes the next checkpoint and queues it for sending. `checkpointed`
+    /// hears about it before any of it is sent (so a record of what the epoch
+    /// holds always precedes its acknowledgement). Blocks while two
+    /// checkpoints are already waiting (backpressure).
+    pub fn checkpoint_and_send(
+        &mut self,
+        vm: &mut Vm,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<(), PrimaryError> {
+        let epoch = self.next_epoch;
+        let (batch, state, metrics) = self.checkpoint(vm, epoch)?;
+        checkpointed(&metrics);
+        self.submit(Work::Begin(epoch))?;
+        self.submit(Work::Pages(epoch, batch))?;
+        self.submit(Work::End {
+            epoch,
+            state,
+            metrics: Box::new(metrics),
+            checkpointed: Instant::now(),
+        })?;
+        self.next_epoch += 1;
+        Ok(())
+    }
+
+    /// The epoch length.
+    pub fn epoch_length(&self) -> Duration {
+        self.options.epoch
+    }
+
+    /// Says goodbye and stops the threads.
+    pub fn close(mut self, reason: &str) {
+        self.work = None;
+        self.stop.store(true, Ordering::Relaxed);
+        // Let the sender drain what is queued before the goodbye.
+        if let Some(sender) = self.threads.get(1) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !sender.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let _ = self.link.send(0, &Message::Goodbye(reason.to_owned()));
+        self.link.shutdown();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn read_pages(vm: &Vm, addresses: &[u64]) -> Result<PageBatch, PrimaryError> {
+    let mut batch = PageBatch::with_capacity(addresses.len());
+    for &address in addresses {
+        let page = batch.push_zeroed(address / PAGE_SIZE);
+        memory::read(vm.memory(), address, page)?;
+    }
+    Ok(batch)
+}
+
+fn send_loop(
+    link: &LinkSender,
+    codec: &CodecSpec,
+    work: &Receiver<Work>,
+    shared: &Shared,
+    events: &std::sync::mpsc::Sender<PrimaryEvent>,
+) {
+    let mut encoder = Encoder::new(codec);
+    let mut frame = Vec::new();
+    let mut pages = 0u64;
+    let mut wire = 0u64;
+    let mut encode = Duration::ZERO;
+    let mut send = Duration::ZERO;
+    let result = (|| -> Result<(), PrimaryError> {
+        for item in work {
+            match item {
+                Work::Begin(epoch) => {
+                    pages = 0;
+                    wire = 0;
+                    encode = Duration::ZERO;
+                    send = Duration::ZERO;
+                    link.send(epoch, &Message::EpochBegin)?;
+                }
+                Work::Pages(epoch, batch) => {
+                    pages += batch.len() as u64;
+                    for part in split(&batch) {
+                        frame.clear();
+                        let started = Instant::now();
+                        encoder.encode(&part, &mut frame)?;
+                        encode += started.elapsed();
+                        let started = Instant::now();
+                        let message = Message::Pages(std::mem::take(&mut frame));
+                        link.send(epoch, &message)?;
+                        send += started.elapsed();
+                        if let Message::Pages(bytes) = message {
+                            wire += bytes.len() as u64;
+                            frame = bytes;
+                        }
+                    }
+                }
+                Work::End {
+                    epoch,
+                    state,
+                    mut metrics,
+                    checkpointed,
+                } => {
+                    let started = Instant::now();
+                    wire += state.len() as u64;
+                    link.send(epoch, &Message::State(state))?;
+                    shared
+                        .checkpointed
+                        .lock()
+                        .expect("no panics under this lock")
+                        .insert(epoch, checkpointed);
+                    link.send(
+                        epoch,
+                        &Message::EpochEnd(EpochEnd {
+                            pages,
+                            memory_hash: metrics.memory_hash,
+                        }),
+                    )?;
+                    send += started.elapsed();
+                    metrics.wire_bytes = wire;
+                    metrics.encode = encode;
+                    metrics.send = send;
+                    let _ = events.send(PrimaryEvent::Sent(*metrics));
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(error) = result {
+        shared.lose(format!("sending failed: {error}"));
+        link.shutdown();
+    }
+}
+
+/// Splits a batch into frames of at most `MAX_PAGES_PER_FRAME` pages.
+fn split(batch: &PageBatch) -> Vec<PageBatch> {
+    if batch.len() <= MAX_PAGES_PER_FRAME {
+        return vec![batch.clone()];
+    }
+    let mut parts = Vec::new();
+    let mut part = PageBatch::with_capacity(MAX_PAGES_PER_FRAME);
+    for (page_number, page) in batch.iter() {
+        part.push(page_number, page);
+        if part.len() == MAX_PAGES_PER_FRAME {
+            parts.push(std::mem::take(&mut part));
+        }
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// Reads acknowledgements until the connection ends. When the secondary is
+/// lost, the socket is shut down so that a sender blocked in a write wakes
+/// up, and the checkpoint loop learns of the loss at its next submission.
+fn ack_loop(
+    reader: &mut LivenessReader,
+    link: &LinkSender,
+    shared: &Shared,
+    events: &std::sync::mpsc::Sender<PrimaryEvent>,
+    stop: &AtomicBool,
+) {
+    let lose = |reason: String| {
+        shared.lose(reason);
+        link.shutdown();
+    };
+    loop {
+        let envelope = match reader.receive() {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                if !stop.load(Ordering::Relaxed) {
+                    lose(format!("{error}: {}", error_source(&error)));
+                }
+                return;
+            }
+        };
+        match envelope.message {
+            Message::Ack => {
+                let epoch = envelope.epoch;
+                *shared
+                    .acknowledged
+                    .lock()
+                    .expect("no panics under this lock") = Some(epoch);
+                let checkpointed = shared
+                    .checkpointed
+                    .lock()
+                    .expect("no panics under this lock")
+                    .remove(&epoch);
+                let latency = checkpointed.map_or(Duration::ZERO, |at| at.elapsed());
+                let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
+            }
+            Message::Heartbeat(_) => {}
+            Message::Goodbye(reason) => {
+                lose(format!("the secondary left: {reason}"));
+                return;
+            }
+            other => {
+                lose(format!("the secondary sent an unexpected {}", other.name()));
+                return;
+            }
+        }
+    }
+}
+
+fn error_source(error: &ProtocolError) -> String {
+    std::error::Error::source(error).map_or_else(String::new, ToString::to_string)
+}
+
+/// Waits for the next epoch boundary, or returns early when `stop` is set.
+pub fn wait_for_epoch(next: Instant, stop: &AtomicBool) {
+    while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+        let left = next.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(2)));
+    }
+}

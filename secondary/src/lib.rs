@@ -1,0 +1,456 @@
+//! The secondary: accepts a primary, holds the backup VM (its memory and the
+//! last committed vCPU/VM state), applies each epoch atomically and
+//! acknowledges it, and resumes the guest when the primary is lost.
+//!
+//! Per connection:
+//!
+//! - `Hello` is checked against this build (protocol version, guest image);
+//!   the backup VM is created with the primary's memory size and vCPUs.
+//! - Epoch 0 (the initial copy) is written into the backup memory as it
+//!   arrives: until it commits there is nothing to fail over to.
+//! - Every later epoch is staged (decoded pages, state) and applied only on
+//!   its `EpochEnd`; a torn epoch is dropped. Then `Ack`.
+//! - A malformed, corrupted, replayed or out-of-order message closes the
+//!   connection with `Goodbye` and changes nothing: the primary is alive
+//!   but cannot be trusted, so this is no reason to take over.
+//! - Silence (no bytes for the heartbeat timeout) or a connection that
+//!   breaks without `Goodbye` means the primary is lost: with a committed
+//!   epoch, the backup VM is resumed from it.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader, is_peer_lost};
+use understudy_checkpoint::protocol::{
+    Action, EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
+};
+use understudy_compress::{CodecError, Decoder, PageBatch};
+use understudy_vm::memory::{self, MemoryError};
+use understudy_vm::progress::ProgressSample;
+use understudy_vm::state::{StateError, VmState};
+use understudy_vm::{Vm, VmConfig, VmError};
+
+/// A secondary that cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SecondaryError {
+    /// The listening socket failed.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backup VM failed.
+    #[error("the backup VM failed")]
+    Vm(#[from] VmError),
+    /// Backup memory could not be written or read.
+    #[error("the backup memory failed")]
+    Memory(#[from] MemoryError),
+}
+
+/// Why one connection ended (the secondary goes on either way).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The protocol was violated.
+    #[error("protocol violation")]
+    Protocol(#[from] ProtocolError),
+    /// A page frame did not decode.
+    #[error("a page frame of epoch {epoch} is invalid")]
+    Pages {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: CodecError,
+    },
+    /// A state did not decode or does not fit.
+    #[error("the VM state of epoch {epoch} is invalid")]
+    State {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// The state describes another VM shape.
+    #[error("the VM state of epoch {0} does not match the backup VM's shape")]
+    StateShape(u64),
+    /// The pages the epoch announced are not the pages that came.
+    #[error("epoch {epoch} announced {announced} pages but carried {received}")]
+    PageCount {
+        /// The epoch.
+        epoch: u64,
+        /// Announced in `EpochEnd`.
+        announced: u64,
+        /// Received.
+        received: u64,
+    },
+    /// The memory hash after applying differs from the primary's.
+    #[error(
+        "after epoch {epoch} the backup memory hash is {actual:#x}, the primary's was {expected:#x}"
+    )]
+    MemoryHash {
+        /// The epoch.
+        epoch: u64,
+        /// The primary's hash.
+        expected: u64,
+        /// Ours.
+        actual: u64,
+    },
+    /// The backup VM or memory failed.
+    #[error("the backup failed")]
+    Secondary(#[from] SecondaryError),
+}
+
+/// What the secondary reports as it goes.
+#[derive(Debug)]
+pub enum SecondaryEvent {
+    /// A primary connected and was accepted.
+    Connected {
+        /// Its address.
+        peer: SocketAddr,
+        /// What it asked for.
+        hello: Hello,
+    },
+    /// An epoch was applied and acknowledged.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+        /// Pages applied.
+        pages: u64,
+        /// Time from `EpochBegin` to the acknowledgement.
+        receive: Duration,
+    },
+    /// A connection ended without failover.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A guest resumed after its primary was lost.
+pub struct Failover {
+    /// The resumed VM (running).
+    pub vm: Vm,
+    /// The epoch it resumed from.
+    pub epoch: u64,
+    /// Memory hash of the backup at that epoch, before the guest ran.
+    pub memory_hash: u64,
+    /// The guest's per-vCPU status as of that epoch (counters), read before
+    /// it ran again.
+    pub progress: ProgressSample,
+    /// From the last bytes heard from the primary to the guest running.
+    pub since_last_heartbeat: Duration,
+    /// Why the primary was declared lost.
+    pub reason: String,
+}
+
+/// How the secondary runs.
+#[derive(Clone, Copy, Debug)]
+pub struct SecondaryOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Heartbeats.
+    pub heartbeat: HeartbeatPolicy,
+}
+
+/// The backup: a VM that has not run, and what it holds.
+struct Backup {
+    vm: Vm,
+    vm_id: u64,
+    committed: Option<(u64, VmState)>,
+}
+
+/// Identity of the guest image this build runs (must match the primary's).
+pub fn guest_image_hash() -> u64 {
+    xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE)
+}
+
+/// Serves primaries until one is lost after committing an epoch; then
+/// resumes its guest and returns it.
+pub fn serve(
+    options: SecondaryOptions,
+    stop: &AtomicBool,
+    mut report: impl FnMut(&SecondaryEvent),
+) -> Result<Option<Failover>, SecondaryError> {
+    let listener = TcpListener::bind(options.listen).map_err(|source| SecondaryError::Listen {
+        address: options.listen,
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| SecondaryError::Listen {
+            address: options.listen,
+            source,
+        })?;
+    let mut backup: Option<Backup> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(source) => {
+                return Err(SecondaryError::Listen {
+                    address: options.listen,
+                    source,
+                });
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_nodelay(true);
+        match serve_connection(stream, peer, options.heartbeat, &mut backup, &mut report) {
+            Ok(Ended::Lost { last_heard, reason }) => {
+                if let Some(failover) = take_over(&mut backup, last_heard, reason)? {
+                    return Ok(Some(failover));
+                }
+                report(&SecondaryEvent::Disconnected {
+                    reason: "the primary was lost before its first epoch committed".to_owned(),
+                });
+            }
+            Ok(Ended::Closed(reason)) => report(&SecondaryEvent::Disconnected { reason }),
+            Err(error) => {
+                let reason = format!("{:#}", anyhow_chain(&error));
+                tracing::warn!(%peer, %reason, "connection refused");
+                report(&SecondaryEvent::Disconnected { reason });
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The error and its causes on one line.
+fn anyhow_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+enum Ended {
+    /// The primary went silent or the connection broke.
+    Lost { last_heard: Instant, reason: String },
+    /// The primary said goodbye.
+    Closed(String),
+}
+
+fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    heartbeat: HeartbeatPolicy,
+    backup: &mut Option<Backup>,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Ended, ConnectionError> {
+    let write_half = stream.try_clone().map_err(ProtocolError::Io)?;
+    let sender = LinkSender::new(write_half);
+    let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
+    let stop_heartbeats = Arc::new(AtomicBool::new(false));
+    let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
+    let result = receive(&mut reader, &sender, peer, backup, report);
+    stop_heartbeats.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Err(error) = &result {
+        // Tell a live primary why it is being dropped.
+        let _ = sender.send(0, &Message::Goodbye(anyhow_chain(error)));
+    }
+    sender.shutdown();
+    let _ = heartbeats.join();
+    match result {
+        Err(ConnectionError::Protocol(error)) if is_peer_lost(&error) => Ok(Ended::Lost {
+            last_heard: reader.last_progress(),
+            reason: anyhow_chain(&error),
+        }),
+        other => other,
+    }
+}
+
+/// An epoch being received.
+#[derive(Default)]
+struct Staging {
+    begun: Option<Instant>,
+    pages: PageBatch,
+    received: u64,
+    state: Option<VmState>,
+}
+
+fn receive(
+    reader: &mut LivenessReader,
+    sender: &LinkSender,
+    peer: SocketAddr,
+    backup: &mut Option<Backup>,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Ended, ConnectionError> {
+    let mut receiver = Receiver::new();
+    let mut decoder = Decoder::new();
+    let mut staging = Staging::default();
+    let mut decoded = PageBatch::new();
+    loop {
+        let envelope = reader.receive()?;
+        let epoch = envelope.epoch;
+        match receiver.accept(envelope)? {
+            Action::Greet(hello) => {
+                if let Err(reason) = check_hello(&hello) {
+                    sender.send(0, &Message::Refuse(reason.clone()))?;
+                    return Ok(Ended::Closed(format!("refused the primary: {reason}")));
+                }
+                if backup.as_ref().is_none_or(|b| b.vm_id != hello.vm_id) {
+                    let vm = Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))
+                        .map_err(SecondaryError::Vm)?;
+                    *backup = Some(Backup {
+                        vm,
+                        vm_id: hello.vm_id,
+                        committed: None,
+                    });
+                }
+                sender.send(0, &Message::Welcome)?;
+                report(&SecondaryEvent::Connected { peer, hello });
+            }
+            Action::BeginEpoch(_) => {
+                staging.begun = Some(Instant::now());
+                staging.pages.clear();
+                staging.received = 0;
+                staging.state = None;
+            }
+            Action::StagePages(frame) => {
+                decoder
+                    .decode(&frame, &mut decoded)
+                    .map_err(|source| ConnectionError::Pages { epoch, source })?;
+                let backup = backup.as_mut().expect("Hello created the backup");
+                staging.received += decoded.len() as u64;
+                if backup.committed.is_none() {
+                    // The initial copy: nothing to protect yet, write it in place.
+                    apply(&backup.vm, &decoded)?;
+                } else {
+                    for (page_number, page) in decoded.iter() {
+                        staging.pages.push(page_number, page);
+                    }
+                }
+            }
+            Action::StageState(bytes) => {
+                let state = VmState::decode(&bytes)
+                    .map_err(|source| ConnectionError::State { epoch, source })?;
+                let config = backup
+                    .as_ref()
+                    .expect("Hello created the backup")
+                    .vm
+                    .config();
+                if state.memory_bytes != config.memory_bytes
+                    || state.vcpus.len() != config.vcpus as usize
+                {
+                    return Err(ConnectionError::StateShape(epoch));
+                }
+                staging.state = Some(state);
+            }
+            Action::Commit { epoch, end } => {
+                let backup = backup.as_mut().expect("Hello created the backup");
+                commit(backup, epoch, end, &mut staging)?;
+                sender.send(epoch, &Message::Ack)?;
+                report(&SecondaryEvent::Committed {
+                    epoch,
+                    pages: staging.received,
+                    receive: staging.begun.map_or(Duration::ZERO, |t| t.elapsed()),
+                });
+            }
+            Action::Heartbeat(_) => {}
+            Action::Close(reason) => {
+                return Ok(Ended::Closed(format!("the primary left: {reason}")));
+            }
+        }
+    }
+}
+
+fn check_hello(hello: &Hello) -> Result<(), String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this secondary speaks {PROTOCOL_VERSION})",
+            hello.version
+        ));
+    }
+    if hello.guest_image_hash != guest_image_hash() {
+        return Err("the primary runs a different guest image".to_owned());
+    }
+    if hello.purpose != Purpose::Replicate {
+        return Err("this secondary only accepts replication".to_owned());
+    }
+    memory::region_layout(hello.memory_bytes).map_err(|error| error.to_string())?;
+    Ok(())
+}
+
+fn apply(vm: &Vm, pages: &PageBatch) -> Result<(), SecondaryError> {
+    for (page_number, page) in pages.iter() {
+        memory::write(vm.memory(), page_number * 4096, page)?;
+    }
+    Ok(())
+}
+
+/// Applies a staged epoch; checks first what can be checked before memory
+/// changes (page count, state present), so a bad epoch changes nothing.
+fn commit(
+    backup: &mut Backup,
+    epoch: u64,
+    end: EpochEnd,
+    staging: &mut Staging,
+) -> Result<(), ConnectionError> {
+    if end.pages != staging.received {
+        return Err(ConnectionError::PageCount {
+            epoch,
+            announced: end.pages,
+            received: staging.received,
+        });
+    }
+    let state = staging
+        .state
+        .take()
+        .expect("the receiver commits only after a State");
+    apply(&backup.vm, &staging.pages)?;
+    backup.committed = Some((epoch, state));
+    if let Some(expected) = end.memory_hash {
+        let actual = memory::hash(backup.vm.memory()).map_err(SecondaryError::Memory)?;
+        if actual != expected {
+            return Err(ConnectionError::MemoryHash {
+                epoch,
+                expected,
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Resumes the backup VM from its last committed epoch.
+fn take_over(
+    backup: &mut Option<Backup>,
+    last_heard: Instant,
+    reason: String,
+) -> Result<Option<Failover>, SecondaryError> {
+    let Some(Backup {
+        committed: Some(_), ..
+    }) = backup
+    else {
+        return Ok(None);
+    };
+    let Backup {
+        mut vm, committed, ..
+    } = backup.take().expect("checked above");
+    let (epoch, state) = committed.expect("checked above");
+    let memory_hash = memory::hash(vm.memory())?;
+    vm.restore_state(&state)?;
+    let progress = ProgressSample::read(&vm)?;
+    vm.resume()?;
+    Ok(Some(Failover {
+        vm,
+        epoch,
+        memory_hash,
+        progress,
+        since_last_heartbeat: last_heard.elapsed(),
+        reason,
+    }))
+}

@@ -1,0 +1,352 @@
+//! `understudy primary` and `understudy secondary`: continuous replication
+//! and failover.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_compress::CodecSpec;
+use understudy_primary::{
+    EpochMetrics, PrimaryError, PrimaryEvent, PrimaryOptions, Protection, wait_for_epoch,
+};
+use understudy_secondary::{SecondaryEvent, SecondaryOptions};
+use understudy_vm::Vm;
+use understudy_vm::progress::ProgressSample;
+
+use super::{
+    MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
+};
+
+/// Heartbeat options shared by both sides.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct HeartbeatOptions {
+    /// Send a heartbeat after this long without sending anything.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Declare the peer lost after this many silent intervals.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_misses: u32,
+}
+
+impl HeartbeatOptions {
+    fn policy(self) -> HeartbeatPolicy {
+        HeartbeatPolicy {
+            interval: self.heartbeat_interval,
+            misses: self.heartbeat_misses.max(1),
+        }
+    }
+}
+
+/// Arguments of `understudy primary`.
+#[derive(clap::Args, Debug)]
+pub struct PrimaryArguments {
+    /// The secondary's address (host:port).
+    #[arg(long)]
+    secondary: SocketAddr,
+    /// Time between checkpoints.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    epoch: Duration,
+    /// Page codec (see `understudy bench compress --help`).
+    #[arg(long, default_value = "delta+zstd:level=1")]
+    codec: CodecSpec,
+    /// Compute the memory hash at every checkpoint and have the secondary check it.
+    #[arg(long)]
+    verify: bool,
+    /// Most pre-copy rounds before the initial synchronisation's final pause.
+    #[arg(long, default_value_t = 5)]
+    precopy_rounds: u32,
+    /// Stop after this long (default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    heartbeat: HeartbeatOptions,
+    #[command(flatten)]
+    vm: VmOptions,
+}
+
+/// Arguments of `understudy secondary`.
+#[derive(clap::Args, Debug)]
+pub struct SecondaryArguments {
+    /// Where to listen for a primary (host:port).
+    #[arg(long)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    heartbeat: HeartbeatOptions,
+    /// After a failover, run the guest this long (default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
+    json!(
+        sample
+            .vcpus
+            .iter()
+            .map(|status| json!({"counter": status.counter, "counter_hash": status.counter_hash}))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// What an epoch holds, printed before any of it is sent.
+fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "event": "checkpoint",
+                "epoch": metrics.epoch,
+                "pause_us": metrics.pause.as_secs_f64() * 1e6,
+                "dirty_pages": metrics.dirty_pages,
+                "memory_hash": metrics.memory_hash,
+                "vcpus": metrics.counters.iter().map(|c| json!({
+                    "counter": c.counter, "counter_hash": c.counter_hash
+                })).collect::<Vec<_>>(),
+            })
+        );
+    }
+}
+
+fn print_primary_event(event: &PrimaryEvent, as_json: bool) {
+    match event {
+        PrimaryEvent::Synchronised {
+            rounds,
+            pages,
+            pause,
+            total,
+        } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "synchronised", "rounds": rounds, "pages": pages,
+                           "pause_us": pause.as_secs_f64() * 1e6, "total_ms": total.as_secs_f64() * 1e3})
+                );
+            } else {
+                println!(
+                    "synchronised: {pages} pages in {rounds} pre-copy round(s), {:.0} ms, final pause {:.0} µs",
+                    total.as_secs_f64() * 1e3,
+                    pause.as_secs_f64() * 1e6
+                );
+            }
+        }
+        PrimaryEvent::Sent(metrics) => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({
+                        "event": "epoch",
+                        "epoch": metrics.epoch,
+                        "epoch_ms": metrics.epoch_length.as_secs_f64() * 1e3,
+                        "pause_us": metrics.pause.as_secs_f64() * 1e6,
+                        "dirty_pages": metrics.dirty_pages,
+                        "raw_bytes": metrics.raw_bytes,
+                        "wire_bytes": metrics.wire_bytes,
+                        "encode_us": metrics.encode.as_secs_f64() * 1e6,
+                        "send_us": metrics.send.as_secs_f64() * 1e6,
+                    })
+                );
+            }
+        }
+        PrimaryEvent::Acknowledged { epoch, latency } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "ack", "epoch": epoch, "ack_us": latency.as_secs_f64() * 1e6})
+                );
+            }
+        }
+    }
+}
+
+/// Runs a protected VM.
+pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
+    let stop = stop_flag()?;
+    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    vm.resume()?;
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    let options = PrimaryOptions {
+        secondary: arguments.secondary,
+        epoch: arguments.epoch,
+        codec: arguments.codec,
+        heartbeat: arguments.heartbeat.policy(),
+        verify: arguments.verify,
+        precopy_rounds: arguments.precopy_rounds.max(1),
+    };
+    let vm_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |elapsed| elapsed.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let started = Instant::now();
+    let mut protection = Protection::connect(&vm, options, vm_id)?;
+    let synchronised =
+        protection.synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))?;
+    print_primary_event(&synchronised, arguments.json);
+    let outcome = protect(&mut vm, &mut protection, &arguments, &stop, started);
+    for event in protection.events() {
+        print_primary_event(&event, arguments.json);
+    }
+    match outcome {
+        Ok(()) => protection.close("the primary is stopping"),
+        Err(PrimaryError::SecondaryLost(reason)) => {
+            protection.close("the primary is stopping");
+            eprintln!(
+                "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED"
+            );
+            if arguments.json {
+                println!("{}", json!({"event": "secondary_lost", "reason": reason}));
+            }
+            let rest = arguments
+                .duration
+                .map(|d| d.saturating_sub(started.elapsed()));
+            monitor(
+                &vm,
+                MonitorOptions {
+                    duration: rest,
+                    json: arguments.json,
+                    harvest_interval: Duration::from_secs(1),
+                },
+                &stop,
+            )?;
+        }
+        Err(error) => return Err(error.into()),
+    }
+    vm.pause()?;
+    vm.shutdown();
+    Ok(())
+}
+
+fn protect(
+    vm: &mut Vm,
+    protection: &mut Protection,
+    arguments: &PrimaryArguments,
+    stop: &AtomicBool,
+    started: Instant,
+) -> Result<(), PrimaryError> {
+    let mut next = Instant::now();
+    loop {
+        next += protection.epoch_length();
+        wait_for_epoch(next, stop);
+        if stop.load(Ordering::Relaxed)
+            || arguments.duration.is_some_and(|d| started.elapsed() >= d)
+        {
+            return Ok(());
+        }
+        if let Err(error) = check_events(vm) {
+            tracing::error!("{error:#}");
+            return Ok(());
+        }
+        protection.checkpoint_and_send(vm, |metrics| print_checkpoint(metrics, arguments.json))?;
+        for event in protection.events() {
+            print_primary_event(&event, arguments.json);
+        }
+        // An epoch that overran (backpressure) starts the next one now.
+        next = next.max(Instant::now() - protection.epoch_length());
+    }
+}
+
+/// Waits for a primary, and takes over its guest when it is lost.
+pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
+    let stop = stop_flag()?;
+    let as_json = arguments.json;
+    let options = SecondaryOptions {
+        listen: arguments.listen,
+        heartbeat: arguments.heartbeat.policy(),
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({"event": "listening", "address": arguments.listen.to_string()})
+        );
+    } else {
+        println!("waiting for a primary on {}", arguments.listen);
+    }
+    let failover = understudy_secondary::serve(options, &stop, |event| match event {
+        SecondaryEvent::Connected { peer, hello } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "connected", "peer": peer.to_string(),
+                           "memory_bytes": hello.memory_bytes, "vcpus": hello.vcpus})
+                );
+            } else {
+                println!(
+                    "primary {peer} connected: {} MiB, {} vCPU(s)",
+                    hello.memory_bytes >> 20,
+                    hello.vcpus
+                );
+            }
+        }
+        SecondaryEvent::Committed {
+            epoch,
+            pages,
+            receive,
+        } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "committed", "epoch": epoch, "pages": pages,
+                           "receive_us": receive.as_secs_f64() * 1e6})
+                );
+            }
+        }
+        SecondaryEvent::Disconnected { reason } => {
+            if as_json {
+                println!("{}", json!({"event": "disconnected", "reason": reason}));
+            } else {
+                println!("primary disconnected: {reason}");
+            }
+        }
+    })?;
+    let Some(failover) = failover else {
+        return Ok(());
+    };
+    let vm = failover.vm;
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "event": "resumed",
+                "epoch": failover.epoch,
+                "memory_hash": failover.memory_hash,
+                "since_last_heartbeat_ms": failover.since_last_heartbeat.as_secs_f64() * 1e3,
+                "reason": failover.reason,
+                "vcpus": vcpus_json(&failover.progress),
+            })
+        );
+    } else {
+        println!(
+            "PRIMARY LOST ({}): resumed the guest from epoch {} in {:.1} ms after the last heartbeat",
+            failover.reason,
+            failover.epoch,
+            failover.since_last_heartbeat.as_secs_f64() * 1e3
+        );
+    }
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    monitor(
+        &vm,
+        MonitorOptions {
+            duration: arguments.duration,
+            json: as_json,
+            harvest_interval: Duration::from_secs(1),
+        },
+        &stop,
+    )?;
+    vm.pause()?;
+    check_events(&vm)?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"event": "stopped", "vcpus": vcpus_json(&ProgressSample::read(&vm)?)})
+        );
+    }
+    let mut vm = vm;
+    vm.shutdown();
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Primary and secondary as separate processes on loopback: the primary is
+//! killed with SIGKILL and the secondary resumes the guest from the last
+//! committed epoch, bit for bit.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use common::require_kvm;
+use understudy_guest_abi::counter_replay;
+
+/// A free loopback port (bound, then released for the secondary).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// Starts `understudy ARGS` with its JSON lines delivered on a channel.
+fn spawn(args: &[&str]) -> (Child, Receiver<serde_json::Value>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start understudy");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, receiver) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && lines.send(value).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (child, receiver)
+}
+
+/// Collects lines until one has `event` (and returns them all).
+fn until_event(
+    lines: &Receiver<serde_json::Value>,
+    event: &str,
+    timeout: Duration,
+    seen: &mut Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no '{event}' line within {timeout:?}; saw {seen:?}"));
+        seen.push(line.clone());
+        if line["event"] == event {
+            return line;
+        }
+    }
+}
+
+fn u64_of(value: &serde_json::Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a u64: {value}"))
+}
+
+/// A pseudo-random count from the clock, so the kill lands at a different
+/// moment of an epoch each run.
+fn random_below(bound: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    u64::from(nanos) % bound
+}
+
+#[test]
+fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a secondary, and a primary protecting a 2-vCPU counter guest
+    // with every checkpoint's memory hash recorded.
+    let address = format!("127.0.0.1:{}", free_port());
+    let (mut secondary, secondary_lines) = spawn(&[
+        "secondary",
+        "--listen",
+        &address,
+        "--duration",
+        "500ms",
+        "--json",
+    ]);
+    let mut secondary_seen = Vec::new();
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let (mut primary, primary_lines) = spawn(&[
+        "primary",
+        "--secondary",
+        &address,
+        "--workload",
+        "counter",
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--epoch",
+        "20ms",
+        "--verify",
+        "--json",
+    ]);
+    let mut primary_seen = Vec::new();
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut primary_seen,
+    );
+    let acks_before_kill = 5 + random_below(10);
+    for _ in 0..acks_before_kill {
+        until_event(
+            &primary_lines,
+            "ack",
+            Duration::from_secs(10),
+            &mut primary_seen,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(random_below(20)));
+
+    // Act: kill the primary outright.
+    primary.kill().expect("SIGKILL the primary");
+    primary.wait().expect("reap the primary");
+    primary_seen.extend(primary_lines.try_iter());
+    let resumed = until_event(
+        &secondary_lines,
+        "resumed",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let stopped = until_event(
+        &secondary_lines,
+        "stopped",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let status = secondary.wait().expect("secondary exits");
+
+    // Assert: the secondary resumed from an epoch at least as recent as the
+    // last one acknowledged, with the primary's memory and counters for that
+    // epoch, and each counter's chain continued unbroken.
+    assert!(status.success(), "secondary failed: {status}");
+    let epoch = u64_of(&resumed["epoch"]);
+    let last_ack = primary_seen
+        .iter()
+        .filter(|line| line["event"] == "ack")
+        .map(|line| u64_of(&line["epoch"]))
+        .max()
+        .expect("acknowledgements");
+    assert!(
+        epoch >= last_ack,
+        "resumed from epoch {epoch}, but {last_ack} was acknowledged"
+    );
+    let checkpoint = primary_seen
+        .iter()
+        .find(|line| line["event"] == "checkpoint" && line["epoch"] == epoch)
+        .unwrap_or_else(|| panic!("the primary reported no epoch {epoch}"));
+    assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
+    assert_eq!(resumed["vcpus"], checkpoint["vcpus"]);
+    for vcpu in 0..2 {
+        let from = u64_of(&resumed["vcpus"][vcpu]["counter"]);
+        let from_hash = u64_of(&resumed["vcpus"][vcpu]["counter_hash"]);
+        let to = u64_of(&stopped["vcpus"][vcpu]["counter"]);
+        let to_hash = u64_of(&stopped["vcpus"][vcpu]["counter_hash"]);
+        assert!(to > from, "vCPU {vcpu} did not run after failover");
+        assert_eq!(
+            counter_replay(from, from_hash, to),
+            Some(to_hash),
+            "vCPU {vcpu}: the chain from {from} to {to} is broken"
+        );
+    }
+}
