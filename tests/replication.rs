@@ -93,6 +93,8 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         "--duration",
         "500ms",
         "--json",
+        "--heartbeat-misses",
+        "30",
     ]);
     let mut secondary_seen = Vec::new();
     until_event(
@@ -115,6 +117,8 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         "20ms",
         "--verify",
         "--json",
+        "--heartbeat-misses",
+        "30",
     ]);
     let mut primary_seen = Vec::new();
     until_event(

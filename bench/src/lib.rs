@@ -9,9 +9,11 @@
 //! - the time from starting `understudy run` to the guest's first progress.
 //!
 //! And, in [`compress`], the codec tradeoff benchmark on memory traces
-//! (`understudy bench compress`).
+//! (`understudy bench compress`); in [`replication`], checkpoint pauses and
+//! guest slowdown under protection (`understudy bench replication`).
 
 pub mod compress;
+pub mod replication;
 mod svg;
 
 use std::fmt;
@@ -34,6 +36,9 @@ pub enum BenchError {
     /// The guest did not start.
     #[error("the guest did not start within {0:?}")]
     GuestDidNotStart(Duration),
+    /// The replication benchmark failed.
+    #[error("replication benchmark: {0}")]
+    Replication(String),
     /// Running `understudy run` as a child failed.
     #[error("cannot run `understudy run` for the start-up measurement: {0}")]
     Child(String),
@@ -110,7 +115,7 @@ pub struct Report {
     pub first_progress_spawned: Micros,
 }
 
-fn start(config: VmConfig, workload: &str) -> Result<Vm, BenchError> {
+pub(crate) fn start(config: VmConfig, workload: &str) -> Result<Vm, BenchError> {
     let workload: WorkloadSpec = workload.parse()?;
     let mut vm = Vm::boot(config, &workload)?;
     vm.resume()?;

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use xxhash_rust::xxh3::xxh3_64;
+
 use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
 
 /// How often heartbeats go out and how many may be missed.
@@ -64,14 +66,19 @@ impl LinkSender {
         }
     }
 
-    /// Sends `message` for `epoch`.
+    /// Sends `message` for `epoch`. The payload is checksummed before the
+    /// lock is taken and written without a copy, so a heartbeat waits for
+    /// the bytes of a large message to flow, never for them to be prepared.
     pub fn send(&self, epoch: u64, message: &Message) -> Result<(), ProtocolError> {
+        let payload = message.payload();
+        let checksum = xxh3_64(&payload);
         let mut state = self
             .inner
             .lock()
             .expect("a sender never panics holding the lock");
-        let bytes = state.sender.encode(epoch, message);
-        state.stream.write_all(&bytes)?;
+        let header = state.sender.header(epoch, message, payload.len(), checksum);
+        state.stream.write_all(&header)?;
+        state.stream.write_all(&payload)?;
         state.last_sent = Instant::now();
         Ok(())
     }
@@ -110,6 +117,16 @@ impl LinkSender {
                 }
             })
             .expect("spawning the heartbeat thread")
+    }
+
+    /// Closes the sending direction only: the peer reads the end of the
+    /// stream after everything sent, and can still answer.
+    pub fn shutdown_write(&self) {
+        let state = self
+            .inner
+            .lock()
+            .expect("a sender never panics holding the lock");
+        let _ = state.stream.shutdown(std::net::Shutdown::Write);
     }
 
     /// Closes both directions (wakes a blocked reader).
@@ -154,6 +171,11 @@ impl LivenessReader {
 
 impl Read for LivenessReader {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        // Silence counts only while this side is actually waiting: a
+        // receiver that was busy (applying an epoch) must not blame the
+        // peer for bytes it did not ask for.
+        let waiting_since = Instant::now();
+        let mut confirming = false;
         loop {
             match self.stream.read(buffer) {
                 Ok(0) if !buffer.is_empty() => {
@@ -169,7 +191,16 @@ impl Read for LivenessReader {
                 Err(error)
                     if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
-                    if self.last_progress.elapsed() >= self.timeout {
+                    if self.last_progress.elapsed() >= self.timeout
+                        && waiting_since.elapsed() >= self.timeout
+                    {
+                        // This thread may itself have been kept off the CPU
+                        // past the deadline: only a further wait that also
+                        // brings nothing proves the peer silent.
+                        if !confirming {
+                            confirming = true;
+                            continue;
+                        }
                         return Err(std::io::Error::new(
                             ErrorKind::TimedOut,
                             format!("nothing heard from the peer for {:?}", self.timeout),

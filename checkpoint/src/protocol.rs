@@ -196,8 +196,11 @@ impl Message {
         kind_name(self.kind())
     }
 
-    fn payload(&self) -> Vec<u8> {
-        match self {
+    /// The payload bytes; borrowed for the large messages (pages and state)
+    /// so that sending them copies nothing.
+    pub fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
+        use std::borrow::Cow;
+        Cow::Owned(match self {
             Self::Hello(hello) => {
                 let mut bytes = Vec::with_capacity(32);
                 bytes.extend_from_slice(&hello.version.to_le_bytes());
@@ -213,7 +216,7 @@ impl Message {
             Self::Refuse(text) | Self::Goodbye(text) => {
                 text.as_bytes()[..text.len().min(MAX_TEXT)].to_vec()
             }
-            Self::Pages(bytes) | Self::State(bytes) => bytes.clone(),
+            Self::Pages(bytes) | Self::State(bytes) => return Cow::Borrowed(bytes),
             Self::EpochEnd(end) => {
                 let mut bytes = Vec::with_capacity(17);
                 bytes.extend_from_slice(&end.pages.to_le_bytes());
@@ -222,7 +225,7 @@ impl Message {
                 bytes
             }
             Self::Heartbeat(clock) => clock.to_le_bytes().to_vec(),
-        }
+        })
     }
 
     fn parse(kind: u8, payload: Vec<u8>) -> Result<Self, ProtocolError> {
@@ -339,21 +342,36 @@ impl Sender {
         Self::default()
     }
 
-    /// Encodes `message` for `epoch` as the next message.
+    /// The header of the next message: `message` for `epoch`, whose payload
+    /// is `payload_len` bytes with xxh3 `payload_checksum`. Numbers it.
+    pub fn header(
+        &mut self,
+        epoch: u64,
+        message: &Message,
+        payload_len: usize,
+        payload_checksum: u64,
+    ) -> [u8; HEADER_LEN] {
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&MAGIC);
+        header[4] = message.kind();
+        header[8..16].copy_from_slice(&self.next_sequence.to_le_bytes());
+        header[16..24].copy_from_slice(&epoch.to_le_bytes());
+        header[24..28].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        header[32..40].copy_from_slice(&payload_checksum.to_le_bytes());
+        let header_checksum = xxh3_64(&header[..40]);
+        header[40..48].copy_from_slice(&header_checksum.to_le_bytes());
+        self.next_sequence += 1;
+        header
+    }
+
+    /// Encodes `message` for `epoch` as the next message (header and
+    /// payload in one buffer).
     pub fn encode(&mut self, epoch: u64, message: &Message) -> Vec<u8> {
         let payload = message.payload();
+        let header = self.header(epoch, message, payload.len(), xxh3_64(&payload));
         let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&[message.kind(), 0, 0, 0]);
-        bytes.extend_from_slice(&self.next_sequence.to_le_bytes());
-        bytes.extend_from_slice(&epoch.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&0u32.to_le_bytes());
-        bytes.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
-        let header_checksum = xxh3_64(&bytes[..40]);
-        bytes.extend_from_slice(&header_checksum.to_le_bytes());
+        bytes.extend_from_slice(&header);
         bytes.extend_from_slice(&payload);
-        self.next_sequence += 1;
         bytes
     }
 

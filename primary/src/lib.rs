@@ -80,8 +80,8 @@ pub enum PrimaryError {
 pub struct PrimaryOptions {
     /// The secondary's address.
     pub secondary: SocketAddr,
-    /// Time between checkpoints.
-    pub epoch: Duration,
+    /// Time between checkpoints, and how it adapts.
+    pub epoch: EpochPolicy,
     /// Page codec.
     pub codec: CodecSpec,
     /// Heartbeats.
@@ -91,6 +91,45 @@ pub struct PrimaryOptions {
     pub verify: bool,
     /// Most pre-copy rounds before the final pause of epoch 0.
     pub precopy_rounds: u32,
+}
+
+/// How long epochs are: the target length, shortened (down to `min`) while
+/// checkpoint pauses exceed `max_pause`, and lengthened back (by 20 % per
+/// epoch) once pauses fall under half of it. A shorter epoch leaves the guest
+/// less time to dirty pages, so the next pause is shorter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochPolicy {
+    /// The epoch length when pauses are within budget.
+    pub target: Duration,
+    /// The shortest epoch.
+    pub min: Duration,
+    /// The pause budget per checkpoint.
+    pub max_pause: Duration,
+}
+
+impl EpochPolicy {
+    /// The length of the next epoch after one of `current` whose checkpoint
+    /// paused the guest for `pause`.
+    pub fn next(&self, current: Duration, pause: Duration) -> Duration {
+        let next = if pause > self.max_pause {
+            current.mul_f64(0.7)
+        } else if pause < self.max_pause / 2 {
+            current.mul_f64(1.2)
+        } else {
+            current
+        };
+        next.clamp(self.min.min(self.target), self.target)
+    }
+}
+
+impl std::fmt::Display for EpochPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epochs of {:?}, shortened down to {:?} while a checkpoint pauses the guest for more than {:?}",
+            self.target, self.min, self.max_pause
+        )
+    }
 }
 
 /// A vCPU's counter at a checkpoint.
@@ -195,6 +234,7 @@ pub struct Protection {
     options: PrimaryOptions,
     next_epoch: u64,
     last_checkpoint: Instant,
+    epoch_length: Duration,
 }
 
 fn counters(vm: &Vm) -> Result<Vec<CounterReading>, VmError> {
@@ -292,9 +332,10 @@ impl Protection {
             shared,
             stop,
             threads,
-            options,
             next_epoch: 0,
             last_checkpoint: Instant::now(),
+            epoch_length: options.epoch.target,
+            options,
         })
     }
 
@@ -457,6 +498,7 @@ impl Protection {
     ) -> Result<(), PrimaryError> {
         let epoch = self.next_epoch;
         let (batch, state, metrics) = self.checkpoint(vm, epoch)?;
+        self.epoch_length = self.options.epoch.next(self.epoch_length, metrics.pause);
         checkpointed(&metrics);
         self.submit(Work::Begin(epoch))?;
         self.submit(Work::Pages(epoch, batch))?;
@@ -470,23 +512,33 @@ impl Protection {
         Ok(())
     }
 
-    /// The epoch length.
+    /// The length of the next epoch (see [`EpochPolicy`]).
     pub fn epoch_length(&self) -> Duration {
-        self.options.epoch
+        self.epoch_length
     }
 
-    /// Says goodbye and stops the threads.
+    /// Says goodbye and stops the threads. The close is graceful: after the
+    /// goodbye only the sending direction is shut, so the secondary can
+    /// still acknowledge what it received, reads the goodbye, and closes its
+    /// end; a secondary must never mistake a clean stop for a lost primary.
     pub fn close(mut self, reason: &str) {
         self.work = None;
         self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(2);
         // Let the sender drain what is queued before the goodbye.
         if let Some(sender) = self.threads.get(1) {
-            let deadline = Instant::now() + Duration::from_secs(2);
             while !sender.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
         let _ = self.link.send(0, &Message::Goodbye(reason.to_owned()));
+        self.link.shutdown_write();
+        // The acknowledgement reader ends when the secondary closes its end.
+        if let Some(acks) = self.threads.get(2) {
+            while !acks.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.link.shutdown();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -528,7 +580,7 @@ fn send_loop(
                 }
                 Work::Pages(epoch, batch) => {
                     pages += batch.len() as u64;
-                    for part in split(&batch) {
+                    for part in split(&batch, MAX_PAGES_PER_FRAME) {
                         frame.clear();
                         let started = Instant::now();
                         encoder.encode(&part, &mut frame)?;
@@ -580,16 +632,16 @@ fn send_loop(
     }
 }
 
-/// Splits a batch into frames of at most `MAX_PAGES_PER_FRAME` pages.
-fn split(batch: &PageBatch) -> Vec<PageBatch> {
-    if batch.len() <= MAX_PAGES_PER_FRAME {
+/// Splits a batch into frames of at most `max` pages.
+fn split(batch: &PageBatch, max: usize) -> Vec<PageBatch> {
+    if batch.len() <= max {
         return vec![batch.clone()];
     }
     let mut parts = Vec::new();
-    let mut part = PageBatch::with_capacity(MAX_PAGES_PER_FRAME);
+    let mut part = PageBatch::with_capacity(max);
     for (page_number, page) in batch.iter() {
         part.push(page_number, page);
-        if part.len() == MAX_PAGES_PER_FRAME {
+        if part.len() == max {
             parts.push(std::mem::take(&mut part));
         }
     }
@@ -660,5 +712,57 @@ pub fn wait_for_epoch(next: Instant, stop: &AtomicBool) {
     while Instant::now() < next && !stop.load(Ordering::Relaxed) {
         let left = next.saturating_duration_since(Instant::now());
         std::thread::sleep(left.min(Duration::from_millis(2)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> EpochPolicy {
+        EpochPolicy {
+            target: Duration::from_millis(25),
+            min: Duration::from_millis(5),
+            max_pause: Duration::from_millis(2),
+        }
+    }
+
+    #[test]
+    fn long_pause_shortens_the_epoch() {
+        let next = policy().next(Duration::from_millis(25), Duration::from_millis(3));
+        assert_eq!(next, Duration::from_micros(17_500));
+    }
+
+    #[test]
+    fn epoch_never_goes_below_the_minimum() {
+        let next = policy().next(Duration::from_millis(6), Duration::from_millis(10));
+        assert_eq!(next, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn short_pauses_grow_the_epoch_back_to_the_target_only() {
+        let next = policy().next(Duration::from_millis(24), Duration::from_micros(100));
+        assert_eq!(next, Duration::from_millis(25));
+    }
+
+    #[test]
+    fn pause_within_budget_keeps_the_epoch() {
+        let next = policy().next(Duration::from_millis(10), Duration::from_micros(1500));
+        assert_eq!(next, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn large_batches_are_split_into_frames() {
+        let mut batch = PageBatch::new();
+        for page_number in 0..7 {
+            batch.push_zeroed(page_number);
+        }
+
+        let parts = split(&batch, 3);
+
+        assert_eq!(
+            parts.iter().map(PageBatch::len).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
     }
 }

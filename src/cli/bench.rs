@@ -20,6 +20,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// Measure replication: checkpoint pauses by dirty-set size, guest slowdown.
+    Replication {
+        /// Seconds each measurement runs.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
 }
@@ -60,6 +66,11 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Vm { seconds } => {
             let report = understudy_bench::vm_core(seconds)?;
+            print!("{report}");
+            Ok(())
+        }
+        BenchCommand::Replication { seconds } => {
+            let report = understudy_bench::replication::replication(seconds)?;
             print!("{report}");
             Ok(())
         }

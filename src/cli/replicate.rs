@@ -9,7 +9,8 @@ use serde_json::json;
 use understudy_checkpoint::link::HeartbeatPolicy;
 use understudy_compress::CodecSpec;
 use understudy_primary::{
-    EpochMetrics, PrimaryError, PrimaryEvent, PrimaryOptions, Protection, wait_for_epoch,
+    EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
+    wait_for_epoch,
 };
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::Vm;
@@ -45,9 +46,15 @@ pub struct PrimaryArguments {
     /// The secondary's address (host:port).
     #[arg(long)]
     secondary: SocketAddr,
-    /// Time between checkpoints.
+    /// Time between checkpoints (the target: see --min-epoch and --max-pause).
     #[arg(long, default_value = "25ms", value_parser = parse_duration)]
     epoch: Duration,
+    /// The shortest epoch the adaptive policy may use (default: a fifth of --epoch).
+    #[arg(long, value_parser = parse_duration)]
+    min_epoch: Option<Duration>,
+    /// Shorten epochs while a checkpoint pauses the guest for longer than this.
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    max_pause: Duration,
     /// Page codec (see `understudy bench compress --help`).
     #[arg(long, default_value = "delta+zstd:level=1")]
     codec: CodecSpec,
@@ -173,7 +180,14 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     wait_until_running(&vm, Duration::from_secs(10))?;
     let options = PrimaryOptions {
         secondary: arguments.secondary,
-        epoch: arguments.epoch,
+        epoch: EpochPolicy {
+            target: arguments.epoch,
+            min: arguments
+                .min_epoch
+                .unwrap_or(arguments.epoch / 5)
+                .max(Duration::from_millis(1)),
+            max_pause: arguments.max_pause,
+        },
         codec: arguments.codec,
         heartbeat: arguments.heartbeat.policy(),
         verify: arguments.verify,
@@ -184,6 +198,20 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         .map_or(1, |elapsed| elapsed.as_nanos() as u64)
         ^ u64::from(std::process::id());
     let started = Instant::now();
+    if arguments.json {
+        println!(
+            "{}",
+            json!({"event": "policy", "epoch_ms": arguments.epoch.as_secs_f64() * 1e3,
+                   "min_epoch_ms": options.epoch.min.as_secs_f64() * 1e3,
+                   "max_pause_us": options.epoch.max_pause.as_secs_f64() * 1e6,
+                   "codec": options.codec.to_string()})
+        );
+    } else {
+        println!(
+            "protecting with {} and codec {}",
+            options.epoch, options.codec
+        );
+    }
     let mut protection = Protection::connect(&vm, options, vm_id)?;
     let synchronised =
         protection.synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))?;

@@ -1,0 +1,287 @@
+//! The replication benchmark, run by `understudy bench replication`: a
+//! primary and a secondary in one process over loopback TCP.
+//!
+//! - Guest pause per checkpoint at dirty sets of about 100, 1,000 and 10,000
+//!   pages (a `memtouch` rate and epoch length chosen for each; the epoch is
+//!   fixed, not adapted, so the dirty set stays put).
+//! - Guest slowdown under protection: `memtouch` throughput with checkpoints
+//!   every 25 ms divided by the same guest's throughput unprotected, for a
+//!   light (50 MB/s) and a heavy (as fast as it can) dirty rate.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, Protection, wait_for_epoch};
+use understudy_secondary::SecondaryOptions;
+use understudy_vm::VmConfig;
+use understudy_vm::progress::ProgressSample;
+
+use crate::{BenchError, Micros, start};
+
+/// Heartbeats of the benchmark: 300 ms of silence to declare a peer lost.
+/// With the default 50 ms, epochs of 10,000 pages made the secondary declare
+/// the primary lost: heartbeats share the connection with the page frames
+/// and stall behind them (see NOTES.md).
+const BENCH_HEARTBEAT: HeartbeatPolicy = HeartbeatPolicy {
+    interval: Duration::from_millis(10),
+    misses: 30,
+};
+
+/// Pause at one dirty-set size.
+#[derive(Clone, Debug)]
+pub struct PauseRow {
+    /// Workload.
+    pub workload: String,
+    /// Epoch length.
+    pub epoch: Duration,
+    /// Mean dirty pages per checkpoint.
+    pub dirty_pages: f64,
+    /// Guest pause per checkpoint.
+    pub pause: Micros,
+    /// Checkpoint to acknowledgement.
+    pub ack: Micros,
+    /// Mean bytes on the wire per epoch.
+    pub wire_bytes: f64,
+}
+
+/// Throughput with and without protection.
+#[derive(Clone, Debug)]
+pub struct SlowdownRow {
+    /// Workload.
+    pub workload: String,
+    /// MB/s unprotected.
+    pub unprotected: f64,
+    /// MB/s protected.
+    pub protected: f64,
+}
+
+/// The replication report.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicationReport {
+    /// Pauses per dirty-set size.
+    pub pauses: Vec<PauseRow>,
+    /// Slowdowns.
+    pub slowdown: Vec<SlowdownRow>,
+}
+
+struct Protected {
+    pauses: Vec<Duration>,
+    acks: Vec<Duration>,
+    dirty_pages: Vec<usize>,
+    wire_bytes: Vec<u64>,
+    mb_per_s: f64,
+}
+
+fn free_address() -> Result<SocketAddr, BenchError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|error| BenchError::Replication(format!("no free port: {error}")))
+}
+
+/// Runs `workload` protected by an in-process secondary for `seconds`.
+fn protected(
+    memory_bytes: u64,
+    workload: &str,
+    epoch: Duration,
+    seconds: f64,
+) -> Result<Protected, BenchError> {
+    let address = free_address()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let secondary = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            understudy_secondary::serve(
+                SecondaryOptions {
+                    listen: address,
+                    heartbeat: BENCH_HEARTBEAT,
+                },
+                &stop,
+                |_| {},
+            )
+            .map(|failover| failover.map(|failover| failover.reason))
+        })
+    };
+    let mut vm = start(VmConfig::new(memory_bytes, 1), workload)?;
+    let options = PrimaryOptions {
+        secondary: address,
+        epoch: EpochPolicy {
+            target: epoch,
+            min: epoch,
+            max_pause: Duration::from_secs(1),
+        },
+        codec: "delta+zstd:level=1".parse().expect("a valid codec"),
+        heartbeat: BENCH_HEARTBEAT,
+        verify: false,
+        precopy_rounds: 5,
+    };
+    let fail =
+        |error: understudy_primary::PrimaryError| BenchError::Replication(format!("{error}"));
+    // The secondary may take a moment to listen.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut protection = loop {
+        match Protection::connect(&vm, options.clone(), 1) {
+            Ok(protection) => break protection,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(error) => return Err(fail(error)),
+        }
+    };
+    protection.synchronise(&mut vm, |_| {}).map_err(fail)?;
+    let mut result = Protected {
+        pauses: Vec::new(),
+        acks: Vec::new(),
+        dirty_pages: Vec::new(),
+        wire_bytes: Vec::new(),
+        mb_per_s: 0.0,
+    };
+    let first = ProgressSample::read(&vm)?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut next = Instant::now();
+    let never = AtomicBool::new(false);
+    while Instant::now() < end {
+        next += protection.epoch_length();
+        wait_for_epoch(next, &never);
+        protection
+            .checkpoint_and_send(&mut vm, |metrics| {
+                result.pauses.push(metrics.pause);
+                result.dirty_pages.push(metrics.dirty_pages);
+            })
+            .map_err(fail)?;
+        for event in protection.events() {
+            match event {
+                PrimaryEvent::Acknowledged { latency, .. } => result.acks.push(latency),
+                PrimaryEvent::Sent(metrics) => result.wire_bytes.push(metrics.wire_bytes),
+                PrimaryEvent::Synchronised { .. } => {}
+            }
+        }
+        next = next.max(Instant::now() - protection.epoch_length());
+    }
+    let last = ProgressSample::read(&vm)?;
+    result.mb_per_s = last.rates_since(&first).dirtied_bytes_per_sec / 1e6;
+    protection.close("benchmark done");
+    stop.store(true, Ordering::Relaxed);
+    let took_over = secondary
+        .join()
+        .map_err(|_| BenchError::Replication("the secondary thread panicked".to_owned()))?
+        .map_err(|error| BenchError::Replication(format!("{error}")))?;
+    if let Some(reason) = took_over {
+        return Err(BenchError::Replication(format!(
+            "the secondary took over during the benchmark: {reason}"
+        )));
+    }
+    Ok(result)
+}
+
+fn unprotected(memory_bytes: u64, workload: &str, seconds: f64) -> Result<f64, BenchError> {
+    let vm = start(VmConfig::new(memory_bytes, 1), workload)?;
+    let first = ProgressSample::read(&vm)?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    // Harvest once a second, as an unprotected `understudy run` does.
+    while Instant::now() < end {
+        std::thread::sleep(
+            Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())),
+        );
+        vm.harvest_dirty()?;
+    }
+    let last = ProgressSample::read(&vm)?;
+    Ok(last.rates_since(&first).dirtied_bytes_per_sec / 1e6)
+}
+
+fn mean<T: Copy + Into<f64>>(values: &[T]) -> f64 {
+    values.iter().map(|v| (*v).into()).sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Runs the replication benchmark; each measurement lasts `seconds`.
+pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
+    let mut report = ReplicationReport::default();
+    let pause_cases = [
+        (
+            "memtouch:rate=16MB/s,wss=64M,pattern=seq",
+            Duration::from_millis(25),
+        ),
+        (
+            "memtouch:rate=82MB/s,wss=64M,pattern=seq",
+            Duration::from_millis(50),
+        ),
+        (
+            "memtouch:rate=82MB/s,wss=256M,pattern=seq",
+            Duration::from_millis(500),
+        ),
+    ];
+    for (workload, epoch) in pause_cases {
+        let run = protected(
+            512 << 20,
+            workload,
+            epoch,
+            seconds.max(epoch.as_secs_f64() * 10.0),
+        )?;
+        report.pauses.push(PauseRow {
+            workload: workload.to_owned(),
+            epoch,
+            dirty_pages: mean(
+                &run.dirty_pages
+                    .iter()
+                    .map(|p| *p as u32)
+                    .collect::<Vec<_>>(),
+            ),
+            pause: Micros::of(run.pauses),
+            ack: Micros::of(run.acks),
+            wire_bytes: mean(&run.wire_bytes.iter().map(|b| *b as f64).collect::<Vec<_>>()),
+        });
+    }
+    for workload in [
+        "memtouch:rate=50MB/s,wss=64M,pattern=random",
+        "memtouch:rate=max,wss=64M,pattern=random",
+    ] {
+        let unprotected = unprotected(512 << 20, workload, seconds)?;
+        let protected = protected(512 << 20, workload, Duration::from_millis(25), seconds)?;
+        report.slowdown.push(SlowdownRow {
+            workload: workload.to_owned(),
+            unprotected,
+            protected: protected.mb_per_s,
+        });
+    }
+    Ok(report)
+}
+
+impl fmt::Display for ReplicationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "guest pause per checkpoint (primary and secondary in one process, loopback, delta+zstd:level=1)"
+        )?;
+        writeln!(
+            f,
+            "  {:<46} {:>7} {:>10} {:>10} {:>10} {:>11} {:>11}",
+            "workload", "epoch", "dirty pg", "pause p50", "pause p99", "ack p50", "KB/epoch"
+        )?;
+        for row in &self.pauses {
+            writeln!(
+                f,
+                "  {:<46} {:>5}ms {:>10.0} {:>8.0}µs {:>8.0}µs {:>9.0}µs {:>11.1}",
+                row.workload,
+                row.epoch.as_millis(),
+                row.dirty_pages,
+                row.pause.p50,
+                row.pause.p99,
+                row.ack.p50,
+                row.wire_bytes / 1e3
+            )?;
+        }
+        writeln!(f, "guest slowdown with checkpoints every 25 ms")?;
+        for row in &self.slowdown {
+            writeln!(
+                f,
+                "  {:<46} unprotected {:>8.1} MB/s, protected {:>8.1} MB/s: {:.2}x",
+                row.workload,
+                row.unprotected,
+                row.protected,
+                row.protected / row.unprotected.max(1e-9)
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! A real secondary against a scripted primary: corrupted, replayed and
+//! out-of-order messages are refused without applying anything, and an
+//! epoch torn by a cut connection is discarded when the secondary takes over.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use common::require_kvm;
+use understudy_checkpoint::protocol::{
+    EpochEnd, HEADER_LEN, Hello, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
+};
+use understudy_compress::{CodecSpec, Encoder, PageBatch};
+use understudy_vm::memory;
+use understudy_vm::workload::WorkloadSpec;
+use understudy_vm::{Vm, VmConfig};
+
+const MEMORY: u64 = 64 << 20;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args([
+            "secondary",
+            "--listen",
+            address,
+            "--duration",
+            "300ms",
+            "--json",
+            // The scripted primary sends no heartbeats: a generous timeout
+            // keeps a slow machine from declaring it lost between messages.
+            "--heartbeat-misses",
+            "300",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the secondary");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, receiver) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && lines.send(value).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (child, receiver)
+}
+
+fn next_event(lines: &Receiver<serde_json::Value>, event: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no '{event}' line from the secondary"));
+        if line["event"] == event {
+            return line;
+        }
+    }
+}
+
+/// A scripted primary: the epochs of a real (booted, never run) VM.
+struct ScriptedPrimary {
+    stream: TcpStream,
+    sender: Sender,
+    encoder: Encoder,
+}
+
+impl ScriptedPrimary {
+    fn connect(address: &str, vm_id: u64) -> Self {
+        let mut primary = Self {
+            stream: TcpStream::connect(address).expect("connect to the secondary"),
+            sender: Sender::new(),
+            encoder: Encoder::new(&"raw".parse::<CodecSpec>().expect("spec")),
+        };
+        primary.send(
+            0,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                purpose: Purpose::Replicate,
+                memory_bytes: MEMORY,
+                vcpus: 1,
+                guest_image_hash: xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE),
+                vm_id,
+            }),
+        );
+        assert_eq!(primary.receive(), Message::Welcome);
+        primary
+    }
+
+    fn bytes(&mut self, epoch: u64, message: &Message) -> Vec<u8> {
+        self.sender.encode(epoch, message)
+    }
+
+    fn send(&mut self, epoch: u64, message: &Message) {
+        let bytes = self.bytes(epoch, message);
+        self.stream.write_all(&bytes).expect("send");
+    }
+
+    /// The next message that is not a heartbeat.
+    fn receive(&mut self) -> Message {
+        loop {
+            let envelope = read_message(&mut self.stream).expect("a message from the secondary");
+            if !matches!(envelope.message, Message::Heartbeat(_)) {
+                return envelope.message;
+            }
+        }
+    }
+
+    fn pages(&mut self, pages: &PageBatch) -> Message {
+        let mut frame = Vec::new();
+        self.encoder.encode(pages, &mut frame).expect("encode");
+        Message::Pages(frame)
+    }
+
+    /// Sends a whole, valid epoch and waits for its acknowledgement.
+    fn epoch(&mut self, epoch: u64, pages: &PageBatch, state: &[u8], memory_hash: Option<u64>) {
+        self.send(epoch, &Message::EpochBegin);
+        let message = self.pages(pages);
+        self.send(epoch, &message);
+        self.send(epoch, &Message::State(state.to_vec()));
+        self.send(
+            epoch,
+            &Message::EpochEnd(EpochEnd {
+                pages: pages.len() as u64,
+                memory_hash,
+            }),
+        );
+        assert_eq!(self.receive(), Message::Ack);
+    }
+}
+
+fn non_zero_pages(vm: &Vm) -> PageBatch {
+    let mut batch = PageBatch::new();
+    let mut page = [0u8; 4096];
+    for address in (0..MEMORY).step_by(4096) {
+        memory::read(vm.memory(), address, &mut page).expect("read");
+        if page.iter().any(|b| *b != 0) {
+            batch.push(address / 4096, &page);
+        }
+    }
+    batch
+}
+
+/// A page different from anything in epoch 0.
+fn poison() -> PageBatch {
+    let mut batch = PageBatch::new();
+    batch.push(4000, &[0xab; 4096]);
+    batch
+}
+
+#[test]
+fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a secondary, and the epoch 0 of a real guest.
+    let address = format!("127.0.0.1:{}", free_port());
+    let (mut secondary, lines) = spawn_secondary(&address);
+    next_event(&lines, "listening");
+    let vm = Vm::boot(
+        VmConfig::new(MEMORY, 1),
+        &"counter".parse::<WorkloadSpec>().expect("workload"),
+    )
+    .expect("boot a VM");
+    let state = vm.capture_state().expect("capture").encode();
+    let memory_hash = memory::hash(vm.memory()).expect("hash");
+    let epoch0 = non_zero_pages(&vm);
+
+    // Act and assert, one connection per abuse.
+    // 1. A corrupted payload in epoch 1.
+    let mut primary = ScriptedPrimary::connect(&address, 1);
+    primary.epoch(0, &epoch0, &state, Some(memory_hash));
+    primary.send(1, &Message::EpochBegin);
+    let message = primary.pages(&poison());
+    let mut corrupted = primary.bytes(1, &message);
+    corrupted[HEADER_LEN + 60] ^= 0x01;
+    primary.stream.write_all(&corrupted).expect("send");
+    let Message::Goodbye(reason) = primary.receive() else {
+        panic!("the secondary did not say goodbye to a corrupted message");
+    };
+    assert!(reason.contains("corrupted"), "reason: {reason}");
+
+    // 2. A replayed message.
+    let mut primary = ScriptedPrimary::connect(&address, 2);
+    primary.epoch(0, &epoch0, &state, Some(memory_hash));
+    let begin = primary.bytes(1, &Message::EpochBegin);
+    primary.stream.write_all(&begin).expect("send");
+    primary.stream.write_all(&begin).expect("send the replay");
+    let Message::Goodbye(reason) = primary.receive() else {
+        panic!("the secondary did not say goodbye to a replayed message");
+    };
+    assert!(reason.contains("replayed or reordered"), "reason: {reason}");
+
+    // 3. An epoch ended before its state arrived.
+    let mut primary = ScriptedPrimary::connect(&address, 3);
+    primary.epoch(0, &epoch0, &state, Some(memory_hash));
+    primary.send(1, &Message::EpochBegin);
+    let message = primary.pages(&poison());
+    primary.send(1, &message);
+    primary.send(
+        1,
+        &Message::EpochEnd(EpochEnd {
+            pages: 1,
+            memory_hash: None,
+        }),
+    );
+    let Message::Goodbye(reason) = primary.receive() else {
+        panic!("the secondary did not say goodbye to an epoch without state");
+    };
+    assert!(reason.contains("not allowed"), "reason: {reason}");
+
+    // 4. A connection cut in the middle of epoch 1's pages.
+    let mut primary = ScriptedPrimary::connect(&address, 4);
+    primary.epoch(0, &epoch0, &state, Some(memory_hash));
+    primary.send(1, &Message::EpochBegin);
+    let message = primary.pages(&poison());
+    let pages = primary.bytes(1, &message);
+    primary
+        .stream
+        .write_all(&pages[..pages.len() / 2])
+        .expect("send half");
+    drop(primary);
+
+    // The secondary takes over from epoch 0, with epoch 0's memory exactly:
+    // nothing of the refused or torn epochs was applied.
+    let resumed = next_event(&lines, "resumed");
+    assert_eq!(resumed["epoch"], 0);
+    assert_eq!(resumed["memory_hash"], memory_hash);
+    let status = secondary.wait().expect("the secondary exits");
+    assert!(status.success(), "secondary failed: {status}");
+}
