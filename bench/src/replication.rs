@@ -22,15 +22,6 @@ use understudy_vm::progress::ProgressSample;
 
 use crate::{BenchError, Micros, start};
 
-/// Heartbeats of the benchmark: 300 ms of silence to declare a peer lost.
-/// With the default 50 ms, epochs of 10,000 pages made the secondary declare
-/// the primary lost: heartbeats share the connection with the page frames
-/// and stall behind them (see NOTES.md).
-const BENCH_HEARTBEAT: HeartbeatPolicy = HeartbeatPolicy {
-    interval: Duration::from_millis(10),
-    misses: 30,
-};
-
 /// Pause at one dirty-set size.
 #[derive(Clone, Debug)]
 pub struct PauseRow {
@@ -97,7 +88,7 @@ fn protected(
             understudy_secondary::serve(
                 SecondaryOptions {
                     listen: address,
-                    heartbeat: BENCH_HEARTBEAT,
+                    heartbeat: HeartbeatPolicy::default(),
                 },
                 &stop,
                 |_| {},
@@ -114,7 +105,7 @@ fn protected(
             max_pause: Duration::from_secs(1),
         },
         codec: "delta+zstd:level=1".parse().expect("a valid codec"),
-        heartbeat: BENCH_HEARTBEAT,
+        heartbeat: HeartbeatPolicy::default(),
         verify: false,
         precopy_rounds: 5,
     };

@@ -5,8 +5,10 @@
 //! - [`protocol`]: the replication protocol (epochs of dirty pages streamed
 //!   to a secondary): framing, messages, the receiver's state machine.
 //! - [`link`]: one replication connection: senders shared between threads,
-//!   liveness on receive, heartbeats.
+//!   liveness on receive, heartbeat messages.
+//! - [`heartbeat`]: heartbeats over UDP beside the connection.
 
+pub mod heartbeat;
 pub mod link;
 pub mod protocol;
 pub mod snapshot;

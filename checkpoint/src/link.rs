@@ -1,10 +1,11 @@
 //! One replication connection: messages out from several threads, messages
 //! in with liveness, and heartbeats on their own schedule.
 //!
-//! Liveness is "bytes arrived recently": a peer streaming a large epoch is
-//! alive even though no `Heartbeat` can overtake its `Pages`. Each side sends
-//! a `Heartbeat` whenever it has sent nothing for one interval; the other
-//! side declares it lost after `misses` intervals of silence.
+//! Liveness is "heard recently": bytes on the connection, or a UDP heartbeat
+//! ([`crate::heartbeat`]), which cannot get stuck behind a large epoch's
+//! `Pages`. Each side also sends a `Heartbeat` message whenever it has sent
+//! nothing on the connection for one interval; the other side declares it
+//! lost after `misses` intervals without hearing anything.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::heartbeat::Heard;
 use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
 
 /// How often heartbeats go out and how many may be missed.
@@ -119,6 +121,15 @@ impl LinkSender {
             .expect("spawning the heartbeat thread")
     }
 
+    /// The connection's local address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner
+            .lock()
+            .expect("a sender never panics holding the lock")
+            .stream
+            .local_addr()
+    }
+
     /// Closes the sending direction only: the peer reads the end of the
     /// stream after everything sent, and can still answer.
     pub fn shutdown_write(&self) {
@@ -140,11 +151,13 @@ impl LinkSender {
 }
 
 /// Reads from a stream whose read timeout is short, failing with
-/// `TimedOut` once nothing arrived for the policy's timeout.
+/// `TimedOut` once nothing arrived, neither on the stream nor as a UDP
+/// heartbeat ([`crate::heartbeat`]), for the policy's timeout.
 pub struct LivenessReader {
     stream: TcpStream,
     timeout: Duration,
     last_progress: Instant,
+    heard: Option<Arc<Heard>>,
 }
 
 impl LivenessReader {
@@ -155,12 +168,19 @@ impl LivenessReader {
             stream,
             timeout: policy.timeout(),
             last_progress: Instant::now(),
+            heard: None,
         })
     }
 
-    /// When bytes last arrived.
+    /// Counts the peer's UDP heartbeats as signs of life too.
+    pub fn hear(&mut self, heard: Arc<Heard>) {
+        self.heard = Some(heard);
+    }
+
+    /// When the peer was last heard from (bytes or heartbeat).
     pub fn last_progress(&self) -> Instant {
-        self.last_progress
+        let heartbeat = self.heard.as_ref().and_then(|heard| heard.last());
+        heartbeat.map_or(self.last_progress, |at| at.max(self.last_progress))
     }
 
     /// Reads the next message.
@@ -191,7 +211,7 @@ impl Read for LivenessReader {
                 Err(error)
                     if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
-                    if self.last_progress.elapsed() >= self.timeout
+                    if self.last_progress().elapsed() >= self.timeout
                         && waiting_since.elapsed() >= self.timeout
                     {
                         // This thread may itself have been kept off the CPU

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
     EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
@@ -226,6 +227,7 @@ impl Shared {
 /// A connection to a secondary with its threads.
 pub struct Protection {
     link: LinkSender,
+    udp: Option<Heartbeats>,
     work: Option<SyncSender<Work>>,
     events: Receiver<PrimaryEvent>,
     shared: Arc<Shared>,
@@ -293,6 +295,10 @@ impl Protection {
                 }
             }
         }
+        let local_ip = read_half_ip(&link, &options)?;
+        let udp = Heartbeats::to_secondary(local_ip, options.secondary, vm_id, options.heartbeat)
+            .map_err(ProtocolError::Io)?;
+        reader.hear(udp.heard());
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             checkpointed: Mutex::new(HashMap::new()),
@@ -327,6 +333,7 @@ impl Protection {
         }
         Ok(Self {
             link,
+            udp: Some(udp),
             work: Some(work_sender),
             events,
             shared,
@@ -543,7 +550,23 @@ impl Protection {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        if let Some(udp) = self.udp.take() {
+            udp.stop();
+        }
     }
+}
+
+/// The local IP address of the connection (heartbeats leave from it).
+fn read_half_ip(
+    link: &LinkSender,
+    options: &PrimaryOptions,
+) -> Result<std::net::IpAddr, PrimaryError> {
+    link.local_addr()
+        .map(|address| address.ip())
+        .map_err(|source| PrimaryError::Connect {
+            address: options.secondary,
+            source,
+        })
 }
 
 fn read_pages(vm: &Vm, addresses: &[u64]) -> Result<PageBatch, PrimaryError> {

@@ -13,15 +13,18 @@
 //! - A malformed, corrupted, replayed or out-of-order message closes the
 //!   connection with `Goodbye` and changes nothing: the primary is alive
 //!   but cannot be trusted, so this is no reason to take over.
-//! - Silence (no bytes for the heartbeat timeout) or a connection that
-//!   breaks without `Goodbye` means the primary is lost: with a committed
-//!   epoch, the backup VM is resumed from it.
+//! - Silence (neither bytes nor UDP heartbeats for the heartbeat timeout)
+//!   or a connection that breaks without `Goodbye` means the primary is
+//!   lost: with a committed epoch, the backup VM is resumed from it.
+//!
+//! The listening address serves TCP (the connection) and UDP (heartbeats).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader, is_peer_lost};
 use understudy_checkpoint::protocol::{
     Action, EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
@@ -181,6 +184,10 @@ pub fn serve(
         address: options.listen,
         source,
     })?;
+    let udp = UdpSocket::bind(options.listen).map_err(|source| SecondaryError::Listen {
+        address: options.listen,
+        source,
+    })?;
     listener
         .set_nonblocking(true)
         .map_err(|source| SecondaryError::Listen {
@@ -204,7 +211,14 @@ pub fn serve(
         };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_nodelay(true);
-        match serve_connection(stream, peer, options.heartbeat, &mut backup, &mut report) {
+        match serve_connection(
+            stream,
+            peer,
+            &udp,
+            options.heartbeat,
+            &mut backup,
+            &mut report,
+        ) {
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let Some(failover) = take_over(&mut backup, last_heard, reason)? {
                     return Ok(Some(failover));
@@ -246,6 +260,7 @@ enum Ended {
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    udp: &UdpSocket,
     heartbeat: HeartbeatPolicy,
     backup: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
@@ -255,7 +270,18 @@ fn serve_connection(
     let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
     let stop_heartbeats = Arc::new(AtomicBool::new(false));
     let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
-    let result = receive(&mut reader, &sender, peer, backup, report);
+    let mut link = Connection {
+        reader: &mut reader,
+        sender: &sender,
+        peer,
+        udp,
+        heartbeat,
+        udp_heartbeats: None,
+    };
+    let result = receive(&mut link, backup, report);
+    if let Some(udp_heartbeats) = link.udp_heartbeats.take() {
+        udp_heartbeats.stop();
+    }
     stop_heartbeats.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Err(error) = &result {
         // Tell a live primary why it is being dropped.
@@ -281,19 +307,28 @@ struct Staging {
     state: Option<VmState>,
 }
 
-fn receive(
-    reader: &mut LivenessReader,
-    sender: &LinkSender,
+/// One primary's connection, as `receive` uses it.
+struct Connection<'a> {
+    reader: &'a mut LivenessReader,
+    sender: &'a LinkSender,
     peer: SocketAddr,
+    udp: &'a UdpSocket,
+    heartbeat: HeartbeatPolicy,
+    udp_heartbeats: Option<Heartbeats>,
+}
+
+fn receive(
+    link: &mut Connection<'_>,
     backup: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
+    let (sender, peer) = (link.sender, link.peer);
     let mut receiver = Receiver::new();
     let mut decoder = Decoder::new();
     let mut staging = Staging::default();
     let mut decoded = PageBatch::new();
     loop {
-        let envelope = reader.receive()?;
+        let envelope = link.reader.receive()?;
         let epoch = envelope.epoch;
         match receiver.accept(envelope)? {
             Action::Greet(hello) => {
@@ -310,6 +345,11 @@ fn receive(
                         committed: None,
                     });
                 }
+                let udp_heartbeats =
+                    Heartbeats::to_primary(link.udp, peer.ip(), hello.vm_id, link.heartbeat)
+                        .map_err(ProtocolError::Io)?;
+                link.reader.hear(udp_heartbeats.heard());
+                link.udp_heartbeats = Some(udp_heartbeats);
                 sender.send(0, &Message::Welcome)?;
                 report(&SecondaryEvent::Connected { peer, hello });
             }
