@@ -37,6 +37,8 @@ enum Command {
     Primary(cli::replicate::PrimaryArguments),
     /// Wait for a primary, apply its checkpoints, and take over its guest if it is lost.
     Secondary(cli::replicate::SecondaryArguments),
+    /// Run a guest, then live-migrate it to a target (`understudy secondary`), which resumes it.
+    Migrate(cli::migrate::MigrateArguments),
     /// Record memory traces from processes or the built-in guest, and summarise them.
     #[command(subcommand)]
     Trace(cli::trace::TraceCommand),
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Restore(arguments) => cli::snapshot::restore(arguments),
         Command::Primary(arguments) => cli::replicate::primary(arguments),
         Command::Secondary(arguments) => cli::replicate::secondary(arguments),
+        Command::Migrate(arguments) => cli::migrate::run_migration(arguments),
         Command::Trace(command) => cli::trace::trace(command),
         Command::Bench(command) => cli::bench::bench(command),
     };

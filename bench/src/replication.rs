@@ -108,6 +108,7 @@ fn protected(
         heartbeat: HeartbeatPolicy::default(),
         verify: false,
         precopy_rounds: 5,
+        max_bandwidth: None,
     };
     let fail =
         |error: understudy_primary::PrimaryError| BenchError::Replication(format!("{error}"));

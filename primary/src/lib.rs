@@ -19,6 +19,8 @@
 //! Threads: the caller's (checkpoints), `sender` (encode and send, in epoch
 //! order), `acks` (reads acknowledgements), `heartbeat`.
 
+pub mod migrate;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +94,8 @@ pub struct PrimaryOptions {
     pub verify: bool,
     /// Most pre-copy rounds before the final pause of epoch 0.
     pub precopy_rounds: u32,
+    /// Most bytes per second put on the wire (page frames), if limited.
+    pub max_bandwidth: Option<f64>,
 }
 
 /// How long epochs are: the target length, shortened (down to `min`) while
@@ -194,6 +198,8 @@ pub enum PrimaryEvent {
 
 /// Work for the sender thread, in order.
 enum Work {
+    /// Answer once everything before it is sent.
+    Flush(std::sync::mpsc::Sender<()>),
     Begin(u64),
     Pages(u64, PageBatch),
     End {
@@ -256,8 +262,18 @@ pub fn guest_image_hash() -> u64 {
 }
 
 impl Protection {
-    /// Connects to the secondary and greets it.
+    /// Connects to the secondary and greets it, for replication.
     pub fn connect(vm: &Vm, options: PrimaryOptions, vm_id: u64) -> Result<Self, PrimaryError> {
+        Self::connect_for(vm, options, vm_id, Purpose::Replicate)
+    }
+
+    /// Connects to a secondary or migration target and greets it.
+    pub fn connect_for(
+        vm: &Vm,
+        options: PrimaryOptions,
+        vm_id: u64,
+        purpose: Purpose,
+    ) -> Result<Self, PrimaryError> {
         let stream = TcpStream::connect_timeout(&options.secondary, Duration::from_secs(2))
             .map_err(|source| PrimaryError::Connect {
                 address: options.secondary,
@@ -273,7 +289,7 @@ impl Protection {
             0,
             &Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
-                purpose: Purpose::Replicate,
+                purpose,
                 memory_bytes: config.memory_bytes,
                 vcpus: config.vcpus,
                 guest_image_hash: guest_image_hash(),
@@ -313,10 +329,11 @@ impl Protection {
             let shared = shared.clone();
             let events = events_sender.clone();
             let codec = options.codec;
+            let limit = options.max_bandwidth;
             threads.push(
                 std::thread::Builder::new()
                     .name("sender".to_owned())
-                    .spawn(move || send_loop(&link, &codec, &work, &shared, &events))
+                    .spawn(move || send_loop(&link, &codec, limit, &work, &shared, &events))
                     .expect("spawning the sender thread"),
             );
         }
@@ -389,12 +406,46 @@ impl Protection {
         checkpointed: impl FnOnce(&EpochMetrics),
     ) -> Result<PrimaryEvent, PrimaryError> {
         let started = Instant::now();
+        self.begin_initial_copy(vm)?;
+        let mut pages = self.send_all_pages(vm, |_| Ok(()))? as u64;
+        let mut rounds = 1u32;
+        while rounds < self.options.precopy_rounds {
+            rounds += 1;
+            let sent = self.send_dirty_pages(vm, |_| Ok(()))?;
+            pages += sent as u64;
+            if sent < PRECOPY_DONE_PAGES {
+                break;
+            }
+        }
+        let metrics = self.finish_initial_copy(vm, true, checkpointed)?;
+        pages += metrics.dirty_pages as u64;
+        self.wait_acknowledged(0)?;
+        self.last_checkpoint = Instant::now();
+        Ok(PrimaryEvent::Synchronised {
+            rounds,
+            pages,
+            pause: metrics.pause,
+            total: started.elapsed(),
+        })
+    }
+
+    /// Starts epoch 0 and clears the dirty log: from now on every write is
+    /// seen.
+    pub fn begin_initial_copy(&mut self, vm: &Vm) -> Result<(), PrimaryError> {
         self.submit(Work::Begin(0))?;
         vm.harvest_dirty()?;
-        let mut pages = 0u64;
-        let mut rounds = 1u32;
-        // Round 1: every non-zero page.
+        Ok(())
+    }
+
+    /// Pre-copy round 1: queues every non-zero page while the guest runs.
+    /// `between_chunks` runs after each chunk (progress, throttling).
+    pub fn send_all_pages(
+        &mut self,
+        vm: &mut Vm,
+        mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+    ) -> Result<usize, PrimaryError> {
         let size = memory::size(vm.memory());
+        let mut pages = 0;
         let mut batch = PageBatch::with_capacity(PRECOPY_CHUNK_PAGES);
         let mut page = [0u8; PAGE_SIZE as usize];
         for address in (0..size).step_by(PAGE_SIZE as usize) {
@@ -403,50 +454,76 @@ impl Protection {
                 batch.push(address / PAGE_SIZE, &page);
             }
             if batch.len() == PRECOPY_CHUNK_PAGES {
-                pages += batch.len() as u64;
+                pages += batch.len();
                 self.submit(Work::Pages(0, std::mem::take(&mut batch)))?;
+                between_chunks(vm)?;
             }
         }
-        pages += batch.len() as u64;
+        pages += batch.len();
         self.submit(Work::Pages(0, batch))?;
-        // Later rounds: what the guest dirtied meanwhile.
-        while rounds < self.options.precopy_rounds {
-            let dirty = vm.harvest_dirty()?;
-            rounds += 1;
-            let addresses: Vec<u64> = dirty.page_addresses().collect();
-            pages += addresses.len() as u64;
-            for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
-                self.submit(Work::Pages(0, read_pages(vm, chunk)?))?;
-            }
-            if addresses.len() < PRECOPY_DONE_PAGES {
-                break;
-            }
+        Ok(pages)
+    }
+
+    /// A later pre-copy round: queues the pages dirtied since the last
+    /// round (the guest runs on). Returns how many.
+    pub fn send_dirty_pages(
+        &mut self,
+        vm: &mut Vm,
+        mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+    ) -> Result<usize, PrimaryError> {
+        let dirty = vm.harvest_dirty()?;
+        let addresses: Vec<u64> = dirty.page_addresses().collect();
+        for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
+            self.submit(Work::Pages(0, read_pages(vm, chunk)?))?;
+            between_chunks(vm)?;
         }
-        let (batch, state, metrics) = self.checkpoint(vm, 0)?;
+        Ok(addresses.len())
+    }
+
+    /// Waits until every page queued so far is on the wire (the sender's
+    /// queue is empty and its current item done).
+    pub fn drain(&self) -> Result<(), PrimaryError> {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.submit(Work::Flush(done))?;
+        wait.recv().map_err(|_| {
+            PrimaryError::SecondaryLost(
+                self.lost()
+                    .unwrap_or_else(|| "the sender stopped".to_owned()),
+            )
+        })
+    }
+
+    /// The last pause of epoch 0: the remaining dirty pages and the state.
+    /// With `resume` false the guest stays paused (a migration's
+    /// switchover). `checkpointed` hears about it before it is sent.
+    pub fn finish_initial_copy(
+        &mut self,
+        vm: &mut Vm,
+        resume: bool,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<EpochMetrics, PrimaryError> {
+        let (batch, state, metrics) = self.checkpoint_with(vm, 0, resume)?;
         checkpointed(&metrics);
-        let pause = metrics.pause;
-        pages += batch.len() as u64;
         self.submit(Work::Pages(0, batch))?;
         self.submit(Work::End {
             epoch: 0,
             state,
-            metrics: Box::new(metrics),
+            metrics: Box::new(metrics.clone()),
             checkpointed: Instant::now(),
         })?;
         self.next_epoch = 1;
-        while self.acknowledged().is_none() {
+        Ok(metrics)
+    }
+
+    /// Waits until `epoch` is acknowledged.
+    pub fn wait_acknowledged(&self, epoch: u64) -> Result<(), PrimaryError> {
+        while self.acknowledged().is_none_or(|acked| acked < epoch) {
             if let Some(reason) = self.lost() {
                 return Err(PrimaryError::SecondaryLost(reason));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.last_checkpoint = Instant::now();
-        Ok(PrimaryEvent::Synchronised {
-            rounds,
-            pages,
-            pause,
-            total: started.elapsed(),
-        })
+        Ok(())
     }
 
     /// Pauses the guest, takes its dirty pages and state, resumes it.
@@ -454,6 +531,18 @@ impl Protection {
         &mut self,
         vm: &mut Vm,
         epoch: u64,
+    ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
+        self.checkpoint_with(vm, epoch, true)
+    }
+
+    /// Pauses the guest, takes its dirty pages and state, and resumes it if
+    /// `resume` (the pause then ends at the resume; otherwise when the
+    /// checkpoint is taken).
+    fn checkpoint_with(
+        &mut self,
+        vm: &mut Vm,
+        epoch: u64,
+        resume: bool,
     ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
         let paused = Instant::now();
         vm.pause()?;
@@ -476,7 +565,9 @@ impl Protection {
             };
             Ok((batch, state, memory_hash, counters(vm)?))
         })();
-        vm.resume()?;
+        if resume || taken.is_err() {
+            vm.resume()?;
+        }
         let pause = paused.elapsed();
         let (batch, state, memory_hash, counters) = taken?;
         let now = Instant::now();
@@ -581,12 +672,15 @@ fn read_pages(vm: &Vm, addresses: &[u64]) -> Result<PageBatch, PrimaryError> {
 fn send_loop(
     link: &LinkSender,
     codec: &CodecSpec,
+    limit: Option<f64>,
     work: &Receiver<Work>,
     shared: &Shared,
     events: &std::sync::mpsc::Sender<PrimaryEvent>,
 ) {
     let mut encoder = Encoder::new(codec);
     let mut frame = Vec::new();
+    let limiter_started = Instant::now();
+    let mut limited_bytes = 0f64;
     let mut pages = 0u64;
     let mut wire = 0u64;
     let mut encode = Duration::ZERO;
@@ -594,6 +688,9 @@ fn send_loop(
     let result = (|| -> Result<(), PrimaryError> {
         for item in work {
             match item {
+                Work::Flush(done) => {
+                    let _ = done.send(());
+                }
                 Work::Begin(epoch) => {
                     pages = 0;
                     wire = 0;
@@ -614,6 +711,15 @@ fn send_loop(
                         send += started.elapsed();
                         if let Message::Pages(bytes) = message {
                             wire += bytes.len() as u64;
+                            if let Some(limit) = limit {
+                                // Keep the average under the limit.
+                                limited_bytes += bytes.len() as f64;
+                                let due = Duration::from_secs_f64(limited_bytes / limit);
+                                let elapsed = limiter_started.elapsed();
+                                if due > elapsed {
+                                    std::thread::sleep(due - elapsed);
+                                }
+                            }
                             frame = bytes;
                         }
                     }

@@ -13,6 +13,8 @@
 //! - A malformed, corrupted, replayed or out-of-order message closes the
 //!   connection with `Goodbye` and changes nothing: the primary is alive
 //!   but cannot be trusted, so this is no reason to take over.
+//! - A migration (`Hello` with purpose `Migrate`) ends with epoch 0: once
+//!   it is applied and acknowledged, the guest is resumed here.
 //! - Silence (neither bytes nor UDP heartbeats for the heartbeat timeout)
 //!   or a connection that breaks without `Goodbye` means the primary is
 //!   lost: with a committed epoch, the backup VM is resumed from it.
@@ -150,6 +152,8 @@ pub struct Failover {
     pub since_last_heartbeat: Duration,
     /// Why the primary was declared lost.
     pub reason: String,
+    /// Whether this was a migration's switchover rather than a failover.
+    pub migrated: bool,
 }
 
 /// How the secondary runs.
@@ -227,6 +231,13 @@ pub fn serve(
                     reason: "the primary was lost before its first epoch committed".to_owned(),
                 });
             }
+            Ok(Ended::MigratedIn) => {
+                let mut arrived = take_over(&mut backup, Instant::now(), "migrated in".to_owned())?;
+                if let Some(arrived) = &mut arrived {
+                    arrived.migrated = true;
+                }
+                return Ok(arrived);
+            }
             Ok(Ended::Closed(reason)) => report(&SecondaryEvent::Disconnected { reason }),
             Err(error) => {
                 let reason = format!("{:#}", anyhow_chain(&error));
@@ -251,6 +262,8 @@ fn anyhow_chain(error: &dyn std::error::Error) -> String {
 }
 
 enum Ended {
+    /// A migration's last epoch was applied: the guest runs here now.
+    MigratedIn,
     /// The primary went silent or the connection broke.
     Lost { last_heard: Instant, reason: String },
     /// The primary said goodbye.
@@ -277,6 +290,7 @@ fn serve_connection(
         udp,
         heartbeat,
         udp_heartbeats: None,
+        purpose: None,
     };
     let result = receive(&mut link, backup, report);
     if let Some(udp_heartbeats) = link.udp_heartbeats.take() {
@@ -315,6 +329,7 @@ struct Connection<'a> {
     udp: &'a UdpSocket,
     heartbeat: HeartbeatPolicy,
     udp_heartbeats: Option<Heartbeats>,
+    purpose: Option<Purpose>,
 }
 
 fn receive(
@@ -350,6 +365,7 @@ fn receive(
                         .map_err(ProtocolError::Io)?;
                 link.reader.hear(udp_heartbeats.heard());
                 link.udp_heartbeats = Some(udp_heartbeats);
+                link.purpose = Some(hello.purpose);
                 sender.send(0, &Message::Welcome)?;
                 report(&SecondaryEvent::Connected { peer, hello });
             }
@@ -393,6 +409,14 @@ fn receive(
                 let backup = backup.as_mut().expect("Hello created the backup");
                 commit(backup, epoch, end, &mut staging)?;
                 sender.send(epoch, &Message::Ack)?;
+                if link.purpose == Some(Purpose::Migrate) {
+                    report(&SecondaryEvent::Committed {
+                        epoch,
+                        pages: staging.received,
+                        receive: staging.begun.map_or(Duration::ZERO, |t| t.elapsed()),
+                    });
+                    return Ok(Ended::MigratedIn);
+                }
                 report(&SecondaryEvent::Committed {
                     epoch,
                     pages: staging.received,
@@ -416,9 +440,6 @@ fn check_hello(hello: &Hello) -> Result<(), String> {
     }
     if hello.guest_image_hash != guest_image_hash() {
         return Err("the primary runs a different guest image".to_owned());
-    }
-    if hello.purpose != Purpose::Replicate {
-        return Err("this secondary only accepts replication".to_owned());
     }
     memory::region_layout(hello.memory_bytes).map_err(|error| error.to_string())?;
     Ok(())
@@ -492,5 +513,6 @@ fn take_over(
         progress,
         since_last_heartbeat: last_heard.elapsed(),
         reason,
+        migrated: false,
     }))
 }

@@ -2,6 +2,7 @@
 //! loop, and Ctrl-C handling.
 
 pub mod bench;
+pub mod migrate;
 pub mod replicate;
 pub mod run;
 pub mod snapshot;

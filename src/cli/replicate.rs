@@ -32,7 +32,8 @@ pub struct HeartbeatOptions {
 }
 
 impl HeartbeatOptions {
-    fn policy(self) -> HeartbeatPolicy {
+    /// The policy these options describe.
+    pub fn policy(self) -> HeartbeatPolicy {
         HeartbeatPolicy {
             interval: self.heartbeat_interval,
             misses: self.heartbeat_misses.max(1),
@@ -192,6 +193,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         heartbeat: arguments.heartbeat.policy(),
         verify: arguments.verify,
         precopy_rounds: arguments.precopy_rounds.max(1),
+        max_bandwidth: None,
     };
     let vm_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -345,9 +347,12 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                 "memory_hash": failover.memory_hash,
                 "since_last_heartbeat_ms": failover.since_last_heartbeat.as_secs_f64() * 1e3,
                 "reason": failover.reason,
+                "migrated": failover.migrated,
                 "vcpus": vcpus_json(&failover.progress),
             })
         );
+    } else if failover.migrated {
+        println!("migration arrived: the guest runs here now");
     } else {
         println!(
             "PRIMARY LOST ({}): resumed the guest from epoch {} in {:.1} ms after the last heartbeat",

@@ -1,0 +1,170 @@
+//! `understudy migrate`: run a guest, then live-migrate it to a target
+//! (`understudy secondary`), which resumes it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use understudy_compress::CodecSpec;
+use understudy_primary::migrate::{MigrationOptions, NoConvergence, Round, migrate};
+use understudy_primary::{EpochPolicy, PrimaryOptions};
+use understudy_vm::Vm;
+use understudy_vm::workload::parse_rate;
+
+use super::replicate::HeartbeatOptions;
+use super::{VmOptions, check_events, parse_duration, wait_until_running};
+
+/// Arguments of `understudy migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArguments {
+    /// The target's address (an `understudy secondary`).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    after: Duration,
+    /// Switch over once the estimated downtime is under this.
+    #[arg(long, default_value = "30ms", value_parser = parse_duration)]
+    max_downtime: Duration,
+    /// Most bytes per second on the wire (e.g. 100MB/s); default: unlimited.
+    #[arg(long, value_parser = parse_bandwidth)]
+    max_bandwidth: Option<u64>,
+    /// Give up after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    deadline: Duration,
+    /// When the guest dirties memory faster than the link carries it: keep
+    /// trying until the deadline (wait), slow the guest down (throttle), or
+    /// give up at once (abort).
+    #[arg(long, default_value = "throttle", value_parser = parse_policy)]
+    on_no_convergence: NoConvergence,
+    /// Page codec.
+    #[arg(long, default_value = "delta+zstd:level=1")]
+    codec: CodecSpec,
+    /// Print progress and the summary as JSON lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    heartbeat: HeartbeatOptions,
+    #[command(flatten)]
+    vm: VmOptions,
+}
+
+fn parse_bandwidth(value: &str) -> Result<u64, String> {
+    match parse_rate(value) {
+        Ok(0) => Err("a bandwidth limit must be more than zero".to_owned()),
+        Ok(rate) => Ok(rate),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn parse_policy(value: &str) -> Result<NoConvergence, String> {
+    match value {
+        "wait" => Ok(NoConvergence::Wait),
+        "throttle" => Ok(NoConvergence::Throttle),
+        "abort" => Ok(NoConvergence::Abort),
+        _ => Err(format!("'{value}': expected wait, throttle or abort")),
+    }
+}
+
+fn print_round(round: &Round, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "event": "round",
+                "round": round.round,
+                "pages": round.pages,
+                "pages_left": round.pages_left,
+                "mb_per_s": round.bytes_per_second / 1e6,
+                "estimated_downtime_ms": round.estimated_downtime.as_secs_f64() * 1e3,
+                "throttle": round.throttle,
+            })
+        );
+    } else {
+        // A progress line per round: what is left, how fast, what stopping would cost.
+        println!(
+            "round {:3}: sent {:8} pages, {:8} left, {:8.1} MB/s, estimated downtime {:8.1} ms{}",
+            round.round,
+            round.pages,
+            round.pages_left,
+            round.bytes_per_second / 1e6,
+            round.estimated_downtime.as_secs_f64() * 1e3,
+            if round.throttle > 0.0 {
+                format!(", guest throttled {:.0} %", round.throttle * 100.0)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+/// Runs the guest, migrates it, and reports.
+pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
+    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    vm.resume()?;
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    std::thread::sleep(arguments.after);
+    check_events(&vm)?;
+    let options = MigrationOptions {
+        link: PrimaryOptions {
+            secondary: arguments.to,
+            epoch: EpochPolicy {
+                target: Duration::from_millis(25),
+                min: Duration::from_millis(25),
+                max_pause: Duration::from_secs(1),
+            },
+            codec: arguments.codec,
+            heartbeat: arguments.heartbeat.policy(),
+            verify: false,
+            precopy_rounds: u32::MAX,
+            max_bandwidth: arguments.max_bandwidth.map(|rate| rate as f64),
+        },
+        max_downtime: arguments.max_downtime,
+        deadline: arguments.deadline,
+        on_no_convergence: arguments.on_no_convergence,
+    };
+    let vm_id = u64::from(std::process::id()) ^ (Instant::now().elapsed().as_nanos() as u64);
+    let as_json = arguments.json;
+    let summary = migrate(&mut vm, &options, vm_id, |round| {
+        print_round(round, as_json)
+    });
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(error) => {
+            vm.pause()?;
+            vm.shutdown();
+            return Err(error.into());
+        }
+    };
+    let raw_bytes = summary.pages * 4096;
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "event": "migrated",
+                "total_ms": summary.total.as_secs_f64() * 1e3,
+                "downtime_ms": summary.downtime.as_secs_f64() * 1e3,
+                "rounds": summary.rounds,
+                "pages": summary.pages,
+                "raw_bytes": raw_bytes,
+                "throttle": summary.throttle,
+            })
+        );
+    } else {
+        println!(
+            "migrated in {:.0} ms: downtime {:.1} ms, {} round(s), {} pages ({:.1} MiB raw){}",
+            summary.total.as_secs_f64() * 1e3,
+            summary.downtime.as_secs_f64() * 1e3,
+            summary.rounds,
+            summary.pages,
+            raw_bytes as f64 / (1 << 20) as f64,
+            if summary.throttle > 0.0 {
+                format!(", guest throttled up to {:.0} %", summary.throttle * 100.0)
+            } else {
+                String::new()
+            }
+        );
+    }
+    vm.shutdown();
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Live migration between two processes on loopback: a guest that can be
+//! caught converges and runs on at the target; one that dirties memory
+//! faster than the bandwidth limit gets the non-convergence policy.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+
+use common::{event, json_lines, require_kvm, understudy};
+use understudy_guest_abi::counter_replay;
+
+fn free_address() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Runs a target in the background and the migration in the foreground;
+/// returns (migration output, target output).
+fn migrate(target_duration: &str, migrate_args: &[&str]) -> (Output, Output) {
+    let address = free_address();
+    let target = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args([
+            "secondary",
+            "--listen",
+            &address,
+            "--duration",
+            target_duration,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the target");
+    // The target binds before printing anything; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut args = vec!["migrate", "--to", &address, "--json"];
+    args.extend_from_slice(migrate_args);
+    let source = understudy(&args);
+    if !source.status.success() {
+        // The target waits for another primary: stop it.
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(target.id() as i32, libc::SIGTERM) };
+    }
+    let target = target.wait_with_output().expect("the target exits");
+    (source, target)
+}
+
+fn u64_of(value: &serde_json::Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a u64: {value}"))
+}
+
+#[test]
+fn a_counter_guest_migrates_and_continues_exactly_on_the_target() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange and act: migrate a 2-vCPU counter guest.
+    let (source, target) = migrate(
+        "500ms",
+        &[
+            "--workload",
+            "counter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64M",
+            "--after",
+            "300ms",
+        ],
+    );
+
+    // Assert: the source switched over, the target resumed the guest, and
+    // each counter's chain continued unbroken there.
+    assert!(
+        source.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    assert!(
+        target.status.success(),
+        "target failed: {}",
+        String::from_utf8_lossy(&target.stderr)
+    );
+    let migrated = event(&json_lines(&source), "migrated");
+    assert!(migrated["downtime_ms"].as_f64().expect("downtime") > 0.0);
+    let lines = json_lines(&target);
+    let resumed = event(&lines, "resumed");
+    let stopped = event(&lines, "stopped");
+    assert_eq!(resumed["migrated"], true);
+    for vcpu in 0..2 {
+        let from = u64_of(&resumed["vcpus"][vcpu]["counter"]);
+        let from_hash = u64_of(&resumed["vcpus"][vcpu]["counter_hash"]);
+        let to = u64_of(&stopped["vcpus"][vcpu]["counter"]);
+        let to_hash = u64_of(&stopped["vcpus"][vcpu]["counter_hash"]);
+        assert!(to > from, "vCPU {vcpu} did not run on the target");
+        assert_eq!(
+            counter_replay(from, from_hash, to),
+            Some(to_hash),
+            "vCPU {vcpu}: the chain from {from} to {to} is broken"
+        );
+    }
+}
+
+#[test]
+fn a_memtouch_guest_converges_and_keeps_dirtying_on_the_target() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange and act: a guest dirtying 50 MB/s of a 32 MiB working set.
+    let (source, target) = migrate(
+        "1500ms",
+        &[
+            "--workload",
+            "memtouch:rate=50MB/s,wss=32M,pattern=random",
+            "--memory",
+            "256M",
+            "--after",
+            "300ms",
+        ],
+    );
+
+    // Assert: it converged within a few rounds and the guest runs there.
+    assert!(
+        source.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    let lines = json_lines(&source);
+    let migrated = event(&lines, "migrated");
+    assert!(u64_of(&migrated["rounds"]) >= 1);
+    let target_lines = json_lines(&target);
+    assert_eq!(event(&target_lines, "resumed")["migrated"], true);
+    let dirtying = target_lines
+        .iter()
+        .filter_map(|line| line["guest_dirtied_mb_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        dirtying > 10.0,
+        "the guest does not dirty memory on the target ({dirtying} MB/s)"
+    );
+}
+
+#[test]
+fn a_guest_faster_than_the_link_is_refused_rather_than_chased_forever() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange and act: a guest dirtying as fast as it can, a 10 MB/s link,
+    // and the abort policy.
+    let (source, target) = migrate(
+        "1s",
+        &[
+            "--workload",
+            "memtouch:rate=max,wss=16M,pattern=random",
+            "--memory",
+            "64M",
+            "--after",
+            "200ms",
+            "--max-bandwidth",
+            "10MB/s",
+            "--on-no-convergence",
+            "abort",
+        ],
+    );
+
+    // Assert: the source gives up with the reason, and the target never
+    // resumed anything.
+    assert!(
+        !source.status.success(),
+        "the migration should not have converged"
+    );
+    let stderr = String::from_utf8_lossy(&source.stderr);
+    assert!(
+        stderr.contains("faster than the link carries it"),
+        "unclear error: {stderr}"
+    );
+    assert!(
+        json_lines(&target)
+            .iter()
+            .all(|line| line["event"] != "resumed"),
+        "the target resumed a guest from an aborted migration"
+    );
+}
