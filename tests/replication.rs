@@ -95,6 +95,7 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         "--json",
         "--heartbeat-misses",
         "30",
+        "--verify",
     ]);
     let mut secondary_seen = Vec::new();
     until_event(

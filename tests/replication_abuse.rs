@@ -38,6 +38,7 @@ fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
             "--duration",
             "300ms",
             "--json",
+            "--verify",
             // The scripted primary sends no heartbeats: a generous timeout
             // keeps a slow machine from declaring it lost between messages.
             "--heartbeat-misses",

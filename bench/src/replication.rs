@@ -89,6 +89,7 @@ fn protected(
                 SecondaryOptions {
                     listen: address,
                     heartbeat: HeartbeatPolicy::default(),
+                    verify: false,
                 },
                 &stop,
                 |_| {},

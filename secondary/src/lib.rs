@@ -143,8 +143,9 @@ pub struct Failover {
     pub vm: Vm,
     /// The epoch it resumed from.
     pub epoch: u64,
-    /// Memory hash of the backup at that epoch, before the guest ran.
-    pub memory_hash: u64,
+    /// Memory hash of the backup at that epoch, before the guest ran (with
+    /// `verify`: hashing a large memory delays the takeover).
+    pub memory_hash: Option<u64>,
     /// The guest's per-vCPU status as of that epoch (counters), read before
     /// it ran again.
     pub progress: ProgressSample,
@@ -163,6 +164,8 @@ pub struct SecondaryOptions {
     pub listen: SocketAddr,
     /// Heartbeats.
     pub heartbeat: HeartbeatPolicy,
+    /// Hash the backup memory before resuming it (reported in [`Failover`]).
+    pub verify: bool,
 }
 
 /// The backup: a VM that has not run, and what it holds.
@@ -224,7 +227,8 @@ pub fn serve(
             &mut report,
         ) {
             Ok(Ended::Lost { last_heard, reason }) => {
-                if let Some(failover) = take_over(&mut backup, last_heard, reason)? {
+                if let Some(failover) = take_over(&mut backup, last_heard, reason, options.verify)?
+                {
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
@@ -232,7 +236,12 @@ pub fn serve(
                 });
             }
             Ok(Ended::MigratedIn) => {
-                let mut arrived = take_over(&mut backup, Instant::now(), "migrated in".to_owned())?;
+                let mut arrived = take_over(
+                    &mut backup,
+                    Instant::now(),
+                    "migrated in".to_owned(),
+                    options.verify,
+                )?;
                 if let Some(arrived) = &mut arrived {
                     arrived.migrated = true;
                 }
@@ -491,6 +500,7 @@ fn take_over(
     backup: &mut Option<Backup>,
     last_heard: Instant,
     reason: String,
+    verify: bool,
 ) -> Result<Option<Failover>, SecondaryError> {
     let Some(Backup {
         committed: Some(_), ..
@@ -502,7 +512,11 @@ fn take_over(
         mut vm, committed, ..
     } = backup.take().expect("checked above");
     let (epoch, state) = committed.expect("checked above");
-    let memory_hash = memory::hash(vm.memory())?;
+    let memory_hash = if verify {
+        Some(memory::hash(vm.memory())?)
+    } else {
+        None
+    };
     vm.restore_state(&state)?;
     let progress = ProgressSample::read(&vm)?;
     vm.resume()?;

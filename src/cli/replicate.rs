@@ -85,6 +85,9 @@ pub struct SecondaryArguments {
     listen: SocketAddr,
     #[command(flatten)]
     heartbeat: HeartbeatOptions,
+    /// Hash the backup memory before resuming it, and report the hash.
+    #[arg(long)]
+    verify: bool,
     /// After a failover, run the guest this long (default: until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -288,6 +291,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     let options = SecondaryOptions {
         listen: arguments.listen,
         heartbeat: arguments.heartbeat.policy(),
+        verify: arguments.verify,
     };
     if as_json {
         println!(
