@@ -191,3 +191,107 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         );
     }
 }
+
+#[test]
+fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a protected counter guest whose secondary is killed.
+    let address = format!("127.0.0.1:{}", free_port());
+    let secondary_args = [
+        "secondary",
+        "--listen",
+        &address,
+        "--duration",
+        "300ms",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+        "--verify",
+    ];
+    let (mut first_secondary, first_lines) = spawn(&secondary_args);
+    let mut seen = Vec::new();
+    until_event(
+        &first_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut seen,
+    );
+    let (mut primary, primary_lines) = spawn(&[
+        "primary",
+        "--secondary",
+        &address,
+        "--workload",
+        "counter",
+        "--memory",
+        "64M",
+        "--epoch",
+        "20ms",
+        "--verify",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+    ]);
+    let mut primary_seen = Vec::new();
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut primary_seen,
+    );
+    until_event(
+        &primary_lines,
+        "ack",
+        Duration::from_secs(10),
+        &mut primary_seen,
+    );
+    first_secondary.kill().expect("SIGKILL the first secondary");
+    first_secondary.wait().expect("reap it");
+    until_event(
+        &primary_lines,
+        "secondary_lost",
+        Duration::from_secs(10),
+        &mut primary_seen,
+    );
+
+    // Act: a new secondary at the same address; then the primary dies.
+    let (mut second_secondary, second_lines) = spawn(&secondary_args);
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut primary_seen,
+    );
+    for _ in 0..5 {
+        until_event(
+            &primary_lines,
+            "ack",
+            Duration::from_secs(10),
+            &mut primary_seen,
+        );
+    }
+    primary.kill().expect("SIGKILL the primary");
+    primary.wait().expect("reap the primary");
+    primary_seen.extend(primary_lines.try_iter());
+    let mut second_seen = Vec::new();
+    let resumed = until_event(
+        &second_lines,
+        "resumed",
+        Duration::from_secs(10),
+        &mut second_seen,
+    );
+    let status = second_secondary.wait().expect("the new secondary exits");
+
+    // Assert: the new secondary took over with the memory and counters the
+    // primary recorded for that epoch of its second protection.
+    assert!(status.success(), "the new secondary failed: {status}");
+    let epoch = &resumed["epoch"];
+    let checkpoint = primary_seen
+        .iter()
+        .rev()
+        .find(|line| line["event"] == "checkpoint" && line["epoch"] == *epoch)
+        .unwrap_or_else(|| panic!("the primary reported no epoch {epoch}"));
+    assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
+    assert_eq!(resumed["vcpus"], checkpoint["vcpus"]);
+}

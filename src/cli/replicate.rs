@@ -41,7 +41,10 @@ impl HeartbeatOptions {
     }
 }
 
-/// Arguments of `understudy primary`.
+/// Arguments of `understudy primary`. When the secondary is lost the guest
+/// runs on unprotected, and the primary reconnects to `--secondary` every
+/// second, protecting the guest again (a full resynchronisation) as soon as
+/// a secondary answers there.
 #[derive(clap::Args, Debug)]
 pub struct PrimaryArguments {
     /// The secondary's address (host:port).
@@ -217,38 +220,47 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             options.epoch, options.codec
         );
     }
-    let mut protection = Protection::connect(&vm, options, vm_id)?;
-    let synchronised =
-        protection.synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))?;
-    print_primary_event(&synchronised, arguments.json);
-    let outcome = protect(&mut vm, &mut protection, &arguments, &stop, started);
-    for event in protection.events() {
-        print_primary_event(&event, arguments.json);
-    }
-    match outcome {
-        Ok(()) => protection.close("the primary is stopping"),
-        Err(PrimaryError::SecondaryLost(reason)) => {
-            protection.close("the primary is stopping");
-            eprintln!(
-                "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED"
-            );
-            if arguments.json {
-                println!("{}", json!({"event": "secondary_lost", "reason": reason}));
+    let finished = |stop: &AtomicBool| {
+        stop.load(Ordering::Relaxed) || arguments.duration.is_some_and(|d| started.elapsed() >= d)
+    };
+    let mut protected_before = false;
+    while !finished(&stop) {
+        let mut protection = match Protection::connect(&vm, options.clone(), vm_id) {
+            Ok(protection) => protection,
+            Err(error) if protected_before => {
+                // Unprotected: the guest runs on; try again in a second.
+                tracing::debug!("re-protection failed: {error}");
+                check_events(&vm)?;
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
             }
-            let rest = arguments
-                .duration
-                .map(|d| d.saturating_sub(started.elapsed()));
-            monitor(
-                &vm,
-                MonitorOptions {
-                    duration: rest,
-                    json: arguments.json,
-                    harvest_interval: Duration::from_secs(1),
-                },
-                &stop,
-            )?;
+            Err(error) => return Err(error.into()),
+        };
+        let outcome = protection
+            .synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))
+            .and_then(|synchronised| {
+                print_primary_event(&synchronised, arguments.json);
+                protected_before = true;
+                protect(&mut vm, &mut protection, &arguments, &stop, started)
+            });
+        for event in protection.events() {
+            print_primary_event(&event, arguments.json);
         }
-        Err(error) => return Err(error.into()),
+        protection.close("the primary is stopping");
+        match outcome {
+            Ok(()) => break,
+            Err(PrimaryError::SecondaryLost(reason)) if protected_before => {
+                eprintln!(
+                    "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
+                     trying {} again every second",
+                    arguments.secondary
+                );
+                if arguments.json {
+                    println!("{}", json!({"event": "secondary_lost", "reason": reason}));
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     vm.pause()?;
     vm.shutdown();
