@@ -295,3 +295,121 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
     assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
     assert_eq!(resumed["vcpus"], checkpoint["vcpus"]);
 }
+
+/// Forwards a primary's connection to the secondary and cuts both ends in
+/// the middle of the first `Pages` message of epoch `cut_epoch`, after half
+/// its payload. Returns the address the primary should connect to.
+fn cutting_proxy(secondary: String, cut_epoch: u64) -> String {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let address = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        let (mut from_primary, _) = listener.accept().expect("the primary connects");
+        let mut to_secondary = TcpStream::connect(&secondary).expect("reach the secondary");
+        let mut back_from_secondary = to_secondary.try_clone().expect("clone");
+        let mut back_to_primary = from_primary.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from_secondary, &mut back_to_primary);
+        });
+        let mut header = [0u8; 48];
+        loop {
+            if from_primary.read_exact(&mut header).is_err() {
+                return;
+            }
+            let kind = header[4];
+            let epoch = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+            let length = u32::from_le_bytes(header[24..28].try_into().expect("4 bytes")) as usize;
+            let mut payload = vec![0u8; length];
+            if from_primary.read_exact(&mut payload).is_err() {
+                return;
+            }
+            to_secondary.write_all(&header).expect("forward a header");
+            // Kind 5 is Pages (see checkpoint/src/protocol.rs).
+            if kind == 5 && epoch >= cut_epoch {
+                to_secondary
+                    .write_all(&payload[..length / 2])
+                    .expect("forward half a payload");
+                let _ = to_secondary.shutdown(std::net::Shutdown::Both);
+                let _ = from_primary.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            to_secondary.write_all(&payload).expect("forward a payload");
+        }
+    });
+    address
+}
+
+#[test]
+fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: primary -> cutting proxy -> secondary, a memtouch guest so
+    // that every epoch carries pages.
+    let secondary_address = format!("127.0.0.1:{}", free_port());
+    let (mut secondary, secondary_lines) = spawn(&[
+        "secondary",
+        "--listen",
+        &secondary_address,
+        "--duration",
+        "300ms",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+        "--verify",
+    ]);
+    let mut secondary_seen = Vec::new();
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let cut_epoch = 8 + random_below(8);
+    let proxy = cutting_proxy(secondary_address, cut_epoch);
+
+    // Act: the primary runs until the proxy cuts its connection mid-epoch.
+    let (mut primary, primary_lines) = spawn(&[
+        "primary",
+        "--secondary",
+        &proxy,
+        "--workload",
+        "memtouch:rate=20MB/s,wss=16M,pattern=random",
+        "--memory",
+        "64M",
+        "--epoch",
+        "20ms",
+        "--verify",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+    ]);
+    let mut primary_seen = Vec::new();
+    until_event(
+        &primary_lines,
+        "secondary_lost",
+        Duration::from_secs(20),
+        &mut primary_seen,
+    );
+    let resumed = until_event(
+        &secondary_lines,
+        "resumed",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    primary.kill().expect("stop the primary");
+    primary.wait().expect("reap the primary");
+    let status = secondary.wait().expect("the secondary exits");
+
+    // Assert: the secondary resumed the epoch before the torn one, with the
+    // memory the primary recorded for it.
+    assert!(status.success(), "secondary failed: {status}");
+    assert_eq!(u64_of(&resumed["epoch"]), cut_epoch - 1);
+    let checkpoint = primary_seen
+        .iter()
+        .find(|line| line["event"] == "checkpoint" && line["epoch"] == cut_epoch - 1)
+        .expect("the primary's record of the resumed epoch");
+    assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
+}
