@@ -45,6 +45,15 @@ impl PageBatch {
         as_page_mut(&mut self.contents[start..])
     }
 
+    /// Appends `count` consecutive pages from `first` and returns their
+    /// (zeroed) contents as one slice, to fill in with one copy.
+    pub fn push_run_zeroed(&mut self, first: u64, count: usize) -> &mut [u8] {
+        self.page_numbers.extend(first..first + count as u64);
+        let start = self.contents.len();
+        self.contents.resize(start + count * PAGE_SIZE, 0);
+        &mut self.contents[start..]
+    }
+
     /// Removes every page, keeping the allocations.
     pub fn clear(&mut self) {
         self.page_numbers.clear();
@@ -165,6 +174,16 @@ mod tests {
         assert_eq!(batch.page(0)[7], 9);
         assert_eq!(batch.page(1)[0], 1);
         assert_eq!(batch.content_bytes(), 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_run_of_pages_is_one_slice() {
+        let mut batch = PageBatch::new();
+
+        batch.push_run_zeroed(10, 3)[PAGE_SIZE] = 7;
+
+        assert_eq!(batch.page_numbers(), &[10, 11, 12]);
+        assert_eq!(batch.page(1)[0], 7);
     }
 
     #[test]

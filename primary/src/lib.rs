@@ -215,6 +215,11 @@ struct Shared {
     checkpointed: Mutex<HashMap<u64, Instant>>,
     lost: Mutex<Option<String>>,
     acknowledged: Mutex<Option<u64>>,
+    /// Bytes of page frames and states put on the wire so far.
+    wire_bytes: std::sync::atomic::AtomicU64,
+    /// Batches the sender is done with, kept with their memory: a fresh
+    /// allocation would page-fault on every page copied during the pause.
+    spare_batches: Mutex<Vec<PageBatch>>,
 }
 
 impl Shared {
@@ -227,6 +232,26 @@ impl Shared {
 
     fn lost(&self) -> Option<String> {
         self.lost.lock().expect("no panics under this lock").clone()
+    }
+
+    /// An empty batch, with memory from an earlier one when there is one.
+    fn spare_batch(&self) -> PageBatch {
+        self.spare_batches
+            .lock()
+            .expect("no panics under this lock")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn recycle(&self, mut batch: PageBatch) {
+        batch.clear();
+        let mut spare = self
+            .spare_batches
+            .lock()
+            .expect("no panics under this lock");
+        if spare.len() < 4 {
+            spare.push(batch);
+        }
     }
 }
 
@@ -320,6 +345,8 @@ impl Protection {
             checkpointed: Mutex::new(HashMap::new()),
             lost: Mutex::new(None),
             acknowledged: Mutex::new(None),
+            wire_bytes: std::sync::atomic::AtomicU64::new(0),
+            spare_batches: Mutex::new(Vec::new()),
         });
         let (work_sender, work) = sync_channel::<Work>(2);
         let (events_sender, events) = std::sync::mpsc::channel();
@@ -371,6 +398,11 @@ impl Protection {
     /// Why the secondary was lost, if it was.
     pub fn lost(&self) -> Option<String> {
         self.shared.lost()
+    }
+
+    /// Bytes of page frames and states sent so far on this connection.
+    pub fn wire_bytes(&self) -> u64 {
+        self.shared.wire_bytes.load(Ordering::Relaxed)
     }
 
     /// The last acknowledged epoch.
@@ -474,7 +506,8 @@ impl Protection {
         let dirty = vm.harvest_dirty()?;
         let addresses: Vec<u64> = dirty.page_addresses().collect();
         for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
-            self.submit(Work::Pages(0, read_pages(vm, chunk)?))?;
+            let batch = read_pages(vm, chunk, self.shared.spare_batch())?;
+            self.submit(Work::Pages(0, batch))?;
             between_chunks(vm)?;
         }
         Ok(addresses.len())
@@ -549,7 +582,7 @@ impl Protection {
         let taken = (|| -> Result<_, PrimaryError> {
             let dirty = vm.harvest_dirty()?;
             let addresses: Vec<u64> = dirty.page_addresses().collect();
-            let batch = match read_pages(vm, &addresses) {
+            let batch = match read_pages(vm, &addresses, self.shared.spare_batch()) {
                 Ok(batch) => batch,
                 Err(error) => {
                     // The pages stay dirty for the next checkpoint.
@@ -660,11 +693,21 @@ fn read_half_ip(
         })
 }
 
-fn read_pages(vm: &Vm, addresses: &[u64]) -> Result<PageBatch, PrimaryError> {
-    let mut batch = PageBatch::with_capacity(addresses.len());
-    for &address in addresses {
-        let page = batch.push_zeroed(address / PAGE_SIZE);
-        memory::read(vm.memory(), address, page)?;
+/// Copies the pages at `addresses` (sorted) out of guest memory into
+/// `batch` (empty), one copy per run of consecutive pages.
+fn read_pages(vm: &Vm, addresses: &[u64], mut batch: PageBatch) -> Result<PageBatch, PrimaryError> {
+    let mut index = 0;
+    while index < addresses.len() {
+        let first = addresses[index];
+        let mut count = 1;
+        while index + count < addresses.len()
+            && addresses[index + count] == first + count as u64 * PAGE_SIZE
+        {
+            count += 1;
+        }
+        let run = batch.push_run_zeroed(first / PAGE_SIZE, count);
+        memory::read(vm.memory(), first, run)?;
+        index += count;
     }
     Ok(batch)
 }
@@ -700,10 +743,21 @@ fn send_loop(
                 }
                 Work::Pages(epoch, batch) => {
                     pages += batch.len() as u64;
-                    for part in split(&batch, MAX_PAGES_PER_FRAME) {
+                    let parts = if batch.len() > MAX_PAGES_PER_FRAME {
+                        split(&batch, MAX_PAGES_PER_FRAME)
+                    } else {
+                        Vec::new()
+                    };
+                    let whole = [batch];
+                    let to_send = if parts.is_empty() {
+                        &whole[..]
+                    } else {
+                        &parts[..]
+                    };
+                    for part in to_send {
                         frame.clear();
                         let started = Instant::now();
-                        encoder.encode(&part, &mut frame)?;
+                        encoder.encode(part, &mut frame)?;
                         encode += started.elapsed();
                         let started = Instant::now();
                         let message = Message::Pages(std::mem::take(&mut frame));
@@ -711,6 +765,9 @@ fn send_loop(
                         send += started.elapsed();
                         if let Message::Pages(bytes) = message {
                             wire += bytes.len() as u64;
+                            shared
+                                .wire_bytes
+                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             if let Some(limit) = limit {
                                 // Keep the average under the limit.
                                 limited_bytes += bytes.len() as f64;
@@ -723,6 +780,8 @@ fn send_loop(
                             frame = bytes;
                         }
                     }
+                    let [batch] = whole;
+                    shared.recycle(batch);
                 }
                 Work::End {
                     epoch,
@@ -732,6 +791,9 @@ fn send_loop(
                 } => {
                     let started = Instant::now();
                     wire += state.len() as u64;
+                    shared
+                        .wire_bytes
+                        .fetch_add(state.len() as u64, Ordering::Relaxed);
                     link.send(epoch, &Message::State(state))?;
                     shared
                         .checkpointed
@@ -763,9 +825,6 @@ fn send_loop(
 
 /// Splits a batch into frames of at most `max` pages.
 fn split(batch: &PageBatch, max: usize) -> Vec<PageBatch> {
-    if batch.len() <= max {
-        return vec![batch.clone()];
-    }
     let mut parts = Vec::new();
     let mut part = PageBatch::with_capacity(max);
     for (page_number, page) in batch.iter() {

@@ -71,6 +71,8 @@ pub struct MigrationSummary {
     pub rounds: u32,
     /// Pages sent (raw bytes = pages × 4 KiB).
     pub pages: u64,
+    /// Bytes on the wire (compressed frames and the state).
+    pub wire_bytes: u64,
     /// Highest throttle used.
     pub throttle: f64,
 }
@@ -200,11 +202,13 @@ fn run(
     let metrics = link.finish_initial_copy(vm, false, |_| {})?;
     total_pages += metrics.dirty_pages as u64;
     link.wait_acknowledged(0)?;
+    let downtime = paused.elapsed();
     Ok(MigrationSummary {
         total: started.elapsed(),
-        downtime: paused.elapsed(),
+        downtime,
         rounds: round,
         pages: total_pages,
+        wire_bytes: link.wire_bytes(),
         throttle: highest_throttle,
     })
 }

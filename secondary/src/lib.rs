@@ -417,20 +417,16 @@ fn receive(
             Action::Commit { epoch, end } => {
                 let backup = backup.as_mut().expect("Hello created the backup");
                 commit(backup, epoch, end, &mut staging)?;
-                sender.send(epoch, &Message::Ack)?;
-                if link.purpose == Some(Purpose::Migrate) {
-                    report(&SecondaryEvent::Committed {
-                        epoch,
-                        pages: staging.received,
-                        receive: staging.begun.map_or(Duration::ZERO, |t| t.elapsed()),
-                    });
-                    return Ok(Ended::MigratedIn);
-                }
+                // Committed, whether or not the acknowledgement gets out.
                 report(&SecondaryEvent::Committed {
                     epoch,
                     pages: staging.received,
                     receive: staging.begun.map_or(Duration::ZERO, |t| t.elapsed()),
                 });
+                sender.send(epoch, &Message::Ack)?;
+                if link.purpose == Some(Purpose::Migrate) {
+                    return Ok(Ended::MigratedIn);
+                }
             }
             Action::Heartbeat(_) => {}
             Action::Close(reason) => {

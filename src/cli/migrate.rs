@@ -81,9 +81,14 @@ fn print_round(round: &Round, as_json: bool) {
             })
         );
     } else {
-        // A progress line per round: what is left, how fast, what stopping would cost.
+        // A progress line per round: a bar of what this round sent against
+        // what is left, how fast, what stopping now would cost.
+        let done = round.pages as f64 / (round.pages + round.pages_left).max(1) as f64;
+        let filled = (done * 20.0).round() as usize;
         println!(
-            "round {:3}: sent {:8} pages, {:8} left, {:8.1} MB/s, estimated downtime {:8.1} ms{}",
+            "[{}{}] round {:3}: sent {:8} pages, {:8} left, {:8.1} MB/s, estimated downtime {:8.1} ms{}",
+            "#".repeat(filled),
+            "-".repeat(20 - filled.min(20)),
             round.round,
             round.pages,
             round.pages_left,
@@ -147,17 +152,19 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
                 "rounds": summary.rounds,
                 "pages": summary.pages,
                 "raw_bytes": raw_bytes,
+                "wire_bytes": summary.wire_bytes,
                 "throttle": summary.throttle,
             })
         );
     } else {
         println!(
-            "migrated in {:.0} ms: downtime {:.1} ms, {} round(s), {} pages ({:.1} MiB raw){}",
+            "migrated in {:.0} ms: downtime {:.1} ms, {} round(s), {} pages ({:.1} MiB raw, {:.1} MiB on the wire){}",
             summary.total.as_secs_f64() * 1e3,
             summary.downtime.as_secs_f64() * 1e3,
             summary.rounds,
             summary.pages,
             raw_bytes as f64 / (1 << 20) as f64,
+            summary.wire_bytes as f64 / (1 << 20) as f64,
             if summary.throttle > 0.0 {
                 format!(", guest throttled up to {:.0} %", summary.throttle * 100.0)
             } else {
