@@ -302,16 +302,16 @@ fn serve_connection(
         purpose: None,
     };
     let result = receive(&mut link, backup, report);
-    if let Some(udp_heartbeats) = link.udp_heartbeats.take() {
-        udp_heartbeats.stop();
-    }
+    // The heartbeat threads notice their stop flags within an interval;
+    // nobody waits for them, so a takeover starts at once.
+    drop(link.udp_heartbeats.take());
     stop_heartbeats.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Err(error) = &result {
         // Tell a live primary why it is being dropped.
         let _ = sender.send(0, &Message::Goodbye(anyhow_chain(error)));
     }
     sender.shutdown();
-    let _ = heartbeats.join();
+    drop(heartbeats);
     match result {
         Err(ConnectionError::Protocol(error)) if is_peer_lost(&error) => Ok(Ended::Lost {
             last_heard: reader.last_progress(),
