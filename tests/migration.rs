@@ -4,20 +4,12 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 
-use common::{event, json_lines, require_kvm, understudy};
-use understudy_guest_abi::counter_replay;
-
-fn free_address() -> String {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port();
-    format!("127.0.0.1:{port}")
-}
+use common::{
+    assert_counter_chains_continue, event, free_address, json_lines, require_kvm, u64_of,
+    understudy,
+};
 
 /// Runs a target in the background and the migration in the foreground;
 /// returns (migration output, target output).
@@ -48,12 +40,6 @@ fn migrate(target_duration: &str, migrate_args: &[&str]) -> (Output, Output) {
     }
     let target = target.wait_with_output().expect("the target exits");
     (source, target)
-}
-
-fn u64_of(value: &serde_json::Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a u64: {value}"))
 }
 
 #[test]
@@ -94,18 +80,7 @@ fn a_counter_guest_migrates_and_continues_exactly_on_the_target() {
     let resumed = event(&lines, "resumed");
     let stopped = event(&lines, "stopped");
     assert_eq!(resumed["migrated"], true);
-    for vcpu in 0..2 {
-        let from = u64_of(&resumed["vcpus"][vcpu]["counter"]);
-        let from_hash = u64_of(&resumed["vcpus"][vcpu]["counter_hash"]);
-        let to = u64_of(&stopped["vcpus"][vcpu]["counter"]);
-        let to_hash = u64_of(&stopped["vcpus"][vcpu]["counter_hash"]);
-        assert!(to > from, "vCPU {vcpu} did not run on the target");
-        assert_eq!(
-            counter_replay(from, from_hash, to),
-            Some(to_hash),
-            "vCPU {vcpu}: the chain from {from} to {to} is broken"
-        );
-    }
+    assert_counter_chains_continue(&resumed["vcpus"], &stopped["vcpus"], 2);
 }
 
 #[test]

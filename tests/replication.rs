@@ -4,70 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::require_kvm;
-use understudy_guest_abi::counter_replay;
-
-/// A free loopback port (bound, then released for the secondary).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
-/// Starts `understudy ARGS` with its JSON lines delivered on a channel.
-fn spawn(args: &[&str]) -> (Child, Receiver<serde_json::Value>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start understudy");
-    let stdout = child.stdout.take().expect("stdout");
-    let (lines, receiver) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                && lines.send(value).is_err()
-            {
-                return;
-            }
-        }
-    });
-    (child, receiver)
-}
-
-/// Collects lines until one has `event` (and returns them all).
-fn until_event(
-    lines: &Receiver<serde_json::Value>,
-    event: &str,
-    timeout: Duration,
-    seen: &mut Vec<serde_json::Value>,
-) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no '{event}' line within {timeout:?}; saw {seen:?}"));
-        seen.push(line.clone());
-        if line["event"] == event {
-            return line;
-        }
-    }
-}
-
-fn u64_of(value: &serde_json::Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a u64: {value}"))
-}
+use common::{
+    assert_counter_chains_continue, free_address, require_kvm, spawn_json, u64_of, until_event,
+};
 
 /// A pseudo-random count from the clock, so the kill lands at a different
 /// moment of an epoch each run.
@@ -85,8 +27,8 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
     }
     // Arrange: a secondary, and a primary protecting a 2-vCPU counter guest
     // with every checkpoint's memory hash recorded.
-    let address = format!("127.0.0.1:{}", free_port());
-    let (mut secondary, secondary_lines) = spawn(&[
+    let address = free_address();
+    let (mut secondary, secondary_lines) = spawn_json(&[
         "secondary",
         "--listen",
         &address,
@@ -104,7 +46,7 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         Duration::from_secs(10),
         &mut secondary_seen,
     );
-    let (mut primary, primary_lines) = spawn(&[
+    let (mut primary, primary_lines) = spawn_json(&[
         "primary",
         "--secondary",
         &address,
@@ -178,18 +120,7 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         .unwrap_or_else(|| panic!("the primary reported no epoch {epoch}"));
     assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
     assert_eq!(resumed["vcpus"], checkpoint["vcpus"]);
-    for vcpu in 0..2 {
-        let from = u64_of(&resumed["vcpus"][vcpu]["counter"]);
-        let from_hash = u64_of(&resumed["vcpus"][vcpu]["counter_hash"]);
-        let to = u64_of(&stopped["vcpus"][vcpu]["counter"]);
-        let to_hash = u64_of(&stopped["vcpus"][vcpu]["counter_hash"]);
-        assert!(to > from, "vCPU {vcpu} did not run after failover");
-        assert_eq!(
-            counter_replay(from, from_hash, to),
-            Some(to_hash),
-            "vCPU {vcpu}: the chain from {from} to {to} is broken"
-        );
-    }
+    assert_counter_chains_continue(&resumed["vcpus"], &stopped["vcpus"], 2);
 }
 
 #[test]
@@ -198,7 +129,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
         return;
     }
     // Arrange: a protected counter guest whose secondary is killed.
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = free_address();
     let secondary_args = [
         "secondary",
         "--listen",
@@ -210,7 +141,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
         "30",
         "--verify",
     ];
-    let (mut first_secondary, first_lines) = spawn(&secondary_args);
+    let (mut first_secondary, first_lines) = spawn_json(&secondary_args);
     let mut seen = Vec::new();
     until_event(
         &first_lines,
@@ -218,7 +149,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
         Duration::from_secs(10),
         &mut seen,
     );
-    let (mut primary, primary_lines) = spawn(&[
+    let (mut primary, primary_lines) = spawn_json(&[
         "primary",
         "--secondary",
         &address,
@@ -256,7 +187,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
     );
 
     // Act: a new secondary at the same address; then the primary dies.
-    let (mut second_secondary, second_lines) = spawn(&secondary_args);
+    let (mut second_secondary, second_lines) = spawn_json(&secondary_args);
     until_event(
         &primary_lines,
         "synchronised",
@@ -348,8 +279,8 @@ fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed()
     }
     // Arrange: primary -> cutting proxy -> secondary, a memtouch guest so
     // that every epoch carries pages.
-    let secondary_address = format!("127.0.0.1:{}", free_port());
-    let (mut secondary, secondary_lines) = spawn(&[
+    let secondary_address = free_address();
+    let (mut secondary, secondary_lines) = spawn_json(&[
         "secondary",
         "--listen",
         &secondary_address,
@@ -371,7 +302,7 @@ fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed()
     let proxy = cutting_proxy(secondary_address, cut_epoch);
 
     // Act: the primary runs until the proxy cuts its connection mid-epoch.
-    let (mut primary, primary_lines) = spawn(&[
+    let (mut primary, primary_lines) = spawn_json(&[
         "primary",
         "--secondary",
         &proxy,

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Child;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::require_kvm;
+use common::{free_address, require_kvm, spawn_json};
 use understudy_checkpoint::protocol::{
     EpochEnd, HEADER_LEN, Hello, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
 };
@@ -21,44 +21,20 @@ use understudy_vm::{Vm, VmConfig};
 
 const MEMORY: u64 = 64 << 20;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
 fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args([
-            "secondary",
-            "--listen",
-            address,
-            "--duration",
-            "300ms",
-            "--json",
-            "--verify",
-            // The scripted primary sends no heartbeats: a generous timeout
-            // keeps a slow machine from declaring it lost between messages.
-            "--heartbeat-misses",
-            "300",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the secondary");
-    let stdout = child.stdout.take().expect("stdout");
-    let (lines, receiver) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                && lines.send(value).is_err()
-            {
-                return;
-            }
-        }
-    });
-    (child, receiver)
+    spawn_json(&[
+        "secondary",
+        "--listen",
+        address,
+        "--duration",
+        "300ms",
+        "--json",
+        "--verify",
+        // The scripted primary sends no heartbeats: a generous timeout
+        // keeps a slow machine from declaring it lost between messages.
+        "--heartbeat-misses",
+        "300",
+    ])
 }
 
 fn next_event(lines: &Receiver<serde_json::Value>, event: &str) -> serde_json::Value {
@@ -94,7 +70,7 @@ impl ScriptedPrimary {
                 purpose: Purpose::Replicate,
                 memory_bytes: MEMORY,
                 vcpus: 1,
-                guest_image_hash: xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE),
+                guest_image_hash: understudy_vm::boot::guest_image_hash(),
                 vm_id,
             }),
         );
@@ -169,7 +145,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
         return;
     }
     // Arrange: a secondary, and the epoch 0 of a real guest.
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = free_address();
     let (mut secondary, lines) = spawn_secondary(&address);
     next_event(&lines, "listening");
     let vm = Vm::boot(

@@ -4,14 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{event, json_lines, require_kvm, understudy};
-use understudy_guest_abi::counter_replay;
-
-fn u64_of(value: &serde_json::Value) -> u64 {
-    value
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a u64: {value}"))
-}
+use common::{assert_counter_chains_continue, event, json_lines, require_kvm, understudy};
 
 fn take_snapshot(path: &Path, vcpus: &str) -> serde_json::Value {
     let output = understudy(&[
@@ -71,21 +64,7 @@ fn a_restored_counter_continues_from_the_exact_saved_value() {
         restored["vcpus"], saved["vcpus"],
         "restored counters differ from the saved counters"
     );
-    for vcpu in 0..2 {
-        let from = u64_of(&saved["vcpus"][vcpu]["counter"]);
-        let from_hash = u64_of(&saved["vcpus"][vcpu]["counter_hash"]);
-        let to = u64_of(&stopped["vcpus"][vcpu]["counter"]);
-        let to_hash = u64_of(&stopped["vcpus"][vcpu]["counter_hash"]);
-        assert!(
-            to > from,
-            "vCPU {vcpu}: counter did not advance after restore ({from} -> {to})"
-        );
-        assert_eq!(
-            counter_replay(from, from_hash, to),
-            Some(to_hash),
-            "vCPU {vcpu}: the chain from {from} to {to} was broken (a gap, a repeat or corruption)"
-        );
-    }
+    assert_counter_chains_continue(&saved["vcpus"], &stopped["vcpus"], 2);
 }
 
 #[test]

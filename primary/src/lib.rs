@@ -281,11 +281,6 @@ fn counters(vm: &Vm) -> Result<Vec<CounterReading>, VmError> {
         .collect())
 }
 
-/// Identity of the guest image this build runs.
-pub fn guest_image_hash() -> u64 {
-    xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE)
-}
-
 impl Protection {
     /// Connects to the secondary and greets it, for replication.
     pub fn connect(vm: &Vm, options: PrimaryOptions, vm_id: u64) -> Result<Self, PrimaryError> {
@@ -317,7 +312,7 @@ impl Protection {
                 purpose,
                 memory_bytes: config.memory_bytes,
                 vcpus: config.vcpus,
-                guest_image_hash: guest_image_hash(),
+                guest_image_hash: understudy_vm::boot::guest_image_hash(),
                 vm_id,
             }),
         )?;

@@ -175,11 +175,6 @@ struct Backup {
     committed: Option<(u64, VmState)>,
 }
 
-/// Identity of the guest image this build runs (must match the primary's).
-pub fn guest_image_hash() -> u64 {
-    xxhash_rust::xxh3::xxh3_64(understudy_vm::boot::GUEST_IMAGE)
-}
-
 /// Serves primaries until one is lost after committing an epoch; then
 /// resumes its guest and returns it.
 pub fn serve(
@@ -443,7 +438,7 @@ fn check_hello(hello: &Hello) -> Result<(), String> {
             hello.version
         ));
     }
-    if hello.guest_image_hash != guest_image_hash() {
+    if hello.guest_image_hash != understudy_vm::boot::guest_image_hash() {
         return Err("the primary runs a different guest image".to_owned());
     }
     memory::region_layout(hello.memory_bytes).map_err(|error| error.to_string())?;

@@ -52,3 +52,96 @@ pub fn event(lines: &[serde_json::Value], event: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no '{event}' line in {lines:?}"))
         .clone()
 }
+
+/// A free loopback address (bound, then released for a child to bind).
+pub fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts `understudy ARGS` with its JSON lines delivered on a channel.
+pub fn spawn_json(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<serde_json::Value>,
+) {
+    use std::io::BufRead;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start understudy");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && lines.send(value).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (child, receiver)
+}
+
+/// Collects lines into `seen` until one has `event`, and returns that one.
+pub fn until_event(
+    lines: &std::sync::mpsc::Receiver<serde_json::Value>,
+    event: &str,
+    timeout: std::time::Duration,
+    seen: &mut Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no '{event}' line within {timeout:?}; saw {seen:?}"));
+        seen.push(line.clone());
+        if line["event"] == event {
+            return line;
+        }
+    }
+}
+
+/// A JSON number as u64.
+pub fn u64_of(value: &serde_json::Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a u64: {value}"))
+}
+
+/// Asserts that each of `vcpus` counters advanced from `from` to `to`
+/// (lists of `{counter, counter_hash}`) along an unbroken hash chain: no
+/// gap, no repeat, no corruption.
+pub fn assert_counter_chains_continue(
+    from: &serde_json::Value,
+    to: &serde_json::Value,
+    vcpus: usize,
+) {
+    for vcpu in 0..vcpus {
+        let start = u64_of(&from[vcpu]["counter"]);
+        let start_hash = u64_of(&from[vcpu]["counter_hash"]);
+        let end = u64_of(&to[vcpu]["counter"]);
+        let end_hash = u64_of(&to[vcpu]["counter_hash"]);
+        assert!(
+            end > start,
+            "vCPU {vcpu}: the counter did not advance ({start} -> {end})"
+        );
+        assert_eq!(
+            understudy_guest_abi::counter_replay(start, start_hash, end),
+            Some(end_hash),
+            "vCPU {vcpu}: the chain from {start} to {end} is broken (a gap, a repeat or corruption)"
+        );
+    }
+}

@@ -22,6 +22,12 @@ use crate::workload::WorkloadSpec;
 /// The built-in guest, built by `build.rs` from `guest/`.
 pub static GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/understudy-guest"));
 
+/// xxh3 of [`GUEST_IMAGE`]: identifies the guest a VM runs, so that a
+/// replication peer or migration target can refuse a different one.
+pub fn guest_image_hash() -> u64 {
+    xxhash_rust::xxh3::xxh3_64(GUEST_IMAGE)
+}
+
 /// Guest-physical address of the PML4; the PDPT and page directories follow.
 pub const PML4_GPA: u64 = 0x1000;
 const PDPT_GPA: u64 = 0x2000;
