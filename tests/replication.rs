@@ -11,6 +11,41 @@ use common::{
     assert_counter_chains_continue, free_address, require_kvm, spawn_json, u64_of, until_event,
 };
 
+type Lines = std::sync::mpsc::Receiver<serde_json::Value>;
+
+/// A secondary on `address` that hashes the backup before taking over and
+/// then runs the guest for `run_after`. Generous heartbeat timeouts on both
+/// sides keep a loaded test machine from declaring a live peer lost.
+fn start_secondary(address: &str, run_after: &str) -> (std::process::Child, Lines) {
+    spawn_json(&[
+        "secondary",
+        "--listen",
+        address,
+        "--duration",
+        run_after,
+        "--json",
+        "--heartbeat-misses",
+        "30",
+        "--verify",
+    ])
+}
+
+/// A primary protecting a guest (`guest`: the VM options) through
+/// `target`, 20 ms epochs, every checkpoint's memory hash recorded.
+fn start_primary(target: &str, guest: &[&str]) -> (std::process::Child, Lines) {
+    let mut args = vec!["primary", "--secondary", target];
+    args.extend_from_slice(guest);
+    args.extend_from_slice(&[
+        "--epoch",
+        "20ms",
+        "--verify",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+    ]);
+    spawn_json(&args)
+}
+
 /// A pseudo-random count from the clock, so the kill lands at a different
 /// moment of an epoch each run.
 fn random_below(bound: u64) -> u64 {
@@ -28,17 +63,7 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
     // Arrange: a secondary, and a primary protecting a 2-vCPU counter guest
     // with every checkpoint's memory hash recorded.
     let address = free_address();
-    let (mut secondary, secondary_lines) = spawn_json(&[
-        "secondary",
-        "--listen",
-        &address,
-        "--duration",
-        "500ms",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-        "--verify",
-    ]);
+    let (mut secondary, secondary_lines) = start_secondary(&address, "500ms");
     let mut secondary_seen = Vec::new();
     until_event(
         &secondary_lines,
@@ -46,23 +71,10 @@ fn killed_primary_is_replaced_by_the_secondary_from_its_last_committed_epoch() {
         Duration::from_secs(10),
         &mut secondary_seen,
     );
-    let (mut primary, primary_lines) = spawn_json(&[
-        "primary",
-        "--secondary",
+    let (mut primary, primary_lines) = start_primary(
         &address,
-        "--workload",
-        "counter",
-        "--vcpus",
-        "2",
-        "--memory",
-        "64M",
-        "--epoch",
-        "20ms",
-        "--verify",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-    ]);
+        &["--workload", "counter", "--vcpus", "2", "--memory", "64M"],
+    );
     let mut primary_seen = Vec::new();
     until_event(
         &primary_lines,
@@ -130,18 +142,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
     }
     // Arrange: a protected counter guest whose secondary is killed.
     let address = free_address();
-    let secondary_args = [
-        "secondary",
-        "--listen",
-        &address,
-        "--duration",
-        "300ms",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-        "--verify",
-    ];
-    let (mut first_secondary, first_lines) = spawn_json(&secondary_args);
+    let (mut first_secondary, first_lines) = start_secondary(&address, "300ms");
     let mut seen = Vec::new();
     until_event(
         &first_lines,
@@ -149,21 +150,8 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
         Duration::from_secs(10),
         &mut seen,
     );
-    let (mut primary, primary_lines) = spawn_json(&[
-        "primary",
-        "--secondary",
-        &address,
-        "--workload",
-        "counter",
-        "--memory",
-        "64M",
-        "--epoch",
-        "20ms",
-        "--verify",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-    ]);
+    let (mut primary, primary_lines) =
+        start_primary(&address, &["--workload", "counter", "--memory", "64M"]);
     let mut primary_seen = Vec::new();
     until_event(
         &primary_lines,
@@ -187,7 +175,7 @@ fn a_primary_that_lost_its_secondary_protects_itself_again_with_a_new_one() {
     );
 
     // Act: a new secondary at the same address; then the primary dies.
-    let (mut second_secondary, second_lines) = spawn_json(&secondary_args);
+    let (mut second_secondary, second_lines) = start_secondary(&address, "300ms");
     until_event(
         &primary_lines,
         "synchronised",
@@ -280,17 +268,7 @@ fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed()
     // Arrange: primary -> cutting proxy -> secondary, a memtouch guest so
     // that every epoch carries pages.
     let secondary_address = free_address();
-    let (mut secondary, secondary_lines) = spawn_json(&[
-        "secondary",
-        "--listen",
-        &secondary_address,
-        "--duration",
-        "300ms",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-        "--verify",
-    ]);
+    let (mut secondary, secondary_lines) = start_secondary(&secondary_address, "300ms");
     let mut secondary_seen = Vec::new();
     until_event(
         &secondary_lines,
@@ -302,21 +280,15 @@ fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed()
     let proxy = cutting_proxy(secondary_address, cut_epoch);
 
     // Act: the primary runs until the proxy cuts its connection mid-epoch.
-    let (mut primary, primary_lines) = spawn_json(&[
-        "primary",
-        "--secondary",
+    let (mut primary, primary_lines) = start_primary(
         &proxy,
-        "--workload",
-        "memtouch:rate=20MB/s,wss=16M,pattern=random",
-        "--memory",
-        "64M",
-        "--epoch",
-        "20ms",
-        "--verify",
-        "--json",
-        "--heartbeat-misses",
-        "30",
-    ]);
+        &[
+            "--workload",
+            "memtouch:rate=20MB/s,wss=16M,pattern=random",
+            "--memory",
+            "64M",
+        ],
+    );
     let mut primary_seen = Vec::new();
     until_event(
         &primary_lines,
