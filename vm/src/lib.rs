@@ -8,6 +8,7 @@
 //! - [`vm`]: the VM, its vCPU threads, pause/resume;
 //! - [`progress`]: guest progress read from its status slots;
 //! - [`bus`]: port-I/O and MMIO dispatch;
+//! - [`tap`]: tap devices, the host side of guest network interfaces;
 //! - [`workload`]: the guest workload as the user names it.
 
 pub mod boot;
@@ -17,6 +18,7 @@ pub mod memory;
 pub mod progress;
 pub mod ratelimit;
 pub mod state;
+pub mod tap;
 pub mod vcpu;
 pub mod vm;
 pub mod workload;
