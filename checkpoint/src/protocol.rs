@@ -17,6 +17,9 @@
 //!   EpochBegin (n), Pages* (n), State (n), EpochEnd (n) ->
 //!                                           <- Ack (n)
 //!   Heartbeat, either way, between any two messages
+//!   Sync {token}                            ->   any time after Hello
+//!                                           <- Synced {token}, once everything
+//!                                              sent before it was processed
 //!   Goodbye {reason}, either way, then close
 //! ```
 //!
@@ -173,6 +176,12 @@ pub enum Message {
     Heartbeat(u64),
     /// Closing, with a reason.
     Goodbye(String),
+    /// Asks the receiver to answer `Synced` with this token once it has
+    /// processed everything sent before (a migration measures its rounds
+    /// end to end with it).
+    Sync(u64),
+    /// Everything before the `Sync` with this token was processed.
+    Synced(u64),
 }
 
 impl Message {
@@ -188,6 +197,8 @@ impl Message {
             Self::Ack => 8,
             Self::Heartbeat(_) => 9,
             Self::Goodbye(_) => 10,
+            Self::Sync(_) => 11,
+            Self::Synced(_) => 12,
         }
     }
 
@@ -224,7 +235,9 @@ impl Message {
                 bytes.extend_from_slice(&end.memory_hash.unwrap_or(0).to_le_bytes());
                 bytes
             }
-            Self::Heartbeat(clock) => clock.to_le_bytes().to_vec(),
+            Self::Heartbeat(clock) | Self::Sync(clock) | Self::Synced(clock) => {
+                clock.to_le_bytes().to_vec()
+            }
         })
     }
 
@@ -298,6 +311,14 @@ impl Message {
                 Self::Heartbeat(u64_at(0))
             }
             10 => Self::Goodbye(text(payload)?),
+            11 => {
+                exact(8)?;
+                Self::Sync(u64_at(0))
+            }
+            12 => {
+                exact(8)?;
+                Self::Synced(u64_at(0))
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -315,6 +336,8 @@ fn kind_name(kind: u8) -> &'static str {
         8 => "Ack",
         9 => "Heartbeat",
         10 => "Goodbye",
+        11 => "Sync",
+        12 => "Synced",
         _ => "unknown",
     }
 }
@@ -477,6 +500,8 @@ pub enum Action {
     },
     /// The peer is alive.
     Heartbeat(u64),
+    /// Answer `Synced` with this token: everything before was processed.
+    Sync(u64),
     /// The peer is leaving.
     Close(String),
 }
@@ -536,6 +561,10 @@ impl Receiver {
             (_, Message::Heartbeat(clock)) if self.state != ReceiverState::Closed => {
                 (self.state, Action::Heartbeat(clock))
             }
+            (
+                ReceiverState::BetweenEpochs { .. } | ReceiverState::InEpoch { .. },
+                Message::Sync(token),
+            ) => (self.state, Action::Sync(token)),
             (state, Message::Goodbye(reason)) if state != ReceiverState::Closed => {
                 (ReceiverState::Closed, Action::Close(reason))
             }
@@ -673,6 +702,8 @@ mod tests {
             (0, Message::Ack),
             (0, Message::Heartbeat(123)),
             (0, Message::Goodbye("bye".to_owned())),
+            (0, Message::Sync(7)),
+            (0, Message::Synced(7)),
         ];
 
         let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();
@@ -786,6 +817,27 @@ mod tests {
         assert!(matches!(
             result,
             Err(ProtocolError::Unexpected { kind: "Pages", .. })
+        ));
+    }
+
+    #[test]
+    fn sync_is_answered_inside_an_epoch() {
+        let messages = vec![
+            (0, Message::Hello(hello())),
+            (0, Message::EpochBegin),
+            (0, Message::Sync(42)),
+        ];
+        let mut receiver = Receiver::new();
+        let envelopes = wire(&messages);
+        receiver.accept(envelopes[0].clone()).expect("hello");
+        receiver.accept(envelopes[1].clone()).expect("begin");
+
+        let action = receiver.accept(envelopes[2].clone()).expect("sync");
+
+        assert_eq!(action, Action::Sync(42));
+        assert!(matches!(
+            receiver.state(),
+            ReceiverState::InEpoch { epoch: 0, .. }
         ));
     }
 

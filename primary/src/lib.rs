@@ -23,7 +23,7 @@ pub mod migrate;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -198,8 +198,8 @@ pub enum PrimaryEvent {
 
 /// Work for the sender thread, in order.
 enum Work {
-    /// Answer once everything before it is sent.
-    Flush(std::sync::mpsc::Sender<()>),
+    /// Ask the secondary to confirm it processed everything before.
+    Sync(u64),
     Begin(u64),
     Pages(u64, PageBatch),
     End {
@@ -220,6 +220,8 @@ struct Shared {
     /// Batches the sender is done with, kept with their memory: a fresh
     /// allocation would page-fault on every page copied during the pause.
     spare_batches: Mutex<Vec<PageBatch>>,
+    /// The last `Synced` token received.
+    synced: AtomicU64,
 }
 
 impl Shared {
@@ -268,6 +270,7 @@ pub struct Protection {
     next_epoch: u64,
     last_checkpoint: Instant,
     epoch_length: Duration,
+    next_sync: u64,
 }
 
 fn counters(vm: &Vm) -> Result<Vec<CounterReading>, VmError> {
@@ -342,6 +345,7 @@ impl Protection {
             acknowledged: Mutex::new(None),
             wire_bytes: std::sync::atomic::AtomicU64::new(0),
             spare_batches: Mutex::new(Vec::new()),
+            synced: AtomicU64::new(0),
         });
         let (work_sender, work) = sync_channel::<Work>(2);
         let (events_sender, events) = std::sync::mpsc::channel();
@@ -381,6 +385,7 @@ impl Protection {
             next_epoch: 0,
             last_checkpoint: Instant::now(),
             epoch_length: options.epoch.target,
+            next_sync: 0,
             options,
         })
     }
@@ -508,17 +513,20 @@ impl Protection {
         Ok(addresses.len())
     }
 
-    /// Waits until every page queued so far is on the wire (the sender's
-    /// queue is empty and its current item done).
-    pub fn drain(&self) -> Result<(), PrimaryError> {
-        let (done, wait) = std::sync::mpsc::channel();
-        self.submit(Work::Flush(done))?;
-        wait.recv().map_err(|_| {
-            PrimaryError::SecondaryLost(
-                self.lost()
-                    .unwrap_or_else(|| "the sender stopped".to_owned()),
-            )
-        })
+    /// Waits until the secondary has processed every page queued so far
+    /// (a `Sync` after them, answered by `Synced`): the end-to-end rate, with
+    /// nothing left in buffers, is what a migration's estimate needs.
+    pub fn drain(&mut self) -> Result<(), PrimaryError> {
+        self.next_sync += 1;
+        let token = self.next_sync;
+        self.submit(Work::Sync(token))?;
+        while self.shared.synced.load(Ordering::Relaxed) < token {
+            if let Some(reason) = self.lost() {
+                return Err(PrimaryError::SecondaryLost(reason));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     /// The last pause of epoch 0: the remaining dirty pages and the state.
@@ -726,9 +734,7 @@ fn send_loop(
     let result = (|| -> Result<(), PrimaryError> {
         for item in work {
             match item {
-                Work::Flush(done) => {
-                    let _ = done.send(());
-                }
+                Work::Sync(token) => link.send(0, &Message::Sync(token))?,
                 Work::Begin(epoch) => {
                     pages = 0;
                     wire = 0;
@@ -874,6 +880,9 @@ fn ack_loop(
                 let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
             }
             Message::Heartbeat(_) => {}
+            Message::Synced(token) => {
+                shared.synced.fetch_max(token, Ordering::Relaxed);
+            }
             Message::Goodbye(reason) => {
                 lose(format!("the secondary left: {reason}"));
                 return;

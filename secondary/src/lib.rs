@@ -424,6 +424,7 @@ fn receive(
                 }
             }
             Action::Heartbeat(_) => {}
+            Action::Sync(token) => sender.send(epoch, &Message::Synced(token))?,
             Action::Close(reason) => {
                 return Ok(Ended::Closed(format!("the primary left: {reason}")));
             }
