@@ -12,12 +12,18 @@
 //!   a bounded queue of two checkpoints between them applies backpressure
 //!   when the link cannot keep up (the epoch then lengthens, and the metrics
 //!   show it).
-//! - **Heartbeats** go out whenever nothing else was sent for an interval;
-//!   the secondary is declared lost after the configured number of silent
-//!   intervals, and the guest keeps running, unprotected, loudly reported.
+//! - **Adaptive epochs** ([`EpochPolicy`]): shorter while pauses exceed
+//!   their budget, back to the target when they fall well under it.
+//! - **Heartbeats** go out on the connection whenever nothing else was sent
+//!   for an interval, and as UDP datagrams beside it; the secondary is
+//!   declared lost after the configured number of silent intervals, and the
+//!   guest keeps running, unprotected, loudly reported (the caller may
+//!   connect again: a new [`Protection`] resynchronises from scratch).
+//! - [`migrate`]: live migration over the same connection and epoch 0.
 //!
 //! Threads: the caller's (checkpoints), `sender` (encode and send, in epoch
-//! order), `acks` (reads acknowledgements), `heartbeat`.
+//! order), `acks` (reads acknowledgements), `heartbeat`, `heartbeat-in` and
+//! `heartbeat-out` (UDP).
 
 pub mod migrate;
 
