@@ -174,7 +174,9 @@ fn guest_trace_feeds_the_codec_benchmark() {
     if !require_kvm() {
         return;
     }
-    // Arrange: a guest rewriting 8 MiB sparsely, traced for a second.
+    // Arrange: a guest rewriting 8 MiB sparsely, traced for a second once
+    // it has written its whole working set (so that epoch 0 holds every
+    // page later epochs change, whatever the machine's speed).
     let directory = tempfile::tempdir().expect("tempdir");
     let trace_path = directory.path().join("guest.trace");
     let trace_arg = trace_path.to_str().expect("utf-8 path");
@@ -190,6 +192,8 @@ fn guest_trace_feeds_the_codec_benchmark() {
         "25ms",
         "--duration",
         "1s",
+        "--warmup",
+        "300ms",
         "--json",
         "-o",
         trace_arg,
