@@ -145,8 +145,9 @@ impl AutoPolicy {
         }
     }
 
-    /// Compresses the two sections of a batch with the chosen compressor;
-    /// returns the compressor used. Candidates never measured, and one other
+    /// Compresses the two sections of a batch with the chosen compressor
+    /// and appends them, records first, to `out`; returns the compressor
+    /// used and the length of the compressed records. Candidates never measured, and one other
     /// candidate every fourth batch, are first tried on a sample (the first
     /// 256 KiB of each section), which updates their estimates at a small
     /// fraction of the batch's cost; then the candidate with the lowest
@@ -155,9 +156,8 @@ impl AutoPolicy {
         &mut self,
         records: &[u8],
         literals: &[u8],
-        records_out: &mut Vec<u8>,
-        literals_out: &mut Vec<u8>,
-    ) -> Result<CompressorSpec, CompressorError> {
+        out: &mut Vec<u8>,
+    ) -> Result<(CompressorSpec, usize), CompressorError> {
         let mut probes: Vec<usize> = (0..self.candidates.len())
             .filter(|&index| !self.candidates[index].measured())
             .collect();
@@ -175,10 +175,10 @@ impl AutoPolicy {
         self.current = self.cheapest();
         let candidate = &mut self.candidates[self.current];
         candidate.measure(records, literals)?;
-        records_out.extend_from_slice(&candidate.records_out);
-        literals_out.extend_from_slice(&candidate.literals_out);
+        out.extend_from_slice(&candidate.records_out);
+        out.extend_from_slice(&candidate.literals_out);
         self.batches += 1;
-        Ok(candidate.spec)
+        Ok((candidate.spec, candidate.records_out.len()))
     }
 
     /// The candidate with the lowest expected cost per input byte.
@@ -208,10 +208,8 @@ mod tests {
         let input = compressible();
         let mut spec = CompressorSpec::None;
         for _ in 0..batches {
-            let (mut records, mut literals) = (Vec::new(), Vec::new());
-            spec = policy
-                .compress(&[], &input, &mut records, &mut literals)
-                .expect("compress");
+            let mut out = Vec::new();
+            (spec, _) = policy.compress(&[], &input, &mut out).expect("compress");
         }
         spec
     }

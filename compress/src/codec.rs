@@ -160,8 +160,6 @@ pub struct Encoder {
     sequence: u64,
     records: Vec<u8>,
     literals: Vec<u8>,
-    compressed_records: Vec<u8>,
-    compressed_literals: Vec<u8>,
     broken: bool,
 }
 
@@ -177,8 +175,6 @@ impl Encoder {
             sequence: 0,
             records: Vec::new(),
             literals: Vec::new(),
-            compressed_records: Vec::new(),
-            compressed_literals: Vec::new(),
             broken: false,
         }
     }
@@ -265,23 +261,13 @@ impl Encoder {
             }
             Some(auto) => {
                 auto.observe_transform(&transform);
-                self.compressed_records.clear();
-                self.compressed_literals.clear();
-                let spec = auto
-                    .compress(
-                        &self.records,
-                        literal_bytes,
-                        &mut self.compressed_records,
-                        &mut self.compressed_literals,
-                    )
+                let (spec, records_len) = auto
+                    .compress(&self.records, literal_bytes, out)
                     .map_err(|source| CodecError::Compress {
                         section: "records or literal",
                         source,
                     })?;
-                out.extend_from_slice(&self.compressed_records);
-                let records_end = out.len();
-                out.extend_from_slice(&self.compressed_literals);
-                (spec.id(), spec.id(), spec, records_end)
+                (spec.id(), spec.id(), spec, start + HEADER_LEN + records_len)
             }
         };
         let too_large = |_| CodecError::BatchTooLarge(batch.len());

@@ -40,6 +40,7 @@ use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
     EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
 };
+use understudy_compress::batch::is_zero_page;
 use understudy_compress::codec::MAX_PAGES_PER_FRAME;
 use understudy_compress::{CodecError, CodecSpec, Encoder, PageBatch};
 use understudy_vm::memory::{self, MemoryError};
@@ -483,22 +484,15 @@ impl Protection {
         mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
     ) -> Result<usize, PrimaryError> {
         let size = memory::size(vm.memory());
+        let chunk_bytes = PRECOPY_CHUNK_PAGES as u64 * PAGE_SIZE;
         let mut pages = 0;
-        let mut batch = PageBatch::with_capacity(PRECOPY_CHUNK_PAGES);
-        let mut page = [0u8; PAGE_SIZE as usize];
-        for address in (0..size).step_by(PAGE_SIZE as usize) {
-            memory::read(vm.memory(), address, &mut page)?;
-            if page.iter().any(|byte| *byte != 0) {
-                batch.push(address / PAGE_SIZE, &page);
-            }
-            if batch.len() == PRECOPY_CHUNK_PAGES {
-                pages += batch.len();
-                self.submit(Work::Pages(0, std::mem::take(&mut batch)))?;
-                between_chunks(vm)?;
-            }
+        for start in (0..size).step_by(chunk_bytes as usize) {
+            let mut batch = self.shared.spare_batch();
+            read_nonzero_pages(vm, start..(start + chunk_bytes).min(size), &mut batch)?;
+            pages += batch.len();
+            self.submit(Work::Pages(0, batch))?;
+            between_chunks(vm)?;
         }
-        pages += batch.len();
-        self.submit(Work::Pages(0, batch))?;
         Ok(pages)
     }
 
@@ -596,7 +590,7 @@ impl Protection {
                 Err(error) => {
                     // The pages stay dirty for the next checkpoint.
                     vm.put_back_dirty(&dirty)?;
-                    return Err(error);
+                    return Err(error.into());
                 }
             };
             let state = vm.capture_state()?.encode();
@@ -704,7 +698,11 @@ fn read_half_ip(
 
 /// Copies the pages at `addresses` (sorted) out of guest memory into
 /// `batch` (empty), one copy per run of consecutive pages.
-fn read_pages(vm: &Vm, addresses: &[u64], mut batch: PageBatch) -> Result<PageBatch, PrimaryError> {
+pub fn read_pages(
+    vm: &Vm,
+    addresses: &[u64],
+    mut batch: PageBatch,
+) -> Result<PageBatch, MemoryError> {
     let mut index = 0;
     while index < addresses.len() {
         let first = addresses[index];
@@ -719,6 +717,23 @@ fn read_pages(vm: &Vm, addresses: &[u64], mut batch: PageBatch) -> Result<PageBa
         index += count;
     }
     Ok(batch)
+}
+
+/// Appends to `batch` every page of guest memory in `range` (page-aligned)
+/// that is not all zero: what a first full copy has to send.
+pub fn read_nonzero_pages(
+    vm: &Vm,
+    range: std::ops::Range<u64>,
+    batch: &mut PageBatch,
+) -> Result<(), MemoryError> {
+    let mut page = [0u8; PAGE_SIZE as usize];
+    for address in range.step_by(PAGE_SIZE as usize) {
+        memory::read(vm.memory(), address, &mut page)?;
+        if !is_zero_page(&page) {
+            batch.push(address / PAGE_SIZE, &page);
+        }
+    }
+    Ok(())
 }
 
 fn send_loop(

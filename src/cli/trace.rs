@@ -11,6 +11,7 @@ use serde_json::json;
 use understudy_compress::PageBatch;
 use understudy_compress::trace::process::{self, EpochReport};
 use understudy_compress::trace::{TraceInfo, TraceReader, TraceSource, TraceWriter};
+use understudy_primary::{read_nonzero_pages, read_pages};
 use understudy_vm::{Vm, memory};
 
 use super::{VmOptions, check_events, parse_duration, stop_flag, wait_until_running};
@@ -243,19 +244,6 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends every page of guest memory that is not all zero (epoch 0).
-fn read_nonzero_pages(vm: &Vm, out: &mut PageBatch) -> anyhow::Result<()> {
-    let size = memory::size(vm.memory());
-    let mut page = [0u8; 4096];
-    for address in (0..size).step_by(4096) {
-        memory::read(vm.memory(), address, &mut page)?;
-        if page.iter().any(|byte| *byte != 0) {
-            out.push(address / 4096, &page);
-        }
-    }
-    Ok(())
-}
-
 fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
     vm.resume()?;
@@ -279,7 +267,6 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
     let mut writer = TraceWriter::create(&out, &info)?;
     let mut reporter = Reporter::new(arguments.json);
     let mut batch = PageBatch::new();
-    let mut page = [0u8; 4096];
     let started = Instant::now();
     let mut next = started;
     while !stop.load(Ordering::Relaxed) && started.elapsed() < arguments.duration {
@@ -290,14 +277,11 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
         batch.clear();
         let dirty = vm.harvest_dirty()?;
         if writer.epochs() == 0 {
-            read_nonzero_pages(&vm, &mut batch)?;
+            read_nonzero_pages(&vm, 0..memory::size(vm.memory()), &mut batch)?;
         } else {
             let mut addresses: Vec<u64> = dirty.page_addresses().collect();
             addresses.sort_unstable();
-            for address in addresses {
-                memory::read(vm.memory(), address, &mut page)?;
-                batch.push(address / 4096, &page);
-            }
+            batch = read_pages(&vm, &addresses, std::mem::take(&mut batch))?;
         }
         vm.resume()?;
         let pause = paused.elapsed();
