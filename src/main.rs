@@ -39,6 +39,9 @@ enum Command {
     Secondary(cli::replicate::SecondaryArguments),
     /// Run a guest, then live-migrate it to a target (`understudy secondary`), which resumes it.
     Migrate(cli::migrate::MigrateArguments),
+    /// Failover drill: a real Redis client on a protected `kv` guest, the primary killed with
+    /// SIGKILL at a random moment; checks no reset, no lost acknowledged write, no early output.
+    Drill(cli::drill::DrillArguments),
     /// Record memory traces from processes or the built-in guest, and summarise them.
     #[command(subcommand)]
     Trace(cli::trace::TraceCommand),
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Primary(arguments) => cli::replicate::primary(arguments),
         Command::Secondary(arguments) => cli::replicate::secondary(arguments),
         Command::Migrate(arguments) => cli::migrate::run_migration(arguments),
+        Command::Drill(arguments) => cli::drill::drill(arguments),
         Command::Trace(command) => cli::trace::trace(command),
         Command::Bench(command) => cli::bench::bench(command),
     };

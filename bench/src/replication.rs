@@ -90,6 +90,8 @@ fn protected(
                     listen: address,
                     heartbeat: HeartbeatPolicy::default(),
                     verify: false,
+                    tap: None,
+                    ack_delay: Duration::ZERO,
                 },
                 &stop,
                 |_| {},

@@ -11,6 +11,10 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod kv;
+mod net;
 mod workloads;
 
 use core::arch::asm;
@@ -40,6 +44,8 @@ pub unsafe extern "C" fn _start(vcpu_index: u64) -> ! {
         Some(Workload::Idle) => idle(&status),
         Some(Workload::MemTouch) => workloads::memtouch(&boot, index, &status),
         Some(Workload::Counter) => workloads::counter(&boot, index, &status),
+        Some(Workload::Kv) if index == 0 => kv::serve(&boot, &status),
+        Some(Workload::Kv) => idle(&status),
         None => {
             status.set_state(STATE_BAD_BOOT_INFO);
             port_out(PORT_EXIT, 3);
@@ -49,7 +55,7 @@ pub unsafe extern "C" fn _start(vcpu_index: u64) -> ! {
 }
 
 /// Yields to the VMM forever (ring 3 has no `HLT`).
-fn idle(status: &Status) -> ! {
+pub(crate) fn idle(status: &Status) -> ! {
     status.set_state(understudy_guest_abi::STATE_RUNNING);
     loop {
         status.beat();
@@ -111,6 +117,11 @@ impl Status {
             core::ptr::write_volatile(&raw mut (*self.slot).passes, passes);
         }
         self.beat();
+    }
+
+    /// `kv`: commands executed and keys held (in the memtouch fields).
+    pub(crate) fn set_kv_progress(&self, commands: u64, keys: u64) {
+        self.set_memtouch_progress(commands, keys);
     }
 
     pub(crate) fn memtouch_progress(&self) -> (u64, u64) {

@@ -20,12 +20,15 @@
 //!   guest keeps running, unprotected, loudly reported (the caller may
 //!   connect again: a new [`Protection`] resynchronises from scratch).
 //! - [`migrate`]: live migration over the same connection and epoch 0.
+//! - [`output`]: output commit: the guest's network frames are held until
+//!   the secondary acknowledged the epoch that produced them.
 //!
 //! Threads: the caller's (checkpoints), `sender` (encode and send, in epoch
 //! order), `acks` (reads acknowledgements), `heartbeat`, `heartbeat-in` and
 //! `heartbeat-out` (UDP).
 
 pub mod migrate;
+pub mod output;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -229,6 +232,8 @@ struct Shared {
     spare_batches: Mutex<Vec<PageBatch>>,
     /// The last `Synced` token received.
     synced: AtomicU64,
+    /// The output-commit gate, when the guest has a network.
+    output: std::sync::OnceLock<Arc<output::OutputCommit>>,
 }
 
 impl Shared {
@@ -353,6 +358,7 @@ impl Protection {
             wire_bytes: std::sync::atomic::AtomicU64::new(0),
             spare_batches: Mutex::new(Vec::new()),
             synced: AtomicU64::new(0),
+            output: std::sync::OnceLock::new(),
         });
         let (work_sender, work) = sync_channel::<Work>(2);
         let (events_sender, events) = std::sync::mpsc::channel();
@@ -395,6 +401,15 @@ impl Protection {
             next_sync: 0,
             options,
         })
+    }
+
+    /// Holds the guest's network output until its epoch is acknowledged,
+    /// from now until [`Protection::close`]. Call before [`Protection::synchronise`].
+    pub fn commit_output(&self, gate: Arc<output::OutputCommit>) {
+        gate.begin();
+        if let Err(gate) = self.shared.output.set(gate) {
+            gate.open();
+        }
     }
 
     /// Events since the last call.
@@ -594,6 +609,10 @@ impl Protection {
                 }
             };
             let state = vm.capture_state()?.encode();
+            if let Some(gate) = self.shared.output.get() {
+                // Still paused: every frame from here on is the next epoch's.
+                gate.checkpointed(epoch);
+            }
             let memory_hash = if self.options.verify {
                 Some(memory::hash(vm.memory())?)
             } else {
@@ -679,6 +698,10 @@ impl Protection {
         }
         if let Some(udp) = self.udp.take() {
             udp.stop();
+        }
+        if let Some(gate) = self.shared.output.get() {
+            // Unprotected from here on: nothing more to wait for.
+            gate.open();
         }
     }
 }
@@ -897,6 +920,9 @@ fn ack_loop(
                     .lock()
                     .expect("no panics under this lock")
                     .remove(&epoch);
+                if let Some(gate) = shared.output.get() {
+                    gate.acknowledge(epoch);
+                }
                 let latency = checkpointed.map_or(Duration::ZERO, |at| at.elapsed());
                 let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
             }

@@ -20,6 +20,12 @@
 //!   lost: with a committed epoch, the backup VM is resumed from it.
 //!
 //! The listening address serves TCP (the connection) and UDP (heartbeats).
+//!
+//! A guest with a network interface gets its own on takeover: a virtio-net
+//! device restored from the checkpoint, on this host's tap, and a gratuitous
+//! ARP on the guest's behalf so switches and neighbours send its traffic
+//! here. Its TCP connections go on: whatever the client did not see
+//! acknowledged it sends again.
 
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -35,6 +41,8 @@ use understudy_compress::{CodecError, Decoder, PageBatch};
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::{StateError, VmState};
+use understudy_vm::tap::{Tap, TapError};
+use understudy_vm::virtio_net::{DiscardFrames, FrameSink, VirtioNet, gratuitous_arp};
 use understudy_vm::{Vm, VmConfig, VmError};
 
 /// A secondary that cannot go on.
@@ -55,6 +63,9 @@ pub enum SecondaryError {
     /// Backup memory could not be written or read.
     #[error("the backup memory failed")]
     Memory(#[from] MemoryError),
+    /// The tap for the guest's network could not be opened.
+    #[error("cannot open the guest's tap")]
+    Tap(#[from] TapError),
 }
 
 /// Why one connection ended (the secondary goes on either way).
@@ -158,7 +169,7 @@ pub struct Failover {
 }
 
 /// How the secondary runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SecondaryOptions {
     /// Where to listen.
     pub listen: SocketAddr,
@@ -166,6 +177,12 @@ pub struct SecondaryOptions {
     pub heartbeat: HeartbeatPolicy,
     /// Hash the backup memory before resuming it (reported in [`Failover`]).
     pub verify: bool,
+    /// The tap a resumed guest's network interface uses (none: a guest
+    /// with a network resumes unreachable, which is reported).
+    pub tap: Option<String>,
+    /// Fault injection for tests and drills: wait this long before each
+    /// acknowledgement (a slow secondary).
+    pub ack_delay: Duration,
 }
 
 /// The backup: a VM that has not run, and what it holds.
@@ -196,6 +213,13 @@ pub fn serve(
             address: options.listen,
             source,
         })?;
+    // Opened now, so a bad name fails before any primary is accepted.
+    let tap = options
+        .tap
+        .as_deref()
+        .map(Tap::open)
+        .transpose()?
+        .map(Arc::new);
     let mut backup: Option<Backup> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let (stream, peer) = match listener.accept() {
@@ -218,11 +242,13 @@ pub fn serve(
             peer,
             &udp,
             options.heartbeat,
+            options.ack_delay,
             &mut backup,
             &mut report,
         ) {
             Ok(Ended::Lost { last_heard, reason }) => {
-                if let Some(failover) = take_over(&mut backup, last_heard, reason, options.verify)?
+                if let Some(failover) =
+                    take_over(&mut backup, last_heard, reason, options.verify, tap.as_ref())?
                 {
                     return Ok(Some(failover));
                 }
@@ -236,6 +262,7 @@ pub fn serve(
                     Instant::now(),
                     "migrated in".to_owned(),
                     options.verify,
+                    tap.as_ref(),
                 )?;
                 if let Some(arrived) = &mut arrived {
                     arrived.migrated = true;
@@ -279,6 +306,7 @@ fn serve_connection(
     peer: SocketAddr,
     udp: &UdpSocket,
     heartbeat: HeartbeatPolicy,
+    ack_delay: Duration,
     backup: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
@@ -295,6 +323,7 @@ fn serve_connection(
         heartbeat,
         udp_heartbeats: None,
         purpose: None,
+        ack_delay,
     };
     let result = receive(&mut link, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
@@ -334,6 +363,7 @@ struct Connection<'a> {
     heartbeat: HeartbeatPolicy,
     udp_heartbeats: Option<Heartbeats>,
     purpose: Option<Purpose>,
+    ack_delay: Duration,
 }
 
 fn receive(
@@ -418,6 +448,9 @@ fn receive(
                     pages: staging.received,
                     receive: staging.begun.map_or(Duration::ZERO, |t| t.elapsed()),
                 });
+                if !link.ack_delay.is_zero() {
+                    std::thread::sleep(link.ack_delay);
+                }
                 sender.send(epoch, &Message::Ack)?;
                 if link.purpose == Some(Purpose::Migrate) {
                     return Ok(Ended::MigratedIn);
@@ -487,12 +520,34 @@ fn commit(
     Ok(())
 }
 
+/// Gives the backup VM its network interface (the MAC and address from the
+/// guest's boot page) and returns the gratuitous ARP that announces it.
+fn attach_network(
+    vm: &mut Vm,
+    input: Option<Arc<Tap>>,
+    output: Arc<dyn FrameSink>,
+) -> Result<Vec<u8>, SecondaryError> {
+    let boot = vm.boot_info()?;
+    let mac = [
+        boot.net_mac[0],
+        boot.net_mac[1],
+        boot.net_mac[2],
+        boot.net_mac[3],
+        boot.net_mac[4],
+        boot.net_mac[5],
+    ];
+    let memory = vm.memory_handle();
+    vm.attach_net(Arc::new(VirtioNet::new(memory, mac, input, output)))?;
+    Ok(gratuitous_arp(mac, boot.net_ipv4))
+}
+
 /// Resumes the backup VM from its last committed epoch.
 fn take_over(
     backup: &mut Option<Backup>,
     last_heard: Instant,
     reason: String,
     verify: bool,
+    tap: Option<&Arc<Tap>>,
 ) -> Result<Option<Failover>, SecondaryError> {
     let Some(Backup {
         committed: Some(_), ..
@@ -509,9 +564,24 @@ fn take_over(
     } else {
         None
     };
+    let announce = match (&state.net, tap) {
+        (None, _) => None,
+        (Some(_), Some(tap)) => Some(attach_network(&mut vm, Some(tap.clone()), tap.clone())?),
+        (Some(_), None) => {
+            tracing::warn!("the guest has a network interface but this secondary has no --tap: it resumes unreachable");
+            attach_network(&mut vm, None, Arc::new(DiscardFrames))?;
+            None
+        }
+    };
     vm.restore_state(&state)?;
     let progress = ProgressSample::read(&vm)?;
     vm.resume()?;
+    if let (Some(frame), Some(tap)) = (announce, tap) {
+        // Switches learn the guest's MAC on this port; neighbours refresh.
+        for _ in 0..3 {
+            tap.send(&frame);
+        }
+    }
     Ok(Some(Failover {
         vm,
         epoch,

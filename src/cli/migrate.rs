@@ -8,7 +8,6 @@ use serde_json::json;
 use understudy_compress::CodecSpec;
 use understudy_primary::migrate::{MigrationOptions, NoConvergence, Round, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
-use understudy_vm::Vm;
 use understudy_vm::workload::parse_rate;
 
 use super::replicate::HeartbeatOptions;
@@ -105,7 +104,7 @@ fn print_round(round: &Round, as_json: bool) {
 
 /// Runs the guest, migrates it, and reports.
 pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
-    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     std::thread::sleep(arguments.after);

@@ -2,7 +2,9 @@
 //! loop, and Ctrl-C handling.
 
 pub mod bench;
+pub mod drill;
 pub mod migrate;
+pub mod netlab;
 pub mod replicate;
 pub mod run;
 pub mod snapshot;
@@ -16,6 +18,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::workload::{WorkloadSpec, parse_size};
+use understudy_vm::tap::Tap;
+use understudy_vm::virtio_net::{FrameSink, VirtioNet};
 use understudy_vm::{Vm, VmConfig, VmEvent};
 
 /// Options that shape a new VM.
@@ -27,10 +31,15 @@ pub struct VmOptions {
     /// Number of vCPUs; each runs the workload on its share of the working set.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Workload: idle, counter[:spin=N], or
-    /// memtouch:rate=200MB/s,wss=128M,pattern=seq|random|hotspot|sparse|zero.
+    /// Workload: idle, counter[:spin=N],
+    /// memtouch:rate=200MB/s,wss=128M,pattern=seq|random|hotspot|sparse|zero,
+    /// or kv[:ip=10.0.0.10/24][,port=6379][,heap=16M] (needs --tap).
     #[arg(long, default_value = "memtouch:rate=200MB/s,wss=128M,pattern=random")]
     pub workload: WorkloadSpec,
+    /// Give the guest a virtio-net interface on this tap (created if it does
+    /// not exist; attach it to a bridge and bring it up yourself).
+    #[arg(long)]
+    pub tap: Option<String>,
 }
 
 impl VmOptions {
@@ -38,6 +47,40 @@ impl VmOptions {
     pub fn config(&self) -> VmConfig {
         VmConfig::new(self.memory, self.vcpus)
     }
+
+    /// Boots the VM, with its network interface when `--tap` is given; the
+    /// guest's frames go straight to the tap.
+    pub fn boot(&self) -> anyhow::Result<Vm> {
+        Ok(self.boot_with_output(|tap| tap)?.0)
+    }
+
+    /// Boots the VM; the guest's frames go to the sink `output` makes from
+    /// the tap (e.g. an output-commit gate in front of it).
+    pub fn boot_with_output(
+        &self,
+        output: impl FnOnce(Arc<Tap>) -> Arc<dyn FrameSink>,
+    ) -> anyhow::Result<(Vm, Option<Arc<Tap>>)> {
+        if self.workload.uses_network() && self.tap.is_none() {
+            bail!("the {} workload needs a network: add --tap NAME", self.workload);
+        }
+        let mut vm = Vm::boot(self.config(), &self.workload)?;
+        let Some(name) = &self.tap else {
+            return Ok((vm, None));
+        };
+        let tap = Arc::new(Tap::open(name).with_context(|| format!("cannot open tap {name}"))?);
+        attach_network(&mut vm, tap.clone(), output(tap.clone()))?;
+        Ok((vm, Some(tap)))
+    }
+}
+
+/// Gives `vm` a virtio-net interface (its MAC from the boot page) that reads
+/// frames from `tap` and sends the guest's to `output`.
+pub fn attach_network(vm: &mut Vm, tap: Arc<Tap>, output: Arc<dyn FrameSink>) -> anyhow::Result<()> {
+    let mac = vm.boot_info()?.net_mac;
+    let mac = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]];
+    let memory = vm.memory_handle();
+    vm.attach_net(Arc::new(VirtioNet::new(memory, mac, Some(tap), output)))?;
+    Ok(())
 }
 
 fn parse_memory(value: &str) -> Result<u64, String> {

@@ -2,6 +2,7 @@
 //! and failover.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,8 @@ use understudy_primary::{
     EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
     wait_for_epoch,
 };
+use understudy_primary::output::OutputCommit;
+use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
@@ -91,6 +94,14 @@ pub struct SecondaryArguments {
     /// Hash the backup memory before resuming it, and report the hash.
     #[arg(long)]
     verify: bool,
+    /// The tap a resumed guest's network interface uses (on takeover the
+    /// guest's address is announced there with a gratuitous ARP).
+    #[arg(long)]
+    tap: Option<String>,
+    /// Fault injection: wait this long before acknowledging each epoch (a
+    /// slow secondary; shows output commit holding the guest's replies).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    ack_delay: Duration,
     /// After a failover, run the guest this long (default: until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -182,7 +193,12 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool) {
 /// Runs a protected VM.
 pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
-    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    let mut gate = None;
+    let (mut vm, _tap) = arguments.vm.boot_with_output(|tap| {
+        let commit = Arc::new(OutputCommit::new(tap, Limits::default()));
+        gate = Some(commit.clone());
+        commit
+    })?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     let options = PrimaryOptions {
@@ -236,6 +252,9 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             }
             Err(error) => return Err(error.into()),
         };
+        if let Some(gate) = &gate {
+            protection.commit_output(gate.clone());
+        }
         let outcome = protection
             .synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))
             .and_then(|synchronised| {
@@ -262,9 +281,33 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             Err(error) => return Err(error.into()),
         }
     }
+    if let Some(gate) = &gate {
+        print_output_commit(&gate.metrics(), arguments.json);
+    }
     vm.pause()?;
     vm.shutdown();
     Ok(())
+}
+
+/// What output commit did: frames released and how long they were held.
+fn print_output_commit(metrics: &Metrics, as_json: bool) {
+    let quantile = |q| metrics.held_quantile(q).map(|d| d.as_secs_f64() * 1e3);
+    if as_json {
+        println!(
+            "{}",
+            json!({"event": "output_commit", "frames_released": metrics.frames_released,
+                   "frames_dropped": metrics.frames_dropped, "frames_held": metrics.frames_held,
+                   "held_p50_ms_at_most": quantile(0.5), "held_p99_ms_at_most": quantile(0.99)})
+        );
+    } else {
+        println!(
+            "output commit: {} frames released, {} dropped; held p50 <= {:.1} ms, p99 <= {:.1} ms",
+            metrics.frames_released,
+            metrics.frames_dropped,
+            quantile(0.5).unwrap_or(0.0),
+            quantile(0.99).unwrap_or(0.0)
+        );
+    }
 }
 
 fn protect(
@@ -304,6 +347,8 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         listen: arguments.listen,
         heartbeat: arguments.heartbeat.policy(),
         verify: arguments.verify,
+        tap: arguments.tap.clone(),
+        ack_delay: arguments.ack_delay,
     };
     if as_json {
         println!(

@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use understudy_vm::Vm;
 
 use super::{MonitorOptions, VmOptions, monitor, stop_flag, wait_until_running};
 
@@ -20,7 +19,7 @@ pub struct RunArguments {
 pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop = stop_flag()?;
-    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     let first_progress = started.elapsed();

@@ -58,7 +58,7 @@ fn paused_progress(vm: &Vm) -> anyhow::Result<Vec<VcpuProgress>> {
 
 /// Boots, runs, pauses and writes the snapshot.
 pub fn snapshot(arguments: SnapshotArguments) -> anyhow::Result<()> {
-    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     std::thread::sleep(arguments.after);

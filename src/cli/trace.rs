@@ -12,7 +12,7 @@ use understudy_compress::PageBatch;
 use understudy_compress::trace::process::{self, EpochReport};
 use understudy_compress::trace::{TraceInfo, TraceReader, TraceSource, TraceWriter};
 use understudy_primary::{read_nonzero_pages, read_pages};
-use understudy_vm::{Vm, memory};
+use understudy_vm::memory;
 
 use super::{VmOptions, check_events, parse_duration, stop_flag, wait_until_running};
 
@@ -245,7 +245,7 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
 }
 
 fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Result<()> {
-    let mut vm = Vm::boot(arguments.vm.config(), &arguments.vm.workload)?;
+    let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     sleep_unless_stopped(arguments.warmup, stop);

@@ -12,7 +12,7 @@ use linux_loader::loader::KernelLoader;
 use linux_loader::loader::elf::Elf;
 use understudy_guest_abi::{
     ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, IMAGE_GPA, IMAGE_MAX_SIZE, MAX_VCPUS,
-    PAGE_SIZE, STATUS_GPA, STATUS_SLOT_SIZE, WORK_AREA_GPA, WRITE_LOG_SIZE, stack_top,
+    PAGE_SIZE, STATUS_GPA, STATUS_SLOT_SIZE, WORK_AREA_GPA, WRITE_LOG_SIZE, stack_top, VIRTIO_NET_MMIO_GPA, guest_mac,
 };
 use zerocopy::IntoBytes;
 
@@ -153,6 +153,11 @@ pub fn prepare(
         seed: workload.seed,
         flags: workload.flags,
         counter_spin: workload.counter_spin,
+        net_mac: net_mac_field(workload),
+        net_ipv4: workload.ipv4.octets(),
+        net_prefix_len: u32::from(workload.prefix_len),
+        kv_port: u32::from(workload.port),
+        reserved: 0,
     };
     memory::write(memory, BOOT_INFO_GPA, boot.as_bytes())?;
     memory::write(
@@ -163,7 +168,16 @@ pub fn prepare(
     Ok(BootImage { entry })
 }
 
-/// Identity-maps all guest memory with 2 MiB user pages.
+/// The boot page's MAC field: the guest's MAC in bytes 0..6.
+fn net_mac_field(workload: &WorkloadSpec) -> [u8; 8] {
+    let mut field = [0; 8];
+    field[..6].copy_from_slice(&guest_mac(workload.ipv4.octets()));
+    field
+}
+
+/// Identity-maps all guest memory with 2 MiB user pages, and the 2 MiB page
+/// of device registers at [`VIRTIO_NET_MMIO_GPA`] (no memory behind it: every
+/// access exits to the VMM).
 fn write_page_tables(memory: &GuestMemory, memory_bytes: u64) -> Result<(), BootError> {
     if memory_bytes > MAX_IDENTITY_MAPPED {
         return Err(BootError::TooMuchMemory(memory_bytes));
@@ -186,6 +200,12 @@ fn write_page_tables(memory: &GuestMemory, memory_bytes: u64) -> Result<(), Boot
             .collect();
         memory::write(memory, pd, entries.as_bytes())?;
     }
+    let device_gib = VIRTIO_NET_MMIO_GPA >> 30;
+    let device_pd = PD_GPA + device_gib * PAGE_SIZE;
+    memory::write(memory, PDPT_GPA + device_gib * 8, (device_pd | flags).as_bytes())?;
+    let device_entry = (VIRTIO_NET_MMIO_GPA & !((2 << 20) - 1)) | flags | PTE_HUGE;
+    let index = (VIRTIO_NET_MMIO_GPA >> 21) & 511;
+    memory::write(memory, device_pd + index * 8, device_entry.as_bytes())?;
     Ok(())
 }
 

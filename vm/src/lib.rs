@@ -9,6 +9,7 @@
 //! - [`progress`]: guest progress read from its status slots;
 //! - [`bus`]: port-I/O and MMIO dispatch;
 //! - [`tap`]: tap devices, the host side of guest network interfaces;
+//! - [`virtio_net`]: the guest's network interface (virtio-net over virtio-mmio);
 //! - [`workload`]: the guest workload as the user names it.
 
 pub mod boot;
@@ -20,6 +21,7 @@ pub mod ratelimit;
 pub mod state;
 pub mod tap;
 pub mod vcpu;
+pub mod virtio_net;
 pub mod vm;
 pub mod workload;
 

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! magic "USVMSTAT" | version u32 | memory_bytes u64 | clock (blob)
-//! | vcpu_count u32 | vcpu_count × vCPU
+//! | vcpu_count u32 | vcpu_count × vCPU | devices u32 | devices × device
+//! device := kind u32 (1: virtio-net) | state (blob)
 //! vCPU := tsc_khz u32 | regs | sregs | xsave | xcrs | debugregs | events
 //!         | mp_state | msrs (count u32 + entries) | cpuid (count u32 + entries)
 //! blob := len u32 | bytes
@@ -22,10 +23,14 @@ use kvm_bindings::{
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use crate::virtio_net::{NET_STATE_LEN, NetState};
+
 /// First bytes of an encoded [`VmState`].
 pub const STATE_MAGIC: [u8; 8] = *b"USVMSTAT";
 /// Version of the encoding; decoding refuses any other.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// Device kind of a virtio-net state in the encoding.
+const DEVICE_VIRTIO_NET: u32 = 1;
 /// Upper bound on list lengths accepted by the decoder (MSRs, CPUID entries, vCPUs).
 const MAX_LIST_LEN: u32 = 4096;
 
@@ -70,6 +75,9 @@ pub enum StateError {
     /// Bytes were left over after the last field.
     #[error("VM state has {0} unexpected trailing bytes")]
     TrailingBytes(usize),
+    /// A device state this build does not know, or that does not decode.
+    #[error("VM state holds an invalid device state: {0}")]
+    BadDevice(String),
 }
 
 /// The state of one vCPU, as KVM reports it.
@@ -118,6 +126,8 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// Per-vCPU state, in vCPU index order.
     pub vcpus: Vec<VcpuState>,
+    /// The network device, when the VM has one.
+    pub net: Option<NetState>,
 }
 
 impl VmState {
@@ -140,6 +150,16 @@ impl VmState {
             put_blob(&mut out, vcpu.mp_state.as_bytes());
             put_list(&mut out, &vcpu.msrs);
             put_list(&mut out, &vcpu.cpuid);
+        }
+        match &self.net {
+            Some(net) => {
+                out.extend_from_slice(&1u32.to_le_bytes());
+                out.extend_from_slice(&DEVICE_VIRTIO_NET.to_le_bytes());
+                let mut bytes = Vec::with_capacity(NET_STATE_LEN);
+                net.encode(&mut bytes);
+                put_blob(&mut out, &bytes);
+            }
+            None => out.extend_from_slice(&0u32.to_le_bytes()),
         }
         out
     }
@@ -187,6 +207,20 @@ impl VmState {
                 cpuid: reader.list("cpuid")?,
             });
         }
+        let mut net = None;
+        for _ in 0..reader.count("devices")? {
+            let kind = reader.u32()?;
+            let blob = reader.blob()?;
+            match kind {
+                DEVICE_VIRTIO_NET if net.is_none() => {
+                    net = Some(
+                        NetState::decode(blob)
+                            .map_err(|error| StateError::BadDevice(error.to_string()))?,
+                    )
+                }
+                other => return Err(StateError::BadDevice(format!("device kind {other}"))),
+            }
+        }
         if reader.offset != bytes.len() {
             return Err(StateError::TrailingBytes(bytes.len() - reader.offset));
         }
@@ -194,6 +228,7 @@ impl VmState {
             memory_bytes,
             clock,
             vcpus,
+            net,
         })
     }
 }
@@ -334,6 +369,11 @@ mod tests {
                 ..Default::default()
             },
             vcpus: vec![vcpu.clone(), vcpu],
+            net: Some(NetState {
+                driver_features: 1 << 32,
+                status: 15,
+                ..NetState::default()
+            }),
         }
     }
 

@@ -3,9 +3,9 @@
 //! routed to that interface are read from it. Non-blocking, one Ethernet
 //! frame per read or write, no packet-information prefix.
 //!
-//! The virtio-net device (issue 5) moves frames between its queues and a
-//! `Tap`; on failover the secondary opens a tap of its own with the same
-//! guest behind it.
+//! The virtio-net device moves frames between its queues and a `Tap`; on
+//! failover the secondary opens a tap of its own with the same guest behind
+//! it. Reads and writes take `&self`: one thread may read while others write.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -103,8 +103,8 @@ impl Tap {
 
     /// Reads one frame into `buffer` (at least [`MAX_FRAME`] bytes), or
     /// returns `None` when none is waiting.
-    pub fn read_frame(&mut self, buffer: &mut [u8]) -> Result<Option<usize>, TapError> {
-        match self.file.read(buffer) {
+    pub fn read_frame(&self, buffer: &mut [u8]) -> Result<Option<usize>, TapError> {
+        match (&self.file).read(buffer) {
             Ok(length) => Ok(Some(length)),
             Err(error) if error.kind() == ErrorKind::WouldBlock => Ok(None),
             Err(source) => Err(TapError::Io {
@@ -115,8 +115,8 @@ impl Tap {
     }
 
     /// Writes one frame.
-    pub fn write_frame(&mut self, frame: &[u8]) -> Result<(), TapError> {
-        self.file.write_all(frame).map_err(|source| TapError::Io {
+    pub fn write_frame(&self, frame: &[u8]) -> Result<(), TapError> {
+        (&self.file).write_all(frame).map_err(|source| TapError::Io {
             name: self.name.clone(),
             source,
         })

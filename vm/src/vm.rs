@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use understudy_guest_abi::{
-    BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VcpuStatus, status_gpa,
+    VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE, BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VcpuStatus, status_gpa,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -31,6 +31,7 @@ use crate::log_limited;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::state::VmState;
 use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::virtio_net::{NetError, VirtioNet};
 use crate::workload::WorkloadSpec;
 
 /// How long a yielding guest (its `HLT`) waits before it is run again.
@@ -85,6 +86,12 @@ pub enum VmError {
     /// A vCPU thread could not be started.
     #[error("failed to start a vCPU thread")]
     SpawnThread(#[source] std::io::Error),
+    /// The network device's state could not be restored.
+    #[error("the network device could not be restored")]
+    Net(#[from] NetError),
+    /// A device can only be attached before the vCPUs first run.
+    #[error("devices must be attached before the VM first runs")]
+    AlreadyStarted,
 }
 
 /// Shape of a VM.
@@ -263,6 +270,7 @@ pub struct Vm {
     control: Arc<Control>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    net: Option<Arc<VirtioNet>>,
     dirty: DirtyTracker,
     events_sender: Sender<VmEvent>,
     events: Receiver<VmEvent>,
@@ -344,6 +352,7 @@ impl Vm {
             }),
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
+            net: None,
             events_sender,
             events,
             fd,
@@ -380,9 +389,32 @@ impl Vm {
         &self.memory
     }
 
+    /// A shared handle on guest memory (for devices).
+    pub fn memory_handle(&self) -> Arc<GuestMemory> {
+        self.memory.clone()
+    }
+
     /// Events from the vCPUs (guest exit, panic, failure).
     pub fn events(&self) -> &Receiver<VmEvent> {
         &self.events
+    }
+
+    /// Puts a virtio-net device on the MMIO bus at `VIRTIO_NET_MMIO_GPA`.
+    /// Only before the first [`Vm::resume`].
+    pub fn attach_net(&mut self, net: Arc<VirtioNet>) -> Result<(), VmError> {
+        if !self.threads.is_empty() || self.net.is_some() {
+            return Err(VmError::AlreadyStarted);
+        }
+        let bus = Arc::get_mut(&mut self.mmio).ok_or(VmError::AlreadyStarted)?;
+        bus.insert(VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE, net.clone())
+            .expect("the MMIO bus holds only the network device");
+        self.net = Some(net);
+        Ok(())
+    }
+
+    /// The network device, if one is attached.
+    pub fn net(&self) -> Option<&Arc<VirtioNet>> {
+        self.net.as_ref()
     }
 
     /// Starts the vCPU threads (the first call) or lets them run again.
@@ -394,6 +426,7 @@ impl Vm {
                     control: self.control.clone(),
                     pio: self.pio.clone(),
                     mmio: self.mmio.clone(),
+                    net: self.net.clone(),
                     memory: self.memory.clone(),
                     events: self.events_sender.clone(),
                 };
@@ -475,6 +508,7 @@ impl Vm {
             memory_bytes: self.config.memory_bytes,
             clock,
             vcpus,
+            net: self.net.as_ref().map(|net| net.save()),
         })
     }
 
@@ -494,6 +528,16 @@ impl Vm {
                 ),
                 actual: format!("{} bytes and {} vCPUs", actual.memory_bytes, actual.vcpus),
             });
+        }
+        match (&state.net, &self.net) {
+            (Some(saved), Some(net)) => net.restore(saved)?,
+            (None, None) => {}
+            (saved, _) => {
+                return Err(VmError::StateMismatch {
+                    saved: format!("a VM with{} a network device", if saved.is_some() { "" } else { "out" }),
+                    actual: format!("one with{}", if self.net.is_some() { "" } else { "out" }),
+                });
+            }
         }
         let mut clock = state.clock;
         // Restore the clock as it was: no adjustment for the time spent saved.
@@ -558,6 +602,7 @@ struct VcpuThread {
     control: Arc<Control>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    net: Option<Arc<VirtioNet>>,
     memory: Arc<GuestMemory>,
     events: Sender<VmEvent>,
 }
@@ -579,7 +624,11 @@ impl VcpuThread {
             };
             match action {
                 BusAction::Continue => {}
-                BusAction::Yield => self.control.nap(YIELD_NAP),
+                BusAction::Yield => match &self.net {
+                    // An idle guest with a network waits for its next frame.
+                    Some(net) => net.wait_for_input(YIELD_NAP),
+                    None => self.control.nap(YIELD_NAP),
+                },
                 BusAction::Exit(code) => self.stop(VmEvent::GuestExited { vcpu: index, code }),
                 BusAction::Panic => {
                     let message = self.panic_message(index);

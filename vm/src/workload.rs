@@ -1,8 +1,11 @@
 //! The workload the built-in guest runs, as the user writes it on the command
-//! line: `idle`, `counter[:spin=N]`, or
-//! `memtouch:rate=200MB/s,wss=128M,pattern=random[,seed=N][,log]`.
+//! line: `idle`, `counter[:spin=N]`,
+//! `memtouch:rate=200MB/s,wss=128M,pattern=random[,seed=N][,log]`, or
+//! `kv[:ip=10.0.0.10/24][,port=6379][,heap=16M]` (a Redis-protocol
+//! key-value store on the guest's network interface).
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use understudy_guest_abi::{FLAG_WRITE_LOG, PAGE_SIZE, Pattern, Workload};
@@ -14,7 +17,7 @@ pub const DEFAULT_COUNTER_SPIN: u32 = 200;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadError {
     /// The workload name is unknown.
-    #[error("unknown workload '{0}': expected idle, counter or memtouch")]
+    #[error("unknown workload '{0}': expected idle, counter, memtouch or kv")]
     UnknownWorkload(String),
     /// An option is unknown for this workload.
     #[error("unknown option '{option}' for workload {workload}")]
@@ -53,7 +56,20 @@ pub struct WorkloadSpec {
     pub flags: u32,
     /// counter: busy-loop iterations between two steps.
     pub counter_spin: u32,
+    /// kv: the guest's address and prefix length.
+    pub ipv4: Ipv4Addr,
+    /// kv: the prefix length of `ipv4`.
+    pub prefix_len: u8,
+    /// kv: the TCP port.
+    pub port: u16,
 }
+
+/// The guest's address when `kv` is given none.
+pub const DEFAULT_GUEST_IPV4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+/// The port `kv` listens on unless told otherwise (Redis's).
+pub const DEFAULT_KV_PORT: u16 = 6379;
+/// The heap of `kv` (its keys, values and socket buffers) unless told otherwise.
+pub const DEFAULT_KV_HEAP: u64 = 16 << 20;
 
 impl Default for WorkloadSpec {
     fn default() -> Self {
@@ -65,6 +81,9 @@ impl Default for WorkloadSpec {
             seed: 0x5eed,
             flags: 0,
             counter_spin: DEFAULT_COUNTER_SPIN,
+            ipv4: DEFAULT_GUEST_IPV4,
+            prefix_len: 24,
+            port: DEFAULT_KV_PORT,
         }
     }
 }
@@ -72,7 +91,16 @@ impl Default for WorkloadSpec {
 impl WorkloadSpec {
     /// The working-set size given `available` bytes of work area, page-aligned.
     pub fn wss_bytes(&self, available: u64) -> u64 {
-        self.wss.unwrap_or(available) / PAGE_SIZE * PAGE_SIZE
+        let default = match self.workload {
+            Workload::Kv => DEFAULT_KV_HEAP.min(available),
+            _ => available,
+        };
+        self.wss.unwrap_or(default) / PAGE_SIZE * PAGE_SIZE
+    }
+
+    /// Whether the workload uses the network interface.
+    pub fn uses_network(&self) -> bool {
+        self.workload == Workload::Kv
     }
 }
 
@@ -86,11 +114,13 @@ impl FromStr for WorkloadSpec {
             "idle" => "idle",
             "counter" => "counter",
             "memtouch" => "memtouch",
+            "kv" => "kv",
             other => return Err(WorkloadError::UnknownWorkload(other.to_string())),
         };
         spec.workload = match workload_name {
             "idle" => Workload::Idle,
             "counter" => Workload::Counter,
+            "kv" => Workload::Kv,
             _ => Workload::MemTouch,
         };
         for option in options.split(',').filter(|option| !option.is_empty()) {
@@ -101,6 +131,15 @@ impl FromStr for WorkloadSpec {
                 (Workload::MemTouch, "wss") => spec.wss = Some(parse_size("wss", value)?),
                 (Workload::MemTouch, "pattern") => spec.pattern = parse_pattern(value)?,
                 (Workload::MemTouch, "log") => spec.flags |= FLAG_WRITE_LOG,
+                (Workload::Kv, "ip") => (spec.ipv4, spec.prefix_len) = parse_cidr(value)?,
+                (Workload::Kv, "port") => {
+                    spec.port = value.parse().map_err(|_| WorkloadError::BadValue {
+                        option: "port",
+                        value: value.to_string(),
+                        reason: "expected a TCP port (0 to 65535)",
+                    })?
+                }
+                (Workload::Kv, "heap") => spec.wss = Some(parse_size("heap", value)?),
                 (Workload::Counter, "spin") => {
                     spec.counter_spin = u32::try_from(parse_u64("spin", value)?).map_err(|_| {
                         WorkloadError::BadValue {
@@ -127,6 +166,13 @@ impl fmt::Display for WorkloadSpec {
         match self.workload {
             Workload::Idle => write!(f, "idle"),
             Workload::Counter => write!(f, "counter:spin={}", self.counter_spin),
+            Workload::Kv => {
+                write!(f, "kv:ip={}/{},port={}", self.ipv4, self.prefix_len, self.port)?;
+                match self.wss {
+                    Some(heap) => write!(f, ",heap={}K", heap >> 10),
+                    None => Ok(()),
+                }
+            }
             Workload::MemTouch => {
                 let pattern = match self.pattern {
                     Pattern::Seq => "seq",
@@ -179,6 +225,22 @@ fn parse_pattern(value: &str) -> Result<Pattern, WorkloadError> {
             reason: "expected seq, random, hotspot, sparse or zero",
         }),
     }
+}
+
+/// Parses `10.0.0.10/24` (the prefix length defaults to 24).
+fn parse_cidr(value: &str) -> Result<(Ipv4Addr, u8), WorkloadError> {
+    let bad = || WorkloadError::BadValue {
+        option: "ip",
+        value: value.to_string(),
+        reason: "expected an IPv4 address with an optional prefix length, e.g. 10.0.0.10/24",
+    };
+    let (address, prefix) = value.split_once('/').unwrap_or((value, "24"));
+    let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !(1..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    Ok((address, prefix))
 }
 
 /// Parses a byte size: `4096`, `64K`, `128M`, `1G` (binary), `128MiB`, or
@@ -289,6 +351,31 @@ mod tests {
         let spec: WorkloadSpec = "memtouch:rate=max,wss=128M,pattern=hotspot"
             .parse()
             .expect("valid");
+        let again: WorkloadSpec = spec.to_string().parse().expect("display output parses");
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn kv_parses_its_address_and_port() {
+        let spec: WorkloadSpec = "kv:ip=192.168.7.2/16,port=7000".parse().expect("valid");
+        assert_eq!(spec.workload, Workload::Kv);
+        assert_eq!(spec.ipv4, Ipv4Addr::new(192, 168, 7, 2));
+        assert_eq!(spec.prefix_len, 16);
+        assert_eq!(spec.port, 7000);
+    }
+
+    #[test]
+    fn kv_refuses_a_bad_address() {
+        let result = "kv:ip=10.0.0.300".parse::<WorkloadSpec>();
+        assert!(matches!(
+            result,
+            Err(WorkloadError::BadValue { option: "ip", .. })
+        ));
+    }
+
+    #[test]
+    fn kv_display_parses_back() {
+        let spec: WorkloadSpec = "kv:ip=10.1.2.3/8,heap=32M".parse().expect("valid");
         let again: WorkloadSpec = spec.to_string().parse().expect("display output parses");
         assert_eq!(again, spec);
     }

@@ -17,7 +17,8 @@
 //! | [`STACKS_GPA`]             | one [`STACK_SIZE`] ring-3 stack per vCPU          |
 //! | [`IMAGE_GPA`]              | the guest image (ELF `PT_LOAD` segments)          |
 //! | [`WRITE_LOG_GPA`]          | optional bitmap of work-area pages the guest wrote|
-//! | [`WORK_AREA_GPA`]`..end`   | the work area the workloads dirty                 |
+//! | [`WORK_AREA_GPA`]`..end`   | the work area the workloads dirty (`kv`: its heap)|
+//! | [`VIRTIO_NET_MMIO_GPA`]    | the virtio-net device's virtio-mmio registers     |
 //!
 //! # Talking to the VMM
 //!
@@ -33,7 +34,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// Magic value at the start of [`BootInfo`]: "USTUDYG1".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"USTUDYG1");
 /// Version of this interface; the guest refuses a boot page of another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Size of a guest page, the unit of dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
@@ -60,6 +61,13 @@ pub const WRITE_LOG_GPA: u64 = 0x20_0000;
 pub const WRITE_LOG_SIZE: u64 = 0x20_0000;
 /// Guest-physical address where the work area starts.
 pub const WORK_AREA_GPA: u64 = 0x40_0000;
+
+/// Guest-physical address of the virtio-net device's virtio-mmio registers:
+/// above the largest guest memory (4 GiB), in the 2 MiB page the boot page
+/// tables map for devices. No memory slot covers it, so every access exits.
+pub const VIRTIO_NET_MMIO_GPA: u64 = 0x1_0000_0000;
+/// Size of the virtio-mmio register window (registers and config space).
+pub const VIRTIO_NET_MMIO_SIZE: u64 = 0x1000;
 
 /// Port the guest writes to when it has nothing to do (its `HLT`).
 pub const PORT_YIELD: u16 = 0x510;
@@ -89,6 +97,9 @@ pub enum Workload {
     MemTouch = 1,
     /// Advance a hash-chained counter ([`counter_step`]).
     Counter = 2,
+    /// Serve a key-value store over TCP in the Redis protocol (RESP), on the
+    /// virtio-net device, at [`BootInfo::net_ipv4`] and [`BootInfo::kv_port`].
+    Kv = 3,
 }
 
 impl Workload {
@@ -98,6 +109,7 @@ impl Workload {
             0 => Some(Self::Idle),
             1 => Some(Self::MemTouch),
             2 => Some(Self::Counter),
+            3 => Some(Self::Kv),
             _ => None,
         }
     }
@@ -169,6 +181,23 @@ pub struct BootInfo {
     pub flags: u32,
     /// Counter workload: busy-loop iterations between two steps (sets its pace).
     pub counter_spin: u32,
+    /// The network interface's MAC address (bytes 0..6; 6 and 7 are zero).
+    pub net_mac: [u8; 8],
+    /// The guest's IPv4 address, octets in order (`[10, 0, 0, 10]`).
+    pub net_ipv4: [u8; 4],
+    /// Length of the network prefix of [`BootInfo::net_ipv4`].
+    pub net_prefix_len: u32,
+    /// `kv`: the TCP port it listens on.
+    pub kv_port: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// The MAC address of a guest with IPv4 address `ipv4`: `52:54` (locally
+/// administered, as QEMU's) followed by the four octets, so the address
+/// follows from the IP and a takeover announces the MAC the guest had.
+pub const fn guest_mac(ipv4: [u8; 4]) -> [u8; 6] {
+    [0x52, 0x54, ipv4[0], ipv4[1], ipv4[2], ipv4[3]]
 }
 
 /// Guest state in [`VcpuStatus::state`]: not started yet.

@@ -1,0 +1,225 @@
+//! The output-commit gate between the guest's network device and the
+//! outside: the primary's half of the proxy (Remus output commit).
+//!
+//! ```text
+//! guest frame (vCPU thread)   -> held, tagged with the epoch being run
+//! checkpoint N taken (paused) -> frames from now on belong to epoch N + 1
+//! Ack N (acks thread)         -> frames of epochs <= N go to the tap, in order
+//! protection ends             -> everything held is released; frames pass
+//!                                straight through until the next protection
+//! ```
+//!
+//! The holding rule itself is `understudy_proxy::OutputBuffer`; this is its
+//! wiring: a [`FrameSink`] for the virtio-net device, a release sink (the
+//! tap), and the epoch counter the checkpoint loop advances while the guest
+//! is paused, so a frame's epoch is exact.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use understudy_proxy::{Held, Limits, Metrics, OutputBuffer};
+use understudy_vm::log_limited;
+use understudy_vm::virtio_net::FrameSink;
+
+enum Mode {
+    /// Hold frames until their epoch is acknowledged.
+    Hold,
+    /// Unprotected: frames go straight out.
+    PassThrough,
+}
+
+struct Gate {
+    buffer: OutputBuffer,
+    running_epoch: u64,
+    mode: Mode,
+    /// Metrics of earlier protections, so counters never go back.
+    earlier: Metrics,
+}
+
+/// Holds the guest's output until the secondary has its epoch.
+pub struct OutputCommit {
+    gate: Mutex<Gate>,
+    limits: Limits,
+    release: Arc<dyn FrameSink>,
+}
+
+impl OutputCommit {
+    /// A gate that releases to `release` and holds at most `limits`. It
+    /// passes frames through until a protection begins.
+    pub fn new(release: Arc<dyn FrameSink>, limits: Limits) -> Self {
+        Self {
+            gate: Mutex::new(Gate {
+                buffer: OutputBuffer::new(limits),
+                running_epoch: 0,
+                mode: Mode::PassThrough,
+                earlier: Metrics::default(),
+            }),
+            limits,
+            release,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Gate> {
+        self.gate
+            .lock()
+            .expect("no panics while the output gate is held")
+    }
+
+    /// A protection begins (its epochs count from 0): hold from now on.
+    pub fn begin(&self) {
+        let mut gate = self.lock();
+        let released = gate.buffer.acknowledge(u64::MAX, Instant::now());
+        for frame in released {
+            self.release.send(&frame.frame);
+        }
+        let finished = std::mem::replace(&mut gate.buffer, OutputBuffer::new(self.limits));
+        merge(&mut gate.earlier, finished.metrics());
+        gate.running_epoch = 0;
+        gate.mode = Mode::Hold;
+    }
+
+    /// Checkpoint `epoch` was taken (the guest is paused): later frames
+    /// belong to the next epoch.
+    pub fn checkpointed(&self, epoch: u64) {
+        self.lock().running_epoch = epoch + 1;
+    }
+
+    /// The secondary acknowledged `epoch`: release its frames and earlier ones.
+    pub fn acknowledge(&self, epoch: u64) {
+        let mut gate = self.lock();
+        if matches!(gate.mode, Mode::PassThrough) {
+            return;
+        }
+        for frame in gate.buffer.acknowledge(epoch, Instant::now()) {
+            self.release.send(&frame.frame);
+        }
+    }
+
+    /// The protection ended: release everything held and pass frames through.
+    pub fn open(&self) {
+        let mut gate = self.lock();
+        for frame in gate.buffer.acknowledge(u64::MAX, Instant::now()) {
+            self.release.send(&frame.frame);
+        }
+        gate.mode = Mode::PassThrough;
+    }
+
+    /// Counters and hold times over all protections so far.
+    pub fn metrics(&self) -> Metrics {
+        let gate = self.lock();
+        let mut metrics = gate.earlier.clone();
+        merge(&mut metrics, gate.buffer.metrics());
+        metrics.frames_held = gate.buffer.metrics().frames_held;
+        metrics.bytes_held = gate.buffer.metrics().bytes_held;
+        metrics
+    }
+}
+
+fn merge(total: &mut Metrics, more: &Metrics) {
+    total.frames_released += more.frames_released;
+    total.frames_dropped += more.frames_dropped;
+    total.frames_refused += more.frames_refused;
+    for (sum, count) in total.held_histogram.iter_mut().zip(more.held_histogram) {
+        *sum += count;
+    }
+}
+
+impl FrameSink for OutputCommit {
+    fn send(&self, frame: &[u8]) {
+        let mut gate = self.lock();
+        if matches!(gate.mode, Mode::PassThrough) {
+            self.release.send(frame);
+            return;
+        }
+        let epoch = gate.running_epoch;
+        match gate.buffer.hold(epoch, frame, Instant::now()) {
+            Ok(Held::Held) => {}
+            Ok(Held::Dropped) => {
+                log_limited!(warn, epoch, "output buffer full: a guest frame was dropped");
+            }
+            Err(error) => {
+                log_limited!(warn, %error, "a guest frame could not be held; dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Vec<u8>>>);
+
+    impl FrameSink for Collect {
+        fn send(&self, frame: &[u8]) {
+            self.0.lock().expect("not poisoned").push(frame.to_vec());
+        }
+    }
+
+    impl Collect {
+        fn frames(&self) -> Vec<Vec<u8>> {
+            self.0.lock().expect("not poisoned").clone()
+        }
+    }
+
+    fn gate() -> (Arc<Collect>, OutputCommit) {
+        let out = Arc::new(Collect::default());
+        let gate = OutputCommit::new(out.clone(), Limits::default());
+        (out, gate)
+    }
+
+    #[test]
+    fn frames_pass_through_before_protection_begins() {
+        let (out, gate) = gate();
+        gate.send(b"a");
+        assert_eq!(out.frames(), vec![b"a".to_vec()]);
+    }
+
+    #[test]
+    fn a_frame_waits_for_the_acknowledgement_of_its_epoch() {
+        let (out, gate) = gate();
+        gate.begin();
+        gate.checkpointed(0);
+        gate.send(b"epoch 1");
+        gate.acknowledge(0);
+        assert!(out.frames().is_empty());
+        gate.acknowledge(1);
+        assert_eq!(out.frames(), vec![b"epoch 1".to_vec()]);
+    }
+
+    #[test]
+    fn frames_after_a_checkpoint_belong_to_the_next_epoch() {
+        let (out, gate) = gate();
+        gate.begin();
+        gate.send(b"epoch 0");
+        gate.checkpointed(0);
+        gate.send(b"epoch 1");
+        gate.acknowledge(0);
+        assert_eq!(out.frames(), vec![b"epoch 0".to_vec()]);
+    }
+
+    #[test]
+    fn opening_releases_everything_and_passes_through() {
+        let (out, gate) = gate();
+        gate.begin();
+        gate.send(b"held");
+        gate.open();
+        gate.send(b"direct");
+        assert_eq!(out.frames(), vec![b"held".to_vec(), b"direct".to_vec()]);
+    }
+
+    #[test]
+    fn a_new_protection_counts_epochs_from_zero_again() {
+        let (out, gate) = gate();
+        gate.begin();
+        gate.checkpointed(5);
+        gate.acknowledge(6);
+        gate.open();
+        gate.begin();
+        gate.send(b"new epoch 0");
+        gate.acknowledge(0);
+        assert_eq!(out.frames(), vec![b"new epoch 0".to_vec()]);
+        assert_eq!(gate.metrics().frames_released, 1);
+    }
+}

@@ -1,0 +1,692 @@
+//! virtio-net over virtio-mmio (virtio 1.x, "modern" registers only): the
+//! guest's network interface. Queues are rust-vmm's `virtio-queue`.
+//!
+//! - **Transmit** (queue 1): when the guest writes `QueueNotify`, every chain
+//!   it made available is read (the 12-byte `virtio_net_hdr_v1` is dropped)
+//!   and handed to a [`FrameSink`]: the tap directly, or the primary's
+//!   output-commit gate, which holds it until its epoch is acknowledged.
+//! - **Receive** (queue 0): frames are read from the tap only while the
+//!   guest has a buffer for them (none are queued in the VMM, so a
+//!   checkpoint never misses one): when the guest adds buffers, and when it
+//!   yields (its `HLT`), which is where the vCPU thread waits for the tap to
+//!   become readable ([`VirtioNet::wait_for_input`]).
+//! - There is no interrupt controller: the guest polls its used rings, which
+//!   costs no exit.
+//!
+//! Everything the device writes into guest memory (frames, used rings) goes
+//! through vm-memory with the VM's dirty bitmap, so it is in the next
+//! checkpoint. The device state ([`NetState`]: feature negotiation, status,
+//! both queues' addresses and indices) is part of [`crate::state::VmState`];
+//! queue processing happens on the vCPU thread, so a paused VM has a device
+//! at rest.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+
+use crate::bus::{BusAction, BusDevice};
+use crate::log_limited;
+use crate::memory::GuestMemory;
+use crate::tap::{MAX_FRAME, Tap};
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// virtio-mmio version 2 (virtio 1.x).
+const MMIO_VERSION: u32 = 2;
+/// Device ID of a network card.
+const DEVICE_ID_NET: u32 = 1;
+/// Vendor ID reported ("USTD").
+const VENDOR_ID: u32 = 0x4454_5355;
+/// `VIRTIO_NET_F_MAC`: the config space holds the MAC address.
+const FEATURE_MAC: u64 = 1 << 5;
+/// `VIRTIO_F_VERSION_1`.
+const FEATURE_VERSION_1: u64 = 1 << 32;
+/// What the device offers.
+const DEVICE_FEATURES: u64 = FEATURE_MAC | FEATURE_VERSION_1;
+/// Bytes of `virtio_net_hdr_v1` in front of every frame.
+const NET_HEADER_LEN: usize = 12;
+/// Largest queue the device accepts.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// `DRIVER_OK` in the status register.
+const STATUS_DRIVER_OK: u32 = 4;
+/// `FEATURES_OK` in the status register.
+const STATUS_FEATURES_OK: u32 = 8;
+
+/// Register offsets (virtio 1.2, 4.2.2).
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Errors of the network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A saved device state is malformed or describes an impossible queue.
+    #[error("the saved virtio-net state is invalid: {0}")]
+    BadState(String),
+}
+
+/// Where the frames the guest transmits go.
+pub trait FrameSink: Send + Sync {
+    /// Takes one Ethernet frame (without the virtio header).
+    fn send(&self, frame: &[u8]);
+}
+
+impl FrameSink for Tap {
+    fn send(&self, frame: &[u8]) {
+        if let Err(error) = self.write_frame(frame) {
+            // The guest decides how often it sends: rate-limit the complaint.
+            log_limited!(warn, %error, "a frame from the guest was not delivered to the tap");
+        }
+    }
+}
+
+/// A sink that drops every frame (a VM without a network behind it).
+pub struct DiscardFrames;
+
+impl FrameSink for DiscardFrames {
+    fn send(&self, _frame: &[u8]) {}
+}
+
+/// The device's state in a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetState {
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The status register.
+    pub status: u32,
+    /// Selected queue.
+    pub queue_sel: u32,
+    /// Selected half of the device features.
+    pub device_features_sel: u32,
+    /// Selected half of the driver features.
+    pub driver_features_sel: u32,
+    /// Pending interrupt bits (the guest polls; kept for a faithful restore).
+    pub interrupt_status: u32,
+    /// Receive and transmit queues.
+    pub queues: [QueueState; 2],
+}
+
+/// Bytes of an encoded [`NetState`].
+pub const NET_STATE_LEN: usize = 8 + 5 * 4 + 2 * QUEUE_STATE_LEN;
+const QUEUE_STATE_LEN: usize = 2 * 4 + 2 + 3 * 8 + 2;
+
+impl NetState {
+    /// Appends the fixed little-endian encoding ([`NET_STATE_LEN`] bytes).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.driver_features.to_le_bytes());
+        for word in [
+            self.status,
+            self.queue_sel,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.interrupt_status,
+        ] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        for queue in &self.queues {
+            for half in [queue.max_size, queue.next_avail, queue.next_used, queue.size] {
+                out.extend_from_slice(&half.to_le_bytes());
+            }
+            out.extend_from_slice(&[0, 0]);
+            for address in [queue.desc_table, queue.avail_ring, queue.used_ring] {
+                out.extend_from_slice(&address.to_le_bytes());
+            }
+            out.push(u8::from(queue.event_idx_enabled));
+            out.push(u8::from(queue.ready));
+        }
+    }
+
+    /// Decodes [`NetState::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
+        if bytes.len() != NET_STATE_LEN {
+            return Err(NetError::BadState(format!(
+                "{} bytes, expected {NET_STATE_LEN}",
+                bytes.len()
+            )));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes in range"))
+        };
+        let u64_at = |at: usize| {
+            u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes in range"))
+        };
+        let flag_at = |at: usize| match bytes[at] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(NetError::BadState(format!("flag byte {other}"))),
+        };
+        let queue_at = |at: usize| -> Result<QueueState, NetError> {
+            Ok(QueueState {
+                max_size: u16_at(at),
+                next_avail: u16_at(at + 2),
+                next_used: u16_at(at + 4),
+                size: u16_at(at + 6),
+                desc_table: u64_at(at + 10),
+                avail_ring: u64_at(at + 18),
+                used_ring: u64_at(at + 26),
+                event_idx_enabled: flag_at(at + 34)?,
+                ready: flag_at(at + 35)?,
+            })
+        };
+        let queues_at = 28;
+        Ok(Self {
+            driver_features: u64_at(0),
+            status: u32_at(8),
+            queue_sel: u32_at(12),
+            device_features_sel: u32_at(16),
+            driver_features_sel: u32_at(20),
+            interrupt_status: u32_at(24),
+            queues: [
+                queue_at(queues_at)?,
+                queue_at(queues_at + QUEUE_STATE_LEN)?,
+            ],
+        })
+    }
+}
+
+/// Counters of the device, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames the guest transmitted.
+    pub tx_frames: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Malformed transmit chains skipped.
+    pub tx_errors: u64,
+}
+
+struct Registers {
+    driver_features: u64,
+    status: u32,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    interrupt_status: u32,
+    queues: [Queue; 2],
+    counters: NetCounters,
+}
+
+impl Registers {
+    fn new() -> Self {
+        Self {
+            driver_features: 0,
+            status: 0,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            interrupt_status: 0,
+            queues: [new_queue(), new_queue()],
+            counters: NetCounters::default(),
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+}
+
+fn new_queue() -> Queue {
+    Queue::new(QUEUE_MAX_SIZE).expect("QUEUE_MAX_SIZE is a power of two within limits")
+}
+
+/// A virtio-net device on the MMIO bus.
+pub struct VirtioNet {
+    registers: Mutex<Registers>,
+    memory: Arc<GuestMemory>,
+    mac: [u8; 6],
+    /// Where received frames come from (none: the guest hears nothing).
+    input: Option<Arc<Tap>>,
+    output: Arc<dyn FrameSink>,
+}
+
+impl VirtioNet {
+    /// A device with MAC `mac` that reads frames from `input` and sends the
+    /// guest's frames to `output`.
+    pub fn new(
+        memory: Arc<GuestMemory>,
+        mac: [u8; 6],
+        input: Option<Arc<Tap>>,
+        output: Arc<dyn FrameSink>,
+    ) -> Self {
+        Self {
+            registers: Mutex::new(Registers::new()),
+            memory,
+            mac,
+            input,
+            output,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registers> {
+        self.registers
+            .lock()
+            .expect("no panics while the virtio-net registers are held")
+    }
+
+    /// The MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Frame counters.
+    pub fn counters(&self) -> NetCounters {
+        self.lock().counters
+    }
+
+    /// The device state (call with the vCPUs paused).
+    pub fn save(&self) -> NetState {
+        let registers = self.lock();
+        NetState {
+            driver_features: registers.driver_features,
+            status: registers.status,
+            queue_sel: registers.queue_sel,
+            device_features_sel: registers.device_features_sel,
+            driver_features_sel: registers.driver_features_sel,
+            interrupt_status: registers.interrupt_status,
+            queues: [registers.queues[0].state(), registers.queues[1].state()],
+        }
+    }
+
+    /// Puts the device in a saved state (before the vCPUs run).
+    pub fn restore(&self, state: &NetState) -> Result<(), NetError> {
+        let queue = |saved: QueueState| {
+            if saved.max_size != QUEUE_MAX_SIZE {
+                return Err(NetError::BadState(format!(
+                    "queue of at most {} entries, this device has {QUEUE_MAX_SIZE}",
+                    saved.max_size
+                )));
+            }
+            Queue::try_from(saved).map_err(|error| NetError::BadState(format!("{error:?}")))
+        };
+        let queues = [queue(state.queues[0])?, queue(state.queues[1])?];
+        let mut registers = self.lock();
+        registers.driver_features = state.driver_features;
+        registers.status = state.status;
+        registers.queue_sel = state.queue_sel;
+        registers.device_features_sel = state.device_features_sel;
+        registers.driver_features_sel = state.driver_features_sel;
+        registers.interrupt_status = state.interrupt_status;
+        registers.queues = queues;
+        Ok(())
+    }
+
+    /// The guest is idle: waits up to `timeout` for the tap to have a frame
+    /// and delivers what the guest has buffers for. A signal (the VM's pause
+    /// kick) ends the wait early.
+    pub fn wait_for_input(&self, timeout: Duration) {
+        let Some(input) = &self.input else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        if self.deliver_received() > 0 {
+            return;
+        }
+        let mut poll = libc::pollfd {
+            fd: input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+        // SAFETY: `poll` is one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+        if ready > 0 {
+            self.deliver_received();
+        }
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers; returns
+    /// how many.
+    fn deliver_received(&self) -> usize {
+        let Some(input) = &self.input else {
+            return 0;
+        };
+        let mut registers = self.lock();
+        if !registers.driver_ok() {
+            return 0;
+        }
+        let memory: &GuestMemory = &self.memory;
+        let mut frame = [0u8; NET_HEADER_LEN + MAX_FRAME];
+        let mut delivered = 0;
+        loop {
+            let queue = &mut registers.queues[RX_QUEUE];
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let length = match input.read_frame(&mut frame[NET_HEADER_LEN..]) {
+                Ok(Some(length)) => length,
+                Ok(None) => {
+                    queue.go_to_previous_position();
+                    break;
+                }
+                Err(error) => {
+                    log_limited!(warn, %error, "reading the tap failed");
+                    queue.go_to_previous_position();
+                    break;
+                }
+            };
+            // virtio_net_hdr_v1: no offloads, num_buffers = 1.
+            frame[..NET_HEADER_LEN].fill(0);
+            frame[10] = 1;
+            let total = NET_HEADER_LEN + length;
+            let written = chain
+                .writer(memory)
+                .map_err(|error| format!("{error:?}"))
+                .and_then(|mut writer| {
+                    writer
+                        .write_all(&frame[..total])
+                        .map_err(|error| error.to_string())
+                });
+            let used = match written {
+                Ok(()) => total as u32,
+                Err(error) => {
+                    log_limited!(warn, %error, "a receive buffer from the guest is unusable; frame dropped");
+                    0
+                }
+            };
+            if let Err(error) = queue.add_used(memory, head, used) {
+                log_limited!(warn, ?error, "could not return a receive buffer to the guest");
+                break;
+            }
+            registers.interrupt_status |= 1;
+            registers.counters.rx_frames += 1;
+            delivered += 1;
+        }
+        delivered
+    }
+
+    /// Sends every frame the guest made available on the transmit queue.
+    fn transmit(&self) {
+        let mut registers = self.lock();
+        if !registers.driver_ok() {
+            return;
+        }
+        let memory: &GuestMemory = &self.memory;
+        let mut frame = Vec::with_capacity(NET_HEADER_LEN + MAX_FRAME);
+        loop {
+            let Some(chain) = registers.queues[TX_QUEUE].pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            frame.clear();
+            let read = chain
+                .reader(memory)
+                .map_err(|error| format!("{error:?}"))
+                .and_then(|mut reader| {
+                    let available = reader.available_bytes();
+                    if available > NET_HEADER_LEN + MAX_FRAME {
+                        return Err(format!("a {available}-byte frame is too long"));
+                    }
+                    reader
+                        .read_to_end(&mut frame)
+                        .map_err(|error| error.to_string())
+                });
+            match read {
+                Ok(_) if frame.len() > NET_HEADER_LEN => {
+                    self.output.send(&frame[NET_HEADER_LEN..]);
+                    registers.counters.tx_frames += 1;
+                }
+                Ok(_) => registers.counters.tx_errors += 1,
+                Err(error) => {
+                    log_limited!(warn, %error, "the guest's transmit chain is malformed; skipped");
+                    registers.counters.tx_errors += 1;
+                }
+            }
+            if let Err(error) = registers.queues[TX_QUEUE].add_used(memory, head, 0) {
+                log_limited!(warn, ?error, "could not return a transmit buffer to the guest");
+                break;
+            }
+            registers.interrupt_status |= 1;
+        }
+    }
+
+    fn config_byte(&self, offset: u64) -> u8 {
+        match offset {
+            0..6 => self.mac[offset as usize],
+            // status: VIRTIO_NET_S_LINK_UP (only meaningful with F_STATUS).
+            6 => 1,
+            _ => 0,
+        }
+    }
+}
+
+impl BusDevice for VirtioNet {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = self.config_byte(offset - reg::CONFIG + i as u64);
+            }
+            return;
+        }
+        let mut registers = self.lock();
+        let value: u32 = match offset {
+            reg::MAGIC => MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => DEVICE_ID_NET,
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match registers.device_features_sel {
+                0 => DEVICE_FEATURES as u32,
+                1 => (DEVICE_FEATURES >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => {
+                if registers.selected_queue().is_some() {
+                    u32::from(QUEUE_MAX_SIZE)
+                } else {
+                    0
+                }
+            }
+            reg::QUEUE_READY => registers
+                .selected_queue()
+                .map_or(0, |queue| u32::from(queue.ready())),
+            reg::INTERRUPT_STATUS => registers.interrupt_status,
+            reg::STATUS => registers.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => {
+                log_limited!(debug, offset, "guest read an unknown virtio-mmio register");
+                0
+            }
+        };
+        let bytes = value.to_le_bytes();
+        let len = data.len().min(4);
+        data[..len].copy_from_slice(&bytes[..len]);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> BusAction {
+        let mut bytes = [0u8; 4];
+        let len = data.len().min(4);
+        bytes[..len].copy_from_slice(&data[..len]);
+        let value = u32::from_le_bytes(bytes);
+        if offset == reg::QUEUE_NOTIFY {
+            match value as usize {
+                TX_QUEUE => self.transmit(),
+                RX_QUEUE => {
+                    self.deliver_received();
+                }
+                _ => {}
+            }
+            return BusAction::Continue;
+        }
+        let mut registers = self.lock();
+        match offset {
+            reg::DEVICE_FEATURES_SEL => registers.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => registers.driver_features_sel = value,
+            reg::DRIVER_FEATURES => {
+                let shift = match registers.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return BusAction::Continue,
+                };
+                let mask = !(0xffff_ffffu64 << shift);
+                registers.driver_features = (registers.driver_features & mask)
+                    | ((u64::from(value) << shift) & DEVICE_FEATURES);
+            }
+            reg::QUEUE_SEL => registers.queue_sel = value,
+            reg::QUEUE_NUM => {
+                if let Some(queue) = registers.selected_queue() {
+                    queue.set_size(value as u16);
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(queue) = registers.selected_queue() {
+                    queue.set_ready(value == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => queue_address(&mut registers, |q| {
+                q.set_desc_table_address(Some(value), None)
+            }),
+            reg::QUEUE_DESC_HIGH => queue_address(&mut registers, |q| {
+                q.set_desc_table_address(None, Some(value))
+            }),
+            reg::QUEUE_DRIVER_LOW => queue_address(&mut registers, |q| {
+                q.set_avail_ring_address(Some(value), None)
+            }),
+            reg::QUEUE_DRIVER_HIGH => queue_address(&mut registers, |q| {
+                q.set_avail_ring_address(None, Some(value))
+            }),
+            reg::QUEUE_DEVICE_LOW => queue_address(&mut registers, |q| {
+                q.set_used_ring_address(Some(value), None)
+            }),
+            reg::QUEUE_DEVICE_HIGH => queue_address(&mut registers, |q| {
+                q.set_used_ring_address(None, Some(value))
+            }),
+            reg::INTERRUPT_ACK => registers.interrupt_status &= !value,
+            reg::STATUS => {
+                if value == 0 {
+                    // Device reset.
+                    let counters = registers.counters;
+                    *registers = Registers::new();
+                    registers.counters = counters;
+                } else if value & STATUS_FEATURES_OK != 0
+                    && registers.driver_features & FEATURE_VERSION_1 == 0
+                {
+                    // A modern device needs VERSION_1: refuse FEATURES_OK.
+                    registers.status = value & !STATUS_FEATURES_OK;
+                } else {
+                    registers.status = value;
+                }
+            }
+            _ => log_limited!(debug, offset, "guest wrote an unknown virtio-mmio register"),
+        }
+        BusAction::Continue
+    }
+}
+
+fn queue_address(registers: &mut Registers, set: impl FnOnce(&mut Queue)) {
+    if let Some(queue) = registers.selected_queue() {
+        set(queue);
+    }
+}
+
+/// A gratuitous ARP request announcing that `ipv4` is at `mac`: switches
+/// learn the port and neighbours update their caches. Sent on the guest's
+/// behalf when it resumes on another host.
+pub fn gratuitous_arp(mac: [u8; 6], ipv4: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]); // Ethernet/IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ipv4);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ipv4);
+    frame.resize(60, 0);
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_state() -> NetState {
+        let mut queue = new_queue().state();
+        queue.size = 16;
+        queue.ready = true;
+        queue.next_avail = 7;
+        queue.next_used = 5;
+        queue.desc_table = 0x40_0000;
+        queue.avail_ring = 0x40_1000;
+        queue.used_ring = 0x40_2000;
+        NetState {
+            driver_features: FEATURE_MAC | FEATURE_VERSION_1,
+            status: 15,
+            queue_sel: 1,
+            device_features_sel: 1,
+            driver_features_sel: 1,
+            interrupt_status: 1,
+            queues: [queue, new_queue().state()],
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_its_encoding() {
+        let state = sample_state();
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        assert_eq!(bytes.len(), NET_STATE_LEN);
+        assert_eq!(NetState::decode(&bytes).expect("valid"), state);
+    }
+
+    #[test]
+    fn truncated_state_is_refused() {
+        let mut bytes = Vec::new();
+        sample_state().encode(&mut bytes);
+        bytes.pop();
+        assert!(matches!(
+            NetState::decode(&bytes),
+            Err(NetError::BadState(_))
+        ));
+    }
+
+    #[test]
+    fn a_bad_flag_byte_is_refused() {
+        let mut bytes = Vec::new();
+        sample_state().encode(&mut bytes);
+        let last = bytes.len() - 1;
+        bytes[last] = 7;
+        assert!(NetState::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn gratuitous_arp_names_the_guest_as_sender_and_target() {
+        let frame = gratuitous_arp([0x52, 0x54, 10, 0, 0, 10], [10, 0, 0, 10]);
+        assert_eq!(frame.len(), 60);
+        assert_eq!(&frame[12..14], &[0x08, 0x06]);
+        assert_eq!(&frame[28..32], &[10, 0, 0, 10]);
+        assert_eq!(&frame[38..42], &[10, 0, 0, 10]);
+    }
+}
