@@ -20,6 +20,12 @@
 //!   Sync {token}                            ->   any time after Hello
 //!                                           <- Synced {token}, once everything
 //!                                              sent before it was processed
+//!   Input {frame}  (epoch n)                ->   any time after Hello: a
+//!                                              network frame the guest
+//!                                              received while running epoch
+//!                                              n; kept until n commits, and
+//!                                              replayed into the guest on
+//!                                              takeover if it never did
 //!   Goodbye {reason}, either way, then close
 //! ```
 //!
@@ -51,7 +57,9 @@ use std::io::{Read, Write};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Largest `Input` payload: one Ethernet frame with VLAN tags, generously.
+pub const MAX_INPUT_FRAME: usize = 9216;
 /// Header magic.
 pub const MAGIC: [u8; 4] = *b"URPL";
 /// Header length.
@@ -182,6 +190,8 @@ pub enum Message {
     Sync(u64),
     /// Everything before the `Sync` with this token was processed.
     Synced(u64),
+    /// A network frame the guest received during the envelope's epoch.
+    Input(Vec<u8>),
 }
 
 impl Message {
@@ -199,6 +209,7 @@ impl Message {
             Self::Goodbye(_) => 10,
             Self::Sync(_) => 11,
             Self::Synced(_) => 12,
+            Self::Input(_) => 13,
         }
     }
 
@@ -227,7 +238,9 @@ impl Message {
             Self::Refuse(text) | Self::Goodbye(text) => {
                 text.as_bytes()[..text.len().min(MAX_TEXT)].to_vec()
             }
-            Self::Pages(bytes) | Self::State(bytes) => return Cow::Borrowed(bytes),
+            Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) => {
+                return Cow::Borrowed(bytes);
+            }
             Self::EpochEnd(end) => {
                 let mut bytes = Vec::with_capacity(17);
                 bytes.extend_from_slice(&end.pages.to_le_bytes());
@@ -319,6 +332,12 @@ impl Message {
                 exact(8)?;
                 Self::Synced(u64_at(0))
             }
+            13 => {
+                if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
+                    return Err(malformed("an input frame must hold 1 to 9216 bytes"));
+                }
+                Self::Input(payload)
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -338,6 +357,7 @@ fn kind_name(kind: u8) -> &'static str {
         10 => "Goodbye",
         11 => "Sync",
         12 => "Synced",
+        13 => "Input",
         _ => "unknown",
     }
 }
@@ -502,6 +522,13 @@ pub enum Action {
     Heartbeat(u64),
     /// Answer `Synced` with this token: everything before was processed.
     Sync(u64),
+    /// Keep this frame the guest received during `epoch`, for a takeover.
+    LogInput {
+        /// The epoch the guest was running.
+        epoch: u64,
+        /// The frame.
+        frame: Vec<u8>,
+    },
     /// The peer is leaving.
     Close(String),
 }
@@ -565,6 +592,10 @@ impl Receiver {
                 ReceiverState::BetweenEpochs { .. } | ReceiverState::InEpoch { .. },
                 Message::Sync(token),
             ) => (self.state, Action::Sync(token)),
+            (
+                ReceiverState::BetweenEpochs { .. } | ReceiverState::InEpoch { .. },
+                Message::Input(frame),
+            ) => (self.state, Action::LogInput { epoch, frame }),
             (state, Message::Goodbye(reason)) if state != ReceiverState::Closed => {
                 (ReceiverState::Closed, Action::Close(reason))
             }
@@ -704,6 +735,7 @@ mod tests {
             (0, Message::Goodbye("bye".to_owned())),
             (0, Message::Sync(7)),
             (0, Message::Synced(7)),
+            (3, Message::Input(vec![0xff; 60])),
         ];
 
         let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();
@@ -839,6 +871,42 @@ mod tests {
             receiver.state(),
             ReceiverState::InEpoch { epoch: 0, .. }
         ));
+    }
+
+    #[test]
+    fn input_frames_are_logged_with_their_epoch_inside_an_epoch() {
+        let messages = vec![
+            (0, Message::Hello(hello())),
+            (0, Message::EpochBegin),
+            (1, Message::Input(vec![7; 60])),
+        ];
+        let mut receiver = Receiver::new();
+        let envelopes = wire(&messages);
+        receiver.accept(envelopes[0].clone()).expect("hello");
+        receiver.accept(envelopes[1].clone()).expect("begin");
+
+        let action = receiver.accept(envelopes[2].clone()).expect("input");
+
+        assert_eq!(
+            action,
+            Action::LogInput {
+                epoch: 1,
+                frame: vec![7; 60]
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_input_frame_is_malformed() {
+        let mut sender = Sender::new();
+        let mut bytes = Vec::new();
+        sender
+            .send(&mut bytes, 0, &Message::Input(Vec::new()))
+            .expect("write to a Vec");
+
+        let result = read_message(&mut bytes.as_slice());
+
+        assert!(matches!(result, Err(ProtocolError::Malformed { .. })));
     }
 
     #[test]

@@ -206,6 +206,16 @@ pub enum PrimaryEvent {
     },
 }
 
+/// Most epochs sent but not acknowledged before the next checkpoint waits:
+/// a slow secondary lengthens the epochs instead of letting the held output
+/// (and the memory of queued checkpoints) grow without bound.
+pub const MAX_UNACKNOWLEDGED_EPOCHS: u64 = 3;
+
+/// Received frames waiting to be logged to the secondary; beyond this they
+/// are dropped from the log (not from the guest): a takeover then misses
+/// them, as if the network had lost them.
+const INPUT_LOG_QUEUE: usize = 4096;
+
 /// Work for the sender thread, in order.
 enum Work {
     /// Ask the secondary to confirm it processed everything before.
@@ -405,8 +415,29 @@ impl Protection {
 
     /// Holds the guest's network output until its epoch is acknowledged,
     /// from now until [`Protection::close`]. Call before [`Protection::synchronise`].
+    /// Frames the guest receives meanwhile are sent to the secondary, for
+    /// replay on takeover.
     pub fn commit_output(&self, gate: Arc<output::OutputCommit>) {
-        gate.begin();
+        let (log, logged) = sync_channel::<(u64, Vec<u8>)>(INPUT_LOG_QUEUE);
+        let link = self.link.clone();
+        let spawned = std::thread::Builder::new()
+            .name("input-log".to_owned())
+            .spawn(move || {
+                // Ends when the gate drops its end (protection over) or the link fails.
+                for (epoch, frame) in logged {
+                    if link.send(epoch, &Message::Input(frame)).is_err() {
+                        break;
+                    }
+                }
+            });
+        let log = match spawned {
+            Ok(_) => Some(log),
+            Err(error) => {
+                tracing::warn!(%error, "no input log thread: received frames will not be replayed on takeover");
+                None
+            }
+        };
+        gate.begin(log);
         if let Err(gate) = self.shared.output.set(gate) {
             gate.open();
         }
@@ -643,13 +674,18 @@ impl Protection {
     /// Takes the next checkpoint and queues it for sending. `checkpointed`
     /// hears about it before any of it is sent (so a record of what the epoch
     /// holds always precedes its acknowledgement). Blocks while two
-    /// checkpoints are already waiting (backpressure).
+    /// checkpoints are already waiting to be sent, and while
+    /// [`MAX_UNACKNOWLEDGED_EPOCHS`] sent ones are not acknowledged
+    /// (backpressure: the guest runs on, the epoch lengthens).
     pub fn checkpoint_and_send(
         &mut self,
         vm: &mut Vm,
         checkpointed: impl FnOnce(&EpochMetrics),
     ) -> Result<(), PrimaryError> {
         let epoch = self.next_epoch;
+        if let Some(oldest) = epoch.checked_sub(MAX_UNACKNOWLEDGED_EPOCHS + 1) {
+            self.wait_acknowledged(oldest)?;
+        }
         let (batch, state, metrics) = self.checkpoint(vm, epoch)?;
         self.epoch_length = self.options.epoch.next(self.epoch_length, metrics.pause);
         checkpointed(&metrics);

@@ -166,6 +166,8 @@ pub struct Failover {
     pub reason: String,
     /// Whether this was a migration's switchover rather than a failover.
     pub migrated: bool,
+    /// Received frames of uncommitted epochs replayed into the guest.
+    pub replayed_frames: usize,
 }
 
 /// How the secondary runs.
@@ -190,6 +192,41 @@ struct Backup {
     vm: Vm,
     vm_id: u64,
     committed: Option<(u64, VmState)>,
+    /// Frames the guest received in epochs not committed yet, in order.
+    input_log: InputLog,
+}
+
+/// Most frames kept for replay; older ones are dropped beyond it.
+const INPUT_LOG_FRAMES: usize = 16_384;
+
+/// The frames a takeover replays: those the primary's guest received in
+/// epochs that never committed here.
+#[derive(Default)]
+struct InputLog {
+    frames: std::collections::VecDeque<(u64, Vec<u8>)>,
+    dropped: u64,
+}
+
+impl InputLog {
+    fn record(&mut self, epoch: u64, frame: Vec<u8>, committed: Option<u64>) {
+        if committed.is_some_and(|committed| epoch <= committed) {
+            return;
+        }
+        if self.frames.len() == INPUT_LOG_FRAMES {
+            self.frames.pop_front();
+            self.dropped += 1;
+        }
+        self.frames.push_back((epoch, frame));
+    }
+
+    /// Forgets the frames of `epoch` and earlier (the guest state has them).
+    fn committed(&mut self, epoch: u64) {
+        self.frames.retain(|(frame_epoch, _)| *frame_epoch > epoch);
+    }
+
+    fn replay(self) -> impl Iterator<Item = Vec<u8>> {
+        self.frames.into_iter().map(|(_, frame)| frame)
+    }
 }
 
 /// Serves primaries until one is lost after committing an epoch; then
@@ -392,7 +429,12 @@ fn receive(
                         vm,
                         vm_id: hello.vm_id,
                         committed: None,
+                        input_log: InputLog::default(),
                     });
+                }
+                if let Some(backup) = backup.as_mut() {
+                    // A new connection numbers its epochs from 0 again.
+                    backup.input_log = InputLog::default();
                 }
                 let udp_heartbeats =
                     Heartbeats::to_primary(link.udp, peer.ip(), hello.vm_id, link.heartbeat)
@@ -458,6 +500,12 @@ fn receive(
             }
             Action::Heartbeat(_) => {}
             Action::Sync(token) => sender.send(epoch, &Message::Synced(token))?,
+            Action::LogInput { epoch, frame } => {
+                if let Some(backup) = backup.as_mut() {
+                    let committed = backup.committed.as_ref().map(|(epoch, _)| *epoch);
+                    backup.input_log.record(epoch, frame, committed);
+                }
+            }
             Action::Close(reason) => {
                 return Ok(Ended::Closed(format!("the primary left: {reason}")));
             }
@@ -507,6 +555,7 @@ fn commit(
         .expect("the receiver commits only after a State");
     apply(&backup.vm, &staging.pages)?;
     backup.committed = Some((epoch, state));
+    backup.input_log.committed(epoch);
     if let Some(expected) = end.memory_hash {
         let actual = memory::hash(backup.vm.memory()).map_err(SecondaryError::Memory)?;
         if actual != expected {
@@ -556,7 +605,10 @@ fn take_over(
         return Ok(None);
     };
     let Backup {
-        mut vm, committed, ..
+        mut vm,
+        committed,
+        input_log,
+        ..
     } = backup.take().expect("checked above");
     let (epoch, state) = committed.expect("checked above");
     let memory_hash = if verify {
@@ -575,6 +627,11 @@ fn take_over(
     };
     vm.restore_state(&state)?;
     let progress = ProgressSample::read(&vm)?;
+    let replayed = input_log.frames.len();
+    if let Some(net) = vm.net() {
+        // What the guest received after the committed epoch, it receives again.
+        net.inject(input_log.replay());
+    }
     vm.resume()?;
     if let (Some(frame), Some(tap)) = (announce, tap) {
         // Switches learn the guest's MAC on this port; neighbours refresh.
@@ -585,6 +642,7 @@ fn take_over(
     Ok(Some(Failover {
         vm,
         epoch,
+        replayed_frames: replayed,
         memory_hash,
         progress,
         since_last_heartbeat: last_heard.elapsed(),

@@ -51,14 +51,15 @@ impl VmOptions {
     /// Boots the VM, with its network interface when `--tap` is given; the
     /// guest's frames go straight to the tap.
     pub fn boot(&self) -> anyhow::Result<Vm> {
-        Ok(self.boot_with_output(|tap| tap)?.0)
+        Ok(self.boot_with_output(|tap| (tap, None))?.0)
     }
 
-    /// Boots the VM; the guest's frames go to the sink `output` makes from
-    /// the tap (e.g. an output-commit gate in front of it).
+    /// Boots the VM; `sinks` makes from the tap where the guest's frames go
+    /// (e.g. an output-commit gate in front of it) and who is told of the
+    /// frames it receives.
     pub fn boot_with_output(
         &self,
-        output: impl FnOnce(Arc<Tap>) -> Arc<dyn FrameSink>,
+        sinks: impl FnOnce(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>),
     ) -> anyhow::Result<(Vm, Option<Arc<Tap>>)> {
         if self.workload.uses_network() && self.tap.is_none() {
             bail!("the {} workload needs a network: add --tap NAME", self.workload);
@@ -68,19 +69,16 @@ impl VmOptions {
             return Ok((vm, None));
         };
         let tap = Arc::new(Tap::open(name).with_context(|| format!("cannot open tap {name}"))?);
-        attach_network(&mut vm, tap.clone(), output(tap.clone()))?;
+        let (output, observer) = sinks(tap.clone());
+        let mac = vm.boot_info()?.net_mac;
+        let mac = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]];
+        let mut device = VirtioNet::new(vm.memory_handle(), mac, Some(tap.clone()), output);
+        if let Some(observer) = observer {
+            device = device.with_delivery_observer(observer);
+        }
+        vm.attach_net(Arc::new(device))?;
         Ok((vm, Some(tap)))
     }
-}
-
-/// Gives `vm` a virtio-net interface (its MAC from the boot page) that reads
-/// frames from `tap` and sends the guest's to `output`.
-pub fn attach_network(vm: &mut Vm, tap: Arc<Tap>, output: Arc<dyn FrameSink>) -> anyhow::Result<()> {
-    let mac = vm.boot_info()?.net_mac;
-    let mac = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]];
-    let memory = vm.memory_handle();
-    vm.attach_net(Arc::new(VirtioNet::new(memory, mac, Some(tap), output)))?;
-    Ok(())
 }
 
 fn parse_memory(value: &str) -> Result<u64, String> {

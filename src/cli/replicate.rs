@@ -13,7 +13,8 @@ use understudy_primary::{
     EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
     wait_for_epoch,
 };
-use understudy_primary::output::OutputCommit;
+use understudy_primary::output::{InputRecorder, OutputCommit};
+use understudy_vm::virtio_net::FrameSink;
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::Vm;
@@ -197,7 +198,8 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let (mut vm, _tap) = arguments.vm.boot_with_output(|tap| {
         let commit = Arc::new(OutputCommit::new(tap, Limits::default()));
         gate = Some(commit.clone());
-        commit
+        let recorder: Arc<dyn FrameSink> = Arc::new(InputRecorder(commit.clone()));
+        (commit as Arc<dyn FrameSink>, Some(recorder))
     })?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
@@ -409,6 +411,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                 "since_last_heartbeat_ms": failover.since_last_heartbeat.as_secs_f64() * 1e3,
                 "reason": failover.reason,
                 "migrated": failover.migrated,
+                "replayed_frames": failover.replayed_frames,
                 "vcpus": vcpus_json(&failover.progress),
             })
         );

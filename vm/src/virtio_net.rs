@@ -13,6 +13,11 @@
 //! - There is no interrupt controller: the guest polls its used rings, which
 //!   costs no exit.
 //!
+//! For replication, the device can report every frame it delivers (the
+//! primary logs them to the secondary), and frames can be injected ahead
+//! of the tap (the secondary replays the frames a takeover's guest never
+//! saw: those of epochs that were not committed).
+//!
 //! Everything the device writes into guest memory (frames, used rings) goes
 //! through vm-memory with the VM's dirty bitmap, so it is in the next
 //! checkpoint. The device state ([`NetState`]: feature negotiation, status,
@@ -20,6 +25,7 @@
 //! queue processing happens on the vCPU thread, so a paused VM has a device
 //! at rest.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -225,6 +231,8 @@ pub struct NetCounters {
 }
 
 struct Registers {
+    /// Frames to deliver before any from the tap (a takeover's replay).
+    injected: VecDeque<Vec<u8>>,
     driver_features: u64,
     status: u32,
     queue_sel: u32,
@@ -238,6 +246,7 @@ struct Registers {
 impl Registers {
     fn new() -> Self {
         Self {
+            injected: VecDeque::new(),
             driver_features: 0,
             status: 0,
             queue_sel: 0,
@@ -270,6 +279,8 @@ pub struct VirtioNet {
     /// Where received frames come from (none: the guest hears nothing).
     input: Option<Arc<Tap>>,
     output: Arc<dyn FrameSink>,
+    /// Told of every frame delivered to the guest.
+    delivered: Option<Arc<dyn FrameSink>>,
 }
 
 impl VirtioNet {
@@ -287,7 +298,19 @@ impl VirtioNet {
             mac,
             input,
             output,
+            delivered: None,
         }
+    }
+
+    /// Reports every frame delivered to the guest to `observer` as well.
+    pub fn with_delivery_observer(mut self, observer: Arc<dyn FrameSink>) -> Self {
+        self.delivered = Some(observer);
+        self
+    }
+
+    /// Queues frames to deliver before any from the tap.
+    pub fn inject(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        self.lock().injected.extend(frames);
     }
 
     fn lock(&self) -> MutexGuard<'_, Registers> {
@@ -347,13 +370,13 @@ impl VirtioNet {
     /// and delivers what the guest has buffers for. A signal (the VM's pause
     /// kick) ends the wait early.
     pub fn wait_for_input(&self, timeout: Duration) {
+        if self.deliver_received() > 0 {
+            return;
+        }
         let Some(input) = &self.input else {
             std::thread::sleep(timeout);
             return;
         };
-        if self.deliver_received() > 0 {
-            return;
-        }
         let mut poll = libc::pollfd {
             fd: input.as_raw_fd(),
             events: libc::POLLIN,
@@ -367,35 +390,40 @@ impl VirtioNet {
         }
     }
 
-    /// Moves frames from the tap into the guest's receive buffers; returns
-    /// how many.
+    /// Moves frames (injected ones first, then the tap's) into the guest's
+    /// receive buffers; returns how many.
     fn deliver_received(&self) -> usize {
-        let Some(input) = &self.input else {
-            return 0;
-        };
         let mut registers = self.lock();
-        if !registers.driver_ok() {
+        if !registers.driver_ok() || (self.input.is_none() && registers.injected.is_empty()) {
             return 0;
         }
         let memory: &GuestMemory = &self.memory;
         let mut frame = [0u8; NET_HEADER_LEN + MAX_FRAME];
         let mut delivered = 0;
         loop {
+            let registers = &mut *registers;
             let queue = &mut registers.queues[RX_QUEUE];
             let Some(chain) = queue.pop_descriptor_chain(memory) else {
                 break;
             };
             let head = chain.head_index();
-            let length = match input.read_frame(&mut frame[NET_HEADER_LEN..]) {
-                Ok(Some(length)) => length,
-                Ok(None) => {
-                    queue.go_to_previous_position();
-                    break;
-                }
-                Err(error) => {
-                    log_limited!(warn, %error, "reading the tap failed");
-                    queue.go_to_previous_position();
-                    break;
+            let length = if let Some(injected) = registers.injected.pop_front() {
+                let length = injected.len().min(MAX_FRAME);
+                frame[NET_HEADER_LEN..NET_HEADER_LEN + length]
+                    .copy_from_slice(&injected[..length]);
+                length
+            } else {
+                match self.input.as_ref().map(|tap| tap.read_frame(&mut frame[NET_HEADER_LEN..])) {
+                    Some(Ok(Some(length))) => length,
+                    Some(Ok(None)) | None => {
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                    Some(Err(error)) => {
+                        log_limited!(warn, %error, "reading the tap failed");
+                        queue.go_to_previous_position();
+                        break;
+                    }
                 }
             };
             // virtio_net_hdr_v1: no offloads, num_buffers = 1.
@@ -411,7 +439,12 @@ impl VirtioNet {
                         .map_err(|error| error.to_string())
                 });
             let used = match written {
-                Ok(()) => total as u32,
+                Ok(()) => {
+                    if let Some(observer) = &self.delivered {
+                        observer.send(&frame[NET_HEADER_LEN..total]);
+                    }
+                    total as u32
+                }
                 Err(error) => {
                     log_limited!(warn, %error, "a receive buffer from the guest is unusable; frame dropped");
                     0
@@ -588,8 +621,10 @@ impl BusDevice for VirtioNet {
                 if value == 0 {
                     // Device reset.
                     let counters = registers.counters;
+                    let injected = std::mem::take(&mut registers.injected);
                     *registers = Registers::new();
                     registers.counters = counters;
+                    registers.injected = injected;
                 } else if value & STATUS_FEATURES_OK != 0
                     && registers.driver_features & FEATURE_VERSION_1 == 0
                 {
