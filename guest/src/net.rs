@@ -59,9 +59,14 @@ unsafe impl Hal for IdentityHal {
 
 type Driver = VirtIONet<IdentityHal, MmioTransport<'static>, QUEUE_SIZE>;
 
+/// Frames handed to smoltcp per poll: between polls the service can make
+/// listening sockets for a burst of new connections.
+const RX_PER_POLL: usize = 16;
+
 /// The virtio-net driver as a smoltcp device.
 pub struct NetDevice {
     driver: RefCell<Driver>,
+    received_this_poll: usize,
 }
 
 impl NetDevice {
@@ -75,7 +80,13 @@ impl NetDevice {
         let driver = VirtIONet::new(transport, RX_BUFFER_LEN).ok()?;
         Some(Self {
             driver: RefCell::new(driver),
+            received_this_poll: 0,
         })
+    }
+
+    /// Call before each `Interface::poll`: allows the next batch of frames.
+    pub fn begin_poll(&mut self) {
+        self.received_this_poll = 0;
     }
 
     /// The MAC address the device reports.
@@ -125,7 +136,11 @@ impl Device for NetDevice {
     type TxToken<'a> = Tx<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if self.received_this_poll == RX_PER_POLL {
+            return None;
+        }
         let buffer = self.driver.borrow_mut().receive().ok()?;
+        self.received_this_poll += 1;
         Some((
             Rx {
                 buffer,

@@ -701,6 +701,11 @@ impl Protection {
         Ok(())
     }
 
+    /// When the last checkpoint's pause ended.
+    pub fn last_checkpoint(&self) -> Instant {
+        self.last_checkpoint
+    }
+
     /// The length of the next epoch (see [`EpochPolicy`]).
     pub fn epoch_length(&self) -> Duration {
         self.epoch_length

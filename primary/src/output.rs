@@ -135,6 +135,13 @@ impl OutputCommit {
         }
     }
 
+    /// Whether the guest sent output during the epoch it is running (output
+    /// that waits for the next checkpoint: taking it early cuts the wait).
+    pub fn output_waiting(&self) -> bool {
+        let gate = self.lock();
+        matches!(gate.mode, Mode::Hold) && gate.buffer.newest_epoch() == Some(gate.running_epoch)
+    }
+
     /// Received frames that could not be logged for replay.
     pub fn input_dropped(&self) -> u64 {
         self.lock().input_dropped
@@ -243,6 +250,20 @@ mod tests {
         gate.send(b"epoch 1");
         gate.acknowledge(0);
         assert_eq!(out.frames(), vec![b"epoch 0".to_vec()]);
+    }
+
+    #[test]
+    fn output_waits_only_for_frames_of_the_running_epoch() {
+        let (_out, gate) = gate();
+        gate.begin(None);
+        gate.send(b"epoch 0");
+        let before = gate.output_waiting();
+        gate.checkpointed(0);
+
+        let after = gate.output_waiting();
+
+        assert!(before);
+        assert!(!after);
     }
 
     #[test]

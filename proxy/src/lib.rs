@@ -238,6 +238,11 @@ impl OutputBuffer {
         released
     }
 
+    /// The newest epoch with a frame held, if any frame is.
+    pub fn newest_epoch(&self) -> Option<u64> {
+        self.queue.back().map(|held| held.epoch)
+    }
+
     /// The last acknowledged epoch.
     pub fn acknowledged(&self) -> Option<u64> {
         self.acknowledged

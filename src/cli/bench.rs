@@ -28,6 +28,8 @@ pub enum BenchCommand {
     },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
+    /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
+    Kv(super::kvbench::KvBenchArguments),
 }
 
 /// Arguments of `understudy bench compress`.
@@ -75,6 +77,7 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Compress(arguments) => bench_compress(arguments),
+        BenchCommand::Kv(arguments) => super::kvbench::bench_kv(arguments),
     }
 }
 

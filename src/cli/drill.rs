@@ -57,6 +57,9 @@ pub struct DrillArguments {
     /// Print rounds and the summary as JSON lines.
     #[arg(long)]
     json: bool,
+    /// Extra arguments for the primary (e.g. --primary-arg=--output-epoch=0ms).
+    #[arg(long = "primary-arg", allow_hyphen_values = true)]
+    primary_args: Vec<String>,
 }
 
 /// What one round found.
@@ -200,6 +203,7 @@ pub fn start_protected(
     program: &str,
     epoch: Duration,
     extra_secondary: &[String],
+    extra_primary: &[String],
 ) -> anyhow::Result<(Process, Process)> {
     let mut secondary_arguments: Vec<String> = [
         "secondary",
@@ -232,6 +236,8 @@ pub fn start_protected(
     ]
     .map(String::from)
     .to_vec();
+    let mut primary_arguments = primary_arguments;
+    primary_arguments.extend_from_slice(extra_primary);
     let mut primary = lab.spawn(Host::Primary, "primary", program, &primary_arguments)?;
     primary
         .wait_event("synchronised", Duration::from_secs(20))
@@ -247,7 +253,7 @@ fn run_round(
     stop: &AtomicBool,
 ) -> anyhow::Result<RoundResult> {
     let lab = Arc::new(Lab::build(round)?);
-    let (mut secondary, mut primary) = start_protected(&lab, program, arguments.epoch, &[])?;
+    let (mut secondary, mut primary) = start_protected(&lab, program, arguments.epoch, &[], &arguments.primary_args)?;
     let writer_stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let lab = lab.clone();

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod drill;
+pub mod kvbench;
 pub mod migrate;
 pub mod netlab;
 pub mod replicate;

@@ -63,6 +63,12 @@ pub struct PrimaryArguments {
     /// Shorten epochs while a checkpoint pauses the guest for longer than this.
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     max_pause: Duration,
+    /// With a network: take the checkpoint early once the guest has sent
+    /// output and at least this long has passed since the last one, so a
+    /// reply waits about this long instead of a whole epoch (0ms: off, the
+    /// Remus behaviour: output waits for the epoch's end).
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    output_epoch: Duration,
     /// Page codec (see `understudy bench compress --help`).
     #[arg(long, default_value = "delta+zstd:level=1")]
     codec: CodecSpec,
@@ -262,7 +268,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             .and_then(|synchronised| {
                 print_primary_event(&synchronised, arguments.json);
                 protected_before = true;
-                protect(&mut vm, &mut protection, &arguments, &stop, started)
+                protect(&mut vm, &mut protection, &arguments, &stop, started, gate.as_deref())
             });
         for event in protection.events() {
             print_primary_event(&event, arguments.json);
@@ -318,11 +324,17 @@ fn protect(
     arguments: &PrimaryArguments,
     stop: &AtomicBool,
     started: Instant,
+    gate: Option<&OutputCommit>,
 ) -> Result<(), PrimaryError> {
     let mut next = Instant::now();
     loop {
         next += protection.epoch_length();
-        wait_for_epoch(next, stop);
+        match gate {
+            Some(gate) if !arguments.output_epoch.is_zero() => {
+                wait_for_epoch_or_output(next, stop, gate, protection.last_checkpoint() + arguments.output_epoch);
+            }
+            _ => wait_for_epoch(next, stop),
+        }
         if stop.load(Ordering::Relaxed)
             || arguments.duration.is_some_and(|d| started.elapsed() >= d)
         {
@@ -338,6 +350,19 @@ fn protect(
         }
         // An epoch that overran (backpressure) starts the next one now.
         next = next.max(Instant::now() - protection.epoch_length());
+    }
+}
+
+/// Waits for the epoch boundary `next`, or until the guest has sent output
+/// and `earliest` has passed (then the checkpoint that releases it is taken
+/// at once).
+fn wait_for_epoch_or_output(next: Instant, stop: &AtomicBool, gate: &OutputCommit, earliest: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= next || stop.load(Ordering::Relaxed) || (now >= earliest && gate.output_waiting()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200).min(next - now));
     }
 }
 
