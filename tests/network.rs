@@ -44,7 +44,12 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
         "--json",
     ]);
     let mut seen = Vec::new();
-    until_event(&secondary_lines, "listening", Duration::from_secs(10), &mut seen);
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut seen,
+    );
     let (_primary, primary_lines) = namespace.spawn_json(&[
         "primary",
         "--secondary",
@@ -57,7 +62,12 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
         "64M",
         "--json",
     ]);
-    until_event(&primary_lines, "synchronised", Duration::from_secs(20), &mut seen);
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut seen,
+    );
     let client = std::thread::spawn(move || {
         namespace.enter();
         let address: SocketAddr = "10.0.0.10:6379".parse().expect("address");

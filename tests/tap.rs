@@ -92,7 +92,7 @@ fn frames_cross_a_tap_in_both_directions() {
             std::io::Error::last_os_error()
         );
         // Arrange: a tap, up, and a packet socket on its host side.
-        let mut tap = Tap::open("ustap0").expect("create the tap");
+        let tap = Tap::open("ustap0").expect("create the tap");
         set_up(tap.name());
         let name = std::ffi::CString::new(tap.name()).expect("no NUL in the name");
         // SAFETY: `name` is NUL-terminated and lives across the call.

@@ -11,10 +11,12 @@
 //!   EpochBegin                 (epoch 0)    ->
 //!   Pages {codec frame}        (epoch 0)    ->   repeated
 //!   State {vCPU and VM state}  (epoch 0)    ->   once
+//!   Output {frame}             (epoch 0)    ->   each frame the guest sent
+//!                                              in the epoch, in order
 //!   EpochEnd {pages, memory hash}           ->
 //!                                           <- Ack (epoch 0), once applied
 //!   epoch n = 1, 2, ...: one checkpoint each
-//!   EpochBegin (n), Pages* (n), State (n), EpochEnd (n) ->
+//!   EpochBegin (n), Pages* (n), State (n), Output* (n), EpochEnd (n) ->
 //!                                           <- Ack (n)
 //!   Heartbeat, either way, between any two messages
 //!   Sync {token}                            ->   any time after Hello
@@ -58,6 +60,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// Protocol version of this build.
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Most epochs a primary has sent without their acknowledgement before it
+/// waits: a slow secondary lengthens the epochs instead of letting held
+/// output and queued checkpoints grow without bound. A secondary keeps the
+/// output of this many committed epochs and one more for a takeover.
+pub const MAX_UNACKNOWLEDGED_EPOCHS: u64 = 3;
 /// Largest `Input` payload: one Ethernet frame with VLAN tags, generously.
 pub const MAX_INPUT_FRAME: usize = 9216;
 /// Header magic.
@@ -192,6 +199,10 @@ pub enum Message {
     Synced(u64),
     /// A network frame the guest received during the envelope's epoch.
     Input(Vec<u8>),
+    /// A network frame the guest sent during the epoch (after its State):
+    /// a takeover sends it again, in case the primary died before
+    /// releasing it.
+    Output(Vec<u8>),
 }
 
 impl Message {
@@ -210,6 +221,7 @@ impl Message {
             Self::Sync(_) => 11,
             Self::Synced(_) => 12,
             Self::Input(_) => 13,
+            Self::Output(_) => 14,
         }
     }
 
@@ -238,7 +250,7 @@ impl Message {
             Self::Refuse(text) | Self::Goodbye(text) => {
                 text.as_bytes()[..text.len().min(MAX_TEXT)].to_vec()
             }
-            Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) => {
+            Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) | Self::Output(bytes) => {
                 return Cow::Borrowed(bytes);
             }
             Self::EpochEnd(end) => {
@@ -338,6 +350,12 @@ impl Message {
                 }
                 Self::Input(payload)
             }
+            14 => {
+                if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
+                    return Err(malformed("an output frame must hold 1 to 9216 bytes"));
+                }
+                Self::Output(payload)
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -358,6 +376,7 @@ fn kind_name(kind: u8) -> &'static str {
         11 => "Sync",
         12 => "Synced",
         13 => "Input",
+        14 => "Output",
         _ => "unknown",
     }
 }
@@ -510,6 +529,8 @@ pub enum Action {
     StagePages(Vec<u8>),
     /// Stage this VM state.
     StageState(Vec<u8>),
+    /// Stage this frame the guest sent during the epoch.
+    StageOutput(Vec<u8>),
     /// Everything of the epoch arrived: verify and apply it atomically, then
     /// acknowledge.
     Commit {
@@ -649,6 +670,21 @@ impl Receiver {
                 ReceiverState::InEpoch {
                     epoch: current,
                     state_received: true,
+                    frames,
+                },
+                Message::Output(frame),
+            ) if epoch == current => (
+                ReceiverState::InEpoch {
+                    epoch,
+                    state_received: true,
+                    frames,
+                },
+                Action::StageOutput(frame),
+            ),
+            (
+                ReceiverState::InEpoch {
+                    epoch: current,
+                    state_received: true,
                     ..
                 },
                 Message::EpochEnd(end),
@@ -736,6 +772,7 @@ mod tests {
             (0, Message::Sync(7)),
             (0, Message::Synced(7)),
             (3, Message::Input(vec![0xff; 60])),
+            (3, Message::Output(vec![0xee; 60])),
         ];
 
         let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();
@@ -894,6 +931,42 @@ mod tests {
                 frame: vec![7; 60]
             }
         );
+    }
+
+    #[test]
+    fn output_before_the_state_is_refused() {
+        let messages = vec![
+            (0, Message::Hello(hello())),
+            (0, Message::EpochBegin),
+            (0, Message::Output(vec![1; 60])),
+        ];
+        let mut receiver = Receiver::new();
+        let envelopes = wire(&messages);
+        receiver.accept(envelopes[0].clone()).expect("hello");
+        receiver.accept(envelopes[1].clone()).expect("begin");
+
+        let result = receiver.accept(envelopes[2].clone());
+
+        assert!(matches!(result, Err(ProtocolError::Unexpected { .. })));
+    }
+
+    #[test]
+    fn output_after_the_state_is_staged() {
+        let messages = vec![
+            (0, Message::Hello(hello())),
+            (0, Message::EpochBegin),
+            (0, Message::State(vec![1])),
+            (0, Message::Output(vec![2; 60])),
+        ];
+        let mut receiver = Receiver::new();
+        let envelopes = wire(&messages);
+        for envelope in &envelopes[..3] {
+            receiver.accept(envelope.clone()).expect("in order");
+        }
+
+        let action = receiver.accept(envelopes[3].clone()).expect("output");
+
+        assert_eq!(action, Action::StageOutput(vec![2; 60]));
     }
 
     #[test]

@@ -52,7 +52,10 @@ fn now(tsc_khz: u64) -> Instant {
 pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
     // SAFETY: the work area [WORK_AREA_GPA, +wss) is identity-mapped guest
     // memory that only this workload uses, and this is the only init.
-    unsafe { HEAP.lock().init(WORK_AREA_GPA as *mut u8, boot.wss_bytes as usize) };
+    unsafe {
+        HEAP.lock()
+            .init(WORK_AREA_GPA as *mut u8, boot.wss_bytes as usize)
+    };
     let Some(mut device) = NetDevice::probe() else {
         port_out(PORT_EXIT, EXIT_NO_NETWORK);
         crate::idle(status);
@@ -135,11 +138,12 @@ fn serve_client(socket: &mut tcp::Socket, connection: &mut Connection, store: &m
         });
         worked |= received.is_ok_and(|count| count > 0);
     }
-    if !connection.output.is_empty() && socket.can_send() {
-        if let Ok(sent) = socket.send_slice(&connection.output) {
-            connection.output.drain(..sent);
-            worked |= sent > 0;
-        }
+    if !connection.output.is_empty()
+        && socket.can_send()
+        && let Ok(sent) = socket.send_slice(&connection.output)
+    {
+        connection.output.drain(..sent);
+        worked |= sent > 0;
     }
     let peer_done = socket.state() == tcp::State::CloseWait;
     if connection.output.is_empty() && (connection.closing() || peer_done) {

@@ -76,7 +76,8 @@ impl NetDevice {
         // SAFETY: the VMM maps VIRTIO_NET_MMIO_SIZE bytes of virtio-mmio
         // registers there (identity-mapped in the boot page tables), used by
         // nothing else in the guest.
-        let transport = unsafe { MmioTransport::new(header, VIRTIO_NET_MMIO_SIZE as usize) }.ok()?;
+        let transport =
+            unsafe { MmioTransport::new(header, VIRTIO_NET_MMIO_SIZE as usize) }.ok()?;
         let driver = VirtIONet::new(transport, RX_BUFFER_LEN).ok()?;
         Some(Self {
             driver: RefCell::new(driver),

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
-    EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
+    EpochEnd, Hello, MAX_UNACKNOWLEDGED_EPOCHS, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
 };
 use understudy_compress::batch::is_zero_page;
 use understudy_compress::codec::MAX_PAGES_PER_FRAME;
@@ -206,11 +206,6 @@ pub enum PrimaryEvent {
     },
 }
 
-/// Most epochs sent but not acknowledged before the next checkpoint waits:
-/// a slow secondary lengthens the epochs instead of letting the held output
-/// (and the memory of queued checkpoints) grow without bound.
-pub const MAX_UNACKNOWLEDGED_EPOCHS: u64 = 3;
-
 /// Received frames waiting to be logged to the secondary; beyond this they
 /// are dropped from the log (not from the guest): a takeover then misses
 /// them, as if the network had lost them.
@@ -225,6 +220,8 @@ enum Work {
     End {
         epoch: u64,
         state: Vec<u8>,
+        /// The frames the guest sent during the epoch (sent after the state).
+        output: Vec<Vec<u8>>,
         metrics: Box<EpochMetrics>,
         checkpointed: Instant,
     },
@@ -590,6 +587,7 @@ impl Protection {
         self.submit(Work::End {
             epoch: 0,
             state,
+            output: self.output_of(0),
             metrics: Box::new(metrics.clone()),
             checkpointed: Instant::now(),
         })?;
@@ -675,7 +673,7 @@ impl Protection {
     /// hears about it before any of it is sent (so a record of what the epoch
     /// holds always precedes its acknowledgement). Blocks while two
     /// checkpoints are already waiting to be sent, and while
-    /// [`MAX_UNACKNOWLEDGED_EPOCHS`] sent ones are not acknowledged
+    /// `MAX_UNACKNOWLEDGED_EPOCHS` sent ones are not acknowledged
     /// (backpressure: the guest runs on, the epoch lengthens).
     pub fn checkpoint_and_send(
         &mut self,
@@ -694,6 +692,7 @@ impl Protection {
         self.submit(Work::End {
             epoch,
             state,
+            output: self.output_of(epoch),
             metrics: Box::new(metrics),
             checkpointed: Instant::now(),
         })?;
@@ -704,6 +703,15 @@ impl Protection {
     /// When the last checkpoint's pause ended.
     pub fn last_checkpoint(&self) -> Instant {
         self.last_checkpoint
+    }
+
+    /// The frames the guest sent during `epoch` (none without a network);
+    /// they are fixed once its checkpoint is taken.
+    fn output_of(&self, epoch: u64) -> Vec<Vec<u8>> {
+        self.shared
+            .output
+            .get()
+            .map_or_else(Vec::new, |gate| gate.frames_of(epoch))
     }
 
     /// The length of the next epoch (see [`EpochPolicy`]).
@@ -872,6 +880,7 @@ fn send_loop(
                 Work::End {
                     epoch,
                     state,
+                    output,
                     mut metrics,
                     checkpointed,
                 } => {
@@ -881,6 +890,10 @@ fn send_loop(
                         .wire_bytes
                         .fetch_add(state.len() as u64, Ordering::Relaxed);
                     link.send(epoch, &Message::State(state))?;
+                    for frame in output {
+                        wire += frame.len() as u64;
+                        link.send(epoch, &Message::Output(frame))?;
+                    }
                     shared
                         .checkpointed
                         .lock()

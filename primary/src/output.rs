@@ -135,6 +135,16 @@ impl OutputCommit {
         }
     }
 
+    /// Copies of the frames held for `epoch` (they go to the secondary with
+    /// the epoch's checkpoint).
+    pub fn frames_of(&self, epoch: u64) -> Vec<Vec<u8>> {
+        self.lock()
+            .buffer
+            .frames_of(epoch)
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
     /// Whether the guest sent output during the epoch it is running (output
     /// that waits for the next checkpoint: taking it early cuts the wait).
     pub fn output_waiting(&self) -> bool {

@@ -238,6 +238,14 @@ impl OutputBuffer {
         released
     }
 
+    /// The frames held for `epoch`, in the order the guest sent them.
+    pub fn frames_of(&self, epoch: u64) -> impl Iterator<Item = &[u8]> {
+        self.queue
+            .iter()
+            .filter(move |held| held.epoch == epoch)
+            .map(|held| held.frame.as_slice())
+    }
+
     /// The newest epoch with a frame held, if any frame is.
     pub fn newest_epoch(&self) -> Option<u64> {
         self.queue.back().map(|held| held.epoch)

@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader, is_peer_lost};
 use understudy_checkpoint::protocol::{
-    Action, EpochEnd, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
+    Action, EpochEnd, Hello, MAX_UNACKNOWLEDGED_EPOCHS, Message, PROTOCOL_VERSION, ProtocolError,
+    Purpose, Receiver,
 };
 use understudy_compress::{CodecError, Decoder, PageBatch};
 use understudy_vm::memory::{self, MemoryError};
@@ -194,7 +195,15 @@ struct Backup {
     committed: Option<(u64, VmState)>,
     /// Frames the guest received in epochs not committed yet, in order.
     input_log: InputLog,
+    /// Frames the guest sent in the last few committed epochs: the primary
+    /// may have died before releasing them, so a takeover sends them again
+    /// (a receiver drops what it already has: TCP by sequence number).
+    recent_output: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
 }
+
+/// Committed epochs whose output a takeover sends again: as many as the
+/// primary may have outstanding without an acknowledgement, plus the last.
+const RECENT_OUTPUT_EPOCHS: usize = MAX_UNACKNOWLEDGED_EPOCHS as usize + 1;
 
 /// Most frames kept for replay; older ones are dropped beyond it.
 const INPUT_LOG_FRAMES: usize = 16_384;
@@ -284,9 +293,13 @@ pub fn serve(
             &mut report,
         ) {
             Ok(Ended::Lost { last_heard, reason }) => {
-                if let Some(failover) =
-                    take_over(&mut backup, last_heard, reason, options.verify, tap.as_ref())?
-                {
+                if let Some(failover) = take_over(
+                    &mut backup,
+                    last_heard,
+                    reason,
+                    options.verify,
+                    tap.as_ref(),
+                )? {
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
@@ -389,6 +402,7 @@ struct Staging {
     pages: PageBatch,
     received: u64,
     state: Option<VmState>,
+    output: Vec<Vec<u8>>,
 }
 
 /// One primary's connection, as `receive` uses it.
@@ -430,11 +444,13 @@ fn receive(
                         vm_id: hello.vm_id,
                         committed: None,
                         input_log: InputLog::default(),
+                        recent_output: std::collections::VecDeque::new(),
                     });
                 }
                 if let Some(backup) = backup.as_mut() {
                     // A new connection numbers its epochs from 0 again.
                     backup.input_log = InputLog::default();
+                    backup.recent_output.clear();
                 }
                 let udp_heartbeats =
                     Heartbeats::to_primary(link.udp, peer.ip(), hello.vm_id, link.heartbeat)
@@ -450,7 +466,9 @@ fn receive(
                 staging.pages.clear();
                 staging.received = 0;
                 staging.state = None;
+                staging.output.clear();
             }
+            Action::StageOutput(frame) => staging.output.push(frame),
             Action::StagePages(frame) => {
                 decoder
                     .decode(&frame, &mut decoded)
@@ -556,6 +574,12 @@ fn commit(
     apply(&backup.vm, &staging.pages)?;
     backup.committed = Some((epoch, state));
     backup.input_log.committed(epoch);
+    backup
+        .recent_output
+        .push_back((epoch, std::mem::take(&mut staging.output)));
+    while backup.recent_output.len() > RECENT_OUTPUT_EPOCHS {
+        backup.recent_output.pop_front();
+    }
     if let Some(expected) = end.memory_hash {
         let actual = memory::hash(backup.vm.memory()).map_err(SecondaryError::Memory)?;
         if actual != expected {
@@ -608,6 +632,7 @@ fn take_over(
         mut vm,
         committed,
         input_log,
+        recent_output,
         ..
     } = backup.take().expect("checked above");
     let (epoch, state) = committed.expect("checked above");
@@ -620,7 +645,9 @@ fn take_over(
         (None, _) => None,
         (Some(_), Some(tap)) => Some(attach_network(&mut vm, Some(tap.clone()), tap.clone())?),
         (Some(_), None) => {
-            tracing::warn!("the guest has a network interface but this secondary has no --tap: it resumes unreachable");
+            tracing::warn!(
+                "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
+            );
             attach_network(&mut vm, None, Arc::new(DiscardFrames))?;
             None
         }
@@ -632,13 +659,20 @@ fn take_over(
         // What the guest received after the committed epoch, it receives again.
         net.inject(input_log.replay());
     }
-    vm.resume()?;
     if let (Some(frame), Some(tap)) = (announce, tap) {
         // Switches learn the guest's MAC on this port; neighbours refresh.
         for _ in 0..3 {
             tap.send(&frame);
         }
+        // What the guest sent in committed epochs may never have left the
+        // primary: send it again before the guest sends anything new.
+        for (_, frames) in &recent_output {
+            for frame in frames {
+                tap.send(frame);
+            }
+        }
     }
+    vm.resume()?;
     Ok(Some(Failover {
         vm,
         epoch,

@@ -57,9 +57,23 @@ pub struct DrillArguments {
     /// Print rounds and the summary as JSON lines.
     #[arg(long)]
     json: bool,
+    /// How the primary fails: `sigkill` (the process dies; its connections
+    /// close at once) or `isolate` (its host drops off the network; the
+    /// secondary notices only when heartbeats stop).
+    #[arg(long, value_enum, default_value_t = Failure::Sigkill)]
+    failure: Failure,
     /// Extra arguments for the primary (e.g. --primary-arg=--output-epoch=0ms).
     #[arg(long = "primary-arg", allow_hyphen_values = true)]
     primary_args: Vec<String>,
+}
+
+/// How the primary fails in a drill.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// SIGKILL the primary process.
+    Sigkill,
+    /// Take the primary host's switch port down.
+    Isolate,
 }
 
 /// What one round found.
@@ -114,9 +128,16 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
     });
     let mut rng = Rng(seed | 1);
     if arguments.json {
-        println!("{}", json!({"event": "drill", "rounds": arguments.rounds, "seed": seed}));
+        println!(
+            "{}",
+            json!({"event": "drill", "rounds": arguments.rounds, "seed": seed,
+                   "failure": format!("{:?}", arguments.failure).to_lowercase()})
+        );
     } else {
-        println!("failover drill: {} round(s), seed {seed}", arguments.rounds);
+        println!(
+            "failover drill: {} round(s), failure {:?}, seed {seed}",
+            arguments.rounds, arguments.failure
+        );
     }
     let mut results = Vec::new();
     for round in 0..arguments.rounds {
@@ -148,7 +169,7 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
         );
     } else {
         println!(
-            "round {round}: {} — killed {:.0} ms in; guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {} lost, {} repeated replies, {} resets{}",
+            "round {round}: {} — primary failed {:.0} ms in; guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {} lost, {} repeated replies, {} resets{}",
             if result.passed() { "PASS" } else { "FAIL" },
             result.kill_after.as_secs_f64() * 1e3,
             result.failover.as_secs_f64() * 1e3,
@@ -161,7 +182,9 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
             result
                 .benchmark_failure
                 .as_ref()
-                .map_or(String::new(), |failure| format!("; redis-benchmark: {failure}")),
+                .map_or(String::new(), |failure| format!(
+                    "; redis-benchmark: {failure}"
+                )),
         );
     }
 }
@@ -253,7 +276,8 @@ fn run_round(
     stop: &AtomicBool,
 ) -> anyhow::Result<RoundResult> {
     let lab = Arc::new(Lab::build(round)?);
-    let (mut secondary, mut primary) = start_protected(&lab, program, arguments.epoch, &[], &arguments.primary_args)?;
+    let (mut secondary, mut primary) =
+        start_protected(&lab, program, arguments.epoch, &[], &arguments.primary_args)?;
     let writer_stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let lab = lab.clone();
@@ -280,17 +304,24 @@ fn run_round(
             "10000".into(),
             "-q".into(),
         ];
-        Some(lab.spawn(Host::Client, "redis-benchmark", "redis-benchmark", &benchmark_arguments)?)
+        Some(lab.spawn(
+            Host::Client,
+            "redis-benchmark",
+            "redis-benchmark",
+            &benchmark_arguments,
+        )?)
     } else {
         None
     };
     let started = Instant::now();
-    while started.elapsed() < kill_after && !stop.load(Ordering::Relaxed) && !writer.is_finished()
-    {
+    while started.elapsed() < kill_after && !stop.load(Ordering::Relaxed) && !writer.is_finished() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let killed_at = Instant::now();
-    primary.kill()?;
+    match arguments.failure {
+        Failure::Sigkill => primary.kill()?,
+        Failure::Isolate => lab.isolate(Host::Primary)?,
+    }
     let resumed = secondary.wait_event("resumed", Duration::from_secs(10));
     let after = Instant::now();
     while after.elapsed() < arguments.run_after && !stop.load(Ordering::Relaxed) {
@@ -311,12 +342,17 @@ fn run_round(
     let log = writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?
-        .with_context(|| format!("the writer failed; secondary log:\n{}", lab.log_tail("secondary", 20)))?;
+        .with_context(|| {
+            format!(
+                "the writer failed; secondary log:\n{}",
+                lab.log_tail("secondary", 20)
+            )
+        })?;
     let (resumed, _) = resumed.with_context(|| lab.log_tail("secondary", 20))?;
-    let failover = Duration::from_secs_f64(
-        resumed["since_last_heartbeat_ms"].as_f64().unwrap_or(0.0) / 1e3,
-    );
+    let failover =
+        Duration::from_secs_f64(resumed["since_last_heartbeat_ms"].as_f64().unwrap_or(0.0) / 1e3);
     drop(secondary);
+    drop(primary);
     Ok(RoundResult {
         outage: log.longest_silence_around(killed_at),
         failover,
@@ -414,7 +450,10 @@ impl Writer {
                 Ok(reply) => reply,
                 Err(error) => {
                     log.resets += 1;
-                    bail!("INCR failed after {} replies: {error}", log.reply_times.len());
+                    bail!(
+                        "INCR failed after {} replies: {error}",
+                        log.reply_times.len()
+                    );
                 }
             };
             log.reply_times.push(Instant::now());
@@ -440,7 +479,10 @@ impl Writer {
                 Ok(reply) => bail!("SET answered {reply:?}"),
                 Err(error) => {
                     log.resets += 1;
-                    bail!("SET failed after {} replies: {error}", log.reply_times.len());
+                    bail!(
+                        "SET failed after {} replies: {error}",
+                        log.reply_times.len()
+                    );
                 }
             }
         }

@@ -171,14 +171,22 @@ pub fn bench_kv(arguments: KvBenchArguments) -> anyhow::Result<()> {
     );
     print!("{:<12}", "test");
     for (name, _) in &runs {
-        print!(" | {:>10} {:>8} {:>8}", format!("{name} rps"), "p50 ms", "p99 ms");
+        print!(
+            " | {:>10} {:>8} {:>8}",
+            format!("{name} rps"),
+            "p50 ms",
+            "p99 ms"
+        );
     }
     println!();
     for (index, row) in runs[0].1.iter().enumerate() {
         print!("{:<12}", row.test);
         for (_, rows) in &runs {
             if let Some(row) = rows.get(index) {
-                print!(" | {:>10.0} {:>8.3} {:>8.3}", row.rps, row.p50_ms, row.p99_ms);
+                print!(
+                    " | {:>10.0} {:>8.3} {:>8.3}",
+                    row.rps, row.p50_ms, row.p99_ms
+                );
             }
         }
         println!();

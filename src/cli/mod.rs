@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 use understudy_vm::progress::ProgressSample;
-use understudy_vm::workload::{WorkloadSpec, parse_size};
 use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::{FrameSink, VirtioNet};
+use understudy_vm::workload::{WorkloadSpec, parse_size};
 use understudy_vm::{Vm, VmConfig, VmEvent};
 
 /// Options that shape a new VM.
@@ -63,7 +63,10 @@ impl VmOptions {
         sinks: impl FnOnce(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>),
     ) -> anyhow::Result<(Vm, Option<Arc<Tap>>)> {
         if self.workload.uses_network() && self.tap.is_none() {
-            bail!("the {} workload needs a network: add --tap NAME", self.workload);
+            bail!(
+                "the {} workload needs a network: add --tap NAME",
+                self.workload
+            );
         }
         let mut vm = Vm::boot(self.config(), &self.workload)?;
         let Some(name) = &self.tap else {

@@ -179,7 +179,9 @@ impl Lab {
     /// Builds a lab; `round` makes the names unique within this process.
     pub fn build(round: u32) -> anyhow::Result<Self> {
         if !PathBuf::from("/dev/net/tun").exists() {
-            bail!("/dev/net/tun is missing: the lab needs tap devices (run as root with the tun module)");
+            bail!(
+                "/dev/net/tun is missing: the lab needs tap devices (run as root with the tun module)"
+            );
         }
         remove_stale_namespaces();
         let name = format!("{PREFIX}{round}-{}", std::process::id());
@@ -222,21 +224,30 @@ impl Lab {
             let inside = format!("{}0", host.suffix());
             let port = format!("v{}", host.suffix());
             ip(&[
-                "link", "add", &inside, "netns", &namespace, "type", "veth", "peer", "name",
-                &port, "netns", &switch,
+                "link", "add", &inside, "netns", &namespace, "type", "veth", "peer", "name", &port,
+                "netns", &switch,
             ])?;
             ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"])?;
         }
         let client = self.namespace(Host::Client);
         ip(&["-n", &client, "addr", "add", "10.0.0.1/24", "dev", "c0"])?;
         ip(&["-n", &client, "link", "set", "c0", "up"])?;
-        for (host, address) in [(Host::Primary, "10.0.0.2/24"), (Host::Secondary, "10.0.0.3/24")] {
+        for (host, address) in [
+            (Host::Primary, "10.0.0.2/24"),
+            (Host::Secondary, "10.0.0.3/24"),
+        ] {
             let namespace = self.namespace(host);
             let uplink = format!("{}0", host.suffix());
             ip(&["-n", &namespace, "link", "add", "br0", "type", "bridge"])?;
-            ip(&["-n", &namespace, "link", "set", &uplink, "master", "br0", "up"])?;
-            ip(&["-n", &namespace, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
-            ip(&["-n", &namespace, "link", "set", "tap0", "master", "br0", "up"])?;
+            ip(&[
+                "-n", &namespace, "link", "set", &uplink, "master", "br0", "up",
+            ])?;
+            ip(&[
+                "-n", &namespace, "tuntap", "add", "dev", "tap0", "mode", "tap",
+            ])?;
+            ip(&[
+                "-n", &namespace, "link", "set", "tap0", "master", "br0", "up",
+            ])?;
             ip(&["-n", &namespace, "addr", "add", address, "dev", "br0"])?;
             ip(&["-n", &namespace, "link", "set", "br0", "up"])?;
         }
@@ -288,9 +299,17 @@ impl Lab {
         })
     }
 
+    /// Cuts `host` off the network: its switch port goes down, as when a
+    /// host loses power or its uplink (nothing is closed, so nobody is told).
+    pub fn isolate(&self, host: Host) -> anyhow::Result<()> {
+        let port = format!("v{}", host.suffix());
+        ip(&["-n", &self.switch(), "link", "set", &port, "down"])
+    }
+
     /// The last `lines` lines of the standard error of the process `name`.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }

@@ -9,16 +9,16 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use understudy_checkpoint::link::HeartbeatPolicy;
 use understudy_compress::CodecSpec;
+use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
     EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
     wait_for_epoch,
 };
-use understudy_primary::output::{InputRecorder, OutputCommit};
-use understudy_vm::virtio_net::FrameSink;
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
+use understudy_vm::virtio_net::FrameSink;
 
 use super::{
     MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
@@ -268,7 +268,14 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             .and_then(|synchronised| {
                 print_primary_event(&synchronised, arguments.json);
                 protected_before = true;
-                protect(&mut vm, &mut protection, &arguments, &stop, started, gate.as_deref())
+                protect(
+                    &mut vm,
+                    &mut protection,
+                    &arguments,
+                    &stop,
+                    started,
+                    gate.as_deref(),
+                )
             });
         for event in protection.events() {
             print_primary_event(&event, arguments.json);
@@ -331,7 +338,12 @@ fn protect(
         next += protection.epoch_length();
         match gate {
             Some(gate) if !arguments.output_epoch.is_zero() => {
-                wait_for_epoch_or_output(next, stop, gate, protection.last_checkpoint() + arguments.output_epoch);
+                wait_for_epoch_or_output(
+                    next,
+                    stop,
+                    gate,
+                    protection.last_checkpoint() + arguments.output_epoch,
+                );
             }
             _ => wait_for_epoch(next, stop),
         }
@@ -356,10 +368,16 @@ fn protect(
 /// Waits for the epoch boundary `next`, or until the guest has sent output
 /// and `earliest` has passed (then the checkpoint that releases it is taken
 /// at once).
-fn wait_for_epoch_or_output(next: Instant, stop: &AtomicBool, gate: &OutputCommit, earliest: Instant) {
+fn wait_for_epoch_or_output(
+    next: Instant,
+    stop: &AtomicBool,
+    gate: &OutputCommit,
+    earliest: Instant,
+) {
     loop {
         let now = Instant::now();
-        if now >= next || stop.load(Ordering::Relaxed) || (now >= earliest && gate.output_waiting()) {
+        if now >= next || stop.load(Ordering::Relaxed) || (now >= earliest && gate.output_waiting())
+        {
             return;
         }
         std::thread::sleep(Duration::from_micros(200).min(next - now));

@@ -187,7 +187,9 @@ pub fn require_program(program: &str, package: &str) {
             return;
         }
     }
-    panic!("this test needs `{program}`: install the {package} package (apt-get install {package})");
+    panic!(
+        "this test needs `{program}`: install the {package} package (apt-get install {package})"
+    );
 }
 
 /// A network namespace of the test's own, deleted (with everything in it)
@@ -235,7 +237,12 @@ impl NetNamespace {
         std::process::Child,
         std::sync::mpsc::Receiver<serde_json::Value>,
     ) {
-        let mut full = vec!["netns", "exec", &self.name, env!("CARGO_BIN_EXE_understudy")];
+        let mut full = vec![
+            "netns",
+            "exec",
+            &self.name,
+            env!("CARGO_BIN_EXE_understudy"),
+        ];
         full.extend_from_slice(args);
         spawn_json_program("ip", &full)
     }
@@ -254,6 +261,8 @@ impl Drop for NetNamespace {
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

@@ -12,7 +12,8 @@ use linux_loader::loader::KernelLoader;
 use linux_loader::loader::elf::Elf;
 use understudy_guest_abi::{
     ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, IMAGE_GPA, IMAGE_MAX_SIZE, MAX_VCPUS,
-    PAGE_SIZE, STATUS_GPA, STATUS_SLOT_SIZE, WORK_AREA_GPA, WRITE_LOG_SIZE, stack_top, VIRTIO_NET_MMIO_GPA, guest_mac,
+    PAGE_SIZE, STATUS_GPA, STATUS_SLOT_SIZE, VIRTIO_NET_MMIO_GPA, WORK_AREA_GPA, WRITE_LOG_SIZE,
+    guest_mac, stack_top,
 };
 use zerocopy::IntoBytes;
 
@@ -202,7 +203,11 @@ fn write_page_tables(memory: &GuestMemory, memory_bytes: u64) -> Result<(), Boot
     }
     let device_gib = VIRTIO_NET_MMIO_GPA >> 30;
     let device_pd = PD_GPA + device_gib * PAGE_SIZE;
-    memory::write(memory, PDPT_GPA + device_gib * 8, (device_pd | flags).as_bytes())?;
+    memory::write(
+        memory,
+        PDPT_GPA + device_gib * 8,
+        (device_pd | flags).as_bytes(),
+    )?;
     let device_entry = (VIRTIO_NET_MMIO_GPA & !((2 << 20) - 1)) | flags | PTE_HUGE;
     let index = (VIRTIO_NET_MMIO_GPA >> 21) & 511;
     memory::write(memory, device_pd + index * 8, device_entry.as_bytes())?;

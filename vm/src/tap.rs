@@ -116,10 +116,12 @@ impl Tap {
 
     /// Writes one frame.
     pub fn write_frame(&self, frame: &[u8]) -> Result<(), TapError> {
-        (&self.file).write_all(frame).map_err(|source| TapError::Io {
-            name: self.name.clone(),
-            source,
-        })
+        (&self.file)
+            .write_all(frame)
+            .map_err(|source| TapError::Io {
+                name: self.name.clone(),
+                source,
+            })
     }
 }
 

@@ -158,7 +158,12 @@ impl NetState {
             out.extend_from_slice(&word.to_le_bytes());
         }
         for queue in &self.queues {
-            for half in [queue.max_size, queue.next_avail, queue.next_used, queue.size] {
+            for half in [
+                queue.max_size,
+                queue.next_avail,
+                queue.next_used,
+                queue.size,
+            ] {
                 out.extend_from_slice(&half.to_le_bytes());
             }
             out.extend_from_slice(&[0, 0]);
@@ -211,10 +216,7 @@ impl NetState {
             device_features_sel: u32_at(16),
             driver_features_sel: u32_at(20),
             interrupt_status: u32_at(24),
-            queues: [
-                queue_at(queues_at)?,
-                queue_at(queues_at + QUEUE_STATE_LEN)?,
-            ],
+            queues: [queue_at(queues_at)?, queue_at(queues_at + QUEUE_STATE_LEN)?],
         })
     }
 }
@@ -409,11 +411,14 @@ impl VirtioNet {
             let head = chain.head_index();
             let length = if let Some(injected) = registers.injected.pop_front() {
                 let length = injected.len().min(MAX_FRAME);
-                frame[NET_HEADER_LEN..NET_HEADER_LEN + length]
-                    .copy_from_slice(&injected[..length]);
+                frame[NET_HEADER_LEN..NET_HEADER_LEN + length].copy_from_slice(&injected[..length]);
                 length
             } else {
-                match self.input.as_ref().map(|tap| tap.read_frame(&mut frame[NET_HEADER_LEN..])) {
+                match self
+                    .input
+                    .as_ref()
+                    .map(|tap| tap.read_frame(&mut frame[NET_HEADER_LEN..]))
+                {
                     Some(Ok(Some(length))) => length,
                     Some(Ok(None)) | None => {
                         queue.go_to_previous_position();
@@ -451,7 +456,11 @@ impl VirtioNet {
                 }
             };
             if let Err(error) = queue.add_used(memory, head, used) {
-                log_limited!(warn, ?error, "could not return a receive buffer to the guest");
+                log_limited!(
+                    warn,
+                    ?error,
+                    "could not return a receive buffer to the guest"
+                );
                 break;
             }
             registers.interrupt_status |= 1;
@@ -469,10 +478,7 @@ impl VirtioNet {
         }
         let memory: &GuestMemory = &self.memory;
         let mut frame = Vec::with_capacity(NET_HEADER_LEN + MAX_FRAME);
-        loop {
-            let Some(chain) = registers.queues[TX_QUEUE].pop_descriptor_chain(memory) else {
-                break;
-            };
+        while let Some(chain) = registers.queues[TX_QUEUE].pop_descriptor_chain(memory) {
             let head = chain.head_index();
             frame.clear();
             let read = chain
@@ -499,7 +505,11 @@ impl VirtioNet {
                 }
             }
             if let Err(error) = registers.queues[TX_QUEUE].add_used(memory, head, 0) {
-                log_limited!(warn, ?error, "could not return a transmit buffer to the guest");
+                log_limited!(
+                    warn,
+                    ?error,
+                    "could not return a transmit buffer to the guest"
+                );
                 break;
             }
             registers.interrupt_status |= 1;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use understudy_guest_abi::{
-    VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE, BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VcpuStatus, status_gpa,
+    BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VIRTIO_NET_MMIO_GPA,
+    VIRTIO_NET_MMIO_SIZE, VcpuStatus, status_gpa,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -534,7 +535,10 @@ impl Vm {
             (None, None) => {}
             (saved, _) => {
                 return Err(VmError::StateMismatch {
-                    saved: format!("a VM with{} a network device", if saved.is_some() { "" } else { "out" }),
+                    saved: format!(
+                        "a VM with{} a network device",
+                        if saved.is_some() { "" } else { "out" }
+                    ),
                     actual: format!("one with{}", if self.net.is_some() { "" } else { "out" }),
                 });
             }

@@ -167,7 +167,11 @@ impl fmt::Display for WorkloadSpec {
             Workload::Idle => write!(f, "idle"),
             Workload::Counter => write!(f, "counter:spin={}", self.counter_spin),
             Workload::Kv => {
-                write!(f, "kv:ip={}/{},port={}", self.ipv4, self.prefix_len, self.port)?;
+                write!(
+                    f,
+                    "kv:ip={}/{},port={}",
+                    self.ipv4, self.prefix_len, self.port
+                )?;
                 match self.wss {
                     Some(heap) => write!(f, ",heap={}K", heap >> 10),
                     None => Ok(()),

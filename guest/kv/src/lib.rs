@@ -243,7 +243,8 @@ impl Store {
             (b"ECHO", 1) => bulk(out, Some(arguments[0])),
             (b"GET", 1) => bulk(out, self.entries.get(arguments[0]).map(Vec::as_slice)),
             (b"SET", 2) => {
-                self.entries.insert(arguments[0].to_vec(), arguments[1].to_vec());
+                self.entries
+                    .insert(arguments[0].to_vec(), arguments[1].to_vec());
                 simple(out, b"OK");
             }
             (b"SET", n) if n > 2 => error(out, b"syntax error"),
@@ -376,7 +377,10 @@ mod tests {
 
     #[test]
     fn ping_answers_pong() {
-        assert_eq!(run(&mut Store::new(), b"*1\r\n$4\r\nPING\r\n"), b"+PONG\r\n");
+        assert_eq!(
+            run(&mut Store::new(), b"*1\r\n$4\r\nPING\r\n"),
+            b"+PONG\r\n"
+        );
     }
 
     #[test]
@@ -487,18 +491,12 @@ mod tests {
 
     #[test]
     fn a_bulk_string_without_crlf_is_malformed() {
-        assert_eq!(
-            parse(b"*1\r\n$4\r\nPINGxx"),
-            Err(ProtocolError::Malformed)
-        );
+        assert_eq!(parse(b"*1\r\n$4\r\nPINGxx"), Err(ProtocolError::Malformed));
     }
 
     #[test]
     fn an_oversized_bulk_string_is_refused() {
-        assert_eq!(
-            parse(b"*1\r\n$999999999\r\n"),
-            Err(ProtocolError::TooLarge)
-        );
+        assert_eq!(parse(b"*1\r\n$999999999\r\n"), Err(ProtocolError::TooLarge));
     }
 
     #[test]
@@ -511,10 +509,7 @@ mod tests {
 
     #[test]
     fn config_get_answers_an_empty_list() {
-        assert_eq!(
-            run(&mut Store::new(), b"CONFIG GET save\r\n"),
-            b"*0\r\n"
-        );
+        assert_eq!(run(&mut Store::new(), b"CONFIG GET save\r\n"), b"*0\r\n");
     }
 
     #[test]
