@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::netlab::{GUEST_IP, Host, Lab, Process, SECONDARY_LISTEN};
+use super::netlab::{GUEST_IP, Host, Lab, Process, SECONDARY_LISTEN, guest_vm_arguments};
 use super::{parse_duration, stop_flag};
 
 /// Arguments of `understudy drill`.
@@ -243,23 +243,17 @@ pub fn start_protected(
     secondary
         .wait_event("listening", Duration::from_secs(10))
         .with_context(|| lab.log_tail("secondary", 20))?;
-    let primary_arguments: Vec<String> = [
+    let mut primary_arguments: Vec<String> = [
         "primary",
         "--secondary",
         SECONDARY_LISTEN,
-        "--workload",
-        &format!("kv:ip={GUEST_IP}/24"),
-        "--tap",
-        "tap0",
-        "--memory",
-        "64M",
         "--epoch",
         &format!("{}ms", epoch.as_millis()),
         "--json",
     ]
     .map(String::from)
     .to_vec();
-    let mut primary_arguments = primary_arguments;
+    primary_arguments.extend(guest_vm_arguments());
     primary_arguments.extend_from_slice(extra_primary);
     let mut primary = lab.spawn(Host::Primary, "primary", program, &primary_arguments)?;
     primary

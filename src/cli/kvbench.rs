@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::drill::start_protected;
-use super::netlab::{GUEST_IP, Host, Lab, Process};
+use super::netlab::{GUEST_IP, Host, Lab, Process, guest_vm_arguments};
 
 /// Arguments of `understudy bench kv`.
 #[derive(clap::Args, Debug)]
@@ -106,18 +106,8 @@ fn run_benchmark(lab: &Lab, arguments: &KvBenchArguments, name: &str) -> anyhow:
 }
 
 fn start_alone(lab: &Lab, program: &str) -> anyhow::Result<Process> {
-    let arguments: Vec<String> = [
-        "run",
-        "--workload",
-        &format!("kv:ip={GUEST_IP}/24"),
-        "--tap",
-        "tap0",
-        "--memory",
-        "64M",
-        "--json",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut arguments = vec!["run".to_owned(), "--json".to_owned()];
+    arguments.extend(guest_vm_arguments());
     let mut alone = lab.spawn(Host::Primary, "alone", program, &arguments)?;
     alone
         .wait_event("guest_running", Duration::from_secs(20))

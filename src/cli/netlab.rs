@@ -28,6 +28,20 @@ use anyhow::{Context, bail};
 pub const GUEST_IP: &str = "10.0.0.10";
 /// The secondary's replication address.
 pub const SECONDARY_LISTEN: &str = "10.0.0.3:7000";
+/// The VM options of the lab's guest: `kv` at [`GUEST_IP`] on the host's tap.
+pub fn guest_vm_arguments() -> Vec<String> {
+    [
+        "--workload",
+        &format!("kv:ip={GUEST_IP}/24"),
+        "--tap",
+        "tap0",
+        "--memory",
+        "64M",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Prefix of every namespace a lab creates.
 const PREFIX: &str = "usd";
 

@@ -405,6 +405,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_device_kind_is_refused() {
+        let mut state = sample_state();
+        state.net = None;
+        let mut encoded = state.encode();
+        let devices_at = encoded.len() - 4;
+        encoded[devices_at..].copy_from_slice(&1u32.to_le_bytes());
+        encoded.extend_from_slice(&9u32.to_le_bytes());
+        encoded.extend_from_slice(&0u32.to_le_bytes());
+
+        let result = VmState::decode(&encoded);
+
+        assert_eq!(
+            result,
+            Err(StateError::BadDevice("device kind 9".to_owned()))
+        );
+    }
+
+    #[test]
     fn bad_magic_is_refused() {
         let mut encoded = sample_state().encode();
         encoded[0] ^= 0xff;
@@ -414,10 +432,10 @@ mod tests {
     #[test]
     fn other_versions_are_refused() {
         let mut encoded = sample_state().encode();
-        encoded[8] = 2;
+        encoded[8] = 1;
         assert_eq!(
             VmState::decode(&encoded),
-            Err(StateError::UnsupportedVersion { found: 2 })
+            Err(StateError::UnsupportedVersion { found: 1 })
         );
     }
 
@@ -437,9 +455,11 @@ mod tests {
     fn absurd_list_lengths_are_refused_before_allocating() {
         let mut state = sample_state();
         state.vcpus.clear();
+        state.net = None;
         let mut encoded = state.encode();
-        let count_at = encoded.len() - 4;
-        encoded[count_at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        // The vCPU count, then the device count (zero) end the encoding.
+        let count_at = encoded.len() - 8;
+        encoded[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             VmState::decode(&encoded),
             Err(StateError::ListTooLong { field: "vcpus", .. })

@@ -430,12 +430,28 @@ mod tests {
         );
     }
 
-    #[test]
-    fn del_exists_and_dbsize_count_keys() {
+    fn store_with_a_and_b() -> Store {
         let mut store = Store::new();
         run(&mut store, b"SET a 1\r\nSET b 2\r\n");
+        store
+    }
+
+    #[test]
+    fn exists_counts_the_keys_present() {
+        let mut store = store_with_a_and_b();
         assert_eq!(run(&mut store, b"EXISTS a b z\r\n"), b":2\r\n");
+    }
+
+    #[test]
+    fn del_counts_the_keys_removed() {
+        let mut store = store_with_a_and_b();
         assert_eq!(run(&mut store, b"DEL a z\r\n"), b":1\r\n");
+    }
+
+    #[test]
+    fn dbsize_counts_what_is_left_after_a_del() {
+        let mut store = store_with_a_and_b();
+        run(&mut store, b"DEL a\r\n");
         assert_eq!(run(&mut store, b"DBSIZE\r\n"), b":1\r\n");
     }
 
