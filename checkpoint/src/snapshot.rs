@@ -33,8 +33,12 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
+use understudy_vm::tap::Tap;
+use understudy_vm::virtio_net::{DiscardFrames, FrameSink};
 use understudy_vm::{Vm, VmConfig, VmError};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -328,8 +332,10 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
 }
 
 /// Reads a snapshot into a new, paused VM. The VM is returned only when every
-/// checksum and the memory hash match; otherwise it is dropped unused.
-pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
+/// checksum and the memory hash match; otherwise it is dropped unused. A
+/// guest that had a network interface gets one on `tap` (without a tap it
+/// resumes with its interface unplugged from everything).
+pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummary), SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
@@ -406,6 +412,14 @@ pub fn restore(path: &Path) -> Result<(Vm, SnapshotSummary), SnapshotError> {
         });
     }
     memory::clear_vmm_dirty_bits(vm.memory());
+    let mut vm = vm;
+    if state.net.is_some() {
+        let output: Arc<dyn FrameSink> = match &tap {
+            Some(tap) => tap.clone(),
+            None => Arc::new(DiscardFrames),
+        };
+        vm.attach_guest_net(tap, output, None)?;
+    }
     vm.restore_state(&state)?;
     Ok((
         vm,
@@ -465,7 +479,7 @@ mod tests {
         let path = dir.path().join("short.snap");
         std::fs::write(&path, &sample_header().encode()[..40]).expect("write");
         assert!(matches!(
-            restore(&path),
+            restore(&path, None),
             Err(SnapshotError::Truncated("header"))
         ));
     }
@@ -476,7 +490,7 @@ mod tests {
         let path = dir.path().join("short.snap");
         std::fs::write(&path, sample_header().encode()).expect("write");
         assert!(matches!(
-            restore(&path),
+            restore(&path, None),
             Err(SnapshotError::Truncated("file"))
         ));
     }

@@ -43,7 +43,7 @@ use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::{Tap, TapError};
-use understudy_vm::virtio_net::{DiscardFrames, FrameSink, VirtioNet, gratuitous_arp};
+use understudy_vm::virtio_net::{DiscardFrames, FrameSink};
 use understudy_vm::{Vm, VmConfig, VmError};
 
 /// A secondary that cannot go on.
@@ -593,27 +593,6 @@ fn commit(
     Ok(())
 }
 
-/// Gives the backup VM its network interface (the MAC and address from the
-/// guest's boot page) and returns the gratuitous ARP that announces it.
-fn attach_network(
-    vm: &mut Vm,
-    input: Option<Arc<Tap>>,
-    output: Arc<dyn FrameSink>,
-) -> Result<Vec<u8>, SecondaryError> {
-    let boot = vm.boot_info()?;
-    let mac = [
-        boot.net_mac[0],
-        boot.net_mac[1],
-        boot.net_mac[2],
-        boot.net_mac[3],
-        boot.net_mac[4],
-        boot.net_mac[5],
-    ];
-    let memory = vm.memory_handle();
-    vm.attach_net(Arc::new(VirtioNet::new(memory, mac, input, output)))?;
-    Ok(gratuitous_arp(mac, boot.net_ipv4))
-}
-
 /// Resumes the backup VM from its last committed epoch.
 fn take_over(
     backup: &mut Option<Backup>,
@@ -641,17 +620,18 @@ fn take_over(
     } else {
         None
     };
-    let announce = match (&state.net, tap) {
-        (None, _) => None,
-        (Some(_), Some(tap)) => Some(attach_network(&mut vm, Some(tap.clone()), tap.clone())?),
+    match (&state.net, tap) {
+        (None, _) => {}
+        (Some(_), Some(tap)) => {
+            vm.attach_guest_net(Some(tap.clone()), tap.clone(), None)?;
+        }
         (Some(_), None) => {
             tracing::warn!(
                 "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
             );
-            attach_network(&mut vm, None, Arc::new(DiscardFrames))?;
-            None
+            vm.attach_guest_net(None, Arc::new(DiscardFrames), None)?;
         }
-    };
+    }
     vm.restore_state(&state)?;
     let progress = ProgressSample::read(&vm)?;
     let replayed = input_log.frames.len();
@@ -659,11 +639,9 @@ fn take_over(
         // What the guest received after the committed epoch, it receives again.
         net.inject(input_log.replay());
     }
-    if let (Some(frame), Some(tap)) = (announce, tap) {
+    if let (Some(net), Some(tap)) = (vm.net(), tap) {
         // Switches learn the guest's MAC on this port; neighbours refresh.
-        for _ in 0..3 {
-            tap.send(&frame);
-        }
+        net.announce(vm.boot_info()?.net_ipv4);
         // What the guest sent in committed epochs may never have left the
         // primary: send it again before the guest sends anything new.
         for (_, frames) in &recent_output {

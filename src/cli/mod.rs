@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::tap::Tap;
-use understudy_vm::virtio_net::{FrameSink, VirtioNet};
+use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::workload::{WorkloadSpec, parse_size};
 use understudy_vm::{Vm, VmConfig, VmEvent};
 
@@ -74,13 +74,7 @@ impl VmOptions {
         };
         let tap = Arc::new(Tap::open(name).with_context(|| format!("cannot open tap {name}"))?);
         let (output, observer) = sinks(tap.clone());
-        let mac = vm.boot_info()?.net_mac;
-        let mac = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]];
-        let mut device = VirtioNet::new(vm.memory_handle(), mac, Some(tap.clone()), output);
-        if let Some(observer) = observer {
-            device = device.with_delivery_observer(observer);
-        }
-        vm.attach_net(Arc::new(device))?;
+        vm.attach_guest_net(Some(tap.clone()), output, observer)?;
         Ok((vm, Some(tap)))
     }
 }

@@ -1,6 +1,7 @@
 //! `understudy snapshot` and `understudy restore`: a paused VM to a file and back.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ use serde_json::json;
 use understudy_checkpoint::snapshot;
 use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
+use understudy_vm::tap::Tap;
 
 use super::{
     MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
@@ -32,6 +34,9 @@ pub struct SnapshotArguments {
 pub struct RestoreArguments {
     /// The snapshot file to read.
     input: PathBuf,
+    /// A guest with a network interface gets it on this tap.
+    #[arg(long)]
+    tap: Option<String>,
     #[command(flatten)]
     monitor: MonitorOptions,
 }
@@ -90,7 +95,13 @@ pub fn snapshot(arguments: SnapshotArguments) -> anyhow::Result<()> {
 pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let restoring = Instant::now();
-    let (mut vm, summary) = snapshot::restore(&arguments.input)
+    let tap = match &arguments.tap {
+        Some(name) => Some(Arc::new(
+            Tap::open(name).with_context(|| format!("cannot open tap {name}"))?,
+        )),
+        None => None,
+    };
+    let (mut vm, summary) = snapshot::restore(&arguments.input, tap)
         .with_context(|| format!("cannot restore the snapshot {}", arguments.input.display()))?;
     println!(
         "{}",
@@ -103,6 +114,10 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
         })
     );
     vm.resume()?;
+    if let Some(net) = vm.net() {
+        // The guest may be on another host now: tell the network.
+        net.announce(vm.boot_info()?.net_ipv4);
+    }
     wait_until_running(&vm, Duration::from_secs(10))?;
     monitor(&vm, arguments.monitor, &stop)?;
     vm.pause()?;

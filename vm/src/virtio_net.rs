@@ -326,6 +326,16 @@ impl VirtioNet {
         self.mac
     }
 
+    /// Announces the guest at `ipv4` with gratuitous ARPs through the
+    /// device's output, as after it moved: switches learn its port,
+    /// neighbours refresh (even entries they had given up on).
+    pub fn announce(&self, ipv4: [u8; 4]) {
+        let frame = gratuitous_arp(self.mac, ipv4);
+        for _ in 0..3 {
+            self.output.send(&frame);
+        }
+    }
+
     /// Frame counters.
     pub fn counters(&self) -> NetCounters {
         self.lock().counters
@@ -676,6 +686,207 @@ pub fn gratuitous_arp(mac: [u8; 6], ipv4: [u8; 4]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::{self, MIN_MEMORY};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+    /// `VRING_DESC_F_WRITE`: the device writes this buffer.
+    const DESC_WRITE: u16 = 2;
+    const RX_RING: u64 = 0x10_0000;
+    const TX_RING: u64 = 0x20_0000;
+    const RX_BUFFER: u64 = 0x30_0000;
+    const TX_BUFFER: u64 = 0x30_8000;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Vec<u8>>>);
+
+    impl FrameSink for Collect {
+        fn send(&self, frame: &[u8]) {
+            self.0.lock().expect("not poisoned").push(frame.to_vec());
+        }
+    }
+
+    impl Collect {
+        fn frames(&self) -> Vec<Vec<u8>> {
+            self.0.lock().expect("not poisoned").clone()
+        }
+    }
+
+    fn set(net: &VirtioNet, offset: u64, value: u32) {
+        net.write(offset, &value.to_le_bytes());
+    }
+
+    fn get(net: &VirtioNet, offset: u64) -> u32 {
+        let mut bytes = [0u8; 4];
+        net.read(offset, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    /// Negotiates as a virtio 1.x driver and sets up both queues.
+    fn bring_up(
+        net: &VirtioNet,
+        rx: &MockSplitQueue<GuestMemory>,
+        tx: &MockSplitQueue<GuestMemory>,
+    ) {
+        set(net, reg::STATUS, 1 | 2);
+        set(net, reg::DRIVER_FEATURES_SEL, 1);
+        set(net, reg::DRIVER_FEATURES, 1);
+        set(net, reg::DRIVER_FEATURES_SEL, 0);
+        set(net, reg::DRIVER_FEATURES, 1 << 5);
+        set(net, reg::STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        for (index, queue) in [(0u32, rx), (1, tx)] {
+            set(net, reg::QUEUE_SEL, index);
+            set(net, reg::QUEUE_NUM, 16);
+            set(net, reg::QUEUE_DESC_LOW, queue.desc_table_addr().0 as u32);
+            set(net, reg::QUEUE_DRIVER_LOW, queue.avail_addr().0 as u32);
+            set(net, reg::QUEUE_DEVICE_LOW, queue.used_addr().0 as u32);
+            set(net, reg::QUEUE_READY, 1);
+        }
+        set(
+            net,
+            reg::STATUS,
+            1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    fn is_dirty(memory: &GuestMemory, gpa: u64) -> bool {
+        let region = memory.iter().next().expect("one region");
+        let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+        mapping.bitmap().is_addr_set(gpa as usize)
+    }
+
+    fn ethernet_frame(tag: u8) -> Vec<u8> {
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, tag, 0x88, 0xb5]);
+        frame.resize(60, tag);
+        frame
+    }
+
+    fn offer_receive_buffer(rx: &MockSplitQueue<GuestMemory>, index: u16) {
+        let buffer = Descriptor::new(RX_BUFFER + u64::from(index) * 0x1000, 2048, DESC_WRITE, 0);
+        rx.add_desc_chains(&[RawDescriptor::from(buffer)], index)
+            .expect("room in the ring");
+    }
+
+    struct Rig {
+        memory: Arc<GuestMemory>,
+        sink: Arc<Collect>,
+        observed: Arc<Collect>,
+        net: VirtioNet,
+    }
+
+    fn rig() -> Rig {
+        let memory = Arc::new(memory::create(MIN_MEMORY).expect("map guest memory"));
+        let sink = Arc::new(Collect::default());
+        let observed = Arc::new(Collect::default());
+        let net = VirtioNet::new(
+            memory.clone(),
+            [0x52, 0x54, 10, 0, 0, 10],
+            None,
+            sink.clone(),
+        )
+        .with_delivery_observer(observed.clone());
+        Rig {
+            memory,
+            sink,
+            observed,
+            net,
+        }
+    }
+
+    #[test]
+    fn a_received_frame_lands_in_the_guests_buffer_and_is_dirty() {
+        let rig = rig();
+        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
+        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
+        bring_up(&rig.net, &rx, &tx);
+        offer_receive_buffer(&rx, 0);
+        memory::clear_vmm_dirty_bits(&rig.memory);
+        rig.net.inject([ethernet_frame(7)]);
+
+        set(&rig.net, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+
+        let mut landed = vec![0u8; NET_HEADER_LEN + 60];
+        memory::read(&rig.memory, RX_BUFFER, &mut landed).expect("read the buffer");
+        assert_eq!(&landed[NET_HEADER_LEN..], ethernet_frame(7).as_slice());
+        assert_eq!(rx.used().idx().load(), 1);
+        assert!(
+            is_dirty(&rig.memory, RX_BUFFER),
+            "the frame's page is not dirty"
+        );
+        assert!(
+            is_dirty(&rig.memory, rx.used_addr().0),
+            "the used ring's page is not dirty"
+        );
+        assert_eq!(rig.observed.frames(), vec![ethernet_frame(7)]);
+    }
+
+    #[test]
+    fn a_transmitted_frame_reaches_the_sink_without_its_header() {
+        let rig = rig();
+        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
+        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
+        bring_up(&rig.net, &rx, &tx);
+        let mut bytes = vec![0u8; NET_HEADER_LEN];
+        bytes.extend_from_slice(&ethernet_frame(9));
+        memory::write(&rig.memory, TX_BUFFER, &bytes).expect("write the frame");
+        let buffer = Descriptor::new(TX_BUFFER, bytes.len() as u32, 0, 0);
+        tx.add_desc_chains(&[RawDescriptor::from(buffer)], 0)
+            .expect("room in the ring");
+
+        set(&rig.net, reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+
+        assert_eq!(rig.sink.frames(), vec![ethernet_frame(9)]);
+        assert_eq!(tx.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn a_restored_device_continues_at_the_saved_queue_positions() {
+        let rig = rig();
+        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
+        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
+        bring_up(&rig.net, &rx, &tx);
+        offer_receive_buffer(&rx, 0);
+        rig.net.inject([ethernet_frame(1)]);
+        set(&rig.net, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+        let saved = rig.net.save();
+        let restored = VirtioNet::new(rig.memory.clone(), rig.net.mac(), None, rig.sink.clone());
+        restored.restore(&saved).expect("a valid state");
+        offer_receive_buffer(&rx, 1);
+        restored.inject([ethernet_frame(2)]);
+
+        set(&restored, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+
+        let mut landed = vec![0u8; NET_HEADER_LEN + 60];
+        memory::read(&rig.memory, RX_BUFFER + 0x1000, &mut landed).expect("read");
+        assert_eq!(&landed[NET_HEADER_LEN..], ethernet_frame(2).as_slice());
+        assert_eq!(rx.used().idx().load(), 2);
+        assert_eq!(restored.save().queues[RX_QUEUE].next_used, 2);
+    }
+
+    #[test]
+    fn a_driver_without_version_1_cannot_set_features_ok() {
+        let rig = rig();
+        set(&rig.net, reg::STATUS, 1 | 2);
+        set(&rig.net, reg::DRIVER_FEATURES, 1 << 5);
+
+        set(&rig.net, reg::STATUS, 1 | 2 | STATUS_FEATURES_OK);
+
+        assert_eq!(get(&rig.net, reg::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn the_config_space_holds_the_mac() {
+        let rig = rig();
+        let mut mac = [0u8; 6];
+
+        rig.net.read(reg::CONFIG, &mut mac);
+
+        assert_eq!(mac, [0x52, 0x54, 10, 0, 0, 10]);
+    }
 
     fn sample_state() -> NetState {
         let mut queue = new_queue().state();

@@ -31,8 +31,9 @@ use crate::dirty::{DirtyLogError, DirtySet, DirtyTracker};
 use crate::log_limited;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::state::VmState;
+use crate::tap::Tap;
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::virtio_net::{NetError, VirtioNet};
+use crate::virtio_net::{FrameSink, NetError, VirtioNet};
 use crate::workload::WorkloadSpec;
 
 /// How long a yielding guest (its `HLT`) waits before it is run again.
@@ -411,6 +412,26 @@ impl Vm {
             .expect("the MMIO bus holds only the network device");
         self.net = Some(net);
         Ok(())
+    }
+
+    /// Gives the built-in guest its virtio-net interface, with the MAC its
+    /// boot page names: frames come from `input` (none: nothing arrives) and
+    /// the guest's go to `output`; `observer`, if any, hears of every frame
+    /// delivered. Only before the first [`Vm::resume`].
+    pub fn attach_guest_net(
+        &mut self,
+        input: Option<Arc<Tap>>,
+        output: Arc<dyn FrameSink>,
+        observer: Option<Arc<dyn FrameSink>>,
+    ) -> Result<Arc<VirtioNet>, VmError> {
+        let mac = self.boot_info()?.mac();
+        let mut device = VirtioNet::new(self.memory.clone(), mac, input, output);
+        if let Some(observer) = observer {
+            device = device.with_delivery_observer(observer);
+        }
+        let device = Arc::new(device);
+        self.attach_net(device.clone())?;
+        Ok(device)
     }
 
     /// The network device, if one is attached.

@@ -193,6 +193,14 @@ pub struct BootInfo {
     pub reserved: u32,
 }
 
+impl BootInfo {
+    /// The network interface's MAC address.
+    pub const fn mac(&self) -> [u8; 6] {
+        let m = self.net_mac;
+        [m[0], m[1], m[2], m[3], m[4], m[5]]
+    }
+}
+
 /// The MAC address of a guest with IPv4 address `ipv4`: `52:54` (locally
 /// administered, as QEMU's) followed by the four octets, so the address
 /// follows from the IP and a takeover announces the MAC the guest had.
