@@ -211,23 +211,10 @@ impl FrameSink for InputRecorder {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
-    struct Collect(Mutex<Vec<Vec<u8>>>);
+    use understudy_vm::virtio_net::FrameRecorder;
 
-    impl FrameSink for Collect {
-        fn send(&self, frame: &[u8]) {
-            self.0.lock().expect("not poisoned").push(frame.to_vec());
-        }
-    }
-
-    impl Collect {
-        fn frames(&self) -> Vec<Vec<u8>> {
-            self.0.lock().expect("not poisoned").clone()
-        }
-    }
-
-    fn gate() -> (Arc<Collect>, OutputCommit) {
-        let out = Arc::new(Collect::default());
+    fn gate() -> (Arc<FrameRecorder>, OutputCommit) {
+        let out = Arc::new(FrameRecorder::default());
         let gate = OutputCommit::new(out.clone(), Limits::default());
         (out, gate)
     }

@@ -121,6 +121,29 @@ impl FrameSink for DiscardFrames {
     fn send(&self, _frame: &[u8]) {}
 }
 
+/// A sink that keeps every frame in memory, in order (tests, diagnostics).
+#[derive(Default)]
+pub struct FrameRecorder(Mutex<Vec<Vec<u8>>>);
+
+impl FrameSink for FrameRecorder {
+    fn send(&self, frame: &[u8]) {
+        self.0
+            .lock()
+            .expect("no panics while the recorder is held")
+            .push(frame.to_vec());
+    }
+}
+
+impl FrameRecorder {
+    /// The frames so far.
+    pub fn frames(&self) -> Vec<Vec<u8>> {
+        self.0
+            .lock()
+            .expect("no panics while the recorder is held")
+            .clone()
+    }
+}
+
 /// The device's state in a checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetState {
@@ -700,21 +723,6 @@ mod tests {
     const RX_BUFFER: u64 = 0x30_0000;
     const TX_BUFFER: u64 = 0x30_8000;
 
-    #[derive(Default)]
-    struct Collect(Mutex<Vec<Vec<u8>>>);
-
-    impl FrameSink for Collect {
-        fn send(&self, frame: &[u8]) {
-            self.0.lock().expect("not poisoned").push(frame.to_vec());
-        }
-    }
-
-    impl Collect {
-        fn frames(&self) -> Vec<Vec<u8>> {
-            self.0.lock().expect("not poisoned").clone()
-        }
-    }
-
     fn set(net: &VirtioNet, offset: u64, value: u32) {
         net.write(offset, &value.to_le_bytes());
     }
@@ -773,15 +781,15 @@ mod tests {
 
     struct Rig {
         memory: Arc<GuestMemory>,
-        sink: Arc<Collect>,
-        observed: Arc<Collect>,
+        sink: Arc<FrameRecorder>,
+        observed: Arc<FrameRecorder>,
         net: VirtioNet,
     }
 
     fn rig() -> Rig {
         let memory = Arc::new(memory::create(MIN_MEMORY).expect("map guest memory"));
-        let sink = Arc::new(Collect::default());
-        let observed = Arc::new(Collect::default());
+        let sink = Arc::new(FrameRecorder::default());
+        let observed = Arc::new(FrameRecorder::default());
         let net = VirtioNet::new(
             memory.clone(),
             [0x52, 0x54, 10, 0, 0, 10],
