@@ -7,9 +7,11 @@
 //!   output-commit gate, which holds it until its epoch is acknowledged.
 //! - **Receive** (queue 0): frames are read from the tap only while the
 //!   guest has a buffer for them (none are queued in the VMM, so a
-//!   checkpoint never misses one): when the guest adds buffers, and when it
-//!   yields (its `HLT`), which is where the vCPU thread waits for the tap to
-//!   become readable ([`VirtioNet::wait_for_input`]).
+//!   checkpoint never misses one): whenever the guest exits anyway (it
+//!   transmits, or yields: its `HLT`, where the vCPU thread waits for the tap
+//!   to become readable, [`VirtioNet::wait_for_input`]). The device asks the
+//!   driver not to notify it of recycled receive buffers
+//!   (`VRING_USED_F_NO_NOTIFY`): that would be an exit per frame for nothing.
 //! - There is no interrupt controller: the guest polls its used rings, which
 //!   costs no exit.
 //!
@@ -608,7 +610,11 @@ impl BusDevice for VirtioNet {
         let value = u32::from_le_bytes(bytes);
         if offset == reg::QUEUE_NOTIFY {
             match value as usize {
-                TX_QUEUE => self.transmit(),
+                TX_QUEUE => {
+                    self.transmit();
+                    // The guest is here anyway: hand it what has arrived.
+                    self.deliver_received();
+                }
                 RX_QUEUE => {
                     self.deliver_received();
                 }
@@ -674,7 +680,22 @@ impl BusDevice for VirtioNet {
                     // A modern device needs VERSION_1: refuse FEATURES_OK.
                     registers.status = value & !STATUS_FEATURES_OK;
                 } else {
+                    let starting = value & STATUS_DRIVER_OK != 0 && !registers.driver_ok();
                     registers.status = value;
+                    if starting {
+                        // The device fills receive buffers whenever the guest
+                        // exits (yield, transmit): a notification for each
+                        // buffer given back would only cost an exit.
+                        let memory: &GuestMemory = &self.memory;
+                        if let Err(error) = registers.queues[RX_QUEUE].disable_notification(memory)
+                        {
+                            log_limited!(
+                                warn,
+                                ?error,
+                                "could not suppress receive-queue notifications"
+                            );
+                        }
+                    }
                 }
             }
             _ => log_limited!(debug, offset, "guest wrote an unknown virtio-mmio register"),
@@ -873,6 +894,23 @@ mod tests {
         assert_eq!(&landed[NET_HEADER_LEN..], ethernet_frame(2).as_slice());
         assert_eq!(rx.used().idx().load(), 2);
         assert_eq!(restored.save().queues[RX_QUEUE].next_used, 2);
+    }
+
+    #[test]
+    fn the_driver_is_asked_not_to_notify_recycled_receive_buffers() {
+        let rig = rig();
+        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
+        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
+
+        bring_up(&rig.net, &rx, &tx);
+
+        let flags = |queue: &MockSplitQueue<GuestMemory>| {
+            let mut bytes = [0u8; 2];
+            memory::read(&rig.memory, queue.used_addr().0, &mut bytes).expect("read the used ring");
+            u16::from_le_bytes(bytes)
+        };
+        assert_eq!(flags(&rx), 1, "VRING_USED_F_NO_NOTIFY on the receive queue");
+        assert_eq!(flags(&tx), 0, "transmit notifications stay on");
     }
 
     #[test]
