@@ -207,3 +207,68 @@ fn a_snapshot_of_a_networked_guest_keeps_its_data_and_its_address() {
     // Assert
     assert_eq!(value, "42");
 }
+
+#[test]
+fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
+    if !require_kvm() {
+        return;
+    }
+    require_program("redis-cli", "redis-tools");
+    // Arrange: two taps on one bridge (the source's and the target's host
+    // ports), the client's address on the bridge; a key set before the move.
+    let namespace = NetNamespace::new("move");
+    let name = namespace.name.clone();
+    for args in [
+        &["link", "add", "br0", "type", "bridge"][..],
+        &["tuntap", "add", "dev", "tap0", "mode", "tap"],
+        &["tuntap", "add", "dev", "tap1", "mode", "tap"],
+        &["link", "set", "tap0", "master", "br0", "up"],
+        &["link", "set", "tap1", "master", "br0", "up"],
+        &["addr", "add", "10.0.0.1/24", "dev", "br0"],
+        &["link", "set", "br0", "up"],
+    ] {
+        let mut full = vec!["-n", name.as_str()];
+        full.extend_from_slice(args);
+        namespace.ip(&full);
+    }
+    let (_target, target_lines) = namespace.spawn_json(&[
+        "secondary",
+        "--listen",
+        "127.0.0.1:7101",
+        "--tap",
+        "tap1",
+        "--json",
+    ]);
+    let mut seen = Vec::new();
+    until_event(
+        &target_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut seen,
+    );
+    let (mut source, _) = namespace.spawn_json(&[
+        "migrate",
+        "--to",
+        "127.0.0.1:7101",
+        "--workload",
+        "kv",
+        "--tap",
+        "tap0",
+        "--memory",
+        "64M",
+        "--after",
+        "4s",
+    ]);
+    assert_eq!(
+        redis_cli_until(&namespace, &["SET", "moved", "yes"], "OK"),
+        "OK"
+    );
+
+    // Act: the source migrates and exits; the target resumes the guest.
+    assert!(source.wait().expect("the source ends").success());
+    until_event(&target_lines, "resumed", Duration::from_secs(10), &mut seen);
+    let value = redis_cli_until(&namespace, &["GET", "moved"], "yes");
+
+    // Assert
+    assert_eq!(value, "yes");
+}
