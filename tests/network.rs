@@ -36,10 +36,7 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
     // secondary (on loopback) acknowledges each epoch only after 400 ms.
     let ack_delay = Duration::from_millis(400);
     let namespace = NetNamespace::new("commit");
-    let name = namespace.name.clone();
-    namespace.ip(&["-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-    namespace.ip(&["-n", &name, "addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-    namespace.ip(&["-n", &name, "link", "set", "tap0", "up"]);
+    namespace.add_client_tap();
     let (_secondary, secondary_lines) = namespace.spawn_json(&[
         "secondary",
         "--listen",
@@ -160,10 +157,7 @@ fn a_snapshot_of_a_networked_guest_keeps_its_data_and_its_address() {
     // Arrange: a kv guest on a tap, snapshotted 4 s after start; a key set
     // meanwhile with redis-cli.
     let namespace = NetNamespace::new("snap");
-    let name = namespace.name.clone();
-    namespace.ip(&["-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-    namespace.ip(&["-n", &name, "addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-    namespace.ip(&["-n", &name, "link", "set", "tap0", "up"]);
+    namespace.add_client_tap();
     let snapshot = tempfile::NamedTempFile::new().expect("temporary file");
     let path = snapshot.path().to_string_lossy().into_owned();
     let (mut snapshotting, _) = namespace.spawn_json(&[
@@ -217,7 +211,6 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
     // Arrange: two taps on one bridge (the source's and the target's host
     // ports), the client's address on the bridge; a key set before the move.
     let namespace = NetNamespace::new("move");
-    let name = namespace.name.clone();
     for args in [
         &["link", "add", "br0", "type", "bridge"][..],
         &["tuntap", "add", "dev", "tap0", "mode", "tap"],
@@ -227,9 +220,7 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
         &["addr", "add", "10.0.0.1/24", "dev", "br0"],
         &["link", "set", "br0", "up"],
     ] {
-        let mut full = vec!["-n", name.as_str()];
-        full.extend_from_slice(args);
-        namespace.ip(&full);
+        namespace.ip_in(args);
     }
     let (_target, target_lines) = namespace.spawn_json(&[
         "secondary",

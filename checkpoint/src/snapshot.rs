@@ -38,7 +38,6 @@ use std::sync::Arc;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::Tap;
-use understudy_vm::virtio_net::{DiscardFrames, FrameSink};
 use understudy_vm::{Vm, VmConfig, VmError};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -414,11 +413,7 @@ pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummar
     memory::clear_vmm_dirty_bits(vm.memory());
     let mut vm = vm;
     if state.net.is_some() {
-        let output: Arc<dyn FrameSink> = match &tap {
-            Some(tap) => tap.clone(),
-            None => Arc::new(DiscardFrames),
-        };
-        vm.attach_guest_net(tap, output, None)?;
+        vm.attach_guest_tap(tap)?;
     }
     vm.restore_state(&state)?;
     Ok((

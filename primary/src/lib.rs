@@ -1002,9 +1002,28 @@ fn error_source(error: &ProtocolError) -> String {
 
 /// Waits for the next epoch boundary, or returns early when `stop` is set.
 pub fn wait_for_epoch(next: Instant, stop: &AtomicBool) {
-    while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-        let left = next.saturating_duration_since(Instant::now());
-        std::thread::sleep(left.min(Duration::from_millis(2)));
+    wait_until(next, stop, Duration::from_millis(2), || false);
+}
+
+/// Waits for the epoch boundary `next`, or until the guest has sent output
+/// through `gate` and `earliest` has passed (then the checkpoint that
+/// releases it is taken at once), or `stop` is set.
+pub fn wait_for_epoch_or_output(
+    next: Instant,
+    stop: &AtomicBool,
+    gate: &output::OutputCommit,
+    earliest: Instant,
+) {
+    wait_until(next, stop, Duration::from_micros(200), || {
+        Instant::now() >= earliest && gate.output_waiting()
+    });
+}
+
+/// Sleeps in steps of at most `step` until `deadline`, `stop`, or `ready()`.
+fn wait_until(deadline: Instant, stop: &AtomicBool, step: Duration, ready: impl Fn() -> bool) {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) && !ready() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(step));
     }
 }
 

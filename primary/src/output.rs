@@ -25,7 +25,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use understudy_proxy::{Held, Limits, Metrics, OutputBuffer};
+use understudy_proxy::{Held, Limits, Metrics, OutputBuffer, Released};
 use understudy_vm::log_limited;
 use understudy_vm::virtio_net::FrameSink;
 
@@ -40,8 +40,6 @@ struct Gate {
     buffer: OutputBuffer,
     running_epoch: u64,
     mode: Mode,
-    /// Metrics of earlier protections, so counters never go back.
-    earlier: Metrics,
     /// Where received frames go while protected, tagged with their epoch.
     input_log: Option<SyncSender<(u64, Vec<u8>)>>,
     /// Received frames that could not be logged (the log queue was full).
@@ -51,7 +49,6 @@ struct Gate {
 /// Holds the guest's output until the secondary has its epoch.
 pub struct OutputCommit {
     gate: Mutex<Gate>,
-    limits: Limits,
     release: Arc<dyn FrameSink>,
 }
 
@@ -64,11 +61,9 @@ impl OutputCommit {
                 buffer: OutputBuffer::new(limits),
                 running_epoch: 0,
                 mode: Mode::PassThrough,
-                earlier: Metrics::default(),
                 input_log: None,
                 input_dropped: 0,
             }),
-            limits,
             release,
         }
     }
@@ -84,12 +79,8 @@ impl OutputCommit {
     pub fn begin(&self, input_log: Option<SyncSender<(u64, Vec<u8>)>>) {
         let mut gate = self.lock();
         gate.input_log = input_log;
-        let released = gate.buffer.acknowledge(u64::MAX, Instant::now());
-        for frame in released {
-            self.release.send(&frame.frame);
-        }
-        let finished = std::mem::replace(&mut gate.buffer, OutputBuffer::new(self.limits));
-        merge(&mut gate.earlier, finished.metrics());
+        let released = gate.buffer.restart_epochs(Instant::now());
+        self.send_out(released);
         gate.running_epoch = 0;
         gate.mode = Mode::Hold;
     }
@@ -106,7 +97,14 @@ impl OutputCommit {
         if matches!(gate.mode, Mode::PassThrough) {
             return;
         }
-        for frame in gate.buffer.acknowledge(epoch, Instant::now()) {
+        let released = gate.buffer.acknowledge(epoch, Instant::now());
+        self.send_out(released);
+    }
+
+    /// Sends released frames on, in order (with the gate locked, so that
+    /// nothing the guest sends later overtakes them).
+    fn send_out(&self, released: Vec<Released>) {
+        for frame in released {
             self.release.send(&frame.frame);
         }
     }
@@ -115,9 +113,8 @@ impl OutputCommit {
     pub fn open(&self) {
         let mut gate = self.lock();
         gate.input_log = None;
-        for frame in gate.buffer.acknowledge(u64::MAX, Instant::now()) {
-            self.release.send(&frame.frame);
-        }
+        let released = gate.buffer.acknowledge(u64::MAX, Instant::now());
+        self.send_out(released);
         gate.mode = Mode::PassThrough;
     }
 
@@ -159,21 +156,7 @@ impl OutputCommit {
 
     /// Counters and hold times over all protections so far.
     pub fn metrics(&self) -> Metrics {
-        let gate = self.lock();
-        let mut metrics = gate.earlier.clone();
-        merge(&mut metrics, gate.buffer.metrics());
-        metrics.frames_held = gate.buffer.metrics().frames_held;
-        metrics.bytes_held = gate.buffer.metrics().bytes_held;
-        metrics
-    }
-}
-
-fn merge(total: &mut Metrics, more: &Metrics) {
-    total.frames_released += more.frames_released;
-    total.frames_dropped += more.frames_dropped;
-    total.frames_refused += more.frames_refused;
-    for (sum, count) in total.held_histogram.iter_mut().zip(more.held_histogram) {
-        *sum += count;
+        self.lock().buffer.metrics().clone()
     }
 }
 

@@ -246,6 +246,15 @@ impl OutputBuffer {
             .map(|held| held.frame.as_slice())
     }
 
+    /// A new protection numbers its epochs from 0 again: returns the frames
+    /// still held (the caller releases them: nobody will acknowledge their
+    /// epochs now) and forgets the last acknowledged epoch. Metrics go on.
+    pub fn restart_epochs(&mut self, now: Instant) -> Vec<Released> {
+        let released = self.acknowledge(u64::MAX, now);
+        self.acknowledged = None;
+        released
+    }
+
     /// The newest epoch with a frame held, if any frame is.
     pub fn newest_epoch(&self) -> Option<u64> {
         self.queue.back().map(|held| held.epoch)
@@ -272,6 +281,21 @@ mod tests {
 
     fn frames(released: &[Released]) -> Vec<Vec<u8>> {
         released.iter().map(|r| r.frame.clone()).collect()
+    }
+
+    #[test]
+    fn restarted_epochs_accept_epoch_zero_again_and_keep_metrics() {
+        let now = Instant::now();
+        let mut buffer = OutputBuffer::new(Limits::default());
+        buffer.hold(3, b"old", now).expect("held");
+        buffer.acknowledge(2, now);
+
+        let released = buffer.restart_epochs(now);
+
+        assert_eq!(released.len(), 1);
+        assert_eq!(buffer.acknowledged(), None);
+        assert_eq!(buffer.hold(0, b"new", now), Ok(Held::Held));
+        assert_eq!(buffer.metrics().frames_released, 1);
     }
 
     #[test]

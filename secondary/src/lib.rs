@@ -43,7 +43,7 @@ use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::{Tap, TapError};
-use understudy_vm::virtio_net::{DiscardFrames, FrameSink};
+use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::{Vm, VmConfig, VmError};
 
 /// A secondary that cannot go on.
@@ -213,7 +213,6 @@ const INPUT_LOG_FRAMES: usize = 16_384;
 #[derive(Default)]
 struct InputLog {
     frames: std::collections::VecDeque<(u64, Vec<u8>)>,
-    dropped: u64,
 }
 
 impl InputLog {
@@ -223,7 +222,6 @@ impl InputLog {
         }
         if self.frames.len() == INPUT_LOG_FRAMES {
             self.frames.pop_front();
-            self.dropped += 1;
         }
         self.frames.push_back((epoch, frame));
     }
@@ -620,17 +618,13 @@ fn take_over(
     } else {
         None
     };
-    match (&state.net, tap) {
-        (None, _) => {}
-        (Some(_), Some(tap)) => {
-            vm.attach_guest_net(Some(tap.clone()), tap.clone(), None)?;
-        }
-        (Some(_), None) => {
+    if state.net.is_some() {
+        if tap.is_none() {
             tracing::warn!(
                 "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
             );
-            vm.attach_guest_net(None, Arc::new(DiscardFrames), None)?;
         }
+        vm.attach_guest_tap(tap.cloned())?;
     }
     vm.restore_state(&state)?;
     let progress = ProgressSample::read(&vm)?;

@@ -52,7 +52,7 @@ impl VmOptions {
     /// Boots the VM, with its network interface when `--tap` is given; the
     /// guest's frames go straight to the tap.
     pub fn boot(&self) -> anyhow::Result<Vm> {
-        Ok(self.boot_with_output(|tap| (tap, None))?.0)
+        self.boot_with_output(|tap| (tap, None))
     }
 
     /// Boots the VM; `sinks` makes from the tap where the guest's frames go
@@ -61,7 +61,7 @@ impl VmOptions {
     pub fn boot_with_output(
         &self,
         sinks: impl FnOnce(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>),
-    ) -> anyhow::Result<(Vm, Option<Arc<Tap>>)> {
+    ) -> anyhow::Result<Vm> {
         if self.workload.uses_network() && self.tap.is_none() {
             bail!(
                 "the {} workload needs a network: add --tap NAME",
@@ -70,13 +70,20 @@ impl VmOptions {
         }
         let mut vm = Vm::boot(self.config(), &self.workload)?;
         let Some(name) = &self.tap else {
-            return Ok((vm, None));
+            return Ok(vm);
         };
-        let tap = Arc::new(Tap::open(name).with_context(|| format!("cannot open tap {name}"))?);
+        let tap = open_tap(name)?;
         let (output, observer) = sinks(tap.clone());
-        vm.attach_guest_net(Some(tap.clone()), output, observer)?;
-        Ok((vm, Some(tap)))
+        vm.attach_guest_net(Some(tap), output, observer)?;
+        Ok(vm)
     }
+}
+
+/// Opens (or creates) the tap `name` for a guest's interface.
+pub fn open_tap(name: &str) -> anyhow::Result<Arc<Tap>> {
+    Ok(Arc::new(
+        Tap::open(name).with_context(|| format!("cannot open tap {name}"))?,
+    ))
 }
 
 fn parse_memory(value: &str) -> Result<u64, String> {

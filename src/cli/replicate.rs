@@ -12,7 +12,7 @@ use understudy_compress::CodecSpec;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
     EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
-    wait_for_epoch,
+    wait_for_epoch, wait_for_epoch_or_output,
 };
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
@@ -201,7 +201,7 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool) {
 pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let mut gate = None;
-    let (mut vm, _tap) = arguments.vm.boot_with_output(|tap| {
+    let mut vm = arguments.vm.boot_with_output(|tap| {
         let commit = Arc::new(OutputCommit::new(tap, Limits::default()));
         gate = Some(commit.clone());
         let recorder: Arc<dyn FrameSink> = Arc::new(InputRecorder(commit.clone()));
@@ -362,25 +362,6 @@ fn protect(
         }
         // An epoch that overran (backpressure) starts the next one now.
         next = next.max(Instant::now() - protection.epoch_length());
-    }
-}
-
-/// Waits for the epoch boundary `next`, or until the guest has sent output
-/// and `earliest` has passed (then the checkpoint that releases it is taken
-/// at once).
-fn wait_for_epoch_or_output(
-    next: Instant,
-    stop: &AtomicBool,
-    gate: &OutputCommit,
-    earliest: Instant,
-) {
-    loop {
-        let now = Instant::now();
-        if now >= next || stop.load(Ordering::Relaxed) || (now >= earliest && gate.output_waiting())
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(200).min(next - now));
     }
 }
 

@@ -1,7 +1,6 @@
 //! `understudy snapshot` and `understudy restore`: a paused VM to a file and back.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,10 +9,10 @@ use serde_json::json;
 use understudy_checkpoint::snapshot;
 use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
-use understudy_vm::tap::Tap;
 
 use super::{
-    MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
+    MonitorOptions, VmOptions, check_events, monitor, open_tap, parse_duration, stop_flag,
+    wait_until_running,
 };
 
 /// Arguments of `understudy snapshot`.
@@ -95,12 +94,7 @@ pub fn snapshot(arguments: SnapshotArguments) -> anyhow::Result<()> {
 pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let restoring = Instant::now();
-    let tap = match &arguments.tap {
-        Some(name) => Some(Arc::new(
-            Tap::open(name).with_context(|| format!("cannot open tap {name}"))?,
-        )),
-        None => None,
-    };
+    let tap = arguments.tap.as_deref().map(open_tap).transpose()?;
     let (mut vm, summary) = snapshot::restore(&arguments.input, tap)
         .with_context(|| format!("cannot restore the snapshot {}", arguments.input.display()))?;
     println!(

@@ -220,6 +220,21 @@ impl NetNamespace {
         );
     }
 
+    /// Runs `ip ARGS` inside the namespace (`ip -n NAME ARGS`).
+    pub fn ip_in(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        self.ip(&full);
+    }
+
+    /// Adds tap `tap0` holding the client's address 10.0.0.1/24, up: the
+    /// guest (10.0.0.10) behind it is one hop away.
+    pub fn add_client_tap(&self) {
+        self.ip_in(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        self.ip_in(&["addr", "add", "10.0.0.1/24", "dev", "tap0"]);
+        self.ip_in(&["link", "set", "tap0", "up"]);
+    }
+
     /// Moves the calling thread into the namespace.
     pub fn enter(&self) {
         use std::os::fd::AsRawFd;

@@ -826,12 +826,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_received_frame_lands_in_the_guests_buffer_and_is_dirty() {
-        let rig = rig();
+    /// The rig's device brought up by a driver with both queues in guest memory.
+    fn running(
+        rig: &Rig,
+    ) -> (
+        MockSplitQueue<'_, GuestMemory>,
+        MockSplitQueue<'_, GuestMemory>,
+    ) {
         let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
         let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
         bring_up(&rig.net, &rx, &tx);
+        (rx, tx)
+    }
+
+    #[test]
+    fn a_received_frame_lands_in_the_guests_buffer_and_is_dirty() {
+        let rig = rig();
+        let (rx, _tx) = running(&rig);
         offer_receive_buffer(&rx, 0);
         memory::clear_vmm_dirty_bits(&rig.memory);
         rig.net.inject([ethernet_frame(7)]);
@@ -856,9 +867,7 @@ mod tests {
     #[test]
     fn a_transmitted_frame_reaches_the_sink_without_its_header() {
         let rig = rig();
-        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
-        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
-        bring_up(&rig.net, &rx, &tx);
+        let (_rx, tx) = running(&rig);
         let mut bytes = vec![0u8; NET_HEADER_LEN];
         bytes.extend_from_slice(&ethernet_frame(9));
         memory::write(&rig.memory, TX_BUFFER, &bytes).expect("write the frame");
@@ -875,9 +884,7 @@ mod tests {
     #[test]
     fn a_restored_device_continues_at_the_saved_queue_positions() {
         let rig = rig();
-        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
-        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
-        bring_up(&rig.net, &rx, &tx);
+        let (rx, _tx) = running(&rig);
         offer_receive_buffer(&rx, 0);
         rig.net.inject([ethernet_frame(1)]);
         set(&rig.net, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
@@ -899,10 +906,8 @@ mod tests {
     #[test]
     fn the_driver_is_asked_not_to_notify_recycled_receive_buffers() {
         let rig = rig();
-        let rx = MockSplitQueue::create(&*rig.memory, GuestAddress(RX_RING), 16);
-        let tx = MockSplitQueue::create(&*rig.memory, GuestAddress(TX_RING), 16);
 
-        bring_up(&rig.net, &rx, &tx);
+        let (rx, tx) = running(&rig);
 
         let flags = |queue: &MockSplitQueue<GuestMemory>| {
             let mut bytes = [0u8; 2];

@@ -33,7 +33,7 @@ use crate::memory::{self, GuestMemory, MemoryError};
 use crate::state::VmState;
 use crate::tap::Tap;
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::virtio_net::{FrameSink, NetError, VirtioNet};
+use crate::virtio_net::{DiscardFrames, FrameSink, NetError, VirtioNet};
 use crate::workload::WorkloadSpec;
 
 /// How long a yielding guest (its `HLT`) waits before it is run again.
@@ -391,11 +391,6 @@ impl Vm {
         &self.memory
     }
 
-    /// A shared handle on guest memory (for devices).
-    pub fn memory_handle(&self) -> Arc<GuestMemory> {
-        self.memory.clone()
-    }
-
     /// Events from the vCPUs (guest exit, panic, failure).
     pub fn events(&self) -> &Receiver<VmEvent> {
         &self.events
@@ -432,6 +427,17 @@ impl Vm {
         let device = Arc::new(device);
         self.attach_net(device.clone())?;
         Ok(device)
+    }
+
+    /// Gives the built-in guest its virtio-net interface on `tap`: frames
+    /// come from it and the guest's go to it. Without a tap the interface
+    /// is unplugged (nothing arrives, what the guest sends is dropped).
+    pub fn attach_guest_tap(&mut self, tap: Option<Arc<Tap>>) -> Result<Arc<VirtioNet>, VmError> {
+        let output: Arc<dyn FrameSink> = match &tap {
+            Some(tap) => tap.clone(),
+            None => Arc::new(DiscardFrames),
+        };
+        self.attach_guest_net(tap, output, None)
     }
 
     /// The network device, if one is attached.
