@@ -1,6 +1,6 @@
 //! `understudy`: fault tolerance and live migration for KVM virtual machines.
 //!
-//! This binary is the one entry point: `run` a VM standalone, `snapshot` and
+//! This binary is the one entry point: a `demo` of a failover, `run` a VM standalone, `snapshot` and
 //! `restore` it, capture memory `trace`s, and `bench` the VM core and the
 //! checkpoint codecs. Errors are printed once, here, with
 //! their whole chain of causes.
@@ -27,6 +27,9 @@ struct Arguments {
 
 #[derive(Subcommand)]
 enum Command {
+    /// See what Understudy is for: a protected key-value guest whose host fails while a client
+    /// writes to it; prints what the client saw and a verdict (root; about 15 s).
+    Demo(cli::demo::DemoArguments),
     /// Run a VM with the built-in guest and print live statistics once a second.
     Run(cli::run::RunArguments),
     /// Run a VM for a while, pause it, and write its complete state and memory to a file.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match arguments.command {
+        Command::Demo(arguments) => cli::demo::demo(arguments),
         Command::Run(arguments) => cli::run::run(arguments),
         Command::Snapshot(arguments) => cli::snapshot::snapshot(arguments),
         Command::Restore(arguments) => cli::snapshot::restore(arguments),

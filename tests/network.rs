@@ -4,28 +4,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{NetNamespace, event, json_lines, require_kvm, require_program, until_event};
-
-/// Reads one CRLF-terminated line.
-fn read_line(stream: &mut TcpStream) -> String {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\r\n") {
-        stream.read_exact(&mut byte).expect("read the reply");
-        line.push(byte[0]);
-    }
-    String::from_utf8_lossy(&line).trim_end().to_owned()
-}
-
-/// Sends one RESP command on `stream` and reads the reply line.
-fn ask(stream: &mut TcpStream, request: &[u8]) -> String {
-    stream.write_all(request).expect("send the request");
-    read_line(stream)
-}
+use common::{
+    event, json_lines, namespace as test_namespace, require_kvm, require_program, spawn_json_in,
+    until_event,
+};
+use understudy_lab::network::Namespace;
+use understudy_lab::resp::RespClient;
 
 #[test]
 fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
@@ -35,16 +22,19 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
     // Arrange: one namespace; the guest's tap has the client's address, the
     // secondary (on loopback) acknowledges each epoch only after 400 ms.
     let ack_delay = Duration::from_millis(400);
-    let namespace = NetNamespace::new("commit");
-    namespace.add_client_tap();
-    let (_secondary, secondary_lines) = namespace.spawn_json(&[
-        "secondary",
-        "--listen",
-        "127.0.0.1:7100",
-        "--ack-delay",
-        "400ms",
-        "--json",
-    ]);
+    let namespace = test_namespace("commit");
+    namespace.add_client_tap().expect("a client tap");
+    let (_secondary, secondary_lines) = spawn_json_in(
+        &namespace,
+        &[
+            "secondary",
+            "--listen",
+            "127.0.0.1:7100",
+            "--ack-delay",
+            "400ms",
+            "--json",
+        ],
+    );
     let mut seen = Vec::new();
     until_event(
         &secondary_lines,
@@ -52,18 +42,21 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
         Duration::from_secs(10),
         &mut seen,
     );
-    let (_primary, primary_lines) = namespace.spawn_json(&[
-        "primary",
-        "--secondary",
-        "127.0.0.1:7100",
-        "--workload",
-        "kv:ip=10.0.0.10/24",
-        "--tap",
-        "tap0",
-        "--memory",
-        "64M",
-        "--json",
-    ]);
+    let (_primary, primary_lines) = spawn_json_in(
+        &namespace,
+        &[
+            "primary",
+            "--secondary",
+            "127.0.0.1:7100",
+            "--workload",
+            "kv:ip=10.0.0.10/24",
+            "--tap",
+            "tap0",
+            "--memory",
+            "64M",
+            "--json",
+        ],
+    );
     until_event(
         &primary_lines,
         "synchronised",
@@ -71,19 +64,15 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
         &mut seen,
     );
     let client = std::thread::spawn(move || {
-        namespace.enter();
+        namespace.enter().expect("enter the namespace");
         let address: SocketAddr = "10.0.0.10:6379".parse().expect("address");
-        let mut stream =
-            TcpStream::connect_timeout(&address, Duration::from_secs(10)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        let mut client = RespClient::connect(address, Duration::from_secs(10)).expect("connect");
         // Warm the connection (and the neighbour caches) first.
-        ask(&mut stream, b"PING\r\n");
+        client.command(&["PING"]).expect("PING");
         let asked = Instant::now();
 
         // Act
-        let reply = ask(&mut stream, b"*2\r\n$4\r\nINCR\r\n$7\r\ncommits\r\n");
+        let reply = client.command(&["INCR", "commits"]).expect("INCR");
 
         (reply, asked.elapsed(), namespace)
     });
@@ -122,13 +111,13 @@ fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
 /// Runs `redis-cli -h 10.0.0.10 ARGS` in `namespace` until it prints
 /// `expected` (10 s at most, while the guest boots or the host relearns
 /// where it is); returns what it printed last.
-fn redis_cli_until(namespace: &NetNamespace, args: &[&str], expected: &str) -> String {
+fn redis_cli_until(namespace: &Namespace, args: &[&str], expected: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut full = vec![
             "netns",
             "exec",
-            &namespace.name,
+            namespace.name(),
             "timeout",
             "2",
             "redis-cli",
@@ -156,23 +145,26 @@ fn a_snapshot_of_a_networked_guest_keeps_its_data_and_its_address() {
     require_program("redis-cli", "redis-tools");
     // Arrange: a kv guest on a tap, snapshotted 4 s after start; a key set
     // meanwhile with redis-cli.
-    let namespace = NetNamespace::new("snap");
-    namespace.add_client_tap();
+    let namespace = test_namespace("snap");
+    namespace.add_client_tap().expect("a client tap");
     let snapshot = tempfile::NamedTempFile::new().expect("temporary file");
     let path = snapshot.path().to_string_lossy().into_owned();
-    let (mut snapshotting, _) = namespace.spawn_json(&[
-        "snapshot",
-        "--workload",
-        "kv",
-        "--tap",
-        "tap0",
-        "--memory",
-        "64M",
-        "--after",
-        "4s",
-        "--output",
-        &path,
-    ]);
+    let (mut snapshotting, _) = spawn_json_in(
+        &namespace,
+        &[
+            "snapshot",
+            "--workload",
+            "kv",
+            "--tap",
+            "tap0",
+            "--memory",
+            "64M",
+            "--after",
+            "4s",
+            "--output",
+            &path,
+        ],
+    );
     assert_eq!(
         redis_cli_until(&namespace, &["SET", "kept", "42"], "OK"),
         "OK"
@@ -180,15 +172,18 @@ fn a_snapshot_of_a_networked_guest_keeps_its_data_and_its_address() {
     assert!(snapshotting.wait().expect("snapshot ends").success());
 
     // Act: restore it in a new process on the same tap.
-    let (_restored, restored_lines) = namespace.spawn_json(&[
-        "restore",
-        &path,
-        "--tap",
-        "tap0",
-        "--duration",
-        "20s",
-        "--json",
-    ]);
+    let (_restored, restored_lines) = spawn_json_in(
+        &namespace,
+        &[
+            "restore",
+            &path,
+            "--tap",
+            "tap0",
+            "--duration",
+            "20s",
+            "--json",
+        ],
+    );
     let mut seen = Vec::new();
     until_event(
         &restored_lines,
@@ -210,7 +205,7 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
     require_program("redis-cli", "redis-tools");
     // Arrange: two taps on one bridge (the source's and the target's host
     // ports), the client's address on the bridge; a key set before the move.
-    let namespace = NetNamespace::new("move");
+    let namespace = test_namespace("move");
     for args in [
         &["link", "add", "br0", "type", "bridge"][..],
         &["tuntap", "add", "dev", "tap0", "mode", "tap"],
@@ -220,16 +215,19 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
         &["addr", "add", "10.0.0.1/24", "dev", "br0"],
         &["link", "set", "br0", "up"],
     ] {
-        namespace.ip_in(args);
+        namespace.ip(args).expect("build the test network");
     }
-    let (_target, target_lines) = namespace.spawn_json(&[
-        "secondary",
-        "--listen",
-        "127.0.0.1:7101",
-        "--tap",
-        "tap1",
-        "--json",
-    ]);
+    let (_target, target_lines) = spawn_json_in(
+        &namespace,
+        &[
+            "secondary",
+            "--listen",
+            "127.0.0.1:7101",
+            "--tap",
+            "tap1",
+            "--json",
+        ],
+    );
     let mut seen = Vec::new();
     until_event(
         &target_lines,
@@ -237,19 +235,22 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
         Duration::from_secs(10),
         &mut seen,
     );
-    let (mut source, _) = namespace.spawn_json(&[
-        "migrate",
-        "--to",
-        "127.0.0.1:7101",
-        "--workload",
-        "kv",
-        "--tap",
-        "tap0",
-        "--memory",
-        "64M",
-        "--after",
-        "4s",
-    ]);
+    let (mut source, _) = spawn_json_in(
+        &namespace,
+        &[
+            "migrate",
+            "--to",
+            "127.0.0.1:7101",
+            "--workload",
+            "kv",
+            "--tap",
+            "tap0",
+            "--memory",
+            "64M",
+            "--after",
+            "4s",
+        ],
+    );
     assert_eq!(
         redis_cli_until(&namespace, &["SET", "moved", "yes"], "OK"),
         "OK"

@@ -2,10 +2,10 @@
 //! loop, and Ctrl-C handling.
 
 pub mod bench;
+pub mod demo;
 pub mod drill;
 pub mod kvbench;
 pub mod migrate;
-pub mod netlab;
 pub mod replicate;
 pub mod run;
 pub mod snapshot;

@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+use understudy_lab::network::Namespace;
+
 /// Environment variable that lets a machine without /dev/kvm skip KVM tests.
 pub const SKIP_KVM_TESTS: &str = "UNDERSTUDY_SKIP_KVM_TESTS";
 
@@ -157,127 +159,33 @@ pub fn assert_counter_chains_continue(
     }
 }
 
-/// Makes sure the client program `program` (from Debian package `package`)
-/// is installed: installs it with apt-get when it is missing and we are
-/// root, else fails the test with what to install.
+/// Fails the test unless `program` (from the Debian package `package`) is
+/// installed; `.ci/run` installs what the tests need.
 pub fn require_program(program: &str, package: &str) {
-    let present = |program: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {program}")])
-            .output()
-            .is_ok_and(|output| output.status.success())
-    };
-    if present(program) {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        let installed = Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package} >/dev/null 2>&1 || \
-                     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package})"
-                ),
-            ])
-            .status()
-            .is_ok_and(|status| status.success());
-        if installed && present(program) {
-            return;
-        }
-    }
-    panic!(
-        "this test needs `{program}`: install the {package} package (apt-get install {package})"
-    );
-}
-
-/// A network namespace of the test's own, deleted (with everything in it)
-/// when dropped.
-pub struct NetNamespace {
-    /// Its name.
-    pub name: String,
-}
-
-impl NetNamespace {
-    /// Creates namespace `us-test-<tag>-<pid>` with loopback up.
-    pub fn new(tag: &str) -> Self {
-        let name = format!("ust-{tag}-{}", std::process::id());
-        let namespace = Self { name };
-        namespace.ip(&["netns", "add", &namespace.name]);
-        namespace.ip(&["-n", &namespace.name, "link", "set", "lo", "up"]);
-        namespace
-    }
-
-    /// Runs `ip ARGS`, failing the test on error.
-    pub fn ip(&self, args: &[&str]) {
-        let output = Command::new("ip").args(args).output().expect("run ip");
-        assert!(
-            output.status.success(),
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    /// Runs `ip ARGS` inside the namespace (`ip -n NAME ARGS`).
-    pub fn ip_in(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        self.ip(&full);
-    }
-
-    /// Adds tap `tap0` holding the client's address 10.0.0.1/24, up: the
-    /// guest (10.0.0.10) behind it is one hop away.
-    pub fn add_client_tap(&self) {
-        self.ip_in(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        self.ip_in(&["addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-        self.ip_in(&["link", "set", "tap0", "up"]);
-    }
-
-    /// Moves the calling thread into the namespace.
-    pub fn enter(&self) {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("open netns");
-        // SAFETY: setns on an open namespace file; affects this thread only.
-        let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(result, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-
-    /// Starts `understudy ARGS` inside the namespace, JSON lines on a channel.
-    pub fn spawn_json(
-        &self,
-        args: &[&str],
-    ) -> (
-        std::process::Child,
-        std::sync::mpsc::Receiver<serde_json::Value>,
-    ) {
-        let mut full = vec![
-            "netns",
-            "exec",
-            &self.name,
-            env!("CARGO_BIN_EXE_understudy"),
-        ];
-        full.extend_from_slice(args);
-        spawn_json_program("ip", &full)
+    if let Err(error) = understudy_lab::tools::require_tool(program, package) {
+        panic!("this test needs a tool: {error:#}");
     }
 }
 
-impl Drop for NetNamespace {
-    fn drop(&mut self) {
-        if let Ok(output) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: SIGKILL to a process inside the test's own namespace.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// A network namespace of the test's own (see [`understudy_lab::network`]).
+pub fn namespace(tag: &str) -> Namespace {
+    Namespace::create(tag).unwrap_or_else(|error| panic!("{error:#}"))
+}
+
+/// Starts `understudy ARGS` inside `namespace`, JSON lines on a channel.
+pub fn spawn_json_in(
+    namespace: &Namespace,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<serde_json::Value>,
+) {
+    let mut full = vec![
+        "netns",
+        "exec",
+        namespace.name(),
+        env!("CARGO_BIN_EXE_understudy"),
+    ];
+    full.extend_from_slice(args);
+    spawn_json_program("ip", &full)
 }

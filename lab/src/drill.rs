@@ -1,0 +1,658 @@
+//! The failover drill: a real client against a protected guest whose host
+//! fails at a random moment (`understudy drill`, and `understudy demo` as a
+//! single narrated round).
+//!
+//! Each round builds a [`Lab`] (client, primary host, secondary host,
+//! switch), starts the secondary, the primary with the `kv` guest, and in
+//! the client namespace a writer that records every acknowledged write (plus
+//! `redis-benchmark` connections when asked); fails the primary at a random
+//! moment; lets the guest run on the secondary; and checks:
+//!
+//! - **no connection was reset**: the writer's connection and every
+//!   `redis-benchmark` connection went on (redis-benchmark exits on a reset);
+//!   a reset or a connection that stops answering fails the round, it does
+//!   not abort the drill;
+//! - **no acknowledged write was lost**: after the failover, on the same
+//!   connection, the counter equals the last `INCR` reply and every
+//!   acknowledged `SET` reads back;
+//! - **no output escaped early**: the `INCR` replies are exactly 1, 2, 3, …
+//!   A reply sent from an epoch that was never committed would be produced
+//!   again after the rollback, and show up as a repeated number.
+//!
+//! The client-visible outage is the longest silence between two replies the
+//! writer received around the failure.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::network::guest_vm_arguments;
+use crate::network::{GUEST_IP, GUEST_PORT, Host, Lab, Process, SECONDARY_LISTEN};
+use crate::resp::RespClient;
+use crate::tools::require_tool;
+
+/// How the primary fails in a drill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// SIGKILL the primary process: its connections close at once.
+    Sigkill,
+    /// Take the primary host's switch port down: nobody is told, the
+    /// secondary notices only when heartbeats stop.
+    Isolate,
+}
+
+impl Failure {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Sigkill => "sigkill",
+            Failure::Isolate => "isolate",
+        }
+    }
+}
+
+/// How a drill runs.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    /// The `understudy` binary to run on the lab's hosts.
+    pub program: String,
+    /// Rounds, each with a fresh lab and a fresh random failure point.
+    pub rounds: u32,
+    /// Epoch length of the primary.
+    pub epoch: Duration,
+    /// Earliest failure, after the primary synchronised.
+    pub fail_after_min: Duration,
+    /// Latest failure.
+    pub fail_after_max: Duration,
+    /// How long the client goes on after the failure.
+    pub run_after: Duration,
+    /// redis-benchmark connections beside the writer (0: no redis-benchmark).
+    pub benchmark_clients: u32,
+    /// Seed of the failure points.
+    pub seed: u64,
+    /// How the primary fails.
+    pub failure: Failure,
+    /// Extra arguments for the primary.
+    pub primary_arguments: Vec<String>,
+}
+
+/// What a drill reports as it goes.
+#[derive(Debug)]
+pub enum DrillEvent<'a> {
+    /// The guest runs protected on the primary host; the client starts.
+    Protected {
+        /// The round.
+        round: u32,
+    },
+    /// The primary was made to fail.
+    Failed {
+        /// The round.
+        round: u32,
+        /// How long after the client started.
+        after: Duration,
+    },
+    /// The secondary resumed the guest.
+    Resumed {
+        /// The round.
+        round: u32,
+        /// The epoch it resumed from.
+        epoch: u64,
+        /// From the last heartbeat heard to the guest running.
+        failover: Duration,
+    },
+    /// A round ended.
+    Round {
+        /// The round.
+        round: u32,
+        /// What it found.
+        result: &'a RoundResult,
+    },
+}
+
+/// What one round found.
+#[derive(Clone, Debug, Default)]
+pub struct RoundResult {
+    /// Longest silence between two replies around the failure.
+    pub outage: Duration,
+    /// Last heartbeat to the guest running on the secondary.
+    pub failover: Duration,
+    /// When the primary failed, after the client started.
+    pub fail_after: Duration,
+    /// `INCR`s acknowledged.
+    pub incr_acked: u64,
+    /// `SET`s acknowledged.
+    pub sets_acked: u64,
+    /// Acknowledged writes missing afterwards.
+    pub lost_writes: u64,
+    /// `INCR` replies out of sequence (output of a rolled-back epoch).
+    pub repeated_replies: u64,
+    /// Connections reset or closed under the client.
+    pub resets: u64,
+    /// Requests the guest never answered (within 10 s).
+    pub unanswered: u64,
+    /// Whether the writes could be read back (not after a reset).
+    pub verified: bool,
+    /// How redis-benchmark failed, if it did.
+    pub benchmark_failure: Option<String>,
+}
+
+impl RoundResult {
+    /// Whether the round passed every check.
+    pub fn passed(&self) -> bool {
+        self.verified
+            && self.lost_writes == 0
+            && self.repeated_replies == 0
+            && self.resets == 0
+            && self.unanswered == 0
+            && self.benchmark_failure.is_none()
+    }
+}
+
+/// All rounds together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrillSummary {
+    /// Rounds run.
+    pub rounds: usize,
+    /// Rounds that failed a check.
+    pub failed: usize,
+    /// Median outage.
+    pub outage_median: Duration,
+    /// Worst outage.
+    pub outage_worst: Duration,
+    /// Acknowledged writes lost, all rounds.
+    pub lost_writes: u64,
+    /// Connections reset, all rounds.
+    pub resets: u64,
+}
+
+impl DrillSummary {
+    /// Sums up `results`.
+    pub fn of(results: &[RoundResult]) -> Self {
+        let mut outages: Vec<Duration> = results.iter().map(|result| result.outage).collect();
+        outages.sort();
+        Self {
+            rounds: results.len(),
+            failed: results.iter().filter(|result| !result.passed()).count(),
+            outage_median: outages.get(outages.len() / 2).copied().unwrap_or_default(),
+            outage_worst: outages.last().copied().unwrap_or_default(),
+            lost_writes: results.iter().map(|result| result.lost_writes).sum(),
+            resets: results.iter().map(|result| result.resets).sum(),
+        }
+    }
+}
+
+/// xorshift64*: failure points only.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn between(&mut self, low: Duration, high: Duration) -> Duration {
+        let span = u64::try_from(high.saturating_sub(low).as_micros()).unwrap_or(u64::MAX);
+        low + Duration::from_micros(if span == 0 { 0 } else { self.next() % span })
+    }
+}
+
+/// Runs the drill's rounds; `stop` ends it between rounds.
+pub fn run(
+    options: &DrillOptions,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(DrillEvent<'_>),
+) -> anyhow::Result<Vec<RoundResult>> {
+    if options.benchmark_clients > 0 {
+        require_tool("redis-benchmark", "redis-tools")?;
+    }
+    let mut rng = Rng(options.seed | 1);
+    let mut results = Vec::new();
+    for round in 0..options.rounds {
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let fail_after = rng.between(options.fail_after_min, options.fail_after_max);
+        let result = run_round(options, round, fail_after, stop, &mut on_event)
+            .with_context(|| format!("round {round} could not run"))?;
+        on_event(DrillEvent::Round {
+            round,
+            result: &result,
+        });
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Starts a secondary and a protected `kv` primary in `lab`; returns them
+/// once the initial synchronisation is acknowledged.
+pub fn start_protected(
+    lab: &Lab,
+    program: &str,
+    epoch: Duration,
+    extra_secondary: &[String],
+    extra_primary: &[String],
+) -> anyhow::Result<(Process, Process)> {
+    let mut secondary_arguments: Vec<String> = [
+        "secondary",
+        "--listen",
+        SECONDARY_LISTEN,
+        "--tap",
+        "tap0",
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec();
+    secondary_arguments.extend_from_slice(extra_secondary);
+    let mut secondary = lab.spawn(Host::Secondary, "secondary", program, &secondary_arguments)?;
+    secondary
+        .wait_event("listening", Duration::from_secs(10))
+        .with_context(|| lab.log_tail("secondary", 20))?;
+    let mut primary_arguments: Vec<String> = [
+        "primary",
+        "--secondary",
+        SECONDARY_LISTEN,
+        "--epoch",
+        &format!("{}ms", epoch.as_millis()),
+        "--json",
+    ]
+    .map(String::from)
+    .to_vec();
+    primary_arguments.extend(guest_vm_arguments());
+    primary_arguments.extend_from_slice(extra_primary);
+    let mut primary = lab.spawn(Host::Primary, "primary", program, &primary_arguments)?;
+    primary
+        .wait_event("synchronised", Duration::from_secs(20))
+        .with_context(|| lab.log_tail("primary", 20))?;
+    Ok((secondary, primary))
+}
+
+fn start_benchmark(lab: &Lab, clients: u32) -> anyhow::Result<Process> {
+    let arguments: Vec<String> = [
+        "-h",
+        GUEST_IP,
+        "-c",
+        &clients.to_string(),
+        "-t",
+        "set,get,incr",
+        "-n",
+        "100000000",
+        "-r",
+        "10000",
+        "-q",
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.spawn(
+        Host::Client,
+        "redis-benchmark",
+        "redis-benchmark",
+        &arguments,
+    )
+}
+
+fn run_round(
+    options: &DrillOptions,
+    round: u32,
+    fail_after: Duration,
+    stop: &AtomicBool,
+    on_event: &mut impl FnMut(DrillEvent<'_>),
+) -> anyhow::Result<RoundResult> {
+    let lab = Arc::new(Lab::build(round)?);
+    let (mut secondary, mut primary) = start_protected(
+        &lab,
+        &options.program,
+        options.epoch,
+        &[],
+        &options.primary_arguments,
+    )?;
+    on_event(DrillEvent::Protected { round });
+    let writer_stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let lab = lab.clone();
+        let writer_stop = writer_stop.clone();
+        std::thread::Builder::new()
+            .name("drill-writer".to_owned())
+            .spawn(move || -> anyhow::Result<WriterLog> {
+                lab.enter(Host::Client)?;
+                let address = SocketAddr::from(([10, 0, 0, 10], GUEST_PORT));
+                let client = RespClient::connect(address, Duration::from_secs(10))
+                    .context("the writer cannot connect to the guest")?;
+                Ok(Writer::new(client).run(&writer_stop))
+            })
+            .context("cannot start the writer thread")?
+    };
+    let mut benchmark = match options.benchmark_clients {
+        0 => None,
+        clients => Some(start_benchmark(&lab, clients)?),
+    };
+    let started = Instant::now();
+    while started.elapsed() < fail_after && !stop.load(Ordering::Relaxed) && !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let failed_at = Instant::now();
+    match options.failure {
+        Failure::Sigkill => primary.kill()?,
+        Failure::Isolate => lab.isolate(Host::Primary)?,
+    }
+    on_event(DrillEvent::Failed {
+        round,
+        after: failed_at - started,
+    });
+    let resumed = secondary.wait_event("resumed", Duration::from_secs(10));
+    if let Ok((resumed, _)) = &resumed {
+        on_event(DrillEvent::Resumed {
+            round,
+            epoch: resumed["epoch"].as_u64().unwrap_or_default(),
+            failover: failover_of(resumed),
+        });
+    }
+    let after = Instant::now();
+    while after.elapsed() < options.run_after && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer_stop.store(true, Ordering::Relaxed);
+    let benchmark_failure = benchmark.as_mut().and_then(|benchmark| {
+        if benchmark.running() {
+            benchmark.interrupt(Duration::from_secs(2));
+            None
+        } else {
+            Some(format!(
+                "exited during the round: {}",
+                lab.log_tail("redis-benchmark", 5)
+            ))
+        }
+    });
+    let log = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?
+        .with_context(|| {
+            format!(
+                "the writer failed; secondary log:\n{}",
+                lab.log_tail("secondary", 20)
+            )
+        })?;
+    let (resumed, _) = resumed.with_context(|| lab.log_tail("secondary", 20))?;
+    drop(secondary);
+    drop(primary);
+    let mut result = log.result(failed_at);
+    result.failover = failover_of(&resumed);
+    result.fail_after = fail_after;
+    result.benchmark_failure = benchmark_failure;
+    Ok(result)
+}
+
+fn failover_of(resumed: &serde_json::Value) -> Duration {
+    Duration::from_secs_f64(resumed["since_last_heartbeat_ms"].as_f64().unwrap_or(0.0) / 1e3)
+}
+
+/// What the writer saw.
+#[derive(Debug, Default)]
+struct WriterLog {
+    /// When each reply arrived.
+    reply_times: Vec<Instant>,
+    /// Every INCR reply, in order.
+    incr_replies: Vec<i64>,
+    sets_acked: u64,
+    lost_writes: u64,
+    repeated_replies: u64,
+    resets: u64,
+    unanswered: u64,
+    verified: bool,
+}
+
+impl WriterLog {
+    /// The longest gap between two replies where the later one came after `at`.
+    fn longest_silence_around(&self, at: Instant) -> Duration {
+        self.reply_times
+            .windows(2)
+            .filter(|pair| pair[1] >= at)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Records a request that failed: a reset (or a connection closed under
+    /// the client), or no answer in time.
+    fn failed(&mut self, error: &std::io::Error) {
+        match error.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => self.unanswered += 1,
+            _ => self.resets += 1,
+        }
+    }
+
+    fn result(&self, failed_at: Instant) -> RoundResult {
+        RoundResult {
+            outage: self.longest_silence_around(failed_at),
+            incr_acked: u64::try_from(self.incr_replies.len()).unwrap_or(u64::MAX),
+            sets_acked: self.sets_acked,
+            lost_writes: self.lost_writes,
+            repeated_replies: self.repeated_replies,
+            resets: self.resets,
+            unanswered: self.unanswered,
+            verified: self.verified,
+            ..RoundResult::default()
+        }
+    }
+}
+
+/// A RESP client on one connection that alternates `INCR` and `SET`.
+struct Writer {
+    client: RespClient,
+}
+
+impl Writer {
+    fn new(client: RespClient) -> Self {
+        Self { client }
+    }
+
+    /// Writes until `stop`, then verifies on the same connection. A failed
+    /// request ends the writing and is counted; nothing is verified then.
+    fn run(mut self, stop: &AtomicBool) -> WriterLog {
+        let mut log = WriterLog::default();
+        let mut sets: Vec<(u64, String)> = Vec::new();
+        let mut index = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let incremented = match self.client.command(&["INCR", "drill:counter"]) {
+                Ok(reply) => reply,
+                Err(error) => {
+                    tracing::error!(%error, replies = log.reply_times.len(), "INCR failed");
+                    log.failed(&error);
+                    return log;
+                }
+            };
+            log.reply_times.push(Instant::now());
+            let Some(value) = incremented
+                .strip_prefix(':')
+                .and_then(|number| number.parse::<i64>().ok())
+            else {
+                tracing::error!(%incremented, "INCR answered something else than a number");
+                log.repeated_replies += 1;
+                return log;
+            };
+            if let Some(&previous) = log.incr_replies.last()
+                && value != previous + 1
+            {
+                log.repeated_replies += 1;
+            }
+            log.incr_replies.push(value);
+            index += 1;
+            let key = format!("drill:key:{index}");
+            let value = format!("value-{index}-{value}");
+            match self.client.command(&["SET", &key, &value]) {
+                Ok(reply) if reply == "+OK" => {
+                    log.reply_times.push(Instant::now());
+                    log.sets_acked += 1;
+                    sets.push((index, value));
+                }
+                Ok(reply) => {
+                    tracing::error!(%reply, "SET was refused");
+                    log.lost_writes += 1;
+                }
+                Err(error) => {
+                    tracing::error!(%error, replies = log.reply_times.len(), "SET failed");
+                    log.failed(&error);
+                    return log;
+                }
+            }
+        }
+        if let Err(error) = self.verify(&mut log, &sets) {
+            tracing::error!(%error, "the writes could not be read back");
+            log.failed(&error);
+            return log;
+        }
+        log.verified = true;
+        log
+    }
+
+    /// Reads back the counter and every acknowledged `SET`.
+    fn verify(&mut self, log: &mut WriterLog, sets: &[(u64, String)]) -> std::io::Result<()> {
+        let counter = self.client.command(&["GET", "drill:counter"])?;
+        let expected = log.incr_replies.last().copied().unwrap_or(0);
+        if counter.parse::<i64>().ok() != Some(expected) {
+            log.lost_writes += 1;
+            tracing::error!(%counter, expected, "the counter does not match the last INCR reply");
+        }
+        for (index, value) in sets {
+            let stored = self
+                .client
+                .command(&["GET", &format!("drill:key:{index}")])?;
+            if &stored != value {
+                log.lost_writes += 1;
+                tracing::error!(index, %stored, %value, "an acknowledged SET is missing");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A RESP server on loopback that answers `INCR` with 1, 2, 3… and
+    /// `SET` with `+OK`, and resets the connection (RST, via SO_LINGER 0)
+    /// after `replies` replies.
+    fn resetting_server(replies: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut writer: TcpStream = stream;
+            let mut counter = 0;
+            for _ in 0..replies {
+                // *N, then $len/arg pairs.
+                let mut header = String::new();
+                reader.read_line(&mut header).expect("request header");
+                let count: usize = header.trim()[1..].parse().expect("array length");
+                let mut command = String::new();
+                for argument in 0..count * 2 {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).expect("request line");
+                    if argument == 1 {
+                        command = line.trim().to_owned();
+                    }
+                }
+                let reply = if command == "INCR" {
+                    counter += 1;
+                    format!(":{counter}\r\n")
+                } else {
+                    "+OK\r\n".to_owned()
+                };
+                writer.write_all(reply.as_bytes()).expect("reply");
+            }
+            set_linger_zero(&writer);
+            drop(writer);
+        });
+        (address, server)
+    }
+
+    fn set_linger_zero(stream: &TcpStream) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket we own, with a correctly sized linger value.
+        let result = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::linger>())
+                    .expect("a small size"),
+            )
+        };
+        assert_eq!(result, 0, "setsockopt SO_LINGER");
+    }
+
+    #[test]
+    fn a_reset_during_a_round_fails_the_round_and_is_counted() {
+        let (address, server) = resetting_server(5);
+        let client = RespClient::connect(address, Duration::from_secs(10)).expect("connect");
+        let never = AtomicBool::new(false);
+
+        let log = Writer::new(client).run(&never);
+        let result = log.result(Instant::now());
+        let summary = DrillSummary::of(std::slice::from_ref(&result));
+
+        server.join().expect("server");
+        assert_eq!(result.resets, 1);
+        assert_eq!(result.incr_acked, 3);
+        assert!(!result.passed());
+        assert_eq!(summary.failed, 1);
+        assert_eq!(summary.resets, 1);
+    }
+
+    #[test]
+    fn a_clean_round_passes() {
+        let result = RoundResult {
+            verified: true,
+            incr_acked: 10,
+            ..RoundResult::default()
+        };
+
+        assert!(result.passed());
+    }
+
+    #[test]
+    fn an_unverified_round_fails() {
+        let result = RoundResult::default();
+
+        assert!(!result.passed());
+    }
+
+    #[test]
+    fn the_summary_takes_the_median_and_worst_outage() {
+        let round = |ms| RoundResult {
+            outage: Duration::from_millis(ms),
+            verified: true,
+            ..RoundResult::default()
+        };
+
+        let summary = DrillSummary::of(&[round(30), round(5), round(200)]);
+
+        assert_eq!(summary.outage_median, Duration::from_millis(30));
+        assert_eq!(summary.outage_worst, Duration::from_millis(200));
+        assert_eq!(summary.failed, 0);
+    }
+
+    #[test]
+    fn failure_points_stay_within_bounds() {
+        let mut rng = Rng(42);
+
+        let point = rng.between(Duration::from_millis(500), Duration::from_secs(2));
+
+        assert!((Duration::from_millis(500)..Duration::from_secs(2)).contains(&point));
+    }
+}

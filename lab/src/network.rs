@@ -1,0 +1,454 @@
+//! Hosts as network namespaces: a single [`Namespace`] (a test's private
+//! network), and the [`Lab`], a small network for drills, benchmarks and the
+//! demo: a client, a primary host and a secondary host, joined by a switch
+//! (a bridge in a namespace of its own). Each host bridges its uplink with a
+//! tap for the guest, so the guest sits on the same Ethernet segment as the
+//! client wherever it runs.
+//!
+//! ```text
+//!  client ns          switch ns             primary ns              secondary ns
+//!  c0 10.0.0.1 ---- vc [br0] vp ---- p0 [br0 10.0.0.2] tap0   s0 [br0 10.0.0.3] tap0
+//!                          [br0] vs ------------------------------ s0
+//! ```
+//!
+//! Everything is made with `ip` (iproute2) and removed on drop: processes
+//! still inside a namespace are killed first, then the namespace deleted.
+//! Namespaces are named `us-PID-TAG`; those left by a process that died are
+//! removed by the next lab.
+//!
+//! Failure model: a lab that cannot be built (no `ip`, no `/dev/net/tun`, not
+//! root) is an error saying which; a process that dies inside it is seen by
+//! [`Process::running`] and in its log; a lab dropped during a panic still
+//! removes its namespaces.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The guest's address on the lab network.
+pub const GUEST_IP: &str = "10.0.0.10";
+/// The port of the `kv` guest's service.
+pub const GUEST_PORT: u16 = 6379;
+/// The client's address on the lab network (and on a test's client tap).
+pub const CLIENT_IP: &str = "10.0.0.1";
+/// The secondary's replication address.
+pub const SECONDARY_LISTEN: &str = "10.0.0.3:7000";
+
+/// The VM options of the lab's guest: `kv` at [`GUEST_IP`] on the host's tap.
+pub fn guest_vm_arguments() -> Vec<String> {
+    [
+        "--workload",
+        &format!("kv:ip={GUEST_IP}/24"),
+        "--tap",
+        "tap0",
+        "--memory",
+        "64M",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Prefix of every namespace made here.
+const PREFIX: &str = "us-";
+
+/// Runs `ip ARGUMENTS`.
+pub fn ip(arguments: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip")
+        .args(arguments)
+        .output()
+        .context("cannot run `ip`: install iproute2")?;
+    if !output.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            arguments.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes namespaces made by processes that are gone.
+fn remove_stale_namespaces() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next() else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+/// A line a child printed, with when it arrived.
+pub struct Line {
+    /// When the lab read it.
+    pub at: Instant,
+    /// The line.
+    pub text: String,
+}
+
+/// A process running in a namespace; killed when dropped.
+pub struct Process {
+    child: Child,
+    /// Its standard output, line by line.
+    pub lines: Receiver<Line>,
+    name: String,
+}
+
+impl Process {
+    /// Waits for a JSON line whose `event` is `event`; returns it and when it came.
+    pub fn wait_event(
+        &mut self,
+        event: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(serde_json::Value, Instant)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    bail!(
+                        "{} printed no '{event}' event within {timeout:?} (exit status: {status:?})",
+                        self.name
+                    )
+                }
+            };
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line.text)
+                && value["event"] == event
+            {
+                return Ok((value, line.at));
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL now (a host failure) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("cannot kill a lab process")?;
+        let _ = self.child.wait();
+        Ok(())
+    }
+
+    /// Asks the process to stop (SIGINT) and waits up to `timeout`, then kills it.
+    pub fn interrupt(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: sending a signal to our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.child
+            .wait()
+            .with_context(|| format!("cannot wait for {}", self.name))
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One network namespace, deleted (with every process still in it) when
+/// dropped.
+pub struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    /// Creates namespace `us-PID-TAG` with loopback up. Needs root, `ip` and
+    /// `/dev/net/tun` (for the taps the guests use).
+    pub fn create(tag: &str) -> anyhow::Result<Self> {
+        if !Path::new("/dev/net/tun").exists() {
+            bail!(
+                "/dev/net/tun is missing: the lab needs tap devices (run as root with the tun module)"
+            );
+        }
+        remove_stale_namespaces();
+        let name = format!("{PREFIX}{}-{tag}", std::process::id());
+        ip(&["netns", "add", &name])
+            .with_context(|| format!("cannot create network namespace {name} (are you root?)"))?;
+        let namespace = Self { name };
+        namespace.ip(&["link", "set", "lo", "up"])?;
+        Ok(namespace)
+    }
+
+    /// Its name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip ARGUMENTS` inside the namespace.
+    pub fn ip(&self, arguments: &[&str]) -> anyhow::Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(arguments);
+        ip(&full)
+    }
+
+    /// Adds tap `tap0` holding the client's address [`CLIENT_IP`]/24, up:
+    /// a guest at [`GUEST_IP`] behind it is one hop away.
+    pub fn add_client_tap(&self) -> anyhow::Result<()> {
+        self.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+        self.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "tap0"])?;
+        self.ip(&["link", "set", "tap0", "up"])
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.name])
+            .arg(program.as_ref());
+        command
+    }
+
+    /// Starts `program ARGUMENTS` inside the namespace; its standard output
+    /// is read line by line, its standard error goes to `log`.
+    pub fn spawn(
+        &self,
+        name: &str,
+        program: &str,
+        arguments: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Process> {
+        let log = File::create(log).context("cannot create a lab log file")?;
+        let mut child = self
+            .command(program)
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {program} in namespace {}", self.name))?;
+        let stdout = child.stdout.take().context("no standard output to read")?;
+        let (sender, lines) = channel();
+        std::thread::Builder::new()
+            .name(format!("lab-{name}"))
+            .spawn(move || {
+                for text in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let line = Line {
+                        at: Instant::now(),
+                        text,
+                    };
+                    if sender.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("cannot start a lab reader thread")?;
+        Ok(Process {
+            child,
+            lines,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Moves the calling thread into the namespace (only this thread:
+    /// sockets it opens from now on live there).
+    pub fn enter(&self) -> anyhow::Result<()> {
+        let path = format!("/run/netns/{}", self.name);
+        let namespace = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        // SAFETY: setns on a namespace file we hold open; it only changes the
+        // calling thread's network namespace.
+        if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns into the lab namespace");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // Processes still inside would keep it alive: kill them first.
+        if let Ok(output) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<libc::pid_t>() {
+                    // SAFETY: SIGKILL to a process inside our own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        if let Err(error) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!("{error:#}");
+        }
+    }
+}
+
+/// A host of the lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// Runs the client workload.
+    Client,
+    /// Runs the primary.
+    Primary,
+    /// Runs the secondary.
+    Secondary,
+}
+
+impl Host {
+    fn suffix(self) -> &'static str {
+        match self {
+            Host::Client => "c",
+            Host::Primary => "p",
+            Host::Secondary => "s",
+        }
+    }
+}
+
+/// The lab network: client, primary host, secondary host and switch.
+pub struct Lab {
+    client: Namespace,
+    primary: Namespace,
+    secondary: Namespace,
+    switch: Namespace,
+    /// Where child processes' standard error goes.
+    pub logs: PathBuf,
+}
+
+impl Lab {
+    /// Builds a lab; `round` makes the names unique within this process.
+    pub fn build(round: u32) -> anyhow::Result<Self> {
+        let make = |host: &str| Namespace::create(&format!("{round}{host}"));
+        let lab = Self {
+            switch: make("w")?,
+            client: make(Host::Client.suffix())?,
+            primary: make(Host::Primary.suffix())?,
+            secondary: make(Host::Secondary.suffix())?,
+            logs: std::env::temp_dir()
+                .join(format!("understudy-lab-{}-{round}", std::process::id())),
+        };
+        std::fs::create_dir_all(&lab.logs).context("cannot create the lab's log directory")?;
+        lab.wire().context("cannot build the lab network")?;
+        Ok(lab)
+    }
+
+    /// The namespace of `host`.
+    pub fn host(&self, host: Host) -> &Namespace {
+        match host {
+            Host::Client => &self.client,
+            Host::Primary => &self.primary,
+            Host::Secondary => &self.secondary,
+        }
+    }
+
+    fn wire(&self) -> anyhow::Result<()> {
+        let switch = &self.switch;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        for host in [Host::Client, Host::Primary, Host::Secondary] {
+            let inside = format!("{}0", host.suffix());
+            let port = format!("v{}", host.suffix());
+            ip(&[
+                "link",
+                "add",
+                &inside,
+                "netns",
+                self.host(host).name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                switch.name(),
+            ])?;
+            switch.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        }
+        self.client
+            .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"])?;
+        self.client.ip(&["link", "set", "c0", "up"])?;
+        for (host, address) in [
+            (Host::Primary, "10.0.0.2/24"),
+            (Host::Secondary, "10.0.0.3/24"),
+        ] {
+            let namespace = self.host(host);
+            let uplink = format!("{}0", host.suffix());
+            namespace.ip(&["link", "add", "br0", "type", "bridge"])?;
+            namespace.ip(&["link", "set", &uplink, "master", "br0", "up"])?;
+            namespace.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+            namespace.ip(&["link", "set", "tap0", "master", "br0", "up"])?;
+            namespace.ip(&["addr", "add", address, "dev", "br0"])?;
+            namespace.ip(&["link", "set", "br0", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts `program` with `arguments` on `host`; its standard output is
+    /// read line by line, its standard error goes to a log file named `name`.
+    pub fn spawn(
+        &self,
+        host: Host,
+        name: &str,
+        program: &str,
+        arguments: &[String],
+    ) -> anyhow::Result<Process> {
+        self.host(host)
+            .spawn(name, program, arguments, &self.log_path(name))
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    /// Cuts `host` off the network: its switch port goes down, as when a
+    /// host loses power or its uplink (nothing is closed, so nobody is told).
+    pub fn isolate(&self, host: Host) -> anyhow::Result<()> {
+        let port = format!("v{}", host.suffix());
+        self.switch.ip(&["link", "set", &port, "down"])
+    }
+
+    /// The last `lines` lines of the standard error of the process `name`.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Moves the calling thread into `host`'s network namespace.
+    pub fn enter(&self, host: Host) -> anyhow::Result<()> {
+        self.host(host).enter()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The namespaces go with their fields.
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
