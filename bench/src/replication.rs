@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::link::HeartbeatPolicy;
-use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, Protection, wait_for_epoch};
+use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions};
 use understudy_secondary::SecondaryOptions;
 use understudy_vm::VmConfig;
 use understudy_vm::progress::ProgressSample;
@@ -99,32 +99,29 @@ fn protected(
             .map(|failover| failover.map(|failover| failover.reason))
         })
     };
+    let mut lost = None;
     let mut vm = start(VmConfig::new(memory_bytes, 1), workload)?;
-    let options = PrimaryOptions {
-        secondary: address,
-        epoch: EpochPolicy {
-            target: epoch,
-            min: epoch,
-            max_pause: Duration::from_secs(1),
+    let options = RunOptions {
+        primary: PrimaryOptions {
+            secondary: address,
+            epoch: EpochPolicy {
+                target: epoch,
+                min: epoch,
+                max_pause: Duration::from_secs(1),
+            },
+            codec: "delta+zstd:level=1".parse().expect("a valid codec"),
+            heartbeat: HeartbeatPolicy::default(),
+            verify: false,
+            precopy_rounds: 5,
+            max_bandwidth: None,
         },
-        codec: "delta+zstd:level=1".parse().expect("a valid codec"),
-        heartbeat: HeartbeatPolicy::default(),
-        verify: false,
-        precopy_rounds: 5,
-        max_bandwidth: None,
+        vm_id: 1,
+        gate: None,
+        output_epoch: Duration::ZERO,
+        duration: Some(Duration::from_secs_f64(seconds)),
+        // The secondary may take a moment to listen.
+        connect_patience: Duration::from_secs(5),
     };
-    let fail =
-        |error: understudy_primary::PrimaryError| BenchError::Replication(format!("{error}"));
-    // The secondary may take a moment to listen.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut protection = loop {
-        match Protection::connect(&vm, options.clone(), 1) {
-            Ok(protection) => break protection,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(error) => return Err(fail(error)),
-        }
-    };
-    protection.synchronise(&mut vm, |_| {}).map_err(fail)?;
     let mut result = Protected {
         pauses: Vec::new(),
         acks: Vec::new(),
@@ -132,31 +129,38 @@ fn protected(
         wire_bytes: Vec::new(),
         mb_per_s: 0.0,
     };
-    let first = ProgressSample::read(&vm)?;
-    let end = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut next = Instant::now();
+    let mut first: Option<ProgressSample> = None;
+    let mut last: Option<ProgressSample> = None;
     let never = AtomicBool::new(false);
-    while Instant::now() < end {
-        next += protection.epoch_length();
-        wait_for_epoch(next, &never);
-        protection
-            .checkpoint_and_send(&mut vm, |metrics| {
-                result.pauses.push(metrics.pause);
-                result.dirty_pages.push(metrics.dirty_pages);
-            })
-            .map_err(fail)?;
-        for event in protection.events() {
-            match event {
-                PrimaryEvent::Acknowledged { latency, .. } => result.acks.push(latency),
-                PrimaryEvent::Sent(metrics) => result.wire_bytes.push(metrics.wire_bytes),
-                PrimaryEvent::Synchronised { .. } => {}
-            }
+    let ended = understudy_primary::run(&mut vm, &options, &never, |event| match event {
+        // Epoch 0 is the initial copy: steady state starts after it.
+        PrimaryEvent::Checkpointed(metrics) if metrics.epoch > 0 => {
+            result.pauses.push(metrics.pause);
+            result.dirty_pages.push(metrics.dirty_pages);
+            first.get_or_insert_with(|| metrics.progress.clone());
+            last = Some(metrics.progress);
         }
-        next = next.max(Instant::now() - protection.epoch_length());
+        PrimaryEvent::Acknowledged { epoch, latency } if epoch > 0 => result.acks.push(latency),
+        PrimaryEvent::Sent(metrics) if metrics.epoch > 0 => {
+            result.wire_bytes.push(metrics.wire_bytes);
+        }
+        PrimaryEvent::SecondaryLost { reason } => lost = Some(reason),
+        _ => {}
+    })
+    .map_err(|error| BenchError::Replication(format!("{error}")))?;
+    if let RunEnd::GuestStopped(reason) = ended {
+        return Err(BenchError::Replication(format!(
+            "the guest stopped during the benchmark: {reason}"
+        )));
     }
-    let last = ProgressSample::read(&vm)?;
-    result.mb_per_s = last.rates_since(&first).dirtied_bytes_per_sec / 1e6;
-    protection.close("benchmark done");
+    if let Some(reason) = lost {
+        return Err(BenchError::Replication(format!(
+            "the secondary was lost during the benchmark: {reason}"
+        )));
+    }
+    if let (Some(first), Some(last)) = (&first, &last) {
+        result.mb_per_s = last.rates_since(first).dirtied_bytes_per_sec / 1e6;
+    }
     stop.store(true, Ordering::Relaxed);
     let took_over = secondary
         .join()

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::protocol::Purpose;
 use understudy_vm::Vm;
 
-use crate::{PrimaryError, PrimaryOptions, Protection};
+use crate::protection::Protection;
+use crate::{PrimaryError, PrimaryOptions};
 
 /// What to do when pre-copy does not converge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +111,7 @@ pub fn migrate(
     mut progress: impl FnMut(&Round),
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
-    let mut link = Protection::connect_for(vm, options.link.clone(), vm_id, Purpose::Migrate)?;
+    let mut link = Protection::connect(vm, options.link.clone(), vm_id, Purpose::Migrate)?;
     let result = run(vm, &mut link, options, started, &mut progress);
     link.close(match &result {
         Ok(_) => "migration complete",

@@ -3,20 +3,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use understudy_checkpoint::link::HeartbeatPolicy;
 use understudy_compress::CodecSpec;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
-    EpochMetrics, EpochPolicy, PrimaryError, PrimaryEvent, PrimaryOptions, Protection,
-    wait_for_epoch, wait_for_epoch_or_output,
+    EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions,
 };
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
-use understudy_vm::Vm;
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::virtio_net::FrameSink;
 
@@ -138,16 +135,15 @@ fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
                 "pause_us": metrics.pause.as_secs_f64() * 1e6,
                 "dirty_pages": metrics.dirty_pages,
                 "memory_hash": metrics.memory_hash,
-                "vcpus": metrics.counters.iter().map(|c| json!({
-                    "counter": c.counter, "counter_hash": c.counter_hash
-                })).collect::<Vec<_>>(),
+                "vcpus": vcpus_json(&metrics.progress),
             })
         );
     }
 }
 
-fn print_primary_event(event: &PrimaryEvent, as_json: bool) {
+fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAddr) {
     match event {
+        PrimaryEvent::Checkpointed(metrics) => print_checkpoint(metrics, as_json),
         PrimaryEvent::Synchronised {
             rounds,
             pages,
@@ -194,7 +190,25 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool) {
                 );
             }
         }
+        PrimaryEvent::SecondaryLost { reason } => {
+            eprintln!(
+                "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
+                 trying {secondary} again every second"
+            );
+            if as_json {
+                println!("{}", json!({"event": "secondary_lost", "reason": reason}));
+            }
+        }
     }
+}
+
+/// A VM identity for the secondary: the clock mixed with the process id.
+fn new_vm_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |elapsed| elapsed.as_nanos());
+    let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(1);
+    low ^ u64::from(std::process::id())
 }
 
 /// Runs a protected VM.
@@ -209,92 +223,49 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     })?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
-    let options = PrimaryOptions {
-        secondary: arguments.secondary,
-        epoch: EpochPolicy {
-            target: arguments.epoch,
-            min: arguments
-                .min_epoch
-                .unwrap_or(arguments.epoch / 5)
-                .max(Duration::from_millis(1)),
-            max_pause: arguments.max_pause,
+    let options = RunOptions {
+        primary: PrimaryOptions {
+            secondary: arguments.secondary,
+            epoch: EpochPolicy {
+                target: arguments.epoch,
+                min: arguments
+                    .min_epoch
+                    .unwrap_or(arguments.epoch / 5)
+                    .max(Duration::from_millis(1)),
+                max_pause: arguments.max_pause,
+            },
+            codec: arguments.codec,
+            heartbeat: arguments.heartbeat.policy(),
+            verify: arguments.verify,
+            precopy_rounds: arguments.precopy_rounds.max(1),
+            max_bandwidth: None,
         },
-        codec: arguments.codec,
-        heartbeat: arguments.heartbeat.policy(),
-        verify: arguments.verify,
-        precopy_rounds: arguments.precopy_rounds.max(1),
-        max_bandwidth: None,
+        vm_id: new_vm_id(),
+        gate: gate.clone(),
+        output_epoch: arguments.output_epoch,
+        duration: arguments.duration,
+        connect_patience: Duration::ZERO,
     };
-    let vm_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |elapsed| elapsed.as_nanos() as u64)
-        ^ u64::from(std::process::id());
-    let started = Instant::now();
+    let policy = &options.primary;
     if arguments.json {
         println!(
             "{}",
             json!({"event": "policy", "epoch_ms": arguments.epoch.as_secs_f64() * 1e3,
-                   "min_epoch_ms": options.epoch.min.as_secs_f64() * 1e3,
-                   "max_pause_us": options.epoch.max_pause.as_secs_f64() * 1e6,
-                   "codec": options.codec.to_string()})
+                   "min_epoch_ms": policy.epoch.min.as_secs_f64() * 1e3,
+                   "max_pause_us": policy.epoch.max_pause.as_secs_f64() * 1e6,
+                   "codec": policy.codec.to_string()})
         );
     } else {
         println!(
             "protecting with {} and codec {}",
-            options.epoch, options.codec
+            policy.epoch, policy.codec
         );
     }
-    let finished = |stop: &AtomicBool| {
-        stop.load(Ordering::Relaxed) || arguments.duration.is_some_and(|d| started.elapsed() >= d)
-    };
-    let mut protected_before = false;
-    while !finished(&stop) {
-        let mut protection = match Protection::connect(&vm, options.clone(), vm_id) {
-            Ok(protection) => protection,
-            Err(error) if protected_before => {
-                // Unprotected: the guest runs on; try again in a second.
-                tracing::debug!("re-protection failed: {error}");
-                check_events(&vm)?;
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if let Some(gate) = &gate {
-            protection.commit_output(gate.clone());
-        }
-        let outcome = protection
-            .synchronise(&mut vm, |metrics| print_checkpoint(metrics, arguments.json))
-            .and_then(|synchronised| {
-                print_primary_event(&synchronised, arguments.json);
-                protected_before = true;
-                protect(
-                    &mut vm,
-                    &mut protection,
-                    &arguments,
-                    &stop,
-                    started,
-                    gate.as_deref(),
-                )
-            });
-        for event in protection.events() {
-            print_primary_event(&event, arguments.json);
-        }
-        protection.close("the primary is stopping");
-        match outcome {
-            Ok(()) => break,
-            Err(PrimaryError::SecondaryLost(reason)) if protected_before => {
-                eprintln!(
-                    "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
-                     trying {} again every second",
-                    arguments.secondary
-                );
-                if arguments.json {
-                    println!("{}", json!({"event": "secondary_lost", "reason": reason}));
-                }
-            }
-            Err(error) => return Err(error.into()),
-        }
+    let end = understudy_primary::run(&mut vm, &options, &stop, |event| {
+        print_primary_event(&event, arguments.json, arguments.secondary);
+    })?;
+    if let RunEnd::GuestStopped(reason) = &end {
+        tracing::error!("{reason}");
     }
     if let Some(gate) = &gate {
         print_output_commit(&gate.metrics(), arguments.json);
@@ -322,46 +293,6 @@ fn print_output_commit(metrics: &Metrics, as_json: bool) {
             quantile(0.5).unwrap_or(0.0),
             quantile(0.99).unwrap_or(0.0)
         );
-    }
-}
-
-fn protect(
-    vm: &mut Vm,
-    protection: &mut Protection,
-    arguments: &PrimaryArguments,
-    stop: &AtomicBool,
-    started: Instant,
-    gate: Option<&OutputCommit>,
-) -> Result<(), PrimaryError> {
-    let mut next = Instant::now();
-    loop {
-        next += protection.epoch_length();
-        match gate {
-            Some(gate) if !arguments.output_epoch.is_zero() => {
-                wait_for_epoch_or_output(
-                    next,
-                    stop,
-                    gate,
-                    protection.last_checkpoint() + arguments.output_epoch,
-                );
-            }
-            _ => wait_for_epoch(next, stop),
-        }
-        if stop.load(Ordering::Relaxed)
-            || arguments.duration.is_some_and(|d| started.elapsed() >= d)
-        {
-            return Ok(());
-        }
-        if let Err(error) = check_events(vm) {
-            tracing::error!("{error:#}");
-            return Ok(());
-        }
-        protection.checkpoint_and_send(vm, |metrics| print_checkpoint(metrics, arguments.json))?;
-        for event in protection.events() {
-            print_primary_event(&event, arguments.json);
-        }
-        // An epoch that overran (backpressure) starts the next one now.
-        next = next.max(Instant::now() - protection.epoch_length());
     }
 }
 

@@ -26,4 +26,5 @@ pub mod vm;
 pub mod workload;
 
 pub use understudy_guest_abi as guest_abi;
+pub use understudy_guest_abi::{PAGE_BYTES, PAGE_SIZE};
 pub use vm::{Vm, VmConfig, VmError, VmEvent};

@@ -36,8 +36,12 @@ pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"USTUDYG1");
 /// Version of this interface; the guest refuses a boot page of another version.
 pub const ABI_VERSION: u32 = 2;
 
-/// Size of a guest page, the unit of dirty tracking.
+/// Size of a guest page, the unit of dirty tracking, checkpoints, codecs and
+/// formats: defined here once for the whole project.
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] as a length in bytes (for buffers and slices).
+#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize.
+pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 
 /// Guest-physical address of the boot information page.
 pub const BOOT_INFO_GPA: u64 = 0x8000;

@@ -1,0 +1,65 @@
+//! The `acks` thread: reads what the secondary sends back (acknowledgements,
+//! sync answers, heartbeats, a goodbye) until the connection ends. An
+//! acknowledgement releases the epoch's held output. When the secondary is
+//! lost, the socket is shut down so that a sender blocked in a write wakes
+//! up, and the checkpoint loop learns of the loss at its next submission or
+//! wait.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use understudy_checkpoint::link::{LinkSender, LivenessReader};
+use understudy_checkpoint::protocol::{Message, ProtocolError};
+
+use crate::PrimaryEvent;
+use crate::shared::Shared;
+
+pub(crate) fn ack_loop(
+    reader: &mut LivenessReader,
+    link: &LinkSender,
+    shared: &Shared,
+    events: &Sender<PrimaryEvent>,
+    stop: &AtomicBool,
+) {
+    let lose = |reason: String| {
+        shared.lose(reason);
+        link.shutdown();
+    };
+    loop {
+        let envelope = match reader.receive() {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                if !stop.load(Ordering::Relaxed) {
+                    lose(format!("{error}: {}", error_source(&error)));
+                }
+                return;
+            }
+        };
+        match envelope.message {
+            Message::Ack => {
+                let epoch = envelope.epoch;
+                let checkpointed = shared.acknowledge(epoch);
+                if let Some(gate) = shared.output.get() {
+                    gate.acknowledge(epoch);
+                }
+                let latency = checkpointed.map_or(Duration::ZERO, |at| at.elapsed());
+                let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
+            }
+            Message::Heartbeat(_) => {}
+            Message::Synced(token) => shared.synced(token),
+            Message::Goodbye(reason) => {
+                lose(format!("the secondary left: {reason}"));
+                return;
+            }
+            other => {
+                lose(format!("the secondary sent an unexpected {}", other.name()));
+                return;
+            }
+        }
+    }
+}
+
+fn error_source(error: &ProtocolError) -> String {
+    std::error::Error::source(error).map_or_else(String::new, ToString::to_string)
+}

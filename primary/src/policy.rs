@@ -1,0 +1,132 @@
+//! When checkpoints happen: the adaptive epoch length ([`EpochPolicy`]) and
+//! the wait for the next epoch boundary, which an output-commit gate may cut
+//! short (the early checkpoint on output).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::output::OutputCommit;
+
+/// How long epochs are: the target length, shortened (down to `min`) while
+/// checkpoint pauses exceed `max_pause`, and lengthened back (by 20 % per
+/// epoch) once pauses fall under half of it. A shorter epoch leaves the guest
+/// less time to dirty pages, so the next pause is shorter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochPolicy {
+    /// The epoch length when pauses are within budget.
+    pub target: Duration,
+    /// The shortest epoch.
+    pub min: Duration,
+    /// The pause budget per checkpoint.
+    pub max_pause: Duration,
+}
+
+impl EpochPolicy {
+    /// The length of the next epoch after one of `current` whose checkpoint
+    /// paused the guest for `pause`.
+    pub fn next(&self, current: Duration, pause: Duration) -> Duration {
+        let next = if pause > self.max_pause {
+            current.mul_f64(0.7)
+        } else if pause < self.max_pause / 2 {
+            current.mul_f64(1.2)
+        } else {
+            current
+        };
+        next.clamp(self.min.min(self.target), self.target)
+    }
+}
+
+impl std::fmt::Display for EpochPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epochs of {:?}, shortened down to {:?} while a checkpoint pauses the guest for more than {:?}",
+            self.target, self.min, self.max_pause
+        )
+    }
+}
+
+/// Waits for the epoch boundary `next`; returns early when `stop` is set,
+/// or, with an output-commit gate, once the guest has sent output and
+/// `earliest` has passed (the checkpoint that releases it is then taken at
+/// once, so a reply waits about `earliest - last checkpoint` instead of a
+/// whole epoch).
+pub(crate) fn wait_for_epoch(
+    next: Instant,
+    stop: &AtomicBool,
+    early: Option<(&OutputCommit, Instant)>,
+) {
+    match early {
+        Some((gate, earliest)) => wait_until(next, stop, Duration::from_micros(200), || {
+            Instant::now() >= earliest && gate.output_waiting()
+        }),
+        None => wait_until(next, stop, Duration::from_millis(2), || false),
+    }
+}
+
+/// Sleeps in steps of at most `step` until `deadline`, `stop`, or `ready()`.
+/// (The guest's output arrives on the vCPU thread through the gate, and
+/// `stop` is set from a signal handler; a short poll serves both.)
+fn wait_until(deadline: Instant, stop: &AtomicBool, step: Duration, ready: impl Fn() -> bool) {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) && !ready() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(step));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> EpochPolicy {
+        EpochPolicy {
+            target: Duration::from_millis(25),
+            min: Duration::from_millis(5),
+            max_pause: Duration::from_millis(2),
+        }
+    }
+
+    #[test]
+    fn long_pause_shortens_the_epoch() {
+        let next = policy().next(Duration::from_millis(25), Duration::from_millis(3));
+        assert_eq!(next, Duration::from_micros(17_500));
+    }
+
+    #[test]
+    fn epoch_never_goes_below_the_minimum() {
+        let next = policy().next(Duration::from_millis(6), Duration::from_millis(10));
+        assert_eq!(next, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn short_pauses_grow_the_epoch_back_to_the_target_only() {
+        let next = policy().next(Duration::from_millis(24), Duration::from_micros(100));
+        assert_eq!(next, Duration::from_millis(25));
+    }
+
+    #[test]
+    fn pause_within_budget_keeps_the_epoch() {
+        let next = policy().next(Duration::from_millis(10), Duration::from_micros(1500));
+        assert_eq!(next, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn the_wait_ends_at_the_deadline() {
+        let never = AtomicBool::new(false);
+        let deadline = Instant::now() + Duration::from_millis(5);
+
+        wait_for_epoch(deadline, &never, None);
+
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn a_stop_ends_the_wait_at_once() {
+        let stopped = AtomicBool::new(true);
+        let far = Instant::now() + Duration::from_secs(3600);
+
+        wait_for_epoch(far, &stopped, None);
+
+        assert!(Instant::now() < far);
+    }
+}

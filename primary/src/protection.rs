@@ -1,0 +1,504 @@
+//! One connection to a secondary and the threads that serve it: the
+//! greeting, the initial synchronisation (epoch 0 by pre-copy), each later
+//! checkpoint (pause, harvest, copy, resume, queue for the sender), and the
+//! graceful close.
+//!
+//! Threads, owned by name in [`Threads`]: the caller's (checkpoints),
+//! `sender` (encode and send, in epoch order), `acks` (reads
+//! acknowledgements), `heartbeat` (on the connection when idle), the UDP
+//! heartbeat pair (`heartbeat-in`, `heartbeat-out`) and, with output commit,
+//! `input-log`.
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::heartbeat::Heartbeats;
+use understudy_checkpoint::link::{LinkSender, LivenessReader};
+use understudy_checkpoint::protocol::{
+    Hello, MAX_UNACKNOWLEDGED_EPOCHS, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
+};
+use understudy_compress::PageBatch;
+use understudy_vm::memory;
+use understudy_vm::progress::ProgressSample;
+use understudy_vm::{PAGE_SIZE, Vm};
+
+use crate::acks::ack_loop;
+use crate::output::OutputCommit;
+use crate::pages::{read_nonzero_pages, read_pages};
+use crate::sender::{Work, send_loop};
+use crate::shared::Shared;
+use crate::{EpochMetrics, PrimaryError, PrimaryEvent, PrimaryOptions};
+
+/// Pages read per batch during pre-copy.
+const PRECOPY_CHUNK_PAGES: usize = 16384;
+/// Pre-copy stops when a round finds fewer dirty pages than this.
+const PRECOPY_DONE_PAGES: usize = 2048;
+/// Received frames waiting to be logged to the secondary; beyond this they
+/// are dropped from the log (not from the guest): a takeover then misses
+/// them, as if the network had lost them.
+const INPUT_LOG_QUEUE: usize = 4096;
+/// Checkpoints queued for the sender at most (backpressure beyond).
+const QUEUED_CHECKPOINTS: usize = 2;
+
+/// A thread whose end can be awaited with a deadline.
+struct Worker {
+    handle: JoinHandle<()>,
+    /// Disconnected when the thread ends.
+    finished: Receiver<()>,
+}
+
+impl Worker {
+    fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Self {
+        let (finished_sender, finished) = sync_channel::<()>(0);
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let _finished = finished_sender;
+                body();
+            })
+            .unwrap_or_else(|error| panic!("cannot spawn the {name} thread: {error}"));
+        Self { handle, finished }
+    }
+
+    /// Waits until the thread ended or `deadline` passed.
+    fn wait_until(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = self.finished.recv_timeout(left);
+    }
+
+    fn join(self) {
+        let _ = self.handle.join();
+    }
+}
+
+/// The threads of one protection.
+struct Threads {
+    heartbeat: JoinHandle<()>,
+    sender: Worker,
+    acks: Worker,
+}
+
+/// A connection to a secondary with its threads.
+pub struct Protection {
+    link: LinkSender,
+    udp: Heartbeats,
+    work: Option<SyncSender<Work>>,
+    events: Receiver<PrimaryEvent>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    threads: Threads,
+    options: PrimaryOptions,
+    next_epoch: u64,
+    last_checkpoint: Instant,
+    epoch_length: Duration,
+    next_sync: u64,
+}
+
+impl Protection {
+    /// Connects to a secondary or migration target and greets it.
+    pub(crate) fn connect(
+        vm: &Vm,
+        options: PrimaryOptions,
+        vm_id: u64,
+        purpose: Purpose,
+    ) -> Result<Self, PrimaryError> {
+        let connect_error = |source| PrimaryError::Connect {
+            address: options.secondary,
+            source,
+        };
+        let stream = TcpStream::connect_timeout(&options.secondary, Duration::from_secs(2))
+            .map_err(connect_error)?;
+        let _ = stream.set_nodelay(true);
+        let read_half = stream.try_clone().map_err(ProtocolError::Io)?;
+        let link = LinkSender::new(stream);
+        let mut reader =
+            LivenessReader::new(read_half, options.heartbeat).map_err(ProtocolError::Io)?;
+        let config = vm.config();
+        link.send(
+            0,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                purpose,
+                memory_bytes: config.memory_bytes,
+                vcpus: config.vcpus,
+                guest_image_hash: understudy_vm::boot::guest_image_hash(),
+                vm_id,
+            }),
+        )?;
+        loop {
+            match reader.receive()?.message {
+                Message::Welcome => break,
+                Message::Refuse(reason) | Message::Goodbye(reason) => {
+                    return Err(PrimaryError::Refused(reason));
+                }
+                Message::Heartbeat(_) => {}
+                other => {
+                    return Err(PrimaryError::Refused(format!(
+                        "the secondary answered Hello with {}",
+                        other.name()
+                    )));
+                }
+            }
+        }
+        let local_ip = link.local_addr().map_err(connect_error)?.ip();
+        let udp = Heartbeats::to_secondary(local_ip, options.secondary, vm_id, options.heartbeat)
+            .map_err(ProtocolError::Io)?;
+        reader.hear(udp.heard());
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::new());
+        let (work_sender, work) = sync_channel::<Work>(QUEUED_CHECKPOINTS);
+        let (events_sender, events) = std::sync::mpsc::channel();
+        let heartbeat = link.start_heartbeats(options.heartbeat, stop.clone());
+        let sender = {
+            let link = link.clone();
+            let shared = shared.clone();
+            let events = events_sender.clone();
+            let codec = options.codec;
+            let limit = options.max_bandwidth;
+            Worker::spawn("sender", move || {
+                send_loop(&link, &codec, limit, &work, &shared, &events);
+            })
+        };
+        let acks = {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            let link = link.clone();
+            Worker::spawn("acks", move || {
+                ack_loop(&mut reader, &link, &shared, &events_sender, &stop);
+            })
+        };
+        Ok(Self {
+            link,
+            udp,
+            work: Some(work_sender),
+            events,
+            shared,
+            stop,
+            threads: Threads {
+                heartbeat,
+                sender,
+                acks,
+            },
+            next_epoch: 0,
+            last_checkpoint: Instant::now(),
+            epoch_length: options.epoch.target,
+            next_sync: 0,
+            options,
+        })
+    }
+
+    /// Holds the guest's network output until its epoch is acknowledged,
+    /// from now until [`Protection::close`]. Call before [`Protection::synchronise`].
+    /// Frames the guest receives meanwhile are sent to the secondary, for
+    /// replay on takeover.
+    pub(crate) fn commit_output(&self, gate: Arc<OutputCommit>) {
+        let (log, logged) = sync_channel::<(u64, Vec<u8>)>(INPUT_LOG_QUEUE);
+        let link = self.link.clone();
+        let spawned = std::thread::Builder::new()
+            .name("input-log".to_owned())
+            .spawn(move || {
+                // Ends when the gate drops its end (protection over) or the link fails.
+                for (epoch, frame) in logged {
+                    if link.send(epoch, &Message::Input(frame)).is_err() {
+                        break;
+                    }
+                }
+            });
+        let log = match spawned {
+            Ok(_) => Some(log),
+            Err(error) => {
+                tracing::warn!(%error, "no input log thread: received frames will not be replayed on takeover");
+                None
+            }
+        };
+        gate.begin(log);
+        if let Err(gate) = self.shared.output.set(gate) {
+            gate.open();
+        }
+    }
+
+    /// Events from the sender and acknowledgement threads since the last call.
+    pub(crate) fn events(&self) -> impl Iterator<Item = PrimaryEvent> + '_ {
+        self.events.try_iter()
+    }
+
+    /// Bytes of page frames and states sent so far on this connection.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.shared.wire_bytes()
+    }
+
+    fn submit(&self, work: Work) -> Result<(), PrimaryError> {
+        if let Some(reason) = self.shared.lost() {
+            return Err(PrimaryError::SecondaryLost(reason));
+        }
+        let Some(queue) = &self.work else {
+            return Err(PrimaryError::SecondaryLost("the sender stopped".to_owned()));
+        };
+        queue.send(work).map_err(|_| {
+            PrimaryError::SecondaryLost(
+                self.shared
+                    .lost()
+                    .unwrap_or_else(|| "the sender stopped".to_owned()),
+            )
+        })
+    }
+
+    /// Epoch 0: pre-copy rounds while the guest runs, then a final pause.
+    /// `checkpointed` hears about the final checkpoint before any of it is
+    /// sent. Returns once the secondary acknowledged it.
+    pub(crate) fn synchronise(
+        &mut self,
+        vm: &mut Vm,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<PrimaryEvent, PrimaryError> {
+        let started = Instant::now();
+        self.begin_initial_copy(vm)?;
+        let mut pages = self.send_all_pages(vm, |_| Ok(()))? as u64;
+        let mut rounds = 1u32;
+        while rounds < self.options.precopy_rounds {
+            rounds += 1;
+            let sent = self.send_dirty_pages(vm, |_| Ok(()))?;
+            pages += sent as u64;
+            if sent < PRECOPY_DONE_PAGES {
+                break;
+            }
+        }
+        let metrics = self.finish_initial_copy(vm, true, checkpointed)?;
+        pages += metrics.dirty_pages as u64;
+        self.wait_acknowledged(0)?;
+        self.last_checkpoint = Instant::now();
+        Ok(PrimaryEvent::Synchronised {
+            rounds,
+            pages,
+            pause: metrics.pause,
+            total: started.elapsed(),
+        })
+    }
+
+    /// Starts epoch 0 and clears the dirty log: from now on every write is
+    /// seen.
+    pub(crate) fn begin_initial_copy(&mut self, vm: &Vm) -> Result<(), PrimaryError> {
+        self.submit(Work::Begin(0))?;
+        vm.harvest_dirty()?;
+        Ok(())
+    }
+
+    /// Pre-copy round 1: queues every non-zero page while the guest runs.
+    /// `between_chunks` runs after each chunk (progress, throttling).
+    pub(crate) fn send_all_pages(
+        &mut self,
+        vm: &mut Vm,
+        mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+    ) -> Result<usize, PrimaryError> {
+        let size = memory::size(vm.memory());
+        let chunk_bytes = PRECOPY_CHUNK_PAGES as u64 * PAGE_SIZE;
+        let mut pages = 0;
+        let mut start = 0;
+        while start < size {
+            let end = (start + chunk_bytes).min(size);
+            let mut batch = self.shared.spare_batch();
+            read_nonzero_pages(vm, start..end, &mut batch)?;
+            pages += batch.len();
+            self.submit(Work::Pages(0, batch))?;
+            between_chunks(vm)?;
+            start = end;
+        }
+        Ok(pages)
+    }
+
+    /// A later pre-copy round: queues the pages dirtied since the last
+    /// round (the guest runs on). Returns how many.
+    pub(crate) fn send_dirty_pages(
+        &mut self,
+        vm: &mut Vm,
+        mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+    ) -> Result<usize, PrimaryError> {
+        let dirty = vm.harvest_dirty()?;
+        let addresses: Vec<u64> = dirty.page_addresses().collect();
+        for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
+            let batch = read_pages(vm, chunk, self.shared.spare_batch())?;
+            self.submit(Work::Pages(0, batch))?;
+            between_chunks(vm)?;
+        }
+        Ok(addresses.len())
+    }
+
+    /// Waits until the secondary has processed every page queued so far
+    /// (a `Sync` after them, answered by `Synced`): the end-to-end rate, with
+    /// nothing left in buffers, is what a migration's estimate needs.
+    pub(crate) fn drain(&mut self) -> Result<(), PrimaryError> {
+        self.next_sync += 1;
+        let token = self.next_sync;
+        self.submit(Work::Sync(token))?;
+        self.shared.wait_for(|progress| progress.synced >= token)
+    }
+
+    /// The last pause of epoch 0: the remaining dirty pages and the state.
+    /// With `resume` false the guest stays paused (a migration's
+    /// switchover). `checkpointed` hears about it before it is sent.
+    pub(crate) fn finish_initial_copy(
+        &mut self,
+        vm: &mut Vm,
+        resume: bool,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<EpochMetrics, PrimaryError> {
+        let (batch, state, metrics) = self.checkpoint(vm, 0, resume)?;
+        checkpointed(&metrics);
+        self.submit(Work::Pages(0, batch))?;
+        self.submit(Work::End {
+            epoch: 0,
+            state,
+            output: self.output_of(0),
+            metrics: Box::new(metrics.clone()),
+            checkpointed: Instant::now(),
+        })?;
+        self.next_epoch = 1;
+        Ok(metrics)
+    }
+
+    /// Waits until `epoch` is acknowledged.
+    pub(crate) fn wait_acknowledged(&self, epoch: u64) -> Result<(), PrimaryError> {
+        self.shared
+            .wait_for(|progress| progress.acknowledged.is_some_and(|acked| acked >= epoch))
+    }
+
+    /// Pauses the guest, takes its dirty pages and state, and resumes it if
+    /// `resume` (the pause then ends at the resume; otherwise when the
+    /// checkpoint is taken).
+    fn checkpoint(
+        &mut self,
+        vm: &mut Vm,
+        epoch: u64,
+        resume: bool,
+    ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
+        let paused = Instant::now();
+        vm.pause()?;
+        let taken = (|| -> Result<_, PrimaryError> {
+            let dirty = vm.harvest_dirty()?;
+            let addresses: Vec<u64> = dirty.page_addresses().collect();
+            let batch = match read_pages(vm, &addresses, self.shared.spare_batch()) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    // The pages stay dirty for the next checkpoint.
+                    vm.put_back_dirty(&dirty)?;
+                    return Err(error.into());
+                }
+            };
+            let state = vm.capture_state()?.encode();
+            if let Some(gate) = self.shared.output.get() {
+                // Still paused: every frame from here on is the next epoch's.
+                gate.checkpointed(epoch);
+            }
+            let memory_hash = if self.options.verify {
+                Some(memory::hash(vm.memory())?)
+            } else {
+                None
+            };
+            Ok((batch, state, memory_hash, ProgressSample::read(vm)?))
+        })();
+        if resume || taken.is_err() {
+            vm.resume()?;
+        }
+        let pause = paused.elapsed();
+        let (batch, state, memory_hash, progress) = taken?;
+        let now = Instant::now();
+        let metrics = EpochMetrics {
+            epoch,
+            epoch_length: now - self.last_checkpoint,
+            pause,
+            dirty_pages: batch.len(),
+            raw_bytes: batch.content_bytes() as u64,
+            wire_bytes: 0,
+            encode: Duration::ZERO,
+            send: Duration::ZERO,
+            memory_hash,
+            progress,
+        };
+        self.last_checkpoint = now;
+        Ok((batch, state, metrics))
+    }
+
+    /// Takes the next checkpoint and queues it for sending. `checkpointed`
+    /// hears about it before any of it is sent (so a record of what the epoch
+    /// holds always precedes its acknowledgement). Blocks while two
+    /// checkpoints are already waiting to be sent, and while
+    /// `MAX_UNACKNOWLEDGED_EPOCHS` sent ones are not acknowledged
+    /// (backpressure: the guest runs on, the epoch lengthens).
+    pub(crate) fn checkpoint_and_send(
+        &mut self,
+        vm: &mut Vm,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<(), PrimaryError> {
+        let epoch = self.next_epoch;
+        if let Some(oldest) = epoch.checked_sub(MAX_UNACKNOWLEDGED_EPOCHS + 1) {
+            self.wait_acknowledged(oldest)?;
+        }
+        let (batch, state, metrics) = self.checkpoint(vm, epoch, true)?;
+        self.epoch_length = self.options.epoch.next(self.epoch_length, metrics.pause);
+        checkpointed(&metrics);
+        self.submit(Work::Begin(epoch))?;
+        self.submit(Work::Pages(epoch, batch))?;
+        self.submit(Work::End {
+            epoch,
+            state,
+            output: self.output_of(epoch),
+            metrics: Box::new(metrics),
+            checkpointed: Instant::now(),
+        })?;
+        self.next_epoch += 1;
+        Ok(())
+    }
+
+    /// When the last checkpoint's pause ended.
+    pub(crate) fn last_checkpoint(&self) -> Instant {
+        self.last_checkpoint
+    }
+
+    /// The frames the guest sent during `epoch` (none without a network);
+    /// they are fixed once its checkpoint is taken.
+    fn output_of(&self, epoch: u64) -> Vec<Vec<u8>> {
+        self.shared
+            .output
+            .get()
+            .map_or_else(Vec::new, |gate| gate.frames_of(epoch))
+    }
+
+    /// The length of the next epoch (see [`EpochPolicy`](crate::EpochPolicy)).
+    pub(crate) fn epoch_length(&self) -> Duration {
+        self.epoch_length
+    }
+
+    /// Says goodbye and stops the threads. The close is graceful: after the
+    /// goodbye only the sending direction is shut, so the secondary can
+    /// still acknowledge what it received, reads the goodbye, and closes its
+    /// end; a secondary must never mistake a clean stop for a lost primary.
+    pub(crate) fn close(mut self, reason: &str) {
+        self.work = None;
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // Let the sender drain what is queued before the goodbye.
+        self.threads.sender.wait_until(deadline);
+        let _ = self.link.send(0, &Message::Goodbye(reason.to_owned()));
+        self.link.shutdown_write();
+        // The acknowledgement reader ends when the secondary closes its end.
+        self.threads.acks.wait_until(deadline);
+        self.link.shutdown();
+        let Threads {
+            heartbeat,
+            sender,
+            acks,
+        } = self.threads;
+        let _ = heartbeat.join();
+        sender.join();
+        acks.join();
+        self.udp.stop();
+        if let Some(gate) = self.shared.output.get() {
+            // Unprotected from here on: nothing more to wait for.
+            gate.open();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! [`run`]: a protected guest's whole life on the primary, mirroring
+//! `understudy_secondary::serve`. Connect and synchronise, then checkpoint
+//! every epoch until stopped; when the secondary is lost, the guest runs on
+//! unprotected (loudly reported) and the secondary's address is tried again
+//! every second, with a full resynchronisation when one answers.
+//!
+//! ```text
+//!  connect ─▶ synchronise (epoch 0) ─▶ ┌ wait for the epoch boundary (or early, on output)
+//!     ▲                                 │ checkpoint and queue it
+//!     │                                 └ drain events ─▶ repeat until stop / duration / guest stopped
+//!     └── secondary lost: run unprotected, retry every second
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::protocol::Purpose;
+use understudy_vm::{Vm, VmEvent};
+
+use crate::output::OutputCommit;
+use crate::policy::wait_for_epoch;
+use crate::protection::Protection;
+use crate::{PrimaryError, PrimaryEvent, PrimaryOptions};
+
+/// How long between attempts to reach a lost secondary again.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a protected guest runs.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Connection, epochs, codec, heartbeats.
+    pub primary: PrimaryOptions,
+    /// This VM's identity for the secondary.
+    pub vm_id: u64,
+    /// The guest's output-commit gate, when it has a network.
+    pub gate: Option<Arc<OutputCommit>>,
+    /// With a gate: take the checkpoint early once the guest has sent
+    /// output and this long has passed since the last one (zero: output
+    /// waits for the epoch's end, as in Remus).
+    pub output_epoch: Duration,
+    /// Stop after this long (default: until `stop`).
+    pub duration: Option<Duration>,
+    /// Keep trying the first connection this long (a secondary that is
+    /// still starting); later losses are retried until stopped.
+    pub connect_patience: Duration,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Stopped, or its duration was over; the guest is still running.
+    Stopped,
+    /// The guest stopped by itself (exited, panicked, or a vCPU failed).
+    GuestStopped(String),
+}
+
+/// Protects `vm` (running) until `stop`, the duration, or the guest ends.
+/// `on_event` hears every event, on the calling thread; a
+/// [`PrimaryEvent::Checkpointed`] always comes before anything of its epoch
+/// is sent. Fails only when the first connection cannot be made or a
+/// protection fails otherwise than by losing the secondary.
+pub fn run(
+    vm: &mut Vm,
+    options: &RunOptions,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(PrimaryEvent),
+) -> Result<RunEnd, PrimaryError> {
+    let started = Instant::now();
+    let deadline = options.duration.map(|duration| started + duration);
+    let finished =
+        || stop.load(Ordering::Relaxed) || deadline.is_some_and(|end| Instant::now() >= end);
+    let mut protected_before = false;
+    while !finished() {
+        let mut protection = match Protection::connect(
+            vm,
+            options.primary.clone(),
+            options.vm_id,
+            Purpose::Replicate,
+        ) {
+            Ok(protection) => protection,
+            Err(error) if protected_before || started.elapsed() < options.connect_patience => {
+                // Unprotected (or not yet): the guest runs on; try again soon.
+                tracing::debug!("protection failed to start: {error}");
+                if let Some(reason) = guest_stopped(vm) {
+                    return Ok(RunEnd::GuestStopped(reason));
+                }
+                let pause = if protected_before {
+                    RECONNECT_INTERVAL
+                } else {
+                    Duration::from_millis(20)
+                };
+                std::thread::sleep(pause);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some(gate) = &options.gate {
+            protection.commit_output(gate.clone());
+        }
+        let outcome = protection
+            .synchronise(vm, |metrics| {
+                on_event(PrimaryEvent::Checkpointed(metrics.clone()));
+            })
+            .and_then(|synchronised| {
+                on_event(synchronised);
+                protected_before = true;
+                protect(vm, &mut protection, options, stop, deadline, &mut on_event)
+            });
+        for event in protection.events() {
+            on_event(event);
+        }
+        protection.close("the primary is stopping");
+        match outcome {
+            Ok(end) => return Ok(end),
+            Err(PrimaryError::SecondaryLost(reason)) if protected_before => {
+                tracing::warn!(
+                    "the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
+                     trying {} again every second",
+                    options.primary.secondary
+                );
+                on_event(PrimaryEvent::SecondaryLost { reason });
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(RunEnd::Stopped)
+}
+
+/// Checkpoints every epoch until `stop`, `deadline` or the guest stops.
+fn protect(
+    vm: &mut Vm,
+    protection: &mut Protection,
+    options: &RunOptions,
+    stop: &AtomicBool,
+    deadline: Option<Instant>,
+    on_event: &mut impl FnMut(PrimaryEvent),
+) -> Result<RunEnd, PrimaryError> {
+    let mut next = Instant::now();
+    loop {
+        next += protection.epoch_length();
+        let early = options
+            .gate
+            .as_deref()
+            .filter(|_| !options.output_epoch.is_zero())
+            .map(|gate| (gate, protection.last_checkpoint() + options.output_epoch));
+        wait_for_epoch(deadline.map_or(next, |end| next.min(end)), stop, early);
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|end| Instant::now() >= end) {
+            return Ok(RunEnd::Stopped);
+        }
+        if let Some(reason) = guest_stopped(vm) {
+            return Ok(RunEnd::GuestStopped(reason));
+        }
+        protection.checkpoint_and_send(vm, |metrics| {
+            on_event(PrimaryEvent::Checkpointed(metrics.clone()));
+        })?;
+        for event in protection.events() {
+            on_event(event);
+        }
+        // An epoch that overran (backpressure) starts the next one now.
+        next = next.max(Instant::now() - protection.epoch_length());
+    }
+}
+
+/// Why the guest stopped, if a vCPU reported it.
+fn guest_stopped(vm: &Vm) -> Option<String> {
+    vm.events().try_recv().ok().map(|event| match event {
+        VmEvent::GuestPanicked { vcpu, message } => {
+            format!("guest panicked on vCPU {vcpu}: {message}")
+        }
+        VmEvent::VcpuFailed { vcpu, reason } => format!("vCPU {vcpu} stopped: {reason}"),
+        VmEvent::GuestExited { vcpu, code } => {
+            format!("guest exited on vCPU {vcpu} with code {code}")
+        }
+    })
+}
