@@ -118,7 +118,8 @@ fn protected(
         vm_id: 1,
         gate: None,
         output_epoch: Duration::ZERO,
-        duration: Some(Duration::from_secs_f64(seconds)),
+        // Measured from the initial synchronisation on (see below).
+        duration: None,
         // The secondary may take a moment to listen.
         connect_patience: Duration::from_secs(5),
     };
@@ -131,14 +132,20 @@ fn protected(
     };
     let mut first: Option<ProgressSample> = None;
     let mut last: Option<ProgressSample> = None;
-    let never = AtomicBool::new(false);
-    let ended = understudy_primary::run(&mut vm, &options, &never, |event| match event {
+    let measure = Duration::from_secs_f64(seconds);
+    let mut synchronised = None;
+    let done = AtomicBool::new(false);
+    let ended = understudy_primary::run(&mut vm, &options, &done, |event| match event {
+        PrimaryEvent::Synchronised { .. } => synchronised = Some(Instant::now()),
         // Epoch 0 is the initial copy: steady state starts after it.
         PrimaryEvent::Checkpointed(metrics) if metrics.epoch > 0 => {
             result.pauses.push(metrics.pause);
             result.dirty_pages.push(metrics.dirty_pages);
             first.get_or_insert_with(|| metrics.progress.clone());
             last = Some(metrics.progress);
+            if synchronised.is_some_and(|at| at.elapsed() >= measure) {
+                done.store(true, Ordering::Relaxed);
+            }
         }
         PrimaryEvent::Acknowledged { epoch, latency } if epoch > 0 => result.acks.push(latency),
         PrimaryEvent::Sent(metrics) if metrics.epoch > 0 => {

@@ -554,6 +554,24 @@ pub enum Action {
     Close(String),
 }
 
+impl Action {
+    /// The action's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Greet(_) => "Hello",
+            Action::BeginEpoch(_) => "EpochBegin",
+            Action::StagePages(_) => "Pages",
+            Action::StageState(_) => "State",
+            Action::StageOutput(_) => "Output",
+            Action::Commit { .. } => "EpochEnd",
+            Action::Heartbeat(_) => "Heartbeat",
+            Action::Sync(_) => "Sync",
+            Action::LogInput { .. } => "Input",
+            Action::Close(_) => "Goodbye",
+        }
+    }
+}
+
 /// The secondary's side of a connection: sequence and state checks.
 #[derive(Debug)]
 pub struct Receiver {

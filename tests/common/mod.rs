@@ -5,29 +5,7 @@ use std::process::{Command, Output};
 
 use understudy_lab::network::Namespace;
 
-/// Environment variable that lets a machine without /dev/kvm skip KVM tests.
-pub const SKIP_KVM_TESTS: &str = "UNDERSTUDY_SKIP_KVM_TESTS";
-
-/// Whether KVM tests should run. Fails the test with a clear message when
-/// /dev/kvm is missing, unless the user opted out with UNDERSTUDY_SKIP_KVM_TESTS=1.
-pub fn require_kvm() -> bool {
-    let opted_out = std::env::var(SKIP_KVM_TESTS).is_ok_and(|value| value == "1");
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if opted_out => {
-            eprintln!("skipped: /dev/kvm is not usable and {SKIP_KVM_TESTS}=1");
-            false
-        }
-        Err(error) => panic!(
-            "this test needs /dev/kvm (read-write, usually as root), which failed to open: {error}. \
-             Set {SKIP_KVM_TESTS}=1 to skip KVM tests on this machine."
-        ),
-    }
-}
+pub use understudy_vm::testing::require_kvm;
 
 /// Runs the `understudy` binary with `args` and returns its output.
 pub fn understudy(args: &[&str]) -> Output {

@@ -10,7 +10,8 @@
 //! - [`bus`]: port-I/O and MMIO dispatch;
 //! - [`tap`]: tap devices, the host side of guest network interfaces;
 //! - [`virtio_net`]: the guest's network interface (virtio-net over virtio-mmio);
-//! - [`workload`]: the guest workload as the user names it.
+//! - [`workload`]: the guest workload as the user names it;
+//! - [`testing`]: whether KVM tests run on this machine.
 
 pub mod boot;
 pub mod bus;
@@ -20,6 +21,7 @@ pub mod progress;
 pub mod ratelimit;
 pub mod state;
 pub mod tap;
+pub mod testing;
 pub mod vcpu;
 pub mod virtio_net;
 pub mod vm;

@@ -1,0 +1,280 @@
+//! One primary's connection: the greeting, then epochs received, staged,
+//! committed and acknowledged until the primary leaves, is lost, or a
+//! migration arrives.
+//!
+//! ```text
+//!  primary                         secondary
+//!  Hello ───────────────────────▶  check (version, guest image, memory size)
+//!        ◀─────────────────────── Welcome | Refuse
+//!  EpochBegin(n), Pages…, State, Output…, EpochEnd ──▶ stage, then commit
+//!        ◀─────────────────────── Ack(n)
+//!  Input(e) at any time ────────▶  logged for a takeover
+//!  Sync(t) ─────────────────────▶  ◀── Synced(t)
+//!  Goodbye ─────────────────────▶  closed, no takeover
+//! ```
+//!
+//! The backup exists only after `Hello`: [`receive`] greets first and hands
+//! the rest of the connection a `&mut Backup`.
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::heartbeat::Heartbeats;
+use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader, is_peer_lost};
+use understudy_checkpoint::protocol::{
+    Action, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
+};
+use understudy_compress::{Decoder, PageBatch};
+use understudy_vm::memory;
+use understudy_vm::state::VmState;
+
+use crate::backup::{Backup, Staging};
+use crate::{ConnectionError, SecondaryEvent, anyhow_chain};
+
+pub(crate) enum Ended {
+    /// A migration's last epoch was applied: the guest runs here now.
+    MigratedIn,
+    /// The primary went silent or the connection broke.
+    Lost { last_heard: Instant, reason: String },
+    /// The primary said goodbye.
+    Closed(String),
+}
+
+pub(crate) fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    udp: &UdpSocket,
+    heartbeat: HeartbeatPolicy,
+    ack_delay: Duration,
+    backup: &mut Option<Backup>,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Ended, ConnectionError> {
+    let write_half = stream.try_clone().map_err(ProtocolError::Io)?;
+    let sender = LinkSender::new(write_half);
+    let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
+    let stop_heartbeats = Arc::new(AtomicBool::new(false));
+    let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
+    let mut link = Connection {
+        reader: &mut reader,
+        sender: &sender,
+        peer,
+        udp,
+        heartbeat,
+        udp_heartbeats: None,
+        ack_delay,
+    };
+    let result = receive(&mut link, backup, report);
+    // The heartbeat threads notice their stop flags within an interval;
+    // nobody waits for them, so a takeover starts at once.
+    drop(link.udp_heartbeats.take());
+    stop_heartbeats.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Err(error) = &result {
+        // Tell a live primary why it is being dropped.
+        let _ = sender.send(0, &Message::Goodbye(anyhow_chain(error)));
+    }
+    sender.shutdown();
+    drop(heartbeats);
+    match result {
+        Err(ConnectionError::Protocol(error)) if is_peer_lost(&error) => Ok(Ended::Lost {
+            last_heard: reader.last_progress(),
+            reason: anyhow_chain(&error),
+        }),
+        other => other,
+    }
+}
+
+/// One primary's connection, as `receive` uses it.
+struct Connection<'a> {
+    reader: &'a mut LivenessReader,
+    sender: &'a LinkSender,
+    peer: SocketAddr,
+    udp: &'a UdpSocket,
+    heartbeat: HeartbeatPolicy,
+    udp_heartbeats: Option<Heartbeats>,
+    ack_delay: Duration,
+}
+
+fn receive(
+    link: &mut Connection<'_>,
+    slot: &mut Option<Backup>,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Ended, ConnectionError> {
+    let mut receiver = Receiver::new();
+    let hello = loop {
+        let envelope = link.reader.receive()?;
+        match receiver.accept(envelope)? {
+            Action::Greet(hello) => break hello,
+            Action::Heartbeat(_) => {}
+            Action::Close(reason) => {
+                return Ok(Ended::Closed(format!("the primary left: {reason}")));
+            }
+            other => return Err(ConnectionError::BeforeHello(other.name())),
+        }
+    };
+    if let Err(reason) = check_hello(&hello) {
+        link.sender.send(0, &Message::Refuse(reason.clone()))?;
+        return Ok(Ended::Closed(format!("refused the primary: {reason}")));
+    }
+    let backup = Backup::for_hello(slot, &hello)?;
+    let udp_heartbeats =
+        Heartbeats::to_primary(link.udp, link.peer.ip(), hello.vm_id, link.heartbeat)
+            .map_err(ProtocolError::Io)?;
+    link.reader.hear(udp_heartbeats.heard());
+    link.udp_heartbeats = Some(udp_heartbeats);
+    link.sender.send(0, &Message::Welcome)?;
+    let purpose = hello.purpose;
+    report(&SecondaryEvent::Connected {
+        peer: link.peer,
+        hello,
+    });
+    receive_epochs(link, &mut receiver, backup, purpose, report)
+}
+
+/// After `Hello`: epochs until the primary leaves or is lost, or a migration
+/// arrives.
+fn receive_epochs(
+    link: &mut Connection<'_>,
+    receiver: &mut Receiver,
+    backup: &mut Backup,
+    purpose: Purpose,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Ended, ConnectionError> {
+    let sender = link.sender;
+    let mut decoder = Decoder::new();
+    let mut staging = Staging::default();
+    let mut decoded = PageBatch::new();
+    loop {
+        let envelope = link.reader.receive()?;
+        let epoch = envelope.epoch;
+        match receiver.accept(envelope)? {
+            Action::Greet(_) => return Err(ConnectionError::BeforeHello("a second Hello")),
+            Action::BeginEpoch(_) => staging.begin(),
+            Action::StageOutput(frame) => staging.output.push(frame),
+            Action::StagePages(frame) => {
+                decoder
+                    .decode(&frame, &mut decoded)
+                    .map_err(|source| ConnectionError::Pages { epoch, source })?;
+                staging.received += decoded.len() as u64;
+                if backup.writes_in_place() {
+                    // The initial copy: nothing to protect yet, write it in place.
+                    backup.apply(&decoded)?;
+                } else {
+                    for (page_number, page) in decoded.iter() {
+                        staging.pages.push(page_number, page);
+                    }
+                }
+            }
+            Action::StageState(bytes) => {
+                staging.state = Some(check_state(&bytes, epoch, backup)?);
+            }
+            Action::Commit { epoch, end } => {
+                backup.commit(epoch, end, &mut staging)?;
+                // Committed, whether or not the acknowledgement gets out.
+                report(&SecondaryEvent::Committed {
+                    epoch,
+                    pages: staging.received,
+                    receive: staging.elapsed(),
+                });
+                if !link.ack_delay.is_zero() {
+                    std::thread::sleep(link.ack_delay);
+                }
+                sender.send(epoch, &Message::Ack)?;
+                if purpose == Purpose::Migrate {
+                    return Ok(Ended::MigratedIn);
+                }
+            }
+            Action::Heartbeat(_) => {}
+            Action::Sync(token) => sender.send(epoch, &Message::Synced(token))?,
+            Action::LogInput { epoch, frame } => {
+                let committed = backup.committed_epoch();
+                backup.input_log.record(epoch, frame, committed);
+            }
+            Action::Close(reason) => {
+                return Ok(Ended::Closed(format!("the primary left: {reason}")));
+            }
+        }
+    }
+}
+
+/// Decodes a VM state and checks it has the backup VM's shape.
+fn check_state(bytes: &[u8], epoch: u64, backup: &Backup) -> Result<VmState, ConnectionError> {
+    let state =
+        VmState::decode(bytes).map_err(|source| ConnectionError::State { epoch, source })?;
+    let config = backup.config();
+    let vcpus_match = u32::try_from(state.vcpus.len()).is_ok_and(|vcpus| vcpus == config.vcpus);
+    if state.memory_bytes != config.memory_bytes || !vcpus_match {
+        return Err(ConnectionError::StateShape(epoch));
+    }
+    Ok(state)
+}
+
+fn check_hello(hello: &Hello) -> Result<(), String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this secondary speaks {PROTOCOL_VERSION})",
+            hello.version
+        ));
+    }
+    if hello.guest_image_hash != understudy_vm::boot::guest_image_hash() {
+        return Err("the primary runs a different guest image".to_owned());
+    }
+    memory::region_layout(hello.memory_bytes).map_err(|error| error.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            purpose: Purpose::Replicate,
+            memory_bytes: 64 << 20,
+            vcpus: 1,
+            guest_image_hash: understudy_vm::boot::guest_image_hash(),
+            vm_id: 7,
+        }
+    }
+
+    #[test]
+    fn a_hello_from_this_build_is_accepted() {
+        assert_eq!(check_hello(&hello()), Ok(()));
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused() {
+        let other = Hello {
+            version: PROTOCOL_VERSION + 1,
+            ..hello()
+        };
+
+        let refused = check_hello(&other).expect_err("another version");
+
+        assert!(refused.contains("protocol version"), "{refused}");
+    }
+
+    #[test]
+    fn another_guest_image_is_refused() {
+        let other = Hello {
+            guest_image_hash: hello().guest_image_hash ^ 1,
+            ..hello()
+        };
+
+        let refused = check_hello(&other).expect_err("another image");
+
+        assert!(refused.contains("different guest image"), "{refused}");
+    }
+
+    #[test]
+    fn an_impossible_memory_size_is_refused() {
+        let other = Hello {
+            memory_bytes: 12345,
+            ..hello()
+        };
+
+        assert!(check_hello(&other).is_err());
+    }
+}
