@@ -17,7 +17,7 @@ use understudy_checkpoint::protocol::{
 use understudy_compress::{CodecSpec, Encoder, PageBatch};
 use understudy_vm::memory;
 use understudy_vm::workload::WorkloadSpec;
-use understudy_vm::{Vm, VmConfig};
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig};
 
 const MEMORY: u64 = 64 << 20;
 
@@ -122,11 +122,11 @@ impl ScriptedPrimary {
 
 fn non_zero_pages(vm: &Vm) -> PageBatch {
     let mut batch = PageBatch::new();
-    let mut page = [0u8; 4096];
-    for address in (0..MEMORY).step_by(4096) {
+    let mut page = [0u8; PAGE_BYTES];
+    for address in (0..MEMORY).step_by(PAGE_BYTES) {
         memory::read(vm.memory(), address, &mut page).expect("read");
         if page.iter().any(|b| *b != 0) {
-            batch.push(address / 4096, &page);
+            batch.push(address / PAGE_SIZE, &page);
         }
     }
     batch
@@ -135,7 +135,7 @@ fn non_zero_pages(vm: &Vm) -> PageBatch {
 /// A page different from anything in epoch 0.
 fn poison() -> PageBatch {
     let mut batch = PageBatch::new();
-    batch.push(4000, &[0xab; 4096]);
+    batch.push(4000, &[0xab; PAGE_BYTES]);
     batch
 }
 

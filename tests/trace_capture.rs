@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 use common::{event, json_lines, require_kvm, understudy};
-use understudy_compress::PAGE_SIZE;
+use understudy_compress::PAGE_BYTES;
 use understudy_compress::trace::{self, TraceSource};
 
 /// A program that mutates memory in a known way: it fills 64 pages with
@@ -104,7 +104,7 @@ fn process_trace_holds_exactly_the_pages_the_process_changed() {
         fields.next().expect("address"),
         fields.next().expect("pages"),
     );
-    let first_page = address / PAGE_SIZE as u64;
+    let first_page = address / PAGE_BYTES as u64;
     let trace_path = directory.path().join("writer.trace");
 
     // Act: capture it while it changes its pages.
@@ -160,11 +160,11 @@ fn process_trace_holds_exactly_the_pages_the_process_changed() {
     let changed: BTreeSet<u64> = last_seen.keys().copied().collect();
     let expected: BTreeSet<u64> = (1..pages).step_by(5).collect();
     assert_eq!(changed, expected);
-    let mut page_one = [0x11u8; PAGE_SIZE];
+    let mut page_one = [0x11u8; PAGE_BYTES];
     page_one[100] = 1;
     page_one[200] = 2;
     assert_eq!(last_seen[&1], page_one);
-    let mut page_six = [0x11u8; PAGE_SIZE];
+    let mut page_six = [0x11u8; PAGE_BYTES];
     page_six[100] = 6;
     assert_eq!(last_seen[&6], page_six);
 }
@@ -174,9 +174,11 @@ fn guest_trace_feeds_the_codec_benchmark() {
     if !require_kvm() {
         return;
     }
-    // Arrange: a guest rewriting 8 MiB sparsely, traced for a second once
+    // Arrange: a guest rewriting 8 MiB sparsely, traced for 12 epochs once
     // it has written its whole working set (so that epoch 0 holds every
-    // page later epochs change, whatever the machine's speed).
+    // page later epochs change, whatever the machine's speed). The capture
+    // ends after the epochs, with a generous time limit: a busy machine
+    // takes longer, it does not produce fewer epochs.
     let directory = tempfile::tempdir().expect("tempdir");
     let trace_path = directory.path().join("guest.trace");
     let trace_arg = trace_path.to_str().expect("utf-8 path");
@@ -190,8 +192,10 @@ fn guest_trace_feeds_the_codec_benchmark() {
         "memtouch:rate=100MB/s,wss=8M,pattern=sparse",
         "--interval",
         "25ms",
+        "--epochs",
+        "12",
         "--duration",
-        "1s",
+        "120s",
         "--warmup",
         "300ms",
         "--json",
@@ -227,7 +231,7 @@ fn guest_trace_feeds_the_codec_benchmark() {
         String::from_utf8_lossy(&benched.stderr)
     );
     let summary = event(&json_lines(&captured), "captured");
-    assert!(summary["epochs"].as_u64().expect("epochs") >= 10);
+    assert_eq!(summary["epochs"].as_u64(), Some(12));
     let report: serde_json::Value =
         serde_json::from_slice(&benched.stdout).expect("the report is JSON");
     let ratio = |codec: &str| {

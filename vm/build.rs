@@ -4,22 +4,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+include!("guest_sources.rs");
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let guest_dir = manifest_dir.join("../guest");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let target_dir = out_dir.join("guest-target");
-    for path in [
-        "src",
-        "abi/src",
-        "abi/Cargo.toml",
-        "Cargo.toml",
-        "Cargo.lock",
-        "build.rs",
-        "link.ld",
-        ".cargo/config.toml",
-    ] {
-        println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
+    println!("cargo:rerun-if-changed=guest_sources.rs");
+    for path in guest_sources(&guest_dir) {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());

@@ -15,6 +15,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE};
+
 use serde_json::json;
 use understudy_compress::trace::{self, Epoch, TraceError, TraceInfo};
 use understudy_compress::{CodecError, CodecSpec, Decoder, Encoder, PageBatch};
@@ -402,9 +404,9 @@ impl fmt::Display for CompressReport {
                 trace.epochs,
                 trace.mean_interval.as_secs_f64() * 1e3,
                 trace.first_epoch_pages,
-                mib(trace.first_epoch_pages * 4096),
+                mib(trace.first_epoch_pages * PAGE_BYTES),
                 trace.mean_pages,
-                trace.mean_pages * 4096.0 / (1 << 20) as f64,
+                trace.mean_pages * PAGE_SIZE as f64 / (1 << 20) as f64,
             )?;
             writeln!(
                 f,

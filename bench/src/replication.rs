@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions};
 use understudy_secondary::SecondaryOptions;
 use understudy_vm::VmConfig;

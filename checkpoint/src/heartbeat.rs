@@ -25,7 +25,30 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::link::HeartbeatPolicy;
+/// How often heartbeats go out and how many may be missed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatPolicy {
+    /// Send a heartbeat after this long without sending anything.
+    pub interval: Duration,
+    /// Declare the peer lost after this many intervals of silence.
+    pub misses: u32,
+}
+
+impl Default for HeartbeatPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(10),
+            misses: 5,
+        }
+    }
+}
+
+impl HeartbeatPolicy {
+    /// Silence after which the peer is lost.
+    pub fn timeout(&self) -> Duration {
+        self.interval * self.misses
+    }
+}
 
 const MAGIC: [u8; 4] = *b"URHB";
 const DATAGRAM_LEN: usize = 32;

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::Tap;
-use understudy_vm::{Vm, VmConfig, VmError};
+use understudy_vm::{PAGE_BYTES, Vm, VmConfig, VmError};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 /// First bytes of a snapshot file.
@@ -47,9 +47,8 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"USNAPSHT";
 pub const SNAPSHOT_END_MAGIC: [u8; 8] = *b"USNAPEND";
 /// Format version written and read by this build.
 pub const SNAPSHOT_VERSION: u32 = 1;
-const PAGE_SIZE: usize = 4096;
 const CHUNK_PAGES: usize = 256;
-const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_SIZE;
+const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_BYTES;
 const HEADER_LEN: usize = 64;
 const TRAILER_LEN: u64 = 16;
 
@@ -136,7 +135,7 @@ impl Header {
         let mut bytes = [0u8; HEADER_LEN];
         bytes[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
         bytes[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        bytes[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        bytes[12..16].copy_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
         bytes[16..24].copy_from_slice(&self.memory_bytes.to_le_bytes());
         bytes[24..32].copy_from_slice(&self.memory_hash.to_le_bytes());
         bytes[32..40].copy_from_slice(&self.state_len.to_le_bytes());
@@ -160,9 +159,9 @@ impl Header {
         if version != SNAPSHOT_VERSION {
             return Err(SnapshotError::UnsupportedVersion { found: version });
         }
-        if u32_at(12) as usize != PAGE_SIZE {
+        if u32_at(12) as usize != PAGE_BYTES {
             return Err(SnapshotError::BadHeader(format!(
-                "page size {} is not 4096",
+                "page size {} is not {PAGE_BYTES}",
                 u32_at(12)
             )));
         }
@@ -173,7 +172,7 @@ impl Header {
             state_checksum: u64_at(40),
             stored_pages: u64_at(48),
         };
-        if header.stored_pages > header.memory_bytes / PAGE_SIZE as u64 {
+        if header.stored_pages > header.memory_bytes / PAGE_BYTES as u64 {
             return Err(SnapshotError::BadHeader(format!(
                 "{} stored pages in {} bytes of memory",
                 header.stored_pages, header.memory_bytes
@@ -200,7 +199,7 @@ impl Header {
         HEADER_LEN as u64
             + self.state_len
             + chunks * (CHUNK_PAGES / 8) as u64
-            + self.stored_pages * PAGE_SIZE as u64
+            + self.stored_pages * PAGE_BYTES as u64
             + TRAILER_LEN
     }
 }
@@ -252,7 +251,7 @@ impl<R: Read> HashingReader<R> {
 /// Which pages of a chunk are stored: the non-zero ones.
 fn chunk_bitmap(chunk: &[u8]) -> [u8; CHUNK_PAGES / 8] {
     let mut bitmap = [0u8; CHUNK_PAGES / 8];
-    for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+    for (page, contents) in chunk.chunks_exact(PAGE_BYTES).enumerate() {
         if contents.iter().any(|&byte| byte != 0) {
             bitmap[page / 8] |= 1 << (page % 8);
         }
@@ -290,7 +289,7 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
         memory_hasher.update(&chunk);
         let bitmap = chunk_bitmap(&chunk);
         out.put(&bitmap).map_err(io)?;
-        for (page, contents) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+        for (page, contents) in chunk.chunks_exact(PAGE_BYTES).enumerate() {
             if bitmap[page / 8] & (1 << (page % 8)) != 0 {
                 out.put(contents).map_err(io)?;
                 stored_pages += 1;
@@ -371,7 +370,7 @@ pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummar
     }
 
     let vm = Vm::new(VmConfig::new(state.memory_bytes, state.vcpus.len() as u32))?;
-    let mut page = vec![0u8; PAGE_SIZE];
+    let mut page = vec![0u8; PAGE_BYTES];
     let mut stored_pages = 0u64;
     for chunk_start in (0..header.memory_bytes).step_by(CHUNK_BYTES) {
         let mut bitmap = [0u8; CHUNK_PAGES / 8];
@@ -384,7 +383,11 @@ pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummar
                     });
                 }
                 input.take(&mut page, "memory", path)?;
-                memory::write(vm.memory(), chunk_start + (index * PAGE_SIZE) as u64, &page)?;
+                memory::write(
+                    vm.memory(),
+                    chunk_start + (index * PAGE_BYTES) as u64,
+                    &page,
+                )?;
                 stored_pages += 1;
             }
         }

@@ -4,11 +4,11 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-/// Size of a page, in bytes.
-pub const PAGE_SIZE: usize = 4096;
+/// Bytes per page: the project's one page size (the guest ABI's).
+pub use understudy_guest_abi::PAGE_BYTES;
 
 /// The contents of one page.
-pub type Page = [u8; PAGE_SIZE];
+pub type Page = [u8; PAGE_BYTES];
 
 /// Page numbers and their contents, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl PageBatch {
     pub fn with_capacity(pages: usize) -> Self {
         Self {
             page_numbers: Vec::with_capacity(pages),
-            contents: Vec::with_capacity(pages * PAGE_SIZE),
+            contents: Vec::with_capacity(pages * PAGE_BYTES),
         }
     }
 
@@ -41,7 +41,7 @@ impl PageBatch {
     pub fn push_zeroed(&mut self, page_number: u64) -> &mut Page {
         self.page_numbers.push(page_number);
         let start = self.contents.len();
-        self.contents.resize(start + PAGE_SIZE, 0);
+        self.contents.resize(start + PAGE_BYTES, 0);
         as_page_mut(&mut self.contents[start..])
     }
 
@@ -50,7 +50,7 @@ impl PageBatch {
     pub fn push_run_zeroed(&mut self, first: u64, count: usize) -> &mut [u8] {
         self.page_numbers.extend(first..first + count as u64);
         let start = self.contents.len();
-        self.contents.resize(start + count * PAGE_SIZE, 0);
+        self.contents.resize(start + count * PAGE_BYTES, 0);
         &mut self.contents[start..]
     }
 
@@ -92,12 +92,12 @@ impl PageBatch {
 
     /// The contents of the `index`th page.
     pub fn page(&self, index: usize) -> &Page {
-        as_page(&self.contents[index * PAGE_SIZE..])
+        as_page(&self.contents[index * PAGE_BYTES..])
     }
 
     /// The contents of the `index`th page, to change.
     pub fn page_mut(&mut self, index: usize) -> &mut Page {
-        as_page_mut(&mut self.contents[index * PAGE_SIZE..])
+        as_page_mut(&mut self.contents[index * PAGE_BYTES..])
     }
 
     /// Page numbers with their contents, in order.
@@ -105,7 +105,7 @@ impl PageBatch {
         self.page_numbers
             .iter()
             .copied()
-            .zip(self.contents.chunks_exact(PAGE_SIZE).map(as_page))
+            .zip(self.contents.chunks_exact(PAGE_BYTES).map(as_page))
     }
 
     /// xxh3 of the page numbers (little-endian) followed by the contents: what
@@ -123,7 +123,7 @@ impl PageBatch {
     ///
     /// Returns `None` when `contents` is not exactly one page per number.
     pub fn from_parts(page_numbers: Vec<u64>, contents: Vec<u8>) -> Option<Self> {
-        (contents.len() == page_numbers.len() * PAGE_SIZE).then_some(Self {
+        (contents.len() == page_numbers.len() * PAGE_BYTES).then_some(Self {
             page_numbers,
             contents,
         })
@@ -135,16 +135,16 @@ impl PageBatch {
 /// Panics if `bytes` is shorter than a page: callers slice at page
 /// boundaries they have checked.
 pub fn as_page(bytes: &[u8]) -> &Page {
-    bytes[..PAGE_SIZE]
+    bytes[..PAGE_BYTES]
         .try_into()
-        .expect("slice of exactly PAGE_SIZE bytes")
+        .expect("slice of exactly PAGE_BYTES bytes")
 }
 
 /// Views the first page of `bytes` as a page, to change.
 pub fn as_page_mut(bytes: &mut [u8]) -> &mut Page {
-    (&mut bytes[..PAGE_SIZE])
+    (&mut bytes[..PAGE_BYTES])
         .try_into()
-        .expect("slice of exactly PAGE_SIZE bytes")
+        .expect("slice of exactly PAGE_BYTES bytes")
 }
 
 /// Whether every byte of `page` is zero.
@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn push_and_read_back() {
         let mut batch = PageBatch::new();
-        let mut page = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_BYTES];
         page[7] = 9;
 
         batch.push(42, &page);
@@ -173,14 +173,14 @@ mod tests {
         assert_eq!(batch.page_number(1), 43);
         assert_eq!(batch.page(0)[7], 9);
         assert_eq!(batch.page(1)[0], 1);
-        assert_eq!(batch.content_bytes(), 2 * PAGE_SIZE);
+        assert_eq!(batch.content_bytes(), 2 * PAGE_BYTES);
     }
 
     #[test]
     fn a_run_of_pages_is_one_slice() {
         let mut batch = PageBatch::new();
 
-        batch.push_run_zeroed(10, 3)[PAGE_SIZE] = 7;
+        batch.push_run_zeroed(10, 3)[PAGE_BYTES] = 7;
 
         assert_eq!(batch.page_numbers(), &[10, 11, 12]);
         assert_eq!(batch.page(1)[0], 7);
@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn checksum_covers_page_numbers_and_contents() {
-        let page = [5u8; PAGE_SIZE];
+        let page = [5u8; PAGE_BYTES];
         let mut a = PageBatch::new();
         a.push(1, &page);
         let mut renumbered = PageBatch::new();
@@ -202,17 +202,17 @@ mod tests {
 
     #[test]
     fn zero_page_detection_sees_the_last_byte() {
-        let mut page = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_BYTES];
         assert!(is_zero_page(&page));
 
-        page[PAGE_SIZE - 1] = 1;
+        page[PAGE_BYTES - 1] = 1;
 
         assert!(!is_zero_page(&page));
     }
 
     #[test]
     fn from_parts_refuses_mismatched_lengths() {
-        assert!(PageBatch::from_parts(vec![1, 2], vec![0; PAGE_SIZE]).is_none());
-        assert!(PageBatch::from_parts(vec![1], vec![0; PAGE_SIZE]).is_some());
+        assert!(PageBatch::from_parts(vec![1, 2], vec![0; PAGE_BYTES]).is_none());
+        assert!(PageBatch::from_parts(vec![1], vec![0; PAGE_BYTES]).is_some());
     }
 }

@@ -31,7 +31,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::auto::AutoPolicy;
-use crate::batch::{PAGE_SIZE, PageBatch};
+use crate::batch::{PAGE_BYTES, PageBatch};
 use crate::compressor::{Compressor, CompressorError, CompressorId, CompressorSpec, Decompressor};
 use crate::spec::{CodecSpec, TransformKind};
 use crate::transform::{TransformDecoder, TransformEncoder, TransformError, TransformStats};
@@ -276,7 +276,7 @@ impl Encoder {
             literals_compressor: literals_id as u8,
             sequence: self.sequence,
             page_count: batch.len() as u32,
-            literal_pages: (literal_bytes.len() / PAGE_SIZE) as u32,
+            literal_pages: (literal_bytes.len() / PAGE_BYTES) as u32,
             records_len: u32::try_from(self.records.len()).map_err(too_large)?,
             compressed_records_len: u32::try_from(records_end - start - HEADER_LEN)
                 .map_err(too_large)?,
@@ -362,7 +362,7 @@ impl Decoder {
         if literal_pages > page_count {
             return Err(CodecError::Inconsistent("more whole pages than pages"));
         }
-        if header.records_len as usize > page_count * (PAGE_SIZE + 40) {
+        if header.records_len as usize > page_count * (PAGE_BYTES + 40) {
             return Err(CodecError::Inconsistent("records longer than their pages"));
         }
         let payload = &frame[HEADER_LEN..];
@@ -390,7 +390,7 @@ impl Decoder {
             .decompress(
                 literals_id,
                 literals,
-                literal_pages * PAGE_SIZE,
+                literal_pages * PAGE_BYTES,
                 &mut self.literals,
             )
             .map_err(|source| CodecError::Decompress {
@@ -788,7 +788,7 @@ mod tests {
         }
 
         fn build(epochs: &[Vec<(usize, Change)>]) -> Vec<PageBatch> {
-            let mut memory = vec![[0u8; PAGE_SIZE]; 24];
+            let mut memory = vec![[0u8; PAGE_BYTES]; 24];
             epochs
                 .iter()
                 .map(|changes| {

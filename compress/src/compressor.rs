@@ -20,7 +20,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 
-use crate::batch::PAGE_SIZE;
+use crate::batch::PAGE_BYTES;
 use crate::varint;
 
 /// Identifies the compressor of a section in a frame header.
@@ -94,7 +94,7 @@ impl fmt::Display for CompressorSpec {
             } => write!(
                 f,
                 "zstd:level={level},dict={}",
-                crate::spec::format_size(*dictionary_bytes as u64)
+                crate::size::format_size(*dictionary_bytes as u64)
             ),
         }
     }
@@ -282,12 +282,12 @@ impl Compressor {
         };
         let wanted = (dictionary_bytes * 100).min(16 << 20);
         let room = wanted.saturating_sub(samples.len());
-        let take = (input.len().min(room) / PAGE_SIZE) * PAGE_SIZE;
+        let take = (input.len().min(room) / PAGE_BYTES) * PAGE_BYTES;
         samples.extend_from_slice(&input[..take]);
         if samples.len() < wanted && samples.len() < dictionary_bytes * 8 {
             return;
         }
-        let sizes = vec![PAGE_SIZE; samples.len() / PAGE_SIZE];
+        let sizes = vec![PAGE_BYTES; samples.len() / PAGE_BYTES];
         match zstd::dict::from_continuous(samples, &sizes, dictionary_bytes) {
             Ok(dictionary) => {
                 self.dictionary = DictionaryState::Trained {
@@ -452,8 +452,8 @@ mod tests {
     use super::*;
 
     fn sample_pages(count: usize) -> Vec<u8> {
-        (0..count * PAGE_SIZE)
-            .map(|i| ((i / 16) % 7) as u8 ^ ((i / PAGE_SIZE) as u8 & 3))
+        (0..count * PAGE_BYTES)
+            .map(|i| ((i / 16) % 7) as u8 ^ ((i / PAGE_BYTES) as u8 & 3))
             .collect()
     }
 
@@ -537,10 +537,10 @@ mod tests {
         let mut out = Vec::new();
 
         let result =
-            Decompressor::new().decompress(CompressorId::Gzip, &compressed, PAGE_SIZE, &mut out);
+            Decompressor::new().decompress(CompressorId::Gzip, &compressed, PAGE_BYTES, &mut out);
 
         assert!(matches!(result, Err(CompressorError::WrongLength { .. })));
-        assert!(out.len() <= PAGE_SIZE + 1);
+        assert!(out.len() <= PAGE_BYTES + 1);
     }
 
     #[test]
@@ -556,7 +556,7 @@ mod tests {
         let mut out = Vec::new();
 
         let result =
-            Decompressor::new().decompress(CompressorId::Zstd, &compressed, PAGE_SIZE, &mut out);
+            Decompressor::new().decompress(CompressorId::Zstd, &compressed, PAGE_BYTES, &mut out);
 
         assert!(result.is_err());
     }

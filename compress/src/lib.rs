@@ -9,7 +9,8 @@
 //!   dictionaries) in lockstep; every frame carries a sequence number and a
 //!   checksum of its decoded contents, so a decoder that lost sync, or a frame
 //!   that was corrupted, truncated or reordered, is an error and never applied.
-//! - [`spec`]: codec specifications as users write them (`delta+zstd:level=1`).
+//! - [`spec`]: codec specifications as users write them (`delta+zstd:level=1`),
+//!   with [`size`]s such as `64M`.
 //! - [`transform`]: the page-level stage (`raw`, `delta`, `similarity`).
 //! - [`compressor`]: the byte-level stage (`gzip`, `zstd`, with an optional
 //!   dictionary trained on earlier pages).
@@ -23,6 +24,7 @@ pub mod auto;
 pub mod batch;
 pub mod codec;
 pub mod compressor;
+pub mod size;
 pub mod spec;
 pub mod store;
 pub mod trace;
@@ -30,6 +32,6 @@ pub mod transform;
 pub mod varint;
 pub mod xor_rle;
 
-pub use batch::{PAGE_SIZE, Page, PageBatch};
+pub use batch::{PAGE_BYTES, Page, PageBatch};
 pub use codec::{CodecError, DecodeStats, Decoder, EncodeStats, Encoder};
 pub use spec::{CodecSpec, SpecError};

@@ -22,6 +22,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::compressor::CompressorSpec;
+use crate::size::{format_size, parse_size};
 
 /// Default version cache of `delta`, `similarity` and `auto`.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
@@ -90,7 +91,7 @@ impl CodecSpec {
 
     /// Pages of version cache.
     pub fn cache_pages(&self) -> usize {
-        (self.cache_bytes / crate::PAGE_SIZE as u64) as usize
+        (self.cache_bytes / crate::PAGE_BYTES as u64) as usize
     }
 }
 
@@ -123,27 +124,6 @@ pub enum SpecError {
         "`{0}`: a composition is a page stage (raw, delta, similarity) followed by a compressor (gzip, zstd)"
     )]
     BadComposition(String),
-}
-
-/// Formats a byte count with the largest K/M/G suffix that divides it.
-pub fn format_size(bytes: u64) -> String {
-    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
-            return format!("{}{suffix}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
-}
-
-/// Parses a byte count with an optional K/M/G suffix.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'K' | b'k' => (&text[..text.len() - 1], 10),
-        b'M' | b'm' => (&text[..text.len() - 1], 20),
-        b'G' | b'g' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 fn bad(parameter: &str, value: &str, why: &'static str) -> SpecError {
@@ -262,7 +242,7 @@ fn parse_stage(text: &str) -> Result<CodecSpec, SpecError> {
         match key {
             "cache" if spec.transform != TransformKind::Raw => {
                 spec.cache_bytes = parse_size(value)
-                    .filter(|size| *size >= crate::PAGE_SIZE as u64)
+                    .filter(|size| *size >= crate::PAGE_BYTES as u64)
                     .ok_or_else(|| bad(key, value, "a size of at least 4K, e.g. 256M"))?;
             }
             "samples" if spec.transform == TransformKind::Similarity => {

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::batch::{PAGE_SIZE, Page, as_page, as_page_mut};
+use crate::batch::{PAGE_BYTES, Page, as_page, as_page_mut};
 
 /// Hashes page numbers with one multiplication (Fibonacci hashing): page
 /// numbers are not attacker-chosen keys the way strings are, and SipHash
@@ -58,7 +58,7 @@ impl PageStore {
         let capacity = capacity.min(u32::MAX as usize);
         Self {
             capacity,
-            contents: Vec::with_capacity(capacity * PAGE_SIZE),
+            contents: Vec::with_capacity(capacity * PAGE_BYTES),
             slot_page_numbers: Vec::with_capacity(capacity),
             referenced: Vec::with_capacity(capacity),
             slots: PageNumberMap::with_capacity_and_hasher(capacity, Default::default()),
@@ -90,7 +90,7 @@ impl PageStore {
     /// The version of page `page_number` held, if any.
     pub fn get(&self, page_number: u64) -> Option<&Page> {
         let slot = *self.slots.get(&page_number)? as usize;
-        Some(as_page(&self.contents[slot * PAGE_SIZE..]))
+        Some(as_page(&self.contents[slot * PAGE_BYTES..]))
     }
 
     /// Records `contents` as the version of `page_number` the receiver holds,
@@ -117,7 +117,7 @@ impl PageStore {
             }
         };
         self.referenced[slot] = true;
-        as_page_mut(&mut self.contents[slot * PAGE_SIZE..]).copy_from_slice(contents);
+        as_page_mut(&mut self.contents[slot * PAGE_BYTES..]).copy_from_slice(contents);
     }
 
     /// Frees a slot by CLOCK: the hand clears reference bits until it finds
@@ -141,7 +141,7 @@ mod tests {
     use super::*;
 
     fn page(value: u8) -> Page {
-        [value; PAGE_SIZE]
+        [value; PAGE_BYTES]
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::batch::{PAGE_SIZE, Page, PageBatch, as_page, is_zero_page};
+use crate::batch::{PAGE_BYTES, Page, PageBatch, as_page, is_zero_page};
 use crate::spec::TransformKind;
 use crate::store::PageStore;
 use crate::varint::{self, VarintError};
@@ -42,7 +42,7 @@ const TAG_BATCH_DUPLICATE: u8 = 5;
 
 /// A delta or similar-page encoding longer than this is not worth it: the
 /// page goes whole.
-const DELTA_LIMIT: usize = PAGE_SIZE - PAGE_SIZE / 8;
+const DELTA_LIMIT: usize = PAGE_BYTES - PAGE_BYTES / 8;
 /// A same-address delta this short is taken without searching further.
 const GOOD_ENOUGH: usize = 64;
 /// Offsets (in 64-byte blocks) of the blocks `similarity` samples.
@@ -230,8 +230,8 @@ impl TransformEncoder {
             index: (kind == TransformKind::Similarity)
                 .then(|| SimilarityIndex::new(cache_pages, samples.clamp(1, 8))),
             search: true,
-            scratch: Vec::with_capacity(PAGE_SIZE),
-            best: Vec::with_capacity(PAGE_SIZE),
+            scratch: Vec::with_capacity(PAGE_BYTES),
+            best: Vec::with_capacity(PAGE_BYTES),
             batch_hashes: HashMap::new(),
             immediate: false,
         }
@@ -491,14 +491,14 @@ impl TransformDecoder {
             };
             match tag {
                 TAG_WHOLE => {
-                    let page = literals.get(literal_at..literal_at + PAGE_SIZE).ok_or(
+                    let page = literals.get(literal_at..literal_at + PAGE_BYTES).ok_or(
                         TransformError::LiteralMismatch {
                             carried: literals.len(),
-                            used: literal_at + PAGE_SIZE,
+                            used: literal_at + PAGE_BYTES,
                         },
                     )?;
                     out.push(page_number, as_page(page));
-                    literal_at += PAGE_SIZE;
+                    literal_at += PAGE_BYTES;
                 }
                 TAG_ZERO => {
                     out.push_zeroed(page_number);
@@ -723,7 +723,7 @@ mod tests {
         let decoder = TransformDecoder::new(16);
         let records = [TAG_ZERO, 0];
 
-        let result = decoder.decode(&records, &[0; PAGE_SIZE], 1, &mut PageBatch::new());
+        let result = decoder.decode(&records, &[0; PAGE_BYTES], 1, &mut PageBatch::new());
 
         assert!(matches!(
             result,

@@ -14,10 +14,10 @@
 //! words ends a literal. Decoding XORs the literals into a copy of the
 //! reference, checking every run against the page's end.
 
-use crate::batch::{PAGE_SIZE, Page};
+use crate::batch::{PAGE_BYTES, Page};
 use crate::varint::{self, VarintError};
 
-const WORDS: usize = PAGE_SIZE / 8;
+const WORDS: usize = PAGE_BYTES / 8;
 
 /// An encoded page that cannot be applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -128,7 +128,7 @@ pub fn apply(encoded: &[u8], target: &mut Page) -> Result<(), XorRleError> {
         }
         let start = at.saturating_add(zero_run);
         let end = start.saturating_add(length);
-        if end > PAGE_SIZE as u64 {
+        if end > PAGE_BYTES as u64 {
             return Err(XorRleError::RunPastPageEnd { end });
         }
         let (start, length) = (start as usize, length as usize);
@@ -158,22 +158,22 @@ mod tests {
 
     #[test]
     fn identical_pages_encode_to_nothing() {
-        let page = [7u8; PAGE_SIZE];
+        let page = [7u8; PAGE_BYTES];
         let mut out = Vec::new();
 
-        assert!(encode(&page, &page, &mut out, PAGE_SIZE));
+        assert!(encode(&page, &page, &mut out, PAGE_BYTES));
 
         assert!(out.is_empty());
     }
 
     #[test]
     fn one_changed_byte_costs_three_bytes() {
-        let reference = [7u8; PAGE_SIZE];
+        let reference = [7u8; PAGE_BYTES];
         let mut page = reference;
         page[1000] = 8;
         let mut out = Vec::new();
 
-        assert!(encode(&page, &reference, &mut out, PAGE_SIZE));
+        assert!(encode(&page, &reference, &mut out, PAGE_BYTES));
 
         assert_eq!(out.len(), 2 + 1 + 1); // varint(1000) is two bytes.
         assert_eq!(decode(&out, &reference), page);
@@ -181,20 +181,20 @@ mod tests {
 
     #[test]
     fn change_in_last_byte_round_trips() {
-        let reference = [0u8; PAGE_SIZE];
+        let reference = [0u8; PAGE_BYTES];
         let mut page = reference;
-        page[PAGE_SIZE - 1] = 0xff;
+        page[PAGE_BYTES - 1] = 0xff;
         let mut out = Vec::new();
 
-        assert!(encode(&page, &reference, &mut out, PAGE_SIZE));
+        assert!(encode(&page, &reference, &mut out, PAGE_BYTES));
 
         assert_eq!(decode(&out, &reference), page);
     }
 
     #[test]
     fn encoding_over_the_limit_gives_up_and_leaves_out_unchanged() {
-        let reference = [0u8; PAGE_SIZE];
-        let page = [1u8; PAGE_SIZE];
+        let reference = [0u8; PAGE_BYTES];
+        let page = [1u8; PAGE_BYTES];
         let mut out = vec![9];
 
         assert!(!encode(&page, &reference, &mut out, 100));
@@ -208,7 +208,7 @@ mod tests {
         varint::write(&mut encoded, 4095);
         varint::write(&mut encoded, 2);
         encoded.extend_from_slice(&[1, 1]);
-        let mut page = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_BYTES];
 
         assert_eq!(
             apply(&encoded, &mut page),
@@ -221,7 +221,7 @@ mod tests {
         let mut encoded = Vec::new();
         varint::write(&mut encoded, u64::MAX);
         varint::write(&mut encoded, u64::MAX);
-        let mut page = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_BYTES];
 
         assert!(matches!(
             apply(&encoded, &mut page),
@@ -235,13 +235,13 @@ mod tests {
         varint::write(&mut encoded, 0);
         varint::write(&mut encoded, 10);
         encoded.extend_from_slice(&[1, 2, 3]);
-        let mut page = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_BYTES];
 
         assert_eq!(apply(&encoded, &mut page), Err(XorRleError::Truncated));
     }
 
     fn page_strategy() -> impl Strategy<Value = Vec<u8>> {
-        prop::collection::vec(any::<u8>(), PAGE_SIZE)
+        prop::collection::vec(any::<u8>(), PAGE_BYTES)
     }
 
     /// A reference and a page that differs from it in a few random spans,
@@ -249,12 +249,12 @@ mod tests {
     fn sparse_change() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
         (
             page_strategy(),
-            prop::collection::vec((0..PAGE_SIZE, 1usize..64, any::<u8>()), 0..20),
+            prop::collection::vec((0..PAGE_BYTES, 1usize..64, any::<u8>()), 0..20),
         )
             .prop_map(|(reference, spans)| {
                 let mut page = reference.clone();
                 for (start, length, value) in spans {
-                    let end = (start + length).min(PAGE_SIZE);
+                    let end = (start + length).min(PAGE_BYTES);
                     page[start..end].fill(value);
                 }
                 (reference, page)
@@ -282,7 +282,7 @@ mod tests {
 
         #[test]
         fn arbitrary_input_never_panics(encoded in prop::collection::vec(any::<u8>(), 0..256)) {
-            let mut page = [0u8; PAGE_SIZE];
+            let mut page = [0u8; PAGE_BYTES];
             let _ = apply(&encoded, &mut page);
         }
     }

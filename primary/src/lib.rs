@@ -51,7 +51,7 @@ mod shared;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_checkpoint::protocol::ProtocolError;
 use understudy_compress::{CodecError, CodecSpec};
 use understudy_vm::VmError;

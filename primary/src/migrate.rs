@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::protocol::Purpose;
-use understudy_vm::Vm;
+use understudy_vm::{PAGE_SIZE, Vm};
 
 use crate::protection::Protection;
 use crate::{PrimaryError, PrimaryOptions};
@@ -100,7 +100,7 @@ pub enum MigrationError {
     },
 }
 
-const PAGE_BYTES: f64 = 4096.0;
+const PAGE_BYTES: f64 = PAGE_SIZE as f64;
 
 /// Migrates `vm` to the target in `options`; the guest stays paused here on
 /// success (the caller shuts it down) and runs on when the migration fails.

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::heartbeat::Heartbeats;
-use understudy_checkpoint::link::{HeartbeatPolicy, LinkSender, LivenessReader, is_peer_lost};
+use understudy_checkpoint::heartbeat::{HeartbeatPolicy, Heartbeats};
+use understudy_checkpoint::link::{LinkSender, LivenessReader, is_peer_lost};
 use understudy_checkpoint::protocol::{
     Action, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
 };

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_checkpoint::protocol::{Hello, ProtocolError};
 use understudy_compress::CodecError;
 use understudy_vm::memory::MemoryError;

@@ -8,6 +8,7 @@ use serde_json::json;
 use understudy_compress::CodecSpec;
 use understudy_primary::migrate::{MigrationOptions, NoConvergence, Round, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
+use understudy_vm::PAGE_SIZE;
 use understudy_vm::workload::parse_rate;
 
 use super::replicate::HeartbeatOptions;
@@ -140,7 +141,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             return Err(error.into());
         }
     };
-    let raw_bytes = summary.pages * 4096;
+    let raw_bytes = summary.pages * PAGE_SIZE;
     if as_json {
         println!(
             "{}",

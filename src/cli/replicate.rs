@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use understudy_checkpoint::link::HeartbeatPolicy;
+use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_compress::CodecSpec;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde_json::json;
 use understudy_compress::PageBatch;
-use understudy_compress::trace::process::{self, EpochReport};
+use understudy_compress::trace::process::{self, CaptureLimits, EpochReport};
 use understudy_compress::trace::{TraceInfo, TraceReader, TraceSource, TraceWriter};
 use understudy_primary::{read_nonzero_pages, read_pages};
-use understudy_vm::memory;
+use understudy_vm::{PAGE_SIZE, memory};
 
 use super::{VmOptions, check_events, parse_duration, stop_flag, wait_until_running};
 
@@ -32,6 +32,15 @@ pub enum TraceCommand {
     },
 }
 
+impl CaptureArguments {
+    fn limits(&self) -> CaptureLimits {
+        CaptureLimits {
+            duration: self.duration,
+            epochs: self.epochs,
+        }
+    }
+}
+
 /// Arguments of `understudy trace capture`.
 #[derive(clap::Args, Debug)]
 pub struct CaptureArguments {
@@ -41,6 +50,9 @@ pub struct CaptureArguments {
     /// How long to capture.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// Stop after this many epochs (epoch 0 included), if before --duration.
+    #[arg(long)]
+    epochs: Option<u64>,
     /// Let the process (or guest) run this long before epoch 0, past its start-up.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     warmup: Duration,
@@ -146,7 +158,7 @@ impl Reporter {
                 "wrote {}: {epochs} epochs, {} pages ({:.1} MiB); pause p50 {:.2} ms, max {:.2} ms",
                 path.display(),
                 self.pages,
-                self.pages as f64 * 4096.0 / (1 << 20) as f64,
+                self.pages as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
                 pause_at(0.5),
                 pause_at(1.0)
             );
@@ -230,7 +242,7 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
     let captured = process::capture(
         pid,
         arguments.interval,
-        arguments.duration,
+        arguments.limits(),
         &mut writer,
         &stop,
         |report| reporter.epoch(report),
@@ -269,7 +281,8 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
     let mut batch = PageBatch::new();
     let started = Instant::now();
     let mut next = started;
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < arguments.duration {
+    let limits = arguments.limits();
+    while !stop.load(Ordering::Relaxed) && !limits.reached(started, writer.epochs()) {
         check_events(&vm)?;
         let at = started.elapsed();
         let paused = Instant::now();
@@ -290,7 +303,8 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
             index: writer.epochs() - 1,
             pages: batch.len(),
             pause,
-            resident_pages: (memory::size(vm.memory()) / 4096) as usize,
+            resident_pages: usize::try_from(memory::size(vm.memory()) / PAGE_SIZE)
+                .unwrap_or(usize::MAX),
         });
         next += arguments.interval;
         let now = Instant::now();
@@ -341,9 +355,9 @@ fn info(path: PathBuf) -> anyhow::Result<()> {
     );
     println!(
         "  epoch 0: {first_pages} pages ({:.1} MiB); later epochs: {:.0} pages ({:.2} MiB) on average",
-        first_pages as f64 * 4096.0 / (1 << 20) as f64,
+        first_pages as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
         later_pages as f64 / later as f64,
-        later_pages as f64 * 4096.0 / later as f64 / (1 << 20) as f64
+        later_pages as f64 * PAGE_SIZE as f64 / later as f64 / (1 << 20) as f64
     );
     Ok(())
 }

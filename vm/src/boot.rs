@@ -261,6 +261,88 @@ pub fn initial_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 }
 
 #[cfg(test)]
+mod guest_build_tests {
+    use crate::guest_sources;
+    use std::path::{Path, PathBuf};
+
+    fn guest_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../guest")
+            .canonicalize()
+            .expect("the guest directory")
+    }
+
+    fn covered(sources: &[PathBuf], path: &Path) -> bool {
+        sources.iter().any(|source| {
+            let source = source.canonicalize().unwrap_or_else(|_| source.clone());
+            path.starts_with(&source)
+        })
+    }
+
+    #[test]
+    fn a_change_to_the_key_value_store_rebuilds_the_guest() {
+        let guest = guest_dir();
+
+        let sources = guest_sources::guest_sources(&guest);
+
+        assert!(
+            covered(&sources, &guest.join("kv/src/lib.rs")),
+            "{sources:?}"
+        );
+        assert!(
+            covered(&sources, &guest.join("kv/Cargo.toml")),
+            "{sources:?}"
+        );
+    }
+
+    #[test]
+    fn every_local_crate_of_the_guest_is_watched() {
+        // Arrange: what cargo itself says the guest is built from.
+        let guest = guest_dir();
+        let output = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+            .current_dir(&guest)
+            .output()
+            .expect("run cargo metadata");
+        assert!(
+            output.status.success(),
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let metadata = String::from_utf8_lossy(&output.stdout);
+        // Local packages have "source":null; their manifest path follows.
+        let local_manifests: Vec<PathBuf> = metadata
+            .split("\"source\":null")
+            .skip(1)
+            .filter_map(|rest| {
+                let (_, after) = rest.split_once("\"manifest_path\":\"")?;
+                let (path, _) = after.split_once('"')?;
+                Some(PathBuf::from(path))
+            })
+            .collect();
+
+        // Act
+        let sources = guest_sources::guest_sources(&guest);
+
+        // Assert: each local crate's manifest and sources are watched.
+        assert!(local_manifests.len() >= 3, "{metadata}");
+        for manifest in &local_manifests {
+            let crate_dir = manifest.parent().expect("a crate directory");
+            assert!(
+                covered(&sources, manifest),
+                "{} is not watched",
+                manifest.display()
+            );
+            assert!(
+                covered(&sources, &crate_dir.join("src")),
+                "{} is not watched",
+                crate_dir.join("src").display()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory;

@@ -17,10 +17,8 @@ use std::sync::Mutex;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::PAGE_SIZE;
 use crate::memory::GuestMemory;
-
-/// Size of the page that one dirty bit stands for.
-pub const DIRTY_PAGE_SIZE: u64 = 4096;
 
 /// Errors of dirty-page tracking.
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +110,8 @@ impl DirtyBitmap {
         if len == 0 {
             return;
         }
-        let first = offset / DIRTY_PAGE_SIZE;
-        let last = (offset + len - 1) / DIRTY_PAGE_SIZE;
+        let first = offset / PAGE_SIZE;
+        let last = (offset + len - 1) / PAGE_SIZE;
         for page in first..=last.min(self.pages as u64 - 1) {
             self.set(page as usize);
         }
@@ -204,14 +202,14 @@ impl DirtySet {
         self.regions.iter().flat_map(|(start, bitmap)| {
             bitmap
                 .iter()
-                .map(move |page| start + page as u64 * DIRTY_PAGE_SIZE)
+                .map(move |page| start + page as u64 * PAGE_SIZE)
         })
     }
 
     /// Whether the page at guest-physical address `gpa` is dirty.
     pub fn contains(&self, gpa: u64) -> bool {
         self.regions.iter().any(|(start, bitmap)| {
-            gpa >= *start && bitmap.is_set(((gpa - start) / DIRTY_PAGE_SIZE) as usize)
+            gpa >= *start && bitmap.is_set(((gpa - start) / PAGE_SIZE) as usize)
         })
     }
 }
@@ -228,7 +226,7 @@ impl DirtyTracker {
     pub fn new(memory: &GuestMemory) -> Self {
         let put_back = memory
             .iter()
-            .map(|region| DirtyBitmap::new((region.len() / DIRTY_PAGE_SIZE) as usize))
+            .map(|region| DirtyBitmap::new((region.len() / PAGE_SIZE) as usize))
             .collect();
         Self {
             put_back: Mutex::new(put_back),
@@ -243,7 +241,7 @@ impl DirtyTracker {
         let mut put_back = self.put_back.lock().expect("dirty tracker lock poisoned");
         let mut regions = Vec::with_capacity(memory.num_regions());
         for (slot, region) in memory.iter().enumerate() {
-            let pages = (region.len() / DIRTY_PAGE_SIZE) as usize;
+            let pages = (region.len() / PAGE_SIZE) as usize;
             let kvm_words = match vm.get_dirty_log(slot as u32, region.len() as usize) {
                 Ok(words) => words,
                 Err(source) => {

@@ -27,6 +27,11 @@ pub mod virtio_net;
 pub mod vm;
 pub mod workload;
 
+/// The guest's source paths, as the build script watches them.
+#[cfg(test)]
+#[path = "../guest_sources.rs"]
+mod guest_sources;
+
 pub use understudy_guest_abi as guest_abi;
 pub use understudy_guest_abi::{PAGE_BYTES, PAGE_SIZE};
 pub use vm::{Vm, VmConfig, VmError, VmEvent};

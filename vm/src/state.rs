@@ -33,6 +33,8 @@ pub const STATE_VERSION: u32 = 2;
 const DEVICE_VIRTIO_NET: u32 = 1;
 /// Upper bound on list lengths accepted by the decoder (MSRs, CPUID entries, vCPUs).
 const MAX_LIST_LEN: u32 = 4096;
+/// Bytes of the XSAVE area `KVM_GET_XSAVE` returns (`struct kvm_xsave`).
+const XSAVE_BYTES: usize = std::mem::size_of::<kvm_bindings::kvm_xsave>();
 
 /// Errors of decoding a VM state.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -183,11 +185,11 @@ impl VmState {
             let regs = reader.value("regs")?;
             let sregs = reader.value("sregs")?;
             let xsave_bytes = reader.blob()?;
-            if xsave_bytes.len() < 4096 || xsave_bytes.len() % 4 != 0 {
+            if xsave_bytes.len() < XSAVE_BYTES || xsave_bytes.len() % 4 != 0 {
                 return Err(StateError::BadFieldSize {
                     field: "xsave",
                     found: xsave_bytes.len(),
-                    expected: 4096,
+                    expected: XSAVE_BYTES,
                 });
             }
             let xsave = xsave_bytes

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use crate::batch::{PAGE_SIZE, PageBatch};
+use crate::batch::{PAGE_BYTES, PageBatch};
 
 const MAGIC: [u8; 8] = *b"USTRACE\0";
 const VERSION: u32 = 1;
@@ -209,7 +209,7 @@ impl TraceWriter {
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
-        header.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        header.extend_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
         header.extend_from_slice(&info.source.code().to_le_bytes());
         header.extend_from_slice(&(description.len() as u32).to_le_bytes());
         header.extend_from_slice(&info.interval_ns.to_le_bytes());
@@ -362,7 +362,7 @@ impl TraceReader {
             return Err(reader.corrupted("the header".to_owned()));
         }
         let (version, page_size) = (u32_at(8), u32_at(12));
-        if version != VERSION || page_size != PAGE_SIZE as u32 {
+        if version != VERSION || page_size != PAGE_BYTES as u32 {
             return Err(TraceError::Unsupported {
                 path: path.to_owned(),
                 version,
@@ -463,7 +463,7 @@ impl TraceReader {
                 self.epochs
             )));
         }
-        let bytes_needed = page_count.checked_mul(8 + PAGE_SIZE as u64);
+        let bytes_needed = page_count.checked_mul(8 + PAGE_BYTES as u64);
         if bytes_needed.is_none_or(|needed| needed > self.remaining) {
             return Err(TraceError::Truncated {
                 path: self.path.clone(),
@@ -473,7 +473,7 @@ impl TraceReader {
         let page_count = page_count as usize;
         let mut numbers = vec![0u8; page_count * 8];
         self.read_exact(&mut numbers)?;
-        let mut contents = vec![0u8; page_count * PAGE_SIZE];
+        let mut contents = vec![0u8; page_count * PAGE_BYTES];
         self.read_exact(&mut contents)?;
         let mut hasher = Xxh3::new();
         hasher.update(&header[..40]);
@@ -612,8 +612,8 @@ mod tests {
         let mut writer =
             TraceWriter::create(&directory.path().join("t.trace"), &info()).expect("create");
         let mut batch = PageBatch::new();
-        batch.push(2, &[0; PAGE_SIZE]);
-        batch.push(1, &[0; PAGE_SIZE]);
+        batch.push(2, &[0; PAGE_BYTES]);
+        batch.push(1, &[0; PAGE_BYTES]);
 
         assert!(matches!(
             writer.write_epoch(0, 0, &batch),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{TraceError, TraceWriter};
-use crate::batch::{PAGE_SIZE, PageBatch, as_page};
+use crate::batch::{PAGE_BYTES, PageBatch, as_page};
 use crate::store::PageNumberMap;
 
 const PRESENT: u64 = 1 << 63;
@@ -89,7 +89,7 @@ fn writable_mappings(maps: &str) -> Vec<Mapping> {
                 end: u64::from_str_radix(end, 16).ok()?,
             })
         })
-        .filter(|mapping| mapping.start < mapping.end && mapping.start % PAGE_SIZE as u64 == 0)
+        .filter(|mapping| mapping.start < mapping.end && mapping.start % PAGE_BYTES as u64 == 0)
         .collect()
 }
 
@@ -141,7 +141,7 @@ impl ProcessCapture {
             pid,
             hashes: PageNumberMap::default(),
             epoch: 0,
-            buffer: vec![0; READ_CHUNK_PAGES * PAGE_SIZE],
+            buffer: vec![0; READ_CHUNK_PAGES * PAGE_BYTES],
             entries: Vec::new(),
         })
     }
@@ -248,8 +248,8 @@ impl ProcessCapture {
         mapping: Mapping,
         out: &mut PageBatch,
     ) -> Result<(), CaptureError> {
-        let first_page = mapping.start / PAGE_SIZE as u64;
-        let pages = ((mapping.end - mapping.start) / PAGE_SIZE as u64) as usize;
+        let first_page = mapping.start / PAGE_BYTES as u64;
+        let pages = ((mapping.end - mapping.start) / PAGE_BYTES as u64) as usize;
         let mut entries = std::mem::take(&mut self.entries);
         entries.resize(pages * 8, 0);
         let read = files
@@ -302,8 +302,8 @@ impl ProcessCapture {
         count: usize,
         out: &mut PageBatch,
     ) -> Result<(), CaptureError> {
-        let bytes = count * PAGE_SIZE;
-        let address = page_number * PAGE_SIZE as u64;
+        let bytes = count * PAGE_BYTES;
+        let address = page_number * PAGE_BYTES as u64;
         let whole = mem.read_at(&mut self.buffer[..bytes], address);
         let readable = match whole {
             Ok(read) if read == bytes => count,
@@ -311,9 +311,9 @@ impl ProcessCapture {
                 // Read page by page to keep what can be read.
                 let mut readable = 0;
                 for page in 0..count {
-                    let slice = &mut self.buffer[page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
-                    match mem.read_at(slice, address + (page * PAGE_SIZE) as u64) {
-                        Ok(read) if read == PAGE_SIZE => readable = page + 1,
+                    let slice = &mut self.buffer[page * PAGE_BYTES..(page + 1) * PAGE_BYTES];
+                    match mem.read_at(slice, address + (page * PAGE_BYTES) as u64) {
+                        Ok(read) if read == PAGE_BYTES => readable = page + 1,
                         Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {
                             return Err(CaptureError::Exited(self.pid));
                         }
@@ -324,7 +324,7 @@ impl ProcessCapture {
             }
         };
         for page in 0..readable {
-            let contents = as_page(&self.buffer[page * PAGE_SIZE..]);
+            let contents = as_page(&self.buffer[page * PAGE_BYTES..]);
             let hash = xxh3_64(contents);
             let number = page_number + page as u64;
             let previous = self.hashes.insert(number, (hash, self.epoch));
@@ -349,6 +349,24 @@ pub struct EpochReport {
     pub resident_pages: usize,
 }
 
+/// When a capture ends: after `duration`, or after `epochs` epochs if that
+/// comes first (a capture that must hold a number of epochs, whatever the
+/// machine's speed, sets both: the epochs and a generous duration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureLimits {
+    /// The longest capture.
+    pub duration: Duration,
+    /// The most epochs.
+    pub epochs: Option<u64>,
+}
+
+impl CaptureLimits {
+    /// Whether a capture started at `started` that took `epochs` epochs is done.
+    pub fn reached(&self, started: Instant, epochs: u64) -> bool {
+        started.elapsed() >= self.duration || self.epochs.is_some_and(|most| epochs >= most)
+    }
+}
+
 /// Captures epochs of process `pid` every `interval` until `duration` has
 /// passed, `stop` is set, or the process exits, writing them to `writer`.
 /// Calls `report` after each epoch. Returns how many epochs were written.
@@ -359,7 +377,7 @@ pub struct EpochReport {
 pub fn capture(
     pid: i32,
     interval: Duration,
-    duration: Duration,
+    limits: CaptureLimits,
     writer: &mut TraceWriter,
     stop: &AtomicBool,
     mut report: impl FnMut(&EpochReport),
@@ -381,7 +399,7 @@ pub fn capture(
         let mut next = started;
         let mut index = 0u64;
         let mut outcome = Ok(());
-        while !stop.load(Ordering::Relaxed) && started.elapsed() < duration {
+        while !stop.load(Ordering::Relaxed) && !limits.reached(started, index) {
             let at = started.elapsed();
             let mut batch = recycled.try_recv().unwrap_or_default();
             let pause = match capture.take_epoch(&mut batch) {

@@ -5,7 +5,7 @@
 //! about a fifth of the pages: small edits (the common case in real
 //! memory), full rewrites, copies of another page, and pages zeroed.
 
-use crate::batch::{PAGE_SIZE, Page, PageBatch};
+use crate::batch::{PAGE_BYTES, Page, PageBatch};
 
 /// Parameters of a synthetic trace.
 #[derive(Clone, Copy, Debug)]
@@ -54,9 +54,9 @@ fn text_page(random: &mut Random, page: &mut Page) {
         b"\n",
     ];
     let mut at = 0;
-    while at < PAGE_SIZE {
+    while at < PAGE_BYTES {
         let word = WORDS[random.below(WORDS.len() as u64) as usize];
-        let take = word.len().min(PAGE_SIZE - at);
+        let take = word.len().min(PAGE_BYTES - at);
         page[at..at + take].copy_from_slice(&word[..take]);
         at += take;
     }
@@ -66,7 +66,7 @@ fn text_page(random: &mut Random, page: &mut Page) {
 pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
     let mut random = Random(parameters.seed);
     let pages = parameters.pages.max(1);
-    let mut memory: Vec<Page> = vec![[0u8; PAGE_SIZE]; pages as usize];
+    let mut memory: Vec<Page> = vec![[0u8; PAGE_BYTES]; pages as usize];
     for number in 0..pages as usize {
         match number % 4 {
             0 => {}
@@ -75,7 +75,7 @@ pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
             _ => {
                 let source = random.below(number as u64) as usize;
                 memory[number] = memory[source];
-                let at = random.below(PAGE_SIZE as u64 - 8) as usize;
+                let at = random.below(PAGE_BYTES as u64 - 8) as usize;
                 random.fill(&mut memory[number][at..at + 8]);
             }
         }
@@ -95,7 +95,7 @@ pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
             match random.below(10) {
                 0..=5 => {
                     for _ in 0..1 + random.below(4) {
-                        let at = random.below(PAGE_SIZE as u64 - 8) as usize;
+                        let at = random.below(PAGE_BYTES as u64 - 8) as usize;
                         let counter = u64::from_le_bytes(
                             memory[index][at..at + 8].try_into().expect("8 bytes"),
                         )
@@ -109,7 +109,7 @@ pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
                     let source = random.below(pages) as usize;
                     memory[index] = memory[source];
                 }
-                _ => memory[index] = [0u8; PAGE_SIZE],
+                _ => memory[index] = [0u8; PAGE_BYTES],
             }
             batch.push(number, &memory[index]);
         }
