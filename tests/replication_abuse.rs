@@ -79,7 +79,7 @@ impl ScriptedPrimary {
     }
 
     fn bytes(&mut self, epoch: u64, message: &Message) -> Vec<u8> {
-        self.sender.encode(epoch, message)
+        self.sender.encode(epoch, message).expect("encodes")
     }
 
     fn send(&mut self, epoch: u64, message: &Message) {

@@ -24,6 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// How often heartbeats go out and how many may be missed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +55,27 @@ impl HeartbeatPolicy {
 const MAGIC: [u8; 4] = *b"URHB";
 const DATAGRAM_LEN: usize = 32;
 
+/// A heartbeat datagram, little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct Datagram {
+    magic: [u8; 4],
+    reserved: U32,
+    vm_id: U64,
+    /// The sender's clock, nanoseconds.
+    clock: U64,
+    /// xxh3 of the bytes before it.
+    checksum: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<Datagram>() == DATAGRAM_LEN);
+
+impl Datagram {
+    fn checksummed(&self) -> &[u8] {
+        &self.as_bytes()[..DATAGRAM_LEN - 8]
+    }
+}
+
 /// When the peer's heartbeats last arrived.
 #[derive(Debug)]
 pub struct Heard {
@@ -70,7 +93,9 @@ impl Heard {
     }
 
     fn mark(&self) {
-        let nanos = self.origin.elapsed().as_nanos().max(1) as u64;
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.last.fetch_max(nanos, Ordering::Relaxed);
     }
 
@@ -83,28 +108,40 @@ impl Heard {
     }
 }
 
-fn datagram(vm_id: u64, clock: u64) -> [u8; DATAGRAM_LEN] {
-    let mut bytes = [0u8; DATAGRAM_LEN];
-    bytes[0..4].copy_from_slice(&MAGIC);
-    bytes[8..16].copy_from_slice(&vm_id.to_le_bytes());
-    bytes[16..24].copy_from_slice(&clock.to_le_bytes());
-    let checksum = xxh3_64(&bytes[..24]);
-    bytes[24..32].copy_from_slice(&checksum.to_le_bytes());
-    bytes
+fn datagram(vm_id: u64, clock: u64) -> Datagram {
+    let mut datagram = Datagram {
+        magic: MAGIC,
+        reserved: 0.into(),
+        vm_id: vm_id.into(),
+        clock: clock.into(),
+        checksum: 0.into(),
+    };
+    datagram.checksum = xxh3_64(datagram.checksummed()).into();
+    datagram
 }
 
 fn valid(bytes: &[u8], vm_id: u64) -> bool {
-    bytes.len() == DATAGRAM_LEN
-        && bytes[0..4] == MAGIC
-        && bytes[8..16] == vm_id.to_le_bytes()
-        && bytes[24..32] == xxh3_64(&bytes[..24]).to_le_bytes()
+    Datagram::read_from_bytes(bytes).is_ok_and(|datagram| {
+        datagram.magic == MAGIC
+            && datagram.vm_id.get() == vm_id
+            && datagram.checksum.get() == xxh3_64(datagram.checksummed())
+    })
 }
 
-/// The two heartbeat threads of one connection.
+/// The two heartbeat threads of one connection. Dropping them only tells
+/// them to stop (they notice within an interval); [`Heartbeats::stop`] also
+/// waits for them.
 pub struct Heartbeats {
     stop: Arc<AtomicBool>,
     heard: Arc<Heard>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Option<HeartbeatThreads>,
+}
+
+struct HeartbeatThreads {
+    /// `heartbeat-in`: hears the peer.
+    receiver: JoinHandle<()>,
+    /// `heartbeat-out`: beats to the peer.
+    sender: JoinHandle<()>,
 }
 
 impl Heartbeats {
@@ -170,9 +207,10 @@ impl Heartbeats {
                     while !stop.load(Ordering::Relaxed) {
                         let target = *peer.lock().expect("no panics under this lock");
                         if let Some(target) = target {
-                            let clock = started.elapsed().as_nanos() as u64;
+                            let clock =
+                                u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                             // A lost datagram is what heartbeats are for.
-                            let _ = socket.send_to(&datagram(vm_id, clock), target);
+                            let _ = socket.send_to(datagram(vm_id, clock).as_bytes(), target);
                         }
                         std::thread::sleep(policy.interval);
                     }
@@ -181,7 +219,7 @@ impl Heartbeats {
         Ok(Self {
             stop,
             heard,
-            threads: vec![receiver, sender],
+            threads: Some(HeartbeatThreads { receiver, sender }),
         })
     }
 
@@ -193,8 +231,9 @@ impl Heartbeats {
     /// Stops both threads.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+        if let Some(HeartbeatThreads { receiver, sender }) = self.threads.take() {
+            let _ = receiver.join();
+            let _ = sender.join();
         }
     }
 }
@@ -259,9 +298,17 @@ mod tests {
 
     #[test]
     fn corrupted_datagram_is_invalid() {
-        let mut bytes = datagram(7, 123);
+        let mut bytes = datagram(7, 123).as_bytes().to_vec();
         bytes[17] ^= 1;
 
         assert!(!valid(&bytes, 7));
+    }
+
+    #[test]
+    fn an_intact_datagram_is_valid_for_its_vm_only() {
+        let bytes = datagram(7, 123);
+
+        assert!(valid(bytes.as_bytes(), 7));
+        assert!(!valid(bytes.as_bytes(), 8));
     }
 }

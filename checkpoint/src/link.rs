@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
+use zerocopy::IntoBytes;
 
 use crate::heartbeat::{Heard, HeartbeatPolicy};
 use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
@@ -53,8 +54,10 @@ impl LinkSender {
             .inner
             .lock()
             .expect("a sender never panics holding the lock");
-        let header = state.sender.header(epoch, message, payload.len(), checksum);
-        state.stream.write_all(&header)?;
+        let header = state
+            .sender
+            .header(epoch, message, payload.len(), checksum)?;
+        state.stream.write_all(header.as_bytes())?;
         state.stream.write_all(&payload)?;
         state.last_sent = Instant::now();
         Ok(())

@@ -57,6 +57,8 @@
 use std::io::{Read, Write};
 
 use xxhash_rust::xxh3::xxh3_64;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Protocol version of this build.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -205,29 +207,154 @@ pub enum Message {
     Output(Vec<u8>),
 }
 
-impl Message {
-    fn kind(&self) -> u8 {
+/// Declares [`MessageKind`] from one table: each kind's wire value, and its
+/// name (the variant's).
+macro_rules! message_kinds {
+    ($($kind:ident = $value:literal,)*) => {
+        /// The kind byte of a message header.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum MessageKind {
+            $(
+                #[doc = concat!("`", stringify!($kind), "`")]
+                $kind = $value,
+            )*
+        }
+
+        impl MessageKind {
+            /// The kind with wire value `byte`, if there is one.
+            pub fn from_byte(byte: u8) -> Option<Self> {
+                match byte {
+                    $($value => Some(Self::$kind),)*
+                    _ => None,
+                }
+            }
+
+            /// The kind's name, for errors and logs.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$kind => stringify!($kind),)*
+                }
+            }
+        }
+    };
+}
+
+message_kinds! {
+    Hello = 1,
+    Welcome = 2,
+    Refuse = 3,
+    EpochBegin = 4,
+    Pages = 5,
+    State = 6,
+    EpochEnd = 7,
+    Ack = 8,
+    Heartbeat = 9,
+    Goodbye = 10,
+    Sync = 11,
+    Synced = 12,
+    Input = 13,
+    Output = 14,
+}
+
+/// The 48-byte message header (see the module docs), little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+pub struct Header {
+    /// [`MAGIC`].
+    pub magic: [u8; 4],
+    /// A [`MessageKind`].
+    pub kind: u8,
+    /// Zero.
+    pub reserved: [u8; 3],
+    /// Per direction: 0, 1, 2, ...
+    pub sequence: U64,
+    /// The epoch the message belongs to.
+    pub epoch: U64,
+    /// Bytes of payload after the header.
+    pub payload_len: U32,
+    /// Zero.
+    pub reserved2: U32,
+    /// xxh3 of the payload.
+    pub payload_checksum: U64,
+    /// xxh3 of the header's bytes before this field.
+    pub header_checksum: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
+
+impl Header {
+    /// The bytes the header checksum covers.
+    fn checksummed(&self) -> &[u8] {
+        &self.as_bytes()[..HEADER_LEN - 8]
+    }
+}
+
+/// `Hello`'s payload, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct HelloPayload {
+    version: U32,
+    /// 0: replicate, 1: migrate.
+    purpose: U32,
+    memory_bytes: U64,
+    vcpus: U32,
+    reserved: U32,
+    guest_image_hash: U64,
+    vm_id: U64,
+}
+
+/// `EpochEnd`'s payload, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct EpochEndPayload {
+    pages: U64,
+    /// 1 when `memory_hash` is set, else 0.
+    has_memory_hash: u8,
+    memory_hash: U64,
+}
+
+impl Purpose {
+    fn to_wire(self) -> u32 {
         match self {
-            Self::Hello(_) => 1,
-            Self::Welcome => 2,
-            Self::Refuse(_) => 3,
-            Self::EpochBegin => 4,
-            Self::Pages(_) => 5,
-            Self::State(_) => 6,
-            Self::EpochEnd(_) => 7,
-            Self::Ack => 8,
-            Self::Heartbeat(_) => 9,
-            Self::Goodbye(_) => 10,
-            Self::Sync(_) => 11,
-            Self::Synced(_) => 12,
-            Self::Input(_) => 13,
-            Self::Output(_) => 14,
+            Purpose::Replicate => 0,
+            Purpose::Migrate => 1,
+        }
+    }
+
+    fn from_wire(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Purpose::Replicate),
+            1 => Some(Purpose::Migrate),
+            _ => None,
+        }
+    }
+}
+
+impl Message {
+    /// The message's kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Self::Hello(_) => MessageKind::Hello,
+            Self::Welcome => MessageKind::Welcome,
+            Self::Refuse(_) => MessageKind::Refuse,
+            Self::EpochBegin => MessageKind::EpochBegin,
+            Self::Pages(_) => MessageKind::Pages,
+            Self::State(_) => MessageKind::State,
+            Self::EpochEnd(_) => MessageKind::EpochEnd,
+            Self::Ack => MessageKind::Ack,
+            Self::Heartbeat(_) => MessageKind::Heartbeat,
+            Self::Goodbye(_) => MessageKind::Goodbye,
+            Self::Sync(_) => MessageKind::Sync,
+            Self::Synced(_) => MessageKind::Synced,
+            Self::Input(_) => MessageKind::Input,
+            Self::Output(_) => MessageKind::Output,
         }
     }
 
     /// The message's name, for errors and logs.
     pub fn name(&self) -> &'static str {
-        kind_name(self.kind())
+        self.kind().name()
     }
 
     /// The payload bytes; borrowed for the large messages (pages and state)
@@ -235,150 +362,114 @@ impl Message {
     pub fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
         use std::borrow::Cow;
         Cow::Owned(match self {
-            Self::Hello(hello) => {
-                let mut bytes = Vec::with_capacity(32);
-                bytes.extend_from_slice(&hello.version.to_le_bytes());
-                bytes.extend_from_slice(&(hello.purpose as u32).to_le_bytes());
-                bytes.extend_from_slice(&hello.memory_bytes.to_le_bytes());
-                bytes.extend_from_slice(&hello.vcpus.to_le_bytes());
-                bytes.extend_from_slice(&0u32.to_le_bytes());
-                bytes.extend_from_slice(&hello.guest_image_hash.to_le_bytes());
-                bytes.extend_from_slice(&hello.vm_id.to_le_bytes());
-                bytes
+            Self::Hello(hello) => HelloPayload {
+                version: hello.version.into(),
+                purpose: hello.purpose.to_wire().into(),
+                memory_bytes: hello.memory_bytes.into(),
+                vcpus: hello.vcpus.into(),
+                reserved: 0.into(),
+                guest_image_hash: hello.guest_image_hash.into(),
+                vm_id: hello.vm_id.into(),
             }
+            .as_bytes()
+            .to_vec(),
             Self::Welcome | Self::EpochBegin | Self::Ack => Vec::new(),
-            Self::Refuse(text) | Self::Goodbye(text) => {
-                text.as_bytes()[..text.len().min(MAX_TEXT)].to_vec()
-            }
+            Self::Refuse(text) | Self::Goodbye(text) => truncated_text(text).as_bytes().to_vec(),
             Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) | Self::Output(bytes) => {
                 return Cow::Borrowed(bytes);
             }
-            Self::EpochEnd(end) => {
-                let mut bytes = Vec::with_capacity(17);
-                bytes.extend_from_slice(&end.pages.to_le_bytes());
-                bytes.push(u8::from(end.memory_hash.is_some()));
-                bytes.extend_from_slice(&end.memory_hash.unwrap_or(0).to_le_bytes());
-                bytes
+            Self::EpochEnd(end) => EpochEndPayload {
+                pages: end.pages.into(),
+                has_memory_hash: u8::from(end.memory_hash.is_some()),
+                memory_hash: end.memory_hash.unwrap_or(0).into(),
             }
+            .as_bytes()
+            .to_vec(),
             Self::Heartbeat(clock) | Self::Sync(clock) | Self::Synced(clock) => {
-                clock.to_le_bytes().to_vec()
+                U64::new(*clock).as_bytes().to_vec()
             }
         })
     }
 
-    fn parse(kind: u8, payload: Vec<u8>) -> Result<Self, ProtocolError> {
-        let name = kind_name(kind);
-        let malformed = |why| ProtocolError::Malformed { kind: name, why };
-        let exact = |length: usize| {
-            if payload.len() == length {
-                Ok(())
+    fn parse(kind: MessageKind, payload: Vec<u8>) -> Result<Self, ProtocolError> {
+        let malformed = |why| ProtocolError::Malformed {
+            kind: kind.name(),
+            why,
+        };
+        let empty = |message: Self| {
+            if payload.is_empty() {
+                Ok(message)
             } else {
                 Err(malformed("wrong payload length"))
             }
         };
-        let u32_at =
-            |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at =
-            |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+        let clock = || {
+            U64::read_from_bytes(&payload)
+                .map(U64::get)
+                .map_err(|_| malformed("wrong payload length"))
+        };
         let text = |payload: Vec<u8>| {
             if payload.len() > MAX_TEXT {
                 return Err(malformed("text too long"));
             }
             String::from_utf8(payload).map_err(|_| malformed("text is not UTF-8"))
         };
+        let frame = |payload: Vec<u8>| {
+            if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
+                return Err(malformed("a network frame must hold 1 to 9216 bytes"));
+            }
+            Ok(payload)
+        };
         Ok(match kind {
-            1 => {
-                exact(40)?;
+            MessageKind::Hello => {
+                let hello = HelloPayload::read_from_bytes(&payload)
+                    .map_err(|_| malformed("wrong payload length"))?;
                 Self::Hello(Hello {
-                    version: u32_at(0),
-                    purpose: match u32_at(4) {
-                        0 => Purpose::Replicate,
-                        1 => Purpose::Migrate,
-                        _ => return Err(malformed("unknown purpose")),
-                    },
-                    memory_bytes: u64_at(8),
-                    vcpus: u32_at(16),
-                    guest_image_hash: u64_at(24),
-                    vm_id: u64_at(32),
+                    version: hello.version.get(),
+                    purpose: Purpose::from_wire(hello.purpose.get())
+                        .ok_or_else(|| malformed("unknown purpose"))?,
+                    memory_bytes: hello.memory_bytes.get(),
+                    vcpus: hello.vcpus.get(),
+                    guest_image_hash: hello.guest_image_hash.get(),
+                    vm_id: hello.vm_id.get(),
                 })
             }
-            2 => {
-                exact(0)?;
-                Self::Welcome
-            }
-            3 => Self::Refuse(text(payload)?),
-            4 => {
-                exact(0)?;
-                Self::EpochBegin
-            }
-            5 => Self::Pages(payload),
-            6 => Self::State(payload),
-            7 => {
-                exact(17)?;
-                let memory_hash = match payload[8] {
+            MessageKind::Welcome => empty(Self::Welcome)?,
+            MessageKind::Refuse => Self::Refuse(text(payload)?),
+            MessageKind::EpochBegin => empty(Self::EpochBegin)?,
+            MessageKind::Pages => Self::Pages(payload),
+            MessageKind::State => Self::State(payload),
+            MessageKind::EpochEnd => {
+                let end = EpochEndPayload::read_from_bytes(&payload)
+                    .map_err(|_| malformed("wrong payload length"))?;
+                let memory_hash = match end.has_memory_hash {
                     0 => None,
-                    1 => Some(u64::from_le_bytes(
-                        payload[9..17].try_into().expect("8 bytes"),
-                    )),
+                    1 => Some(end.memory_hash.get()),
                     _ => return Err(malformed("bad memory-hash flag")),
                 };
                 Self::EpochEnd(EpochEnd {
-                    pages: u64_at(0),
+                    pages: end.pages.get(),
                     memory_hash,
                 })
             }
-            8 => {
-                exact(0)?;
-                Self::Ack
-            }
-            9 => {
-                exact(8)?;
-                Self::Heartbeat(u64_at(0))
-            }
-            10 => Self::Goodbye(text(payload)?),
-            11 => {
-                exact(8)?;
-                Self::Sync(u64_at(0))
-            }
-            12 => {
-                exact(8)?;
-                Self::Synced(u64_at(0))
-            }
-            13 => {
-                if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
-                    return Err(malformed("an input frame must hold 1 to 9216 bytes"));
-                }
-                Self::Input(payload)
-            }
-            14 => {
-                if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
-                    return Err(malformed("an output frame must hold 1 to 9216 bytes"));
-                }
-                Self::Output(payload)
-            }
-            other => return Err(ProtocolError::UnknownKind(other)),
+            MessageKind::Ack => empty(Self::Ack)?,
+            MessageKind::Heartbeat => Self::Heartbeat(clock()?),
+            MessageKind::Goodbye => Self::Goodbye(text(payload)?),
+            MessageKind::Sync => Self::Sync(clock()?),
+            MessageKind::Synced => Self::Synced(clock()?),
+            MessageKind::Input => Self::Input(frame(payload)?),
+            MessageKind::Output => Self::Output(frame(payload)?),
         })
     }
 }
 
-fn kind_name(kind: u8) -> &'static str {
-    match kind {
-        1 => "Hello",
-        2 => "Welcome",
-        3 => "Refuse",
-        4 => "EpochBegin",
-        5 => "Pages",
-        6 => "State",
-        7 => "EpochEnd",
-        8 => "Ack",
-        9 => "Heartbeat",
-        10 => "Goodbye",
-        11 => "Sync",
-        12 => "Synced",
-        13 => "Input",
-        14 => "Output",
-        _ => "unknown",
+/// `text` cut to at most [`MAX_TEXT`] bytes, at a character boundary.
+fn truncated_text(text: &str) -> &str {
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
+    &text[..end]
 }
 
 /// A received message with its header fields.
@@ -405,36 +496,45 @@ impl Sender {
     }
 
     /// The header of the next message: `message` for `epoch`, whose payload
-    /// is `payload_len` bytes with xxh3 `payload_checksum`. Numbers it.
+    /// is `payload_len` bytes with xxh3 `payload_checksum`. Numbers it. A
+    /// payload longer than [`MAX_PAYLOAD`] is refused before anything is sent.
     pub fn header(
         &mut self,
         epoch: u64,
         message: &Message,
         payload_len: usize,
         payload_checksum: u64,
-    ) -> [u8; HEADER_LEN] {
-        let mut header = [0u8; HEADER_LEN];
-        header[0..4].copy_from_slice(&MAGIC);
-        header[4] = message.kind();
-        header[8..16].copy_from_slice(&self.next_sequence.to_le_bytes());
-        header[16..24].copy_from_slice(&epoch.to_le_bytes());
-        header[24..28].copy_from_slice(&(payload_len as u32).to_le_bytes());
-        header[32..40].copy_from_slice(&payload_checksum.to_le_bytes());
-        let header_checksum = xxh3_64(&header[..40]);
-        header[40..48].copy_from_slice(&header_checksum.to_le_bytes());
+    ) -> Result<Header, ProtocolError> {
+        let too_large =
+            || ProtocolError::PayloadTooLarge(u64::try_from(payload_len).unwrap_or(u64::MAX));
+        if payload_len > MAX_PAYLOAD {
+            return Err(too_large());
+        }
+        let mut header = Header {
+            magic: MAGIC,
+            kind: message.kind() as u8,
+            reserved: [0; 3],
+            sequence: self.next_sequence.into(),
+            epoch: epoch.into(),
+            payload_len: u32::try_from(payload_len).map_err(|_| too_large())?.into(),
+            reserved2: 0.into(),
+            payload_checksum: payload_checksum.into(),
+            header_checksum: 0.into(),
+        };
+        header.header_checksum = xxh3_64(header.checksummed()).into();
         self.next_sequence += 1;
-        header
+        Ok(header)
     }
 
     /// Encodes `message` for `epoch` as the next message (header and
     /// payload in one buffer).
-    pub fn encode(&mut self, epoch: u64, message: &Message) -> Vec<u8> {
+    pub fn encode(&mut self, epoch: u64, message: &Message) -> Result<Vec<u8>, ProtocolError> {
         let payload = message.payload();
-        let header = self.header(epoch, message, payload.len(), xxh3_64(&payload));
+        let header = self.header(epoch, message, payload.len(), xxh3_64(&payload))?;
         let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(&payload);
-        bytes
+        Ok(bytes)
     }
 
     /// Writes `message` for `epoch` to `writer`.
@@ -444,39 +544,36 @@ impl Sender {
         epoch: u64,
         message: &Message,
     ) -> Result<(), ProtocolError> {
-        writer.write_all(&self.encode(epoch, message))?;
+        writer.write_all(&self.encode(epoch, message)?)?;
         Ok(())
     }
 }
 
 /// Reads one message (no sequence or state checks: see [`Receiver`]).
 pub fn read_message(reader: &mut impl Read) -> Result<Envelope, ProtocolError> {
-    let mut header = [0u8; HEADER_LEN];
-    reader.read_exact(&mut header)?;
-    if header[0..4] != MAGIC {
+    let mut header = Header::new_zeroed();
+    reader.read_exact(header.as_mut_bytes())?;
+    if header.magic != MAGIC {
         return Err(ProtocolError::BadMagic);
     }
-    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
-    if xxh3_64(&header[..40]) != u64_at(40) {
+    if xxh3_64(header.checksummed()) != header.header_checksum.get() {
         return Err(ProtocolError::HeaderChecksum);
     }
-    let kind = header[4];
-    let length = u64::from(u32::from_le_bytes(
-        header[24..28].try_into().expect("4 bytes"),
-    ));
-    if length as usize > MAX_PAYLOAD {
-        return Err(ProtocolError::PayloadTooLarge(length));
-    }
-    let mut payload = vec![0u8; length as usize];
+    let kind =
+        MessageKind::from_byte(header.kind).ok_or(ProtocolError::UnknownKind(header.kind))?;
+    let length = header.payload_len.get();
+    let length = usize::try_from(length)
+        .ok()
+        .filter(|length| *length <= MAX_PAYLOAD)
+        .ok_or(ProtocolError::PayloadTooLarge(u64::from(length)))?;
+    let mut payload = vec![0u8; length];
     reader.read_exact(&mut payload)?;
-    if xxh3_64(&payload) != u64_at(32) {
-        return Err(ProtocolError::PayloadChecksum {
-            kind: kind_name(kind),
-        });
+    if xxh3_64(&payload) != header.payload_checksum.get() {
+        return Err(ProtocolError::PayloadChecksum { kind: kind.name() });
     }
     Ok(Envelope {
-        sequence: u64_at(8),
-        epoch: u64_at(16),
+        sequence: header.sequence.get(),
+        epoch: header.epoch.get(),
         message: Message::parse(kind, payload)?,
     })
 }
@@ -1011,7 +1108,9 @@ mod tests {
 
     #[test]
     fn corrupted_payload_is_refused() {
-        let mut bytes = Sender::new().encode(0, &Message::Pages(vec![7; 64]));
+        let mut bytes = Sender::new()
+            .encode(0, &Message::Pages(vec![7; 64]))
+            .expect("encodes");
         bytes[HEADER_LEN + 10] ^= 1;
 
         let result = read_message(&mut bytes.as_slice());
@@ -1024,7 +1123,7 @@ mod tests {
 
     #[test]
     fn corrupted_header_is_refused() {
-        let mut bytes = Sender::new().encode(3, &Message::Ack);
+        let mut bytes = Sender::new().encode(3, &Message::Ack).expect("encodes");
         bytes[16] ^= 1; // The epoch.
 
         let result = read_message(&mut bytes.as_slice());
@@ -1034,7 +1133,9 @@ mod tests {
 
     #[test]
     fn truncated_message_is_an_io_error() {
-        let bytes = Sender::new().encode(0, &Message::Pages(vec![7; 64]));
+        let bytes = Sender::new()
+            .encode(0, &Message::Pages(vec![7; 64]))
+            .expect("encodes");
 
         let result = read_message(&mut &bytes[..bytes.len() - 1]);
 
@@ -1042,8 +1143,48 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_payload_is_refused_before_sending() {
+        let mut sender = Sender::new();
+
+        let result = sender.header(0, &Message::Ack, MAX_PAYLOAD + 1, 0);
+
+        assert!(matches!(result, Err(ProtocolError::PayloadTooLarge(_))));
+    }
+
+    #[test]
+    fn an_unknown_kind_is_refused() {
+        let mut bytes = Sender::new().encode(0, &Message::Ack).expect("encodes");
+        bytes[4] = 200;
+        let checksum = xxh3_64(&bytes[..40]);
+        bytes[40..48].copy_from_slice(&checksum.to_le_bytes());
+
+        let result = read_message(&mut bytes.as_slice());
+
+        assert!(matches!(result, Err(ProtocolError::UnknownKind(200))));
+    }
+
+    #[test]
+    fn every_kind_byte_names_its_kind() {
+        let kind = MessageKind::from_byte(MessageKind::EpochEnd as u8);
+
+        assert_eq!(kind, Some(MessageKind::EpochEnd));
+        assert_eq!(MessageKind::EpochEnd.name(), "EpochEnd");
+        assert_eq!(MessageKind::from_byte(0), None);
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary() {
+        let reason = "é".repeat(MAX_TEXT);
+
+        let payload = Message::Goodbye(reason).payload().into_owned();
+
+        assert!(payload.len() <= MAX_TEXT);
+        assert!(String::from_utf8(payload).is_ok());
+    }
+
+    #[test]
     fn oversized_payload_is_refused_before_reading_it() {
-        let mut bytes = Sender::new().encode(0, &Message::Ack);
+        let mut bytes = Sender::new().encode(0, &Message::Ack).expect("encodes");
         bytes[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         let checksum = xxh3_64(&bytes[..40]);
         bytes[40..48].copy_from_slice(&checksum.to_le_bytes());

@@ -38,8 +38,10 @@ use std::sync::Arc;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::Tap;
-use understudy_vm::{PAGE_BYTES, Vm, VmConfig, VmError};
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig, VmError};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// First bytes of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"USNAPSHT";
@@ -130,47 +132,73 @@ struct Header {
     stored_pages: u64,
 }
 
+/// The header as it is on disk (see the module docs), little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct HeaderLayout {
+    magic: [u8; 8],
+    version: U32,
+    page_size: U32,
+    memory_bytes: U64,
+    memory_hash: U64,
+    state_len: U64,
+    state_checksum: U64,
+    stored_pages: U64,
+    /// xxh3 of the bytes before it.
+    header_checksum: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<HeaderLayout>() == HEADER_LEN);
+
+impl HeaderLayout {
+    fn checksummed(&self) -> &[u8] {
+        &self.as_bytes()[..HEADER_LEN - 8]
+    }
+}
+
 impl Header {
     fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut layout = HeaderLayout {
+            magic: SNAPSHOT_MAGIC,
+            version: SNAPSHOT_VERSION.into(),
+            page_size: U32::new(u32::try_from(PAGE_BYTES).expect("the page size fits a u32")),
+            memory_bytes: self.memory_bytes.into(),
+            memory_hash: self.memory_hash.into(),
+            state_len: self.state_len.into(),
+            state_checksum: self.state_checksum.into(),
+            stored_pages: self.stored_pages.into(),
+            header_checksum: 0.into(),
+        };
+        layout.header_checksum = xxh3_64(layout.checksummed()).into();
         let mut bytes = [0u8; HEADER_LEN];
-        bytes[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-        bytes[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        bytes[12..16].copy_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.memory_bytes.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.memory_hash.to_le_bytes());
-        bytes[32..40].copy_from_slice(&self.state_len.to_le_bytes());
-        bytes[40..48].copy_from_slice(&self.state_checksum.to_le_bytes());
-        bytes[48..56].copy_from_slice(&self.stored_pages.to_le_bytes());
-        let checksum = xxh3_64(&bytes[..56]);
-        bytes[56..64].copy_from_slice(&checksum.to_le_bytes());
+        bytes.copy_from_slice(layout.as_bytes());
         bytes
     }
 
     fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Self, SnapshotError> {
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if bytes[0..8] != SNAPSHOT_MAGIC {
+        let layout = HeaderLayout::read_from_bytes(bytes).expect("the header has its exact size");
+        if layout.magic != SNAPSHOT_MAGIC {
             return Err(SnapshotError::BadMagic);
         }
-        if xxh3_64(&bytes[..56]) != u64_at(56) {
+        if xxh3_64(layout.checksummed()) != layout.header_checksum.get() {
             return Err(SnapshotError::Corrupted { part: "header" });
         }
-        let version = u32_at(8);
+        let version = layout.version.get();
         if version != SNAPSHOT_VERSION {
             return Err(SnapshotError::UnsupportedVersion { found: version });
         }
-        if u32_at(12) as usize != PAGE_BYTES {
+        let page_size = layout.page_size.get();
+        if u64::from(page_size) != PAGE_SIZE {
             return Err(SnapshotError::BadHeader(format!(
-                "page size {} is not {PAGE_BYTES}",
-                u32_at(12)
+                "page size {page_size} is not {PAGE_SIZE}"
             )));
         }
         let header = Self {
-            memory_bytes: u64_at(16),
-            memory_hash: u64_at(24),
-            state_len: u64_at(32),
-            state_checksum: u64_at(40),
-            stored_pages: u64_at(48),
+            memory_bytes: layout.memory_bytes.get(),
+            memory_hash: layout.memory_hash.get(),
+            state_len: layout.state_len.get(),
+            state_checksum: layout.state_checksum.get(),
+            stored_pages: layout.stored_pages.get(),
         };
         if header.stored_pages > header.memory_bytes / PAGE_BYTES as u64 {
             return Err(SnapshotError::BadHeader(format!(

@@ -4,8 +4,8 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-/// Bytes per page: the project's one page size (the guest ABI's).
-pub use understudy_guest_abi::PAGE_BYTES;
+/// The project's one page size (the guest ABI's), in bytes as a length and as a u64.
+pub use understudy_guest_abi::{PAGE_BYTES, PAGE_SIZE};
 
 /// The contents of one page.
 pub type Page = [u8; PAGE_BYTES];

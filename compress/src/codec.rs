@@ -29,6 +29,8 @@
 //! a checksum mismatch, never as silently wrong pages.
 
 use xxhash_rust::xxh3::xxh3_64;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::auto::AutoPolicy;
 use crate::batch::{PAGE_BYTES, PageBatch};
@@ -447,63 +449,86 @@ struct FrameHeader {
     content_checksum: u64,
 }
 
+/// The header as it is in a frame (see the module docs), little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct FrameLayout {
+    magic: [u8; 4],
+    version: u8,
+    records_compressor: u8,
+    literals_compressor: u8,
+    reserved: u8,
+    sequence: U64,
+    page_count: U32,
+    literal_pages: U32,
+    records_len: U32,
+    compressed_records_len: U32,
+    store_pages: U32,
+    payload_len: U32,
+    content_checksum: U64,
+    /// xxh3 of the bytes before it.
+    header_checksum: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<FrameLayout>() == HEADER_LEN);
+
+impl FrameLayout {
+    fn checksummed(&self) -> &[u8] {
+        &self.as_bytes()[..HEADER_LEN - 8]
+    }
+}
+
 impl FrameHeader {
     fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut layout = FrameLayout {
+            magic: MAGIC,
+            version: VERSION,
+            records_compressor: self.records_compressor,
+            literals_compressor: self.literals_compressor,
+            reserved: 0,
+            sequence: self.sequence.into(),
+            page_count: self.page_count.into(),
+            literal_pages: self.literal_pages.into(),
+            records_len: self.records_len.into(),
+            compressed_records_len: self.compressed_records_len.into(),
+            store_pages: self.store_pages.into(),
+            payload_len: self.payload_len.into(),
+            content_checksum: self.content_checksum.into(),
+            header_checksum: 0.into(),
+        };
+        layout.header_checksum = xxh3_64(layout.checksummed()).into();
         let mut bytes = [0u8; HEADER_LEN];
-        bytes[0..4].copy_from_slice(&MAGIC);
-        bytes[4..8].copy_from_slice(&[
-            VERSION,
-            self.records_compressor,
-            self.literals_compressor,
-            0,
-        ]);
-        bytes[8..16].copy_from_slice(&self.sequence.to_le_bytes());
-        let fields = [
-            self.page_count,
-            self.literal_pages,
-            self.records_len,
-            self.compressed_records_len,
-            self.store_pages,
-            self.payload_len,
-        ];
-        for (index, field) in fields.iter().enumerate() {
-            bytes[16 + index * 4..20 + index * 4].copy_from_slice(&field.to_le_bytes());
-        }
-        bytes[40..48].copy_from_slice(&self.content_checksum.to_le_bytes());
-        let checksum = xxh3_64(&bytes[..48]);
-        bytes[48..56].copy_from_slice(&checksum.to_le_bytes());
+        bytes.copy_from_slice(layout.as_bytes());
         bytes
     }
 
     fn read(frame: &[u8]) -> Result<Self, CodecError> {
-        if frame.len() < HEADER_LEN {
+        let Ok((layout, _)) = FrameLayout::read_from_prefix(frame) else {
             return Err(CodecError::Truncated {
                 expected: HEADER_LEN,
                 actual: frame.len(),
             });
-        }
-        if frame[0..4] != MAGIC {
+        };
+        if layout.magic != MAGIC {
             return Err(CodecError::BadMagic);
         }
-        let u32_at = |at: usize| u32::from_le_bytes(frame[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(frame[at..at + 8].try_into().expect("8 bytes"));
-        if xxh3_64(&frame[..48]) != u64_at(48) {
+        if xxh3_64(layout.checksummed()) != layout.header_checksum.get() {
             return Err(CodecError::HeaderChecksum);
         }
-        if frame[4] != VERSION {
-            return Err(CodecError::UnsupportedVersion(frame[4]));
+        if layout.version != VERSION {
+            return Err(CodecError::UnsupportedVersion(layout.version));
         }
         let header = Self {
-            records_compressor: frame[5],
-            literals_compressor: frame[6],
-            sequence: u64_at(8),
-            page_count: u32_at(16),
-            literal_pages: u32_at(20),
-            records_len: u32_at(24),
-            compressed_records_len: u32_at(28),
-            store_pages: u32_at(32),
-            payload_len: u32_at(36),
-            content_checksum: u64_at(40),
+            records_compressor: layout.records_compressor,
+            literals_compressor: layout.literals_compressor,
+            sequence: layout.sequence.get(),
+            page_count: layout.page_count.get(),
+            literal_pages: layout.literal_pages.get(),
+            records_len: layout.records_len.get(),
+            compressed_records_len: layout.compressed_records_len.get(),
+            store_pages: layout.store_pages.get(),
+            payload_len: layout.payload_len.get(),
+            content_checksum: layout.content_checksum.get(),
         };
         let expected = HEADER_LEN + header.payload_len as usize;
         if frame.len() != expected {

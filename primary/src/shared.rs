@@ -97,11 +97,13 @@ impl Shared {
     pub fn wait_for(&self, reached: impl Fn(&Progress) -> bool) -> Result<(), PrimaryError> {
         let mut progress = self.progress();
         loop {
-            if let Some(reason) = &progress.lost {
-                return Err(PrimaryError::SecondaryLost(reason.clone()));
-            }
+            // What was reached counts even if the secondary left right after
+            // (a migration target closes once it acknowledged).
             if reached(&progress) {
                 return Ok(());
+            }
+            if let Some(reason) = &progress.lost {
+                return Err(PrimaryError::SecondaryLost(reason.clone()));
             }
             progress = self
                 .changed
@@ -190,6 +192,17 @@ mod tests {
         assert!(
             matches!(waited, Err(PrimaryError::SecondaryLost(reason)) if reason == "link down")
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_before_a_loss_still_counts() {
+        let shared = Shared::new();
+        shared.acknowledge(0);
+        shared.lose("the target closed after acknowledging".to_owned());
+
+        let waited = shared.wait_for(|progress| progress.acknowledged == Some(0));
+
+        assert!(waited.is_ok());
     }
 
     #[test]

@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::bus::{BusAction, BusDevice};
 use crate::log_limited;
@@ -166,82 +168,109 @@ pub struct NetState {
 }
 
 /// Bytes of an encoded [`NetState`].
-pub const NET_STATE_LEN: usize = 8 + 5 * 4 + 2 * QUEUE_STATE_LEN;
-const QUEUE_STATE_LEN: usize = 2 * 4 + 2 + 3 * 8 + 2;
+pub const NET_STATE_LEN: usize = std::mem::size_of::<NetStateLayout>();
+
+/// A queue's state as encoded, little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct QueueLayout {
+    max_size: U16,
+    next_avail: U16,
+    next_used: U16,
+    size: U16,
+    reserved: [u8; 2],
+    desc_table: U64,
+    avail_ring: U64,
+    used_ring: U64,
+    event_idx_enabled: u8,
+    ready: u8,
+}
+
+/// A [`NetState`] as encoded, little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct NetStateLayout {
+    driver_features: U64,
+    status: U32,
+    queue_sel: U32,
+    device_features_sel: U32,
+    driver_features_sel: U32,
+    interrupt_status: U32,
+    queues: [QueueLayout; 2],
+}
+
+const _: () = assert!(NET_STATE_LEN == 100);
+
+fn flag(byte: u8) -> Result<bool, NetError> {
+    match byte {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(NetError::BadState(format!("flag byte {other}"))),
+    }
+}
+
+impl QueueLayout {
+    fn of(queue: &QueueState) -> Self {
+        Self {
+            max_size: queue.max_size.into(),
+            next_avail: queue.next_avail.into(),
+            next_used: queue.next_used.into(),
+            size: queue.size.into(),
+            reserved: [0; 2],
+            desc_table: queue.desc_table.into(),
+            avail_ring: queue.avail_ring.into(),
+            used_ring: queue.used_ring.into(),
+            event_idx_enabled: u8::from(queue.event_idx_enabled),
+            ready: u8::from(queue.ready),
+        }
+    }
+
+    fn state(&self) -> Result<QueueState, NetError> {
+        Ok(QueueState {
+            max_size: self.max_size.get(),
+            next_avail: self.next_avail.get(),
+            next_used: self.next_used.get(),
+            size: self.size.get(),
+            desc_table: self.desc_table.get(),
+            avail_ring: self.avail_ring.get(),
+            used_ring: self.used_ring.get(),
+            event_idx_enabled: flag(self.event_idx_enabled)?,
+            ready: flag(self.ready)?,
+        })
+    }
+}
 
 impl NetState {
     /// Appends the fixed little-endian encoding ([`NET_STATE_LEN`] bytes).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.driver_features.to_le_bytes());
-        for word in [
-            self.status,
-            self.queue_sel,
-            self.device_features_sel,
-            self.driver_features_sel,
-            self.interrupt_status,
-        ] {
-            out.extend_from_slice(&word.to_le_bytes());
-        }
-        for queue in &self.queues {
-            for half in [
-                queue.max_size,
-                queue.next_avail,
-                queue.next_used,
-                queue.size,
-            ] {
-                out.extend_from_slice(&half.to_le_bytes());
-            }
-            out.extend_from_slice(&[0, 0]);
-            for address in [queue.desc_table, queue.avail_ring, queue.used_ring] {
-                out.extend_from_slice(&address.to_le_bytes());
-            }
-            out.push(u8::from(queue.event_idx_enabled));
-            out.push(u8::from(queue.ready));
-        }
+        let layout = NetStateLayout {
+            driver_features: self.driver_features.into(),
+            status: self.status.into(),
+            queue_sel: self.queue_sel.into(),
+            device_features_sel: self.device_features_sel.into(),
+            driver_features_sel: self.driver_features_sel.into(),
+            interrupt_status: self.interrupt_status.into(),
+            queues: [
+                QueueLayout::of(&self.queues[0]),
+                QueueLayout::of(&self.queues[1]),
+            ],
+        };
+        out.extend_from_slice(layout.as_bytes());
     }
 
     /// Decodes [`NetState::encode`]'s output.
     pub fn decode(bytes: &[u8]) -> Result<Self, NetError> {
-        if bytes.len() != NET_STATE_LEN {
-            return Err(NetError::BadState(format!(
-                "{} bytes, expected {NET_STATE_LEN}",
-                bytes.len()
-            )));
-        }
-        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-        let u32_at = |at: usize| {
-            u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes in range"))
-        };
-        let u64_at = |at: usize| {
-            u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes in range"))
-        };
-        let flag_at = |at: usize| match bytes[at] {
-            0 => Ok(false),
-            1 => Ok(true),
-            other => Err(NetError::BadState(format!("flag byte {other}"))),
-        };
-        let queue_at = |at: usize| -> Result<QueueState, NetError> {
-            Ok(QueueState {
-                max_size: u16_at(at),
-                next_avail: u16_at(at + 2),
-                next_used: u16_at(at + 4),
-                size: u16_at(at + 6),
-                desc_table: u64_at(at + 10),
-                avail_ring: u64_at(at + 18),
-                used_ring: u64_at(at + 26),
-                event_idx_enabled: flag_at(at + 34)?,
-                ready: flag_at(at + 35)?,
-            })
-        };
-        let queues_at = 28;
+        let layout = NetStateLayout::read_from_bytes(bytes).map_err(|_| {
+            NetError::BadState(format!("{} bytes, expected {NET_STATE_LEN}", bytes.len()))
+        })?;
         Ok(Self {
-            driver_features: u64_at(0),
-            status: u32_at(8),
-            queue_sel: u32_at(12),
-            device_features_sel: u32_at(16),
-            driver_features_sel: u32_at(20),
-            interrupt_status: u32_at(24),
-            queues: [queue_at(queues_at)?, queue_at(queues_at + QUEUE_STATE_LEN)?],
+            driver_features: layout.driver_features.get(),
+            status: layout.status.get(),
+            queue_sel: layout.queue_sel.get(),
+            device_features_sel: layout.device_features_sel.get(),
+            driver_features_sel: layout.driver_features_sel.get(),
+            interrupt_status: layout.interrupt_status.get(),
+            queues: [layout.queues[0].state()?, layout.queues[1].state()?],
         })
     }
 }

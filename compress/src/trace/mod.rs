@@ -46,6 +46,8 @@ use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::batch::{PAGE_BYTES, PageBatch};
 
@@ -57,6 +59,57 @@ const HEADER_LEN: usize = 64;
 const EPOCH_HEADER_LEN: usize = 48;
 const END_LEN: usize = 24;
 const MAX_DESCRIPTION: usize = 64 << 10;
+
+/// The file header (see the module docs), little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct FileHeader {
+    magic: [u8; 8],
+    version: U32,
+    page_size: U32,
+    source: U32,
+    description_len: U32,
+    interval_ns: U64,
+    created_unix_s: U64,
+    reserved: [u8; 16],
+    /// xxh3 of the bytes before it and of the description.
+    checksum: U64,
+}
+
+/// An epoch's header, little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct EpochHeader {
+    magic: [u8; 4],
+    reserved: U32,
+    index: U64,
+    time_ns: U64,
+    pause_ns: U64,
+    page_count: U64,
+    /// xxh3 of the bytes before it, the page numbers and the contents.
+    checksum: U64,
+}
+
+/// The end record, little-endian.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct EndRecord {
+    magic: [u8; 4],
+    reserved: U32,
+    epochs: U64,
+    /// xxh3 of the bytes before it.
+    checksum: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<FileHeader>() == HEADER_LEN);
+const _: () = assert!(std::mem::size_of::<EpochHeader>() == EPOCH_HEADER_LEN);
+const _: () = assert!(std::mem::size_of::<EndRecord>() == END_LEN);
+
+/// A record's bytes before its trailing checksum.
+fn before_checksum<T: IntoBytes + Immutable>(record: &T) -> &[u8] {
+    let bytes = record.as_bytes();
+    &bytes[..bytes.len() - 8]
+}
 
 /// A trace that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -204,23 +257,26 @@ impl TraceWriter {
             file: BufWriter::with_capacity(1 << 20, file),
             epochs: 0,
         };
-        let description =
-            &info.description.as_bytes()[..info.description.len().min(MAX_DESCRIPTION)];
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.extend_from_slice(&MAGIC);
-        header.extend_from_slice(&VERSION.to_le_bytes());
-        header.extend_from_slice(&(PAGE_BYTES as u32).to_le_bytes());
-        header.extend_from_slice(&info.source.code().to_le_bytes());
-        header.extend_from_slice(&(description.len() as u32).to_le_bytes());
-        header.extend_from_slice(&info.interval_ns.to_le_bytes());
-        header.extend_from_slice(&info.created_unix_s.to_le_bytes());
-        header.extend_from_slice(&[0; 16]);
+        let description = truncated_description(&info.description);
+        let mut header = FileHeader {
+            magic: MAGIC,
+            version: VERSION.into(),
+            page_size: U32::new(u32::try_from(PAGE_BYTES).expect("the page size fits a u32")),
+            source: info.source.code().into(),
+            description_len: U32::new(
+                u32::try_from(description.len()).expect("at most 64 KiB of description"),
+            ),
+            interval_ns: info.interval_ns.into(),
+            created_unix_s: info.created_unix_s.into(),
+            reserved: [0; 16],
+            checksum: 0.into(),
+        };
         let mut hasher = Xxh3::new();
-        hasher.update(&header);
-        hasher.update(description);
-        header.extend_from_slice(&hasher.digest().to_le_bytes());
-        writer.write(&header)?;
-        writer.write(description)?;
+        hasher.update(before_checksum(&header));
+        hasher.update(description.as_bytes());
+        header.checksum = hasher.digest().into();
+        writer.write(header.as_bytes())?;
+        writer.write(description.as_bytes())?;
         Ok(writer)
     }
 
@@ -251,24 +307,26 @@ impl TraceWriter {
         {
             return Err(TraceError::Unordered);
         }
-        let mut header = Vec::with_capacity(EPOCH_HEADER_LEN);
-        header.extend_from_slice(&EPOCH_MAGIC);
-        header.extend_from_slice(&0u32.to_le_bytes());
-        header.extend_from_slice(&self.epochs.to_le_bytes());
-        header.extend_from_slice(&time_ns.to_le_bytes());
-        header.extend_from_slice(&pause_ns.to_le_bytes());
-        header.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        let mut header = EpochHeader {
+            magic: EPOCH_MAGIC,
+            reserved: 0.into(),
+            index: self.epochs.into(),
+            time_ns: time_ns.into(),
+            pause_ns: pause_ns.into(),
+            page_count: (pages.len() as u64).into(),
+            checksum: 0.into(),
+        };
         let numbers: Vec<u8> = pages
             .page_numbers()
             .iter()
             .flat_map(|number| number.to_le_bytes())
             .collect();
         let mut hasher = Xxh3::new();
-        hasher.update(&header);
+        hasher.update(before_checksum(&header));
         hasher.update(&numbers);
         hasher.update(pages.contents());
-        header.extend_from_slice(&hasher.digest().to_le_bytes());
-        self.write(&header)?;
+        header.checksum = hasher.digest().into();
+        self.write(header.as_bytes())?;
         self.write(&numbers)?;
         self.write(pages.contents())?;
         self.epochs += 1;
@@ -277,13 +335,14 @@ impl TraceWriter {
 
     /// Writes the end record, syncs, and renames the file into place.
     pub fn finish(mut self) -> Result<PathBuf, TraceError> {
-        let mut end = Vec::with_capacity(END_LEN);
-        end.extend_from_slice(&END_MAGIC);
-        end.extend_from_slice(&0u32.to_le_bytes());
-        end.extend_from_slice(&self.epochs.to_le_bytes());
-        let checksum = xxh3_64(&end);
-        end.extend_from_slice(&checksum.to_le_bytes());
-        self.write(&end)?;
+        let mut end = EndRecord {
+            magic: END_MAGIC,
+            reserved: 0.into(),
+            epochs: self.epochs.into(),
+            checksum: 0.into(),
+        };
+        end.checksum = xxh3_64(before_checksum(&end)).into();
+        self.write(end.as_bytes())?;
         let io = |action, path: &Path| {
             let path = path.to_owned();
             move |source| TraceError::Io {
@@ -340,29 +399,25 @@ impl TraceReader {
             epochs: 0,
             finished: false,
         };
-        let mut header = [0u8; HEADER_LEN];
-        reader.read_exact(&mut header)?;
-        if header[0..8] != MAGIC {
+        let mut header = FileHeader::new_zeroed();
+        reader.read_exact(header.as_mut_bytes())?;
+        if header.magic != MAGIC {
             return Err(TraceError::BadMagic(path.to_owned()));
         }
-        let u32_at =
-            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at =
-            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
-        let description_len = u32_at(20) as usize;
+        let description_len = usize::try_from(header.description_len.get()).unwrap_or(usize::MAX);
         if description_len > MAX_DESCRIPTION {
             return Err(reader.malformed("the description is longer than 64 KiB".to_owned()));
         }
         let mut description = vec![0u8; description_len];
         reader.read_exact(&mut description)?;
         let mut hasher = Xxh3::new();
-        hasher.update(&header[..56]);
+        hasher.update(before_checksum(&header));
         hasher.update(&description);
-        if hasher.digest() != u64_at(56) {
+        if hasher.digest() != header.checksum.get() {
             return Err(reader.corrupted("the header".to_owned()));
         }
-        let (version, page_size) = (u32_at(8), u32_at(12));
-        if version != VERSION || page_size != PAGE_BYTES as u32 {
+        let (version, page_size) = (header.version.get(), header.page_size.get());
+        if version != VERSION || u64::from(page_size) != crate::batch::PAGE_SIZE {
             return Err(TraceError::Unsupported {
                 path: path.to_owned(),
                 version,
@@ -370,11 +425,12 @@ impl TraceReader {
             });
         }
         reader.info = TraceInfo {
-            source: TraceSource::from_code(u32_at(16))
-                .ok_or_else(|| reader.malformed(format!("unknown source {}", u32_at(16))))?,
+            source: TraceSource::from_code(header.source.get()).ok_or_else(|| {
+                reader.malformed(format!("unknown source {}", header.source.get()))
+            })?,
             description: String::from_utf8_lossy(&description).into_owned(),
-            interval_ns: u64_at(24),
-            created_unix_s: u64_at(32),
+            interval_ns: header.interval_ns.get(),
+            created_unix_s: header.created_unix_s.get(),
         };
         Ok(reader)
     }
@@ -425,12 +481,11 @@ impl TraceReader {
         let mut magic = [0u8; 4];
         self.read_exact(&mut magic)?;
         if magic == END_MAGIC {
-            let mut end = [0u8; END_LEN];
-            end[..4].copy_from_slice(&magic);
-            self.read_exact(&mut end[4..])?;
-            let count = u64::from_le_bytes(end[8..16].try_into().expect("8 bytes"));
-            let checksum = u64::from_le_bytes(end[16..24].try_into().expect("8 bytes"));
-            if xxh3_64(&end[..16]) != checksum {
+            let mut end = EndRecord::new_zeroed();
+            end.magic = magic;
+            self.read_exact(&mut end.as_mut_bytes()[4..])?;
+            let count = end.epochs.get();
+            if xxh3_64(before_checksum(&end)) != end.checksum.get() {
                 return Err(self.corrupted("the end record".to_owned()));
             }
             if count != self.epochs {
@@ -450,13 +505,16 @@ impl TraceReader {
         if magic != EPOCH_MAGIC {
             return Err(self.malformed(format!("epoch {} has a bad magic", self.epochs)));
         }
-        let mut header = [0u8; EPOCH_HEADER_LEN];
-        header[..4].copy_from_slice(&magic);
-        self.read_exact(&mut header[4..])?;
-        let u64_at =
-            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
-        let (index, time_ns, pause_ns, page_count, checksum) =
-            (u64_at(8), u64_at(16), u64_at(24), u64_at(32), u64_at(40));
+        let mut header = EpochHeader::new_zeroed();
+        header.magic = magic;
+        self.read_exact(&mut header.as_mut_bytes()[4..])?;
+        let (index, time_ns, pause_ns, page_count, checksum) = (
+            header.index.get(),
+            header.time_ns.get(),
+            header.pause_ns.get(),
+            header.page_count.get(),
+            header.checksum.get(),
+        );
         if index != self.epochs {
             return Err(self.malformed(format!(
                 "epoch {index} found where epoch {} belongs",
@@ -470,13 +528,16 @@ impl TraceReader {
                 epochs: self.epochs,
             });
         }
-        let page_count = page_count as usize;
+        let page_count = usize::try_from(page_count).map_err(|_| TraceError::Truncated {
+            path: self.path.clone(),
+            epochs: self.epochs,
+        })?;
         let mut numbers = vec![0u8; page_count * 8];
         self.read_exact(&mut numbers)?;
         let mut contents = vec![0u8; page_count * PAGE_BYTES];
         self.read_exact(&mut contents)?;
         let mut hasher = Xxh3::new();
-        hasher.update(&header[..40]);
+        hasher.update(before_checksum(&header));
         hasher.update(&numbers);
         hasher.update(&contents);
         if hasher.digest() != checksum {
@@ -509,6 +570,15 @@ pub fn load(path: &Path) -> Result<(TraceInfo, Vec<Epoch>), TraceError> {
         epochs.push(epoch);
     }
     Ok((reader.info().clone(), epochs))
+}
+
+/// `description` cut to at most [`MAX_DESCRIPTION`] bytes, at a character boundary.
+fn truncated_description(description: &str) -> &str {
+    let mut end = description.len().min(MAX_DESCRIPTION);
+    while !description.is_char_boundary(end) {
+        end -= 1;
+    }
+    &description[..end]
 }
 
 #[cfg(test)]
