@@ -36,7 +36,7 @@ fn migrate(target_duration: &str, migrate_args: &[&str]) -> (Output, Output) {
     if !source.status.success() {
         // The target waits for another primary: stop it.
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(target.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(target.id().cast_signed(), libc::SIGTERM) };
     }
     let target = target.wait_with_output().expect("the target exits");
     (source, target)

@@ -83,7 +83,10 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let mut flipped = bytes.clone();
     // Header (64 bytes, state length at 32..40), state, the first chunk's bitmap,
     // then the first stored page: flip a bit in that page's contents.
-    let state_len = u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")) as usize;
+    let state_len = usize::try_from(u64::from_le_bytes(
+        bytes[32..40].try_into().expect("8 bytes"),
+    ))
+    .expect("a small state");
     let in_first_stored_page = 64 + state_len + 32 + 100;
     flipped[in_first_stored_page] ^= 0x40;
     std::fs::write(&corrupted, &flipped).expect("write");

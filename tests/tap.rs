@@ -24,9 +24,10 @@ fn set_up(name: &str) {
     // SAFETY: ifreq is plain old data; all zeroes is valid.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
-        *slot = byte as libc::c_char;
+        *slot = byte.cast_signed();
     }
-    request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    request.ifr_ifru.ifru_flags =
+        libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).expect("flags fit a short");
     // SAFETY: SIOCSIFFLAGS reads one ifreq, which `request` is.
     let result = unsafe { libc::ioctl(socket, libc::SIOCSIFFLAGS, &request) };
     let error = std::io::Error::last_os_error();
@@ -37,7 +38,10 @@ fn set_up(name: &str) {
 
 /// A raw packet socket on interface `index`, all EtherTypes, non-blocking.
 fn packet_socket(index: u32) -> i32 {
-    let all = (libc::ETH_P_ALL as u16).to_be() as i32;
+    let all_protocols = u16::try_from(libc::ETH_P_ALL)
+        .expect("an EtherType")
+        .to_be();
+    let all = i32::from(all_protocols);
     // SAFETY: a plain socket call; the caller closes the descriptor.
     let socket =
         unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, all) };
@@ -48,15 +52,16 @@ fn packet_socket(index: u32) -> i32 {
     );
     // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
     let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    address.sll_ifindex = index as i32;
+    address.sll_family = u16::try_from(libc::AF_PACKET).expect("an address family");
+    address.sll_protocol = all_protocols;
+    address.sll_ifindex = index.cast_signed();
     // SAFETY: `address` is a valid sockaddr_ll of the size given.
     let bound = unsafe {
         libc::bind(
             socket,
             (&address as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>())
+                .expect("a small address"),
         )
     };
     assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
@@ -107,7 +112,7 @@ fn frames_cross_a_tap_in_both_directions() {
         let seen_by_host = wait_for(&from_vmm, |buffer| {
             // SAFETY: `buffer` is writable for its whole length.
             let length = unsafe { libc::recv(socket, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-            (length > 0).then_some(length as usize)
+            usize::try_from(length).ok().filter(|length| *length > 0)
         });
         // SAFETY: `from_host` is readable for its whole length; the socket
         // is bound to the interface, so no address is needed.
@@ -128,7 +133,7 @@ fn frames_cross_a_tap_in_both_directions() {
         seen_by_host,
         "the host interface never saw the frame written to the tap"
     );
-    assert_eq!(sent, length as isize);
+    assert_eq!(usize::try_from(sent).ok(), Some(length));
     assert!(
         seen_by_vmm,
         "the tap never delivered the frame sent on the host interface"

@@ -82,7 +82,7 @@ fn wait_for_epochs(reader: &mut BufReader<ChildStdout>, count: usize) {
 
 fn stop(child: &mut Child) {
     // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGINT) };
 }
 
 #[test]

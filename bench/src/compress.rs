@@ -388,7 +388,7 @@ impl CompressReport {
 }
 
 fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1 << 20) as f64
+    bytes as f64 / f64::from(1 << 20)
 }
 
 impl fmt::Display for CompressReport {
@@ -406,7 +406,7 @@ impl fmt::Display for CompressReport {
                 trace.first_epoch_pages,
                 mib(trace.first_epoch_pages * PAGE_BYTES),
                 trace.mean_pages,
-                trace.mean_pages * PAGE_SIZE as f64 / (1 << 20) as f64,
+                trace.mean_pages * PAGE_SIZE as f64 / f64::from(1 << 20),
             )?;
             writeln!(
                 f,

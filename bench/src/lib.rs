@@ -55,11 +55,23 @@ pub struct Micros {
     pub samples: usize,
 }
 
+/// The index of the `fraction` (0 to 1) quantile among `len` sorted samples.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the value is within 0..len, and float-to-int `as` saturates"
+)]
+pub fn nearest_rank(len: usize, fraction: f64) -> usize {
+    ((len as f64 - 1.0) * fraction.clamp(0.0, 1.0))
+        .round()
+        .max(0.0) as usize
+}
+
 impl Micros {
     fn of(mut samples: Vec<Duration>) -> Self {
         samples.sort();
         let at = |fraction: f64| {
-            let index = ((samples.len() as f64 - 1.0) * fraction).round() as usize;
+            let index = nearest_rank(samples.len(), fraction);
             samples.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
         };
         Self {

@@ -230,7 +230,7 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
             dirty_pages: mean(
                 &run.dirty_pages
                     .iter()
-                    .map(|p| *p as u32)
+                    .map(|p| *p as f64)
                     .collect::<Vec<_>>(),
             ),
             pause: Micros::of(run.pauses),

@@ -76,7 +76,7 @@ pub fn scatter(
         escape(title)
     );
     // Grid and ticks at 1, 2 and 5 times each power of ten.
-    for decade in x_low as i32..=x_high as i32 {
+    for decade in decade_of(x_low)..=decade_of(x_high) {
         for factor in [1.0, 2.0, 5.0] {
             let value = factor * 10f64.powi(decade);
             if value.log10() > x_high + 1e-9 {
@@ -92,7 +92,7 @@ pub fn scatter(
             );
         }
     }
-    for decade in y_low as i32..=y_high as i32 {
+    for decade in decade_of(y_low)..=decade_of(y_high) {
         for factor in [1.0, 2.0, 5.0] {
             let value = factor * 10f64.powi(decade);
             if value.log10() > y_high + 1e-9 {
@@ -161,6 +161,15 @@ pub fn scatter(
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// The power of ten a log10 value lies in (plots span a few decades).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "log10 of plotted values is a small number, and float-to-int `as` saturates"
+)]
+fn decade_of(log10: f64) -> i32 {
+    log10 as i32
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ impl LinkSender {
                 while !stop.load(Ordering::Relaxed) {
                     let idle = sender.idle_for();
                     if idle >= policy.interval {
-                        let clock = started.elapsed().as_nanos() as u64;
+                        let clock = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                         if sender.send(0, &Message::Heartbeat(clock)).is_err() {
                             return;
                         }

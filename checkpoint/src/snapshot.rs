@@ -38,7 +38,7 @@ use std::sync::Arc;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::Tap;
-use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig, VmError};
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig, VmError, usize_from};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -384,7 +384,7 @@ pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummar
     if file_bytes > header.file_len() {
         return Err(SnapshotError::TrailingData);
     }
-    let mut state_bytes = vec![0u8; header.state_len as usize];
+    let mut state_bytes = vec![0u8; usize_from(header.state_len)];
     input.take(&mut state_bytes, "VM state", path)?;
     if xxh3_64(&state_bytes) != header.state_checksum {
         return Err(SnapshotError::Corrupted { part: "state" });
@@ -397,7 +397,9 @@ pub fn restore(path: &Path, tap: Option<Arc<Tap>>) -> Result<(Vm, SnapshotSummar
         )));
     }
 
-    let vm = Vm::new(VmConfig::new(state.memory_bytes, state.vcpus.len() as u32))?;
+    let vcpus = u32::try_from(state.vcpus.len())
+        .map_err(|_| SnapshotError::BadHeader(format!("{} vCPUs", state.vcpus.len())))?;
+    let vm = Vm::new(VmConfig::new(state.memory_bytes, vcpus))?;
     let mut page = vec![0u8; PAGE_BYTES];
     let mut stored_pages = 0u64;
     for chunk_start in (0..header.memory_bytes).step_by(CHUNK_BYTES) {

@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (index, batch) in later[1..].iter().enumerate() {
             frame.clear();
             encoder.encode(batch, &mut frame)?;
-            let mut seed = vec![mode as u8];
+            let mut seed = vec![u8::try_from(mode)?];
             seed.extend_from_slice(&frame);
             std::fs::write(directory.join(format!("seed-{mode}-{index}")), &seed)?;
         }

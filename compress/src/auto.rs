@@ -200,7 +200,9 @@ mod tests {
     use super::*;
 
     fn compressible() -> Vec<u8> {
-        (0..256 * 1024).map(|i| (i / 512) as u8).collect()
+        (0..256 * 1024usize)
+            .map(|i| (i / 512).to_le_bytes()[0])
+            .collect()
     }
 
     fn chosen_after(link_mbit: u64, batches: usize) -> CompressorSpec {

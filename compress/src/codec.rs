@@ -277,12 +277,12 @@ impl Encoder {
             records_compressor: records_id as u8,
             literals_compressor: literals_id as u8,
             sequence: self.sequence,
-            page_count: batch.len() as u32,
-            literal_pages: (literal_bytes.len() / PAGE_BYTES) as u32,
+            page_count: u32::try_from(batch.len()).map_err(too_large)?,
+            literal_pages: u32::try_from(literal_bytes.len() / PAGE_BYTES).map_err(too_large)?,
             records_len: u32::try_from(self.records.len()).map_err(too_large)?,
             compressed_records_len: u32::try_from(records_end - start - HEADER_LEN)
                 .map_err(too_large)?,
-            store_pages: self.transform.store_capacity() as u32,
+            store_pages: u32::try_from(self.transform.store_capacity()).map_err(too_large)?,
             payload_len: u32::try_from(out.len() - start - HEADER_LEN).map_err(too_large)?,
             content_checksum: batch.checksum(),
         };

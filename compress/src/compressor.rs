@@ -453,7 +453,7 @@ mod tests {
 
     fn sample_pages(count: usize) -> Vec<u8> {
         (0..count * PAGE_BYTES)
-            .map(|i| ((i / 16) % 7) as u8 ^ ((i / PAGE_BYTES) as u8 & 3))
+            .map(|i| ((i / 16) % 7).to_le_bytes()[0] ^ ((i / PAGE_BYTES).to_le_bytes()[0] & 3))
             .collect()
     }
 

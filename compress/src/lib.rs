@@ -32,6 +32,6 @@ pub mod transform;
 pub mod varint;
 pub mod xor_rle;
 
-pub use batch::{PAGE_BYTES, Page, PageBatch};
+pub use batch::{PAGE_BYTES, PAGE_SIZE, Page, PageBatch};
 pub use codec::{CodecError, DecodeStats, Decoder, EncodeStats, Encoder};
 pub use spec::{CodecSpec, SpecError};

@@ -21,6 +21,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use understudy_guest_abi::usize_from;
+
 use crate::compressor::CompressorSpec;
 use crate::size::{format_size, parse_size};
 
@@ -91,7 +93,7 @@ impl CodecSpec {
 
     /// Pages of version cache.
     pub fn cache_pages(&self) -> usize {
-        (self.cache_bytes / crate::PAGE_BYTES as u64) as usize
+        usize_from(self.cache_bytes / crate::PAGE_SIZE)
     }
 }
 
@@ -193,8 +195,8 @@ fn parse_compressor(text: &str) -> Result<Option<CompressorSpec>, SpecError> {
             ) => {
                 *dictionary_bytes = parse_size(value)
                     .filter(|size| *size == 0 || (1024..=(1 << 20)).contains(size))
-                    .ok_or_else(|| bad(key, value, "a dictionary is 0 or 1K to 1M"))?
-                    as usize;
+                    .map(usize_from)
+                    .ok_or_else(|| bad(key, value, "a dictionary is 0 or 1K to 1M"))?;
             }
             _ => return Err(unknown(name, key)),
         }

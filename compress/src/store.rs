@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use understudy_guest_abi::usize_from;
+
 use crate::batch::{PAGE_BYTES, Page, as_page, as_page_mut};
 
 /// Hashes page numbers with one multiplication (Fibonacci hashing): page
@@ -55,7 +57,7 @@ impl PageStore {
     /// The address space for all of them is reserved at once, so the store
     /// never moves as it fills; memory is only used as pages arrive.
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.min(u32::MAX as usize);
+        let capacity = capacity.min(usize_from(u64::from(u32::MAX)));
         Self {
             capacity,
             contents: Vec::with_capacity(capacity * PAGE_BYTES),
@@ -106,13 +108,13 @@ impl PageStore {
                 self.slot_page_numbers.push(page_number);
                 self.referenced.push(true);
                 self.contents.extend_from_slice(contents);
-                self.slots.insert(page_number, slot as u32);
+                self.slots.insert(page_number, slot_index(slot));
                 return;
             }
             None => {
                 let slot = self.evict();
                 self.slot_page_numbers[slot] = page_number;
-                self.slots.insert(page_number, slot as u32);
+                self.slots.insert(page_number, slot_index(slot));
                 slot
             }
         };
@@ -134,6 +136,11 @@ impl PageStore {
             }
         }
     }
+}
+
+/// A slot as the page-number map stores it.
+fn slot_index(slot: usize) -> u32 {
+    u32::try_from(slot).expect("a store holds at most u32::MAX pages")
 }
 
 #[cfg(test)]
@@ -200,8 +207,8 @@ mod tests {
         let mut a = PageStore::new(3);
         let mut b = PageStore::new(3);
         for n in [1u64, 2, 3, 1, 4, 5, 2, 6, 7, 1] {
-            a.put(n, &page(n as u8));
-            b.put(n, &page(n as u8));
+            a.put(n, &page(n.to_le_bytes()[0]));
+            b.put(n, &page(n.to_le_bytes()[0]));
         }
 
         let held = |store: &PageStore| (0..8).map(|n| store.get(n).is_some()).collect::<Vec<_>>();

@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 
+use understudy_guest_abi::usize_from;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::batch::{PAGE_BYTES, Page, PageBatch, as_page, is_zero_page};
@@ -182,19 +183,19 @@ impl SimilarityIndex {
     }
 
     fn insert(&mut self, page_number: u64, page: &Page, page_hash: u64) {
-        self.pages[(page_hash & self.pages_mask) as usize] = page_number.wrapping_add(1);
+        self.pages[usize_from(page_hash & self.pages_mask)] = page_number.wrapping_add(1);
         for fingerprint in self.fingerprints(page).into_iter().flatten() {
-            self.blocks[(fingerprint & self.blocks_mask) as usize] = page_number.wrapping_add(1);
+            self.blocks[usize_from(fingerprint & self.blocks_mask)] = page_number.wrapping_add(1);
         }
     }
 
     fn duplicate_candidate(&self, page_hash: u64) -> Option<u64> {
-        let slot = self.pages[(page_hash & self.pages_mask) as usize];
+        let slot = self.pages[usize_from(page_hash & self.pages_mask)];
         (slot != 0).then(|| slot.wrapping_sub(1))
     }
 
     fn similar_candidate(&self, fingerprint: u64) -> Option<u64> {
-        let slot = self.blocks[(fingerprint & self.blocks_mask) as usize];
+        let slot = self.blocks[usize_from(fingerprint & self.blocks_mask)];
         (slot != 0).then(|| slot.wrapping_sub(1))
     }
 }
@@ -279,10 +280,7 @@ impl TransformEncoder {
             let tag_at = records.len();
             records.push(TAG_WHOLE);
             let expected = previous.map_or(0, |p| p.wrapping_add(1));
-            varint::write(
-                records,
-                varint::zigzag(page_number.wrapping_sub(expected) as i64),
-            );
+            varint::write(records, varint::zigzag_step(expected, page_number));
             previous = Some(page_number);
             if self.kind == TransformKind::Raw {
                 stats.whole += 1;
@@ -342,15 +340,15 @@ impl TransformEncoder {
                 stats.duplicate += 1;
                 return TAG_BATCH_DUPLICATE;
             }
-            self.batch_hashes.insert(page_hash, index as u32);
+            self.batch_hashes.insert(
+                page_hash,
+                u32::try_from(index).expect("a frame holds at most 2^18 pages"),
+            );
             if let Some(base) = index_tables.duplicate_candidate(page_hash)
                 && self.store.get(base) == Some(page)
                 && !self.committed_in_batch(batch, index, base)
             {
-                varint::write(
-                    records,
-                    varint::zigzag(base.wrapping_sub(page_number) as i64),
-                );
+                varint::write(records, varint::zigzag_step(page_number, base));
                 stats.duplicate += 1;
                 return TAG_DUPLICATE;
             }
@@ -399,10 +397,7 @@ impl TransformEncoder {
         stats: &mut TransformStats,
     ) -> u8 {
         if tag == TAG_SIMILAR {
-            varint::write(
-                records,
-                varint::zigzag(base.wrapping_sub(page_number) as i64),
-            );
+            varint::write(records, varint::zigzag_step(page_number, base));
             stats.similar += 1;
         } else if self.best.is_empty() {
             stats.unchanged += 1;
@@ -481,8 +476,7 @@ impl TransformDecoder {
             })?;
             position += 1;
             let expected = previous.map_or(0, |p| p.wrapping_add(1));
-            let page_number =
-                expected.wrapping_add(varint::unzigzag(number(&mut position)?) as u64);
+            let page_number = varint::apply_step(expected, number(&mut position)?);
             previous = Some(page_number);
             let stored = |base: u64| {
                 self.store
@@ -505,7 +499,7 @@ impl TransformDecoder {
                 }
                 TAG_DELTA | TAG_SIMILAR => {
                     let base = if tag == TAG_SIMILAR {
-                        page_number.wrapping_add(varint::unzigzag(number(&mut position)?) as u64)
+                        varint::apply_step(page_number, number(&mut position)?)
                     } else {
                         page_number
                     };
@@ -525,8 +519,7 @@ impl TransformDecoder {
                         .map_err(|source| TransformError::Delta { index, source })?;
                 }
                 TAG_DUPLICATE => {
-                    let base =
-                        page_number.wrapping_add(varint::unzigzag(number(&mut position)?) as u64);
+                    let base = varint::apply_step(page_number, number(&mut position)?);
                     out.push(page_number, stored(base)?);
                 }
                 TAG_BATCH_DUPLICATE => {
@@ -534,7 +527,7 @@ impl TransformDecoder {
                     if earlier >= index as u64 {
                         return Err(TransformError::BadBatchReference { index, earlier });
                     }
-                    let page = *out.page(earlier as usize);
+                    let page = *out.page(usize_from(earlier));
                     out.push(page_number, &page);
                 }
                 tag => return Err(TransformError::UnknownTag { index, tag }),
@@ -565,7 +558,7 @@ mod tests {
     use super::*;
 
     fn page_with(seed: u8) -> Page {
-        std::array::from_fn(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        std::array::from_fn(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
     }
 
     fn encode_decode(

@@ -17,10 +17,10 @@ pub enum VarintError {
 #[inline]
 pub fn write(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
-        out.push((value as u8) | 0x80);
+        out.push(low_byte(value) | 0x80);
         value >>= 7;
     }
-    out.push(value as u8);
+    out.push(low_byte(value));
 }
 
 /// Reads a LEB128 value at `*position`, advancing it.
@@ -45,13 +45,32 @@ pub fn read(input: &[u8], position: &mut usize) -> Result<u64, VarintError> {
 /// Maps a signed value to an unsigned one with small magnitudes staying small.
 #[inline]
 pub fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)) as u64
+    ((value << 1) ^ (value >> 63)).cast_unsigned()
 }
 
 /// Inverse of [`zigzag`].
 #[inline]
 pub fn unzigzag(value: u64) -> i64 {
-    ((value >> 1) as i64) ^ -((value & 1) as i64)
+    (value >> 1).cast_signed() ^ -(value & 1).cast_signed()
+}
+
+/// The difference `to - from` of two page numbers, wrapping, as a signed
+/// step (small when the pages are near each other), zigzag-encoded.
+#[inline]
+pub fn zigzag_step(from: u64, to: u64) -> u64 {
+    zigzag(to.wrapping_sub(from).cast_signed())
+}
+
+/// The page number `step` (as [`zigzag_step`] made it) away from `from`.
+#[inline]
+pub fn apply_step(from: u64, step: u64) -> u64 {
+    from.wrapping_add(unzigzag(step).cast_unsigned())
+}
+
+/// The low 8 bits of `value`.
+#[inline]
+fn low_byte(value: u64) -> u8 {
+    value.to_le_bytes()[0]
 }
 
 #[cfg(test)]

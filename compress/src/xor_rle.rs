@@ -16,6 +16,7 @@
 
 use crate::batch::{PAGE_BYTES, Page};
 use crate::varint::{self, VarintError};
+use understudy_guest_abi::usize_from;
 
 const WORDS: usize = PAGE_BYTES / 8;
 
@@ -131,7 +132,7 @@ pub fn apply(encoded: &[u8], target: &mut Page) -> Result<(), XorRleError> {
         if end > PAGE_BYTES as u64 {
             return Err(XorRleError::RunPastPageEnd { end });
         }
-        let (start, length) = (start as usize, length as usize);
+        let (start, length) = (usize_from(start), usize_from(length));
         let literal = encoded
             .get(position..position + length)
             .ok_or(XorRleError::Truncated)?;

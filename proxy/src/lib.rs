@@ -132,7 +132,7 @@ impl Metrics {
         if total == 0 {
             return None;
         }
-        let wanted = ((total as f64) * quantile.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let wanted = rank(total, quantile);
         let mut seen = 0;
         for (bucket, count) in self.held_histogram.iter().enumerate() {
             seen += count;
@@ -269,6 +269,16 @@ impl OutputBuffer {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+}
+
+/// The 1-based rank of the `quantile` (clamped to 0..=1) among `total` values.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the product is within 1..=total, and float-to-int `as` saturates"
+)]
+fn rank(total: u64, quantile: f64) -> u64 {
+    ((total as f64) * quantile.clamp(0.0, 1.0)).ceil().max(1.0) as u64
 }
 
 #[cfg(test)]

@@ -16,13 +16,13 @@ use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::VmState;
 use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
-use understudy_vm::{PAGE_SIZE, Vm, VmConfig};
+use understudy_vm::{PAGE_SIZE, Vm, VmConfig, usize_from};
 
 use crate::{ConnectionError, Failover, SecondaryError};
 
 /// Committed epochs whose output a takeover sends again: as many as the
 /// primary may have outstanding without an acknowledgement, plus the last.
-const RECENT_OUTPUT_EPOCHS: usize = MAX_UNACKNOWLEDGED_EPOCHS as usize + 1;
+const RECENT_OUTPUT_EPOCHS: usize = usize_from(MAX_UNACKNOWLEDGED_EPOCHS) + 1;
 
 /// Most frames kept for replay; older ones are dropped beyond it.
 const INPUT_LOG_FRAMES: usize = 16_384;

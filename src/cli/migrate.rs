@@ -2,7 +2,7 @@
 //! (`understudy secondary`), which resumes it.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use understudy_compress::CodecSpec;
@@ -84,7 +84,8 @@ fn print_round(round: &Round, as_json: bool) {
         // A progress line per round: a bar of what this round sent against
         // what is left, how fast, what stopping now would cost.
         let done = round.pages as f64 / (round.pages + round.pages_left).max(1) as f64;
-        let filled = (done * 20.0).round() as usize;
+        // Of 21 positions: 0 to 20 cells filled.
+        let filled = understudy_bench::nearest_rank(21, done);
         println!(
             "[{}{}] round {:3}: sent {:8} pages, {:8} left, {:8.1} MB/s, estimated downtime {:8.1} ms{}",
             "#".repeat(filled),
@@ -128,7 +129,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
         deadline: arguments.deadline,
         on_no_convergence: arguments.on_no_convergence,
     };
-    let vm_id = u64::from(std::process::id()) ^ (Instant::now().elapsed().as_nanos() as u64);
+    let vm_id = super::new_vm_id();
     let as_json = arguments.json;
     let summary = migrate(&mut vm, &options, vm_id, |round| {
         print_round(round, as_json)
@@ -163,8 +164,8 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             summary.downtime.as_secs_f64() * 1e3,
             summary.rounds,
             summary.pages,
-            raw_bytes as f64 / (1 << 20) as f64,
-            summary.wire_bytes as f64 / (1 << 20) as f64,
+            raw_bytes as f64 / f64::from(1 << 20),
+            summary.wire_bytes as f64 / f64::from(1 << 20),
             if summary.throttle > 0.0 {
                 format!(", guest throttled up to {:.0} %", summary.throttle * 100.0)
             } else {

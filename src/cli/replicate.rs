@@ -202,15 +202,6 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
     }
 }
 
-/// A VM identity for the secondary: the clock mixed with the process id.
-fn new_vm_id() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |elapsed| elapsed.as_nanos());
-    let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(1);
-    low ^ u64::from(std::process::id())
-}
-
 /// Runs a protected VM.
 pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
@@ -240,7 +231,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             precopy_rounds: arguments.precopy_rounds.max(1),
             max_bandwidth: None,
         },
-        vm_id: new_vm_id(),
+        vm_id: super::new_vm_id(),
         gate: gate.clone(),
         output_epoch: arguments.output_epoch,
         duration: arguments.duration,

@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use understudy_compress::PageBatch;
 use understudy_compress::trace::process::{self, CaptureLimits, EpochReport};
-use understudy_compress::trace::{TraceInfo, TraceReader, TraceSource, TraceWriter};
+use understudy_compress::trace::{
+    TraceInfo, TraceReader, TraceSource, TraceWriter, duration_nanos,
+};
 use understudy_primary::{read_nonzero_pages, read_pages};
 use understudy_vm::{PAGE_SIZE, memory};
 
@@ -136,7 +138,7 @@ impl Reporter {
     fn finish(mut self, path: &std::path::Path, epochs: u64) {
         self.pauses.sort();
         let pause_at = |fraction: f64| {
-            let index = ((self.pauses.len().saturating_sub(1)) as f64 * fraction).round() as usize;
+            let index = understudy_bench::nearest_rank(self.pauses.len(), fraction);
             self.pauses
                 .get(index)
                 .map_or(0.0, |pause| pause.as_secs_f64() * 1e3)
@@ -158,12 +160,17 @@ impl Reporter {
                 "wrote {}: {epochs} epochs, {} pages ({:.1} MiB); pause p50 {:.2} ms, max {:.2} ms",
                 path.display(),
                 self.pages,
-                self.pages as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
+                self.pages as f64 * PAGE_SIZE as f64 / f64::from(1 << 20),
                 pause_at(0.5),
                 pause_at(1.0)
             );
         }
     }
+}
+
+/// A child's process id as the kernel's calls take it.
+fn pid_of(child: &Child) -> anyhow::Result<i32> {
+    i32::try_from(child.id()).context("a process id out of range")
 }
 
 fn sleep_unless_stopped(duration: Duration, stop: &AtomicBool) {
@@ -178,11 +185,12 @@ fn end_child(mut child: Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
-    let pid = child.id() as i32;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGCONT);
-        libc::kill(pid, libc::SIGTERM);
+    if let Ok(pid) = pid_of(&child) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+            libc::kill(pid, libc::SIGTERM);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
@@ -218,7 +226,7 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
                 .args(&arguments.command[1..])
                 .spawn()
                 .with_context(|| format!("cannot start {}", arguments.command[0]))?;
-            (child.id() as i32, Some(child), arguments.command.join(" "))
+            (pid_of(&child)?, Some(child), arguments.command.join(" "))
         }
     };
     sleep_unless_stopped(arguments.warmup, &stop);
@@ -234,7 +242,7 @@ fn capture(arguments: CaptureArguments) -> anyhow::Result<()> {
     let info = TraceInfo {
         source: TraceSource::Process,
         description,
-        interval_ns: arguments.interval.as_nanos() as u64,
+        interval_ns: duration_nanos(arguments.interval),
         created_unix_s: now_unix_s(),
     };
     let mut writer = TraceWriter::create(&out, &info)?;
@@ -269,7 +277,7 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
             arguments.vm.vcpus,
             arguments.vm.memory >> 20
         ),
-        interval_ns: arguments.interval.as_nanos() as u64,
+        interval_ns: duration_nanos(arguments.interval),
         created_unix_s: now_unix_s(),
     };
     let out = arguments
@@ -298,7 +306,7 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
         }
         vm.resume()?;
         let pause = paused.elapsed();
-        writer.write_epoch(at.as_nanos() as u64, pause.as_nanos() as u64, &batch)?;
+        writer.write_epoch(duration_nanos(at), duration_nanos(pause), &batch)?;
         reporter.epoch(&EpochReport {
             index: writer.epochs() - 1,
             pages: batch.len(),
@@ -355,9 +363,9 @@ fn info(path: PathBuf) -> anyhow::Result<()> {
     );
     println!(
         "  epoch 0: {first_pages} pages ({:.1} MiB); later epochs: {:.0} pages ({:.2} MiB) on average",
-        first_pages as f64 * PAGE_SIZE as f64 / (1 << 20) as f64,
+        first_pages as f64 * PAGE_SIZE as f64 / f64::from(1 << 20),
         later_pages as f64 / later as f64,
-        later_pages as f64 * PAGE_SIZE as f64 / later as f64 / (1 << 20) as f64
+        later_pages as f64 * PAGE_SIZE as f64 / later as f64 / f64::from(1 << 20)
     );
     Ok(())
 }

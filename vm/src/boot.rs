@@ -18,6 +18,7 @@ use understudy_guest_abi::{
 use zerocopy::IntoBytes;
 
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::usize_from;
 use crate::workload::WorkloadSpec;
 
 /// The built-in guest, built by `build.rs` from `guest/`.
@@ -164,7 +165,7 @@ pub fn prepare(
     memory::write(
         memory,
         STATUS_GPA,
-        &vec![0; (STATUS_SLOT_SIZE * u64::from(vcpus)) as usize],
+        &vec![0; usize_from(STATUS_SLOT_SIZE * u64::from(vcpus))],
     )?;
     Ok(BootImage { entry })
 }

@@ -118,7 +118,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
 
         fn write(&self, offset: u64, data: &[u8]) -> BusAction {

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::PAGE_SIZE;
 use crate::memory::GuestMemory;
+use crate::{PAGE_SIZE, usize_from};
 
 /// Errors of dirty-page tracking.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ impl DirtyBitmap {
         let first = offset / PAGE_SIZE;
         let last = (offset + len - 1) / PAGE_SIZE;
         for page in first..=last.min(self.pages as u64 - 1) {
-            self.set(page as usize);
+            self.set(usize_from(page));
         }
     }
 
@@ -241,8 +241,9 @@ impl DirtyTracker {
         let mut put_back = self.put_back.lock().expect("dirty tracker lock poisoned");
         let mut regions = Vec::with_capacity(memory.num_regions());
         for (slot, region) in memory.iter().enumerate() {
-            let pages = (region.len() / PAGE_SIZE) as usize;
-            let kvm_words = match vm.get_dirty_log(slot as u32, region.len() as usize) {
+            let pages = usize_from(region.len() / PAGE_SIZE);
+            let slot_number = u32::try_from(slot).expect("a handful of memory slots");
+            let kvm_words = match vm.get_dirty_log(slot_number, usize_from(region.len())) {
                 Ok(words) => words,
                 Err(source) => {
                     // KVM cleared the logs of the slots before this one: keep them.
@@ -250,7 +251,7 @@ impl DirtyTracker {
                         put_back[index].union_with(&bitmap)?;
                     }
                     return Err(DirtyLogError::GetDirtyLog {
-                        slot: slot as u32,
+                        slot: slot_number,
                         source,
                     });
                 }

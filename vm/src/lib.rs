@@ -33,5 +33,5 @@ pub mod workload;
 mod guest_sources;
 
 pub use understudy_guest_abi as guest_abi;
-pub use understudy_guest_abi::{PAGE_BYTES, PAGE_SIZE};
+pub use understudy_guest_abi::{PAGE_BYTES, PAGE_SIZE, usize_from};
 pub use vm::{Vm, VmConfig, VmError, VmEvent};

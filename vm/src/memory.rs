@@ -5,6 +5,8 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::usize_from;
+
 /// Guest memory as the VMM holds it; VMM writes are tracked per page.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One region of [`GuestMemory`]; region `i` is KVM memory slot `i`.
@@ -74,7 +76,7 @@ pub fn region_layout(bytes: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
 pub fn create(bytes: u64) -> Result<GuestMemory, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> = region_layout(bytes)?
         .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .map(|(start, size)| (GuestAddress(start), usize_from(size)))
         .collect();
     GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Map { bytes, source })
 }
@@ -127,7 +129,7 @@ pub fn hash(memory: &GuestMemory) -> Result<u64, MemoryError> {
         let start = region.start_addr().0;
         let mut offset = 0;
         while offset < region.len() {
-            let len = (region.len() - offset).min(CHUNK as u64) as usize;
+            let len = usize_from((region.len() - offset).min(CHUNK as u64));
             read(memory, start + offset, &mut buffer[..len])?;
             hasher.update(&buffer[..len]);
             offset += len as u64;

@@ -140,7 +140,7 @@ impl VmState {
         out.extend_from_slice(&STATE_VERSION.to_le_bytes());
         out.extend_from_slice(&self.memory_bytes.to_le_bytes());
         put_blob(&mut out, self.clock.as_bytes());
-        out.extend_from_slice(&(self.vcpus.len() as u32).to_le_bytes());
+        put_len(&mut out, self.vcpus.len());
         for vcpu in &self.vcpus {
             out.extend_from_slice(&vcpu.tsc_khz.to_le_bytes());
             put_blob(&mut out, vcpu.regs.as_bytes());
@@ -235,13 +235,20 @@ impl VmState {
     }
 }
 
+/// Appends a length prefix. Every length in a state (vCPUs, MSRs, CPUID
+/// entries, KVM structures, a device state) is far below 4 GiB.
+fn put_len(out: &mut Vec<u8>, len: usize) {
+    let len = u32::try_from(len).expect("a VM state part is far below 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
 fn put_blob(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    put_len(out, bytes.len());
     out.extend_from_slice(bytes);
 }
 
 fn put_list<T: IntoBytes + Immutable>(out: &mut Vec<u8>, items: &[T]) {
-    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    put_len(out, items.len());
     for item in items {
         out.extend_from_slice(item.as_bytes());
     }

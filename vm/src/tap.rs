@@ -77,9 +77,10 @@ impl Tap {
         // SAFETY: ifreq is plain old data; all zeroes is a valid value.
         let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
         for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
-            *slot = byte as libc::c_char;
+            *slot = byte.cast_signed();
         }
-        request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        request.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI)
+            .expect("tap flags fit a short");
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is,
         // and the descriptor is a tun device.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut request) } < 0 {

@@ -41,6 +41,7 @@ use crate::bus::{BusAction, BusDevice};
 use crate::log_limited;
 use crate::memory::GuestMemory;
 use crate::tap::{MAX_FRAME, Tap};
+use crate::usize_from;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -200,6 +201,11 @@ struct NetStateLayout {
 }
 
 const _: () = assert!(NET_STATE_LEN == 100);
+
+/// The low 32 bits of `value` (registers expose 64-bit values in halves).
+fn low_half(value: u64) -> u32 {
+    u32::try_from(value & u64::from(u32::MAX)).expect("masked to 32 bits")
+}
 
 fn flag(byte: u8) -> Result<bool, NetError> {
     match byte {
@@ -448,7 +454,7 @@ impl VirtioNet {
             events: libc::POLLIN,
             revents: 0,
         };
-        let millis = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `poll` is one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut poll, 1, millis) };
         if ready > 0 {
@@ -512,7 +518,7 @@ impl VirtioNet {
                     if let Some(observer) = &self.delivered {
                         observer.send(&frame[NET_HEADER_LEN..total]);
                     }
-                    total as u32
+                    u32::try_from(total).expect("a frame is at most a few KiB")
                 }
                 Err(error) => {
                     log_limited!(warn, %error, "a receive buffer from the guest is unusable; frame dropped");
@@ -582,7 +588,7 @@ impl VirtioNet {
 
     fn config_byte(&self, offset: u64) -> u8 {
         match offset {
-            0..6 => self.mac[offset as usize],
+            0..6 => self.mac[usize_from(offset)],
             // status: VIRTIO_NET_S_LINK_UP (only meaningful with F_STATUS).
             6 => 1,
             _ => 0,
@@ -605,8 +611,8 @@ impl BusDevice for VirtioNet {
             reg::DEVICE_ID => DEVICE_ID_NET,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match registers.device_features_sel {
-                0 => DEVICE_FEATURES as u32,
-                1 => (DEVICE_FEATURES >> 32) as u32,
+                0 => low_half(DEVICE_FEATURES),
+                1 => low_half(DEVICE_FEATURES >> 32),
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => {
@@ -668,7 +674,7 @@ impl BusDevice for VirtioNet {
             reg::QUEUE_SEL => registers.queue_sel = value,
             reg::QUEUE_NUM => {
                 if let Some(queue) = registers.selected_queue() {
-                    queue.set_size(value as u16);
+                    queue.set_size(u16::try_from(value).unwrap_or(u16::MAX));
                 }
             }
             reg::QUEUE_READY => {
@@ -759,6 +765,10 @@ pub fn gratuitous_arp(mac: [u8; 6], ipv4: [u8; 4]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queue_index(queue: usize) -> u32 {
+        u32::try_from(queue).expect("two queues")
+    }
     use crate::memory::{self, MIN_MEMORY};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
@@ -798,9 +808,13 @@ mod tests {
         for (index, queue) in [(0u32, rx), (1, tx)] {
             set(net, reg::QUEUE_SEL, index);
             set(net, reg::QUEUE_NUM, 16);
-            set(net, reg::QUEUE_DESC_LOW, queue.desc_table_addr().0 as u32);
-            set(net, reg::QUEUE_DRIVER_LOW, queue.avail_addr().0 as u32);
-            set(net, reg::QUEUE_DEVICE_LOW, queue.used_addr().0 as u32);
+            set(
+                net,
+                reg::QUEUE_DESC_LOW,
+                low_half(queue.desc_table_addr().0),
+            );
+            set(net, reg::QUEUE_DRIVER_LOW, low_half(queue.avail_addr().0));
+            set(net, reg::QUEUE_DEVICE_LOW, low_half(queue.used_addr().0));
             set(net, reg::QUEUE_READY, 1);
         }
         set(
@@ -813,7 +827,7 @@ mod tests {
     fn is_dirty(memory: &GuestMemory, gpa: u64) -> bool {
         let region = memory.iter().next().expect("one region");
         let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-        mapping.bitmap().is_addr_set(gpa as usize)
+        mapping.bitmap().is_addr_set(usize_from(gpa))
     }
 
     fn ethernet_frame(tag: u8) -> Vec<u8> {
@@ -876,7 +890,7 @@ mod tests {
         memory::clear_vmm_dirty_bits(&rig.memory);
         rig.net.inject([ethernet_frame(7)]);
 
-        set(&rig.net, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+        set(&rig.net, reg::QUEUE_NOTIFY, queue_index(RX_QUEUE));
 
         let mut landed = vec![0u8; NET_HEADER_LEN + 60];
         memory::read(&rig.memory, RX_BUFFER, &mut landed).expect("read the buffer");
@@ -900,11 +914,16 @@ mod tests {
         let mut bytes = vec![0u8; NET_HEADER_LEN];
         bytes.extend_from_slice(&ethernet_frame(9));
         memory::write(&rig.memory, TX_BUFFER, &bytes).expect("write the frame");
-        let buffer = Descriptor::new(TX_BUFFER, bytes.len() as u32, 0, 0);
+        let buffer = Descriptor::new(
+            TX_BUFFER,
+            u32::try_from(bytes.len()).expect("a frame"),
+            0,
+            0,
+        );
         tx.add_desc_chains(&[RawDescriptor::from(buffer)], 0)
             .expect("room in the ring");
 
-        set(&rig.net, reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+        set(&rig.net, reg::QUEUE_NOTIFY, queue_index(TX_QUEUE));
 
         assert_eq!(rig.sink.frames(), vec![ethernet_frame(9)]);
         assert_eq!(tx.used().idx().load(), 1);
@@ -916,14 +935,14 @@ mod tests {
         let (rx, _tx) = running(&rig);
         offer_receive_buffer(&rx, 0);
         rig.net.inject([ethernet_frame(1)]);
-        set(&rig.net, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+        set(&rig.net, reg::QUEUE_NOTIFY, queue_index(RX_QUEUE));
         let saved = rig.net.save();
         let restored = VirtioNet::new(rig.memory.clone(), rig.net.mac(), None, rig.sink.clone());
         restored.restore(&saved).expect("a valid state");
         offer_receive_buffer(&rx, 1);
         restored.inject([ethernet_frame(2)]);
 
-        set(&restored, reg::QUEUE_NOTIFY, RX_QUEUE as u32);
+        set(&restored, reg::QUEUE_NOTIFY, queue_index(RX_QUEUE));
 
         let mut landed = vec![0u8; NET_HEADER_LEN + 60];
         memory::read(&rig.memory, RX_BUFFER + 0x1000, &mut landed).expect("read");

@@ -237,7 +237,7 @@ impl BusDevice for GuestControlPorts {
         let mut value = [0u8; 4];
         let len = data.len().min(4);
         value[..len].copy_from_slice(&data[..len]);
-        match PORT_YIELD + offset as u16 {
+        match u16::try_from(offset).map_or(0, |offset| PORT_YIELD.wrapping_add(offset)) {
             PORT_YIELD => BusAction::Yield,
             PORT_PANIC => BusAction::Panic,
             PORT_EXIT => BusAction::Exit(u32::from_le_bytes(value)),
@@ -296,7 +296,7 @@ impl Vm {
         let memory = Arc::new(memory::create(config.memory_bytes)?);
         for (slot, region) in memory.iter().enumerate() {
             let slot_region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: u32::try_from(slot).expect("a handful of memory slots"),
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -479,7 +479,7 @@ impl Vm {
         self.kick_all()?;
         let mut state = self.control.lock();
         let mut last_kick = Instant::now();
-        while state.parked < self.threads.len() as u32 {
+        while (state.parked as usize) < self.threads.len() {
             if started.elapsed() > PAUSE_TIMEOUT {
                 return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
             }
@@ -515,7 +515,7 @@ impl Vm {
 
     fn is_paused(&self) -> bool {
         let state = self.control.lock();
-        state.requested != RunRequest::Run && state.parked == self.threads.len() as u32
+        state.requested != RunRequest::Run && state.parked as usize == self.threads.len()
     }
 
     /// Captures the state of every vCPU and of the VM. The VM must be paused.

@@ -572,6 +572,11 @@ pub fn load(path: &Path) -> Result<(TraceInfo, Vec<Epoch>), TraceError> {
     Ok((reader.info().clone(), epochs))
 }
 
+/// A duration in nanoseconds, as traces record times (saturating at 584 years).
+pub fn duration_nanos(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// `description` cut to at most [`MAX_DESCRIPTION`] bytes, at a character boundary.
 fn truncated_description(description: &str) -> &str {
     let mut end = description.len().min(MAX_DESCRIPTION);

@@ -19,10 +19,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use understudy_guest_abi::usize_from;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{TraceError, TraceWriter};
-use crate::batch::{PAGE_BYTES, PageBatch, as_page};
+use super::{TraceError, TraceWriter, duration_nanos};
+use crate::batch::{PAGE_BYTES, PAGE_SIZE, PageBatch, as_page};
 use crate::store::PageNumberMap;
 
 const PRESENT: u64 = 1 << 63;
@@ -249,7 +250,7 @@ impl ProcessCapture {
         out: &mut PageBatch,
     ) -> Result<(), CaptureError> {
         let first_page = mapping.start / PAGE_BYTES as u64;
-        let pages = ((mapping.end - mapping.start) / PAGE_BYTES as u64) as usize;
+        let pages = usize_from((mapping.end - mapping.start) / PAGE_SIZE);
         let mut entries = std::mem::take(&mut self.entries);
         entries.resize(pages * 8, 0);
         let read = files
@@ -412,7 +413,7 @@ pub fn capture(
             };
             let pages = batch.len();
             if to_writer
-                .send((at.as_nanos() as u64, pause.as_nanos() as u64, batch))
+                .send((duration_nanos(at), duration_nanos(pause), batch))
                 .is_err()
             {
                 break; // The writer failed; its error is reported below.

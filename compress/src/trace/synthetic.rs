@@ -6,6 +6,7 @@
 //! memory), full rewrites, copies of another page, and pages zeroed.
 
 use crate::batch::{PAGE_BYTES, Page, PageBatch};
+use understudy_guest_abi::usize_from;
 
 /// Parameters of a synthetic trace.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,11 @@ impl Random {
         self.next() % bound.max(1)
     }
 
+    /// An index below `bound`.
+    fn index_below(&mut self, bound: usize) -> usize {
+        usize_from(self.below(bound as u64))
+    }
+
     fn fill(&mut self, bytes: &mut [u8]) {
         for chunk in bytes.chunks_mut(8) {
             let value = self.next().to_le_bytes();
@@ -55,7 +61,7 @@ fn text_page(random: &mut Random, page: &mut Page) {
     ];
     let mut at = 0;
     while at < PAGE_BYTES {
-        let word = WORDS[random.below(WORDS.len() as u64) as usize];
+        let word = WORDS[random.index_below(WORDS.len())];
         let take = word.len().min(PAGE_BYTES - at);
         page[at..at + take].copy_from_slice(&word[..take]);
         at += take;
@@ -66,22 +72,22 @@ fn text_page(random: &mut Random, page: &mut Page) {
 pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
     let mut random = Random(parameters.seed);
     let pages = parameters.pages.max(1);
-    let mut memory: Vec<Page> = vec![[0u8; PAGE_BYTES]; pages as usize];
-    for number in 0..pages as usize {
+    let mut memory: Vec<Page> = vec![[0u8; PAGE_BYTES]; usize_from(pages)];
+    for number in 0..memory.len() {
         match number % 4 {
             0 => {}
             1 => text_page(&mut random, &mut memory[number]),
             2 => random.fill(&mut memory[number]),
             _ => {
-                let source = random.below(number as u64) as usize;
+                let source = random.index_below(number);
                 memory[number] = memory[source];
-                let at = random.below(PAGE_BYTES as u64 - 8) as usize;
+                let at = random.index_below(PAGE_BYTES - 8);
                 random.fill(&mut memory[number][at..at + 8]);
             }
         }
     }
     let mut batches = Vec::with_capacity(parameters.epochs);
-    let mut first = PageBatch::with_capacity(pages as usize);
+    let mut first = PageBatch::with_capacity(memory.len());
     for (number, page) in memory.iter().enumerate() {
         first.push(number as u64, page);
     }
@@ -91,11 +97,11 @@ pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
         changed.dedup();
         let mut batch = PageBatch::with_capacity(changed.len());
         for number in changed {
-            let index = number as usize;
+            let index = usize_from(number);
             match random.below(10) {
                 0..=5 => {
                     for _ in 0..1 + random.below(4) {
-                        let at = random.below(PAGE_BYTES as u64 - 8) as usize;
+                        let at = random.index_below(PAGE_BYTES - 8);
                         let counter = u64::from_le_bytes(
                             memory[index][at..at + 8].try_into().expect("8 bytes"),
                         )
@@ -106,7 +112,7 @@ pub fn generate(parameters: &SyntheticTrace) -> Vec<PageBatch> {
                 6 => random.fill(&mut memory[index]),
                 7 => text_page(&mut random, &mut memory[index]),
                 8 => {
-                    let source = random.below(pages) as usize;
+                    let source = random.index_below(memory.len());
                     memory[index] = memory[source];
                 }
                 _ => memory[index] = [0u8; PAGE_BYTES],

@@ -40,8 +40,18 @@ pub const ABI_VERSION: u32 = 2;
 /// formats: defined here once for the whole project.
 pub const PAGE_SIZE: u64 = 4096;
 /// [`PAGE_SIZE`] as a length in bytes (for buffers and slices).
-#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize.
-pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
+pub const PAGE_BYTES: usize = usize_from(PAGE_SIZE);
+
+// Guest and VMM are 64-bit (x86_64): a usize holds any u64.
+const _: () = assert!(usize::BITS == u64::BITS);
+
+/// `value` as a `usize`: lossless, since both are 64 bits wide here (checked
+/// at compile time above). For guest addresses, sizes and counts that
+/// arrive as `u64` and index memory.
+#[allow(clippy::cast_possible_truncation)] // usize is 64 bits: asserted above.
+pub const fn usize_from(value: u64) -> usize {
+    value as usize
+}
 
 /// Guest-physical address of the boot information page.
 pub const BOOT_INFO_GPA: u64 = 0x8000;

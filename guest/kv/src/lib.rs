@@ -77,12 +77,13 @@ fn parse_array(input: &[u8]) -> Result<Option<(Command<'_>, usize)>, ProtocolErr
             Ok(None)
         };
     };
-    let count = number(header)?;
-    if count > MAX_ARGUMENTS as i64 {
+    // A negative count (`*-1`, a null array) holds no arguments.
+    let count = usize::try_from(number(header)?).unwrap_or(0);
+    if count > MAX_ARGUMENTS {
         return Err(ProtocolError::TooLarge);
     }
-    let mut arguments = Vec::with_capacity(count.max(0) as usize);
-    for _ in 0..count.max(0) {
+    let mut arguments = Vec::with_capacity(count);
+    for _ in 0..count {
         if at >= input.len() {
             return Ok(None);
         }
@@ -96,11 +97,11 @@ fn parse_array(input: &[u8]) -> Result<Option<(Command<'_>, usize)>, ProtocolErr
                 Ok(None)
             };
         };
-        let length = number(length)?;
-        if !(0..=MAX_BULK_LEN as i64).contains(&length) {
-            return Err(ProtocolError::TooLarge);
-        }
-        let end = data + length as usize;
+        let length = usize::try_from(number(length)?)
+            .ok()
+            .filter(|length| *length <= MAX_BULK_LEN)
+            .ok_or(ProtocolError::TooLarge)?;
+        let end = data + length;
         if input.len() < end + 2 {
             return Ok(None);
         }
@@ -167,7 +168,7 @@ fn bulk(out: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
         Some(value) => {
             out.push(b'$');
-            push_decimal(out, value.len() as i64);
+            push_decimal(out, count(value.len()));
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
@@ -176,13 +177,18 @@ fn bulk(out: &mut Vec<u8>, value: Option<&[u8]>) {
     }
 }
 
+/// A count as a RESP integer.
+fn count(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 fn push_decimal(out: &mut Vec<u8>, value: i64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = value.unsigned_abs();
     loop {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+        digits[at] = b'0' + (rest % 10).to_le_bytes()[0];
         rest /= 10;
         if rest == 0 {
             break;
@@ -253,17 +259,17 @@ impl Store {
                     .iter()
                     .filter(|key| self.entries.remove(**key).is_some())
                     .count();
-                integer(out, removed as i64);
+                integer(out, count(removed));
             }
             (b"EXISTS", n) if n >= 1 => {
                 let found = arguments
                     .iter()
                     .filter(|key| self.entries.contains_key(**key))
                     .count();
-                integer(out, found as i64);
+                integer(out, count(found));
             }
             (b"INCR", 1) => self.increment(arguments[0], out),
-            (b"DBSIZE", 0) => integer(out, self.entries.len() as i64),
+            (b"DBSIZE", 0) => integer(out, count(self.entries.len())),
             (b"CONFIG", n) if n >= 1 => out.extend_from_slice(b"*0\r\n"),
             (b"QUIT", _) => {
                 simple(out, b"OK");
