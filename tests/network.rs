@@ -87,6 +87,24 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
 }
 
 #[test]
+fn the_demo_ends_with_a_passing_verdict() {
+    if !require_kvm() {
+        return;
+    }
+
+    let output = common::understudy(&["demo", "--seed", "1"]);
+
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let verdict = printed.lines().last().unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "the demo failed: {printed}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(verdict.starts_with("VERDICT: PASS"), "{printed}");
+}
+
+#[test]
 fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     if !require_kvm() {
         return;

@@ -25,6 +25,7 @@
 //! - [`migrate`]: live migration over the same connection and epoch 0.
 //! - [`output`]: output commit: the guest's network frames are held until
 //!   the secondary acknowledged the epoch that produced them.
+//! - [`trace`]: the same capture of dirty pages, written to a trace file.
 //!
 //! Files, one concern each: `policy` (epoch lengths and waits), `shared`
 //! (state the threads share), `protection` (one connection and its
@@ -47,6 +48,7 @@ mod protection;
 mod run;
 mod sender;
 mod shared;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::protocol::Purpose;
-use understudy_vm::{Vm, VmEvent};
+use understudy_vm::Vm;
+use understudy_vm::progress;
 
 use crate::output::OutputCommit;
 use crate::policy::wait_for_epoch;
@@ -164,13 +165,5 @@ fn protect(
 
 /// Why the guest stopped, if a vCPU reported it.
 fn guest_stopped(vm: &Vm) -> Option<String> {
-    vm.events().try_recv().ok().map(|event| match event {
-        VmEvent::GuestPanicked { vcpu, message } => {
-            format!("guest panicked on vCPU {vcpu}: {message}")
-        }
-        VmEvent::VcpuFailed { vcpu, reason } => format!("vCPU {vcpu} stopped: {reason}"),
-        VmEvent::GuestExited { vcpu, code } => {
-            format!("guest exited on vCPU {vcpu} with code {code}")
-        }
-    })
+    progress::guest_stopped(vm).map(|event| event.to_string())
 }

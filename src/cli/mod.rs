@@ -12,16 +12,16 @@ pub mod snapshot;
 pub mod trace;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::Serialize;
-use understudy_vm::progress::ProgressSample;
+use serde_json::json;
+use understudy_vm::progress::{self, ProgressSample, Stats, WatchOptions};
 use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::workload::{WorkloadSpec, parse_size};
-use understudy_vm::{Vm, VmConfig, VmEvent};
+use understudy_vm::{Vm, VmConfig};
 
 /// Options that shape a new VM.
 #[derive(clap::Args, Clone, Debug)]
@@ -129,58 +129,12 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 
 /// Fails if a vCPU reported that the guest stopped.
 pub fn check_events(vm: &Vm) -> anyhow::Result<()> {
-    if let Ok(event) = vm.events().try_recv() {
-        match event {
-            VmEvent::GuestPanicked { vcpu, message } => {
-                bail!("guest panicked on vCPU {vcpu}: {message}")
-            }
-            VmEvent::VcpuFailed { vcpu, reason } => bail!("vCPU {vcpu} stopped: {reason}"),
-            VmEvent::GuestExited { vcpu, code } => {
-                bail!("guest exited on vCPU {vcpu} with code {code}")
-            }
-        }
-    }
-    Ok(())
+    Ok(progress::check_running(vm)?)
 }
 
 /// Waits until every vCPU runs its workload; returns the sample that showed it.
 pub fn wait_until_running(vm: &Vm, timeout: Duration) -> anyhow::Result<ProgressSample> {
-    let started = Instant::now();
-    loop {
-        check_events(vm)?;
-        let sample = ProgressSample::read(vm)?;
-        if sample.all_running() && sample.heartbeats() > 0 {
-            return Ok(sample);
-        }
-        if started.elapsed() > timeout {
-            let states: Vec<_> = sample
-                .vcpus
-                .iter()
-                .map(|status| (status.state, status.heartbeat))
-                .collect();
-            bail!(
-                "the guest did not report progress within {timeout:?}: (state, heartbeat) per vCPU {states:?}"
-            );
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-/// One line of live statistics.
-#[derive(Serialize)]
-pub struct StatsLine {
-    /// Seconds since the VM started running.
-    pub t: f64,
-    /// Bytes per second of pages the guest reports writing (memtouch).
-    pub guest_dirtied_mb_per_s: f64,
-    /// Dirty pages per second seen in the dirty log (KVM OR VMM).
-    pub dirty_log_pages_per_s: f64,
-    /// Counter steps per second (counter).
-    pub counter_steps_per_s: f64,
-    /// Per-vCPU counter values.
-    pub counters: Vec<u64>,
-    /// Per-vCPU pages written.
-    pub pages_written: Vec<u64>,
+    Ok(progress::wait_until_running(vm, timeout)?)
 }
 
 /// How the statistics loop runs.
@@ -200,66 +154,35 @@ pub struct MonitorOptions {
 
 /// Prints statistics once a second until the duration passes or Ctrl-C.
 pub fn monitor(vm: &Vm, options: MonitorOptions, stop: &AtomicBool) -> anyhow::Result<()> {
-    let MonitorOptions {
-        duration,
-        json,
-        harvest_interval,
-    } = options;
-    let started = Instant::now();
-    let mut previous = ProgressSample::read(vm)?;
-    // Start the dirty-log window now, so the first line's rate is for one second.
-    vm.harvest_dirty()?;
-    let mut next_report = started + Duration::from_secs(1);
-    let mut next_harvest = started + harvest_interval;
-    let mut dirty_pages = 0;
-    loop {
-        check_events(vm)?;
-        let deadline = duration.map(|d| started + d);
-        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(());
-        }
-        let now = Instant::now();
-        if now >= next_harvest {
-            dirty_pages += vm.harvest_dirty()?.count();
-            next_harvest += harvest_interval;
-        }
-        if now < next_report {
-            let wake = next_report.min(next_harvest);
-            std::thread::sleep(
-                wake.saturating_duration_since(now)
-                    .min(Duration::from_millis(20)),
-            );
-            continue;
-        }
-        dirty_pages += vm.harvest_dirty()?.count();
-        let sample = ProgressSample::read(vm)?;
-        let seconds = sample.at.duration_since(previous.at).as_secs_f64();
-        let rates = sample.rates_since(&previous);
-        let line = StatsLine {
-            t: started.elapsed().as_secs_f64(),
-            guest_dirtied_mb_per_s: rates.dirtied_bytes_per_sec / 1e6,
-            dirty_log_pages_per_s: std::mem::take(&mut dirty_pages) as f64 / seconds,
-            counter_steps_per_s: rates.counter_steps_per_sec,
-            counters: sample.vcpus.iter().map(|status| status.counter).collect(),
-            pages_written: sample
-                .vcpus
-                .iter()
-                .map(|status| status.pages_written)
-                .collect(),
-        };
-        if json {
-            println!("{}", serde_json::to_string(&line)?);
-        } else {
-            println!(
-                "t={:6.1}s  guest dirtied {:8.1} MB/s  dirty log {:9.0} pages/s  counter {:11.0} steps/s",
-                line.t,
-                line.guest_dirtied_mb_per_s,
-                line.dirty_log_pages_per_s,
-                line.counter_steps_per_s
-            );
-        }
-        previous = sample;
-        next_report += Duration::from_secs(1);
+    let watch = WatchOptions {
+        duration: options.duration,
+        harvest_interval: options.harvest_interval,
+    };
+    progress::watch(vm, watch, stop, |stats| print_stats(stats, options.json))?;
+    Ok(())
+}
+
+fn print_stats(stats: &Stats, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "t": stats.t,
+                "guest_dirtied_mb_per_s": stats.guest_dirtied_mb_per_s,
+                "dirty_log_pages_per_s": stats.dirty_log_pages_per_s,
+                "counter_steps_per_s": stats.counter_steps_per_s,
+                "counters": stats.counters,
+                "pages_written": stats.pages_written,
+            })
+        );
+    } else {
+        println!(
+            "t={:6.1}s  guest dirtied {:8.1} MB/s  dirty log {:9.0} pages/s  counter {:11.0} steps/s",
+            stats.t,
+            stats.guest_dirtied_mb_per_s,
+            stats.dirty_log_pages_per_s,
+            stats.counter_steps_per_s
+        );
     }
 }
 

@@ -8,15 +8,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use understudy_compress::PageBatch;
 use understudy_compress::trace::process::{self, CaptureLimits, EpochReport};
 use understudy_compress::trace::{
     TraceInfo, TraceReader, TraceSource, TraceWriter, duration_nanos,
 };
-use understudy_primary::{read_nonzero_pages, read_pages};
-use understudy_vm::{PAGE_SIZE, memory};
+use understudy_primary::trace::capture_guest_trace;
+use understudy_vm::PAGE_SIZE;
 
-use super::{VmOptions, check_events, parse_duration, stop_flag, wait_until_running};
+use super::{VmOptions, parse_duration, stop_flag, wait_until_running};
 
 /// `understudy trace` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -286,45 +285,17 @@ fn capture_guest(arguments: &CaptureArguments, stop: &AtomicBool) -> anyhow::Res
         .unwrap_or_else(|| PathBuf::from("guest.trace"));
     let mut writer = TraceWriter::create(&out, &info)?;
     let mut reporter = Reporter::new(arguments.json);
-    let mut batch = PageBatch::new();
-    let started = Instant::now();
-    let mut next = started;
-    let limits = arguments.limits();
-    while !stop.load(Ordering::Relaxed) && !limits.reached(started, writer.epochs()) {
-        check_events(&vm)?;
-        let at = started.elapsed();
-        let paused = Instant::now();
-        vm.pause()?;
-        batch.clear();
-        let dirty = vm.harvest_dirty()?;
-        if writer.epochs() == 0 {
-            read_nonzero_pages(&vm, 0..memory::size(vm.memory()), &mut batch)?;
-        } else {
-            let mut addresses: Vec<u64> = dirty.page_addresses().collect();
-            addresses.sort_unstable();
-            batch = read_pages(&vm, &addresses, std::mem::take(&mut batch))?;
-        }
-        vm.resume()?;
-        let pause = paused.elapsed();
-        writer.write_epoch(duration_nanos(at), duration_nanos(pause), &batch)?;
-        reporter.epoch(&EpochReport {
-            index: writer.epochs() - 1,
-            pages: batch.len(),
-            pause,
-            resident_pages: usize::try_from(memory::size(vm.memory()) / PAGE_SIZE)
-                .unwrap_or(usize::MAX),
-        });
-        next += arguments.interval;
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
-        } else {
-            next = now;
-        }
-    }
+    let captured = capture_guest_trace(
+        &mut vm,
+        arguments.interval,
+        arguments.limits(),
+        &mut writer,
+        stop,
+        |report| reporter.epoch(report),
+    );
     vm.pause()?;
     vm.shutdown();
-    let epochs = writer.epochs();
+    let epochs = captured?;
     let path = writer.finish()?;
     reporter.finish(&path, epochs);
     Ok(())

@@ -5,8 +5,9 @@
 //! - [`dirty`]: the dirty set, KVM's log OR the VMM's bitmap;
 //! - [`boot`]: page tables, the embedded guest image, first registers;
 //! - [`vcpu`] and [`state`]: vCPU state capture/restore and its encoding;
-//! - [`vm`]: the VM, its vCPU threads, pause/resume;
-//! - [`progress`]: guest progress read from its status slots;
+//! - [`vm`]: the VM, its vCPU threads (`vcpu_thread`), pause/resume;
+//! - [`progress`]: guest progress read from its status slots, waiting for
+//!   and watching a running guest;
 //! - [`bus`]: port-I/O and MMIO dispatch;
 //! - [`tap`]: tap devices, the host side of guest network interfaces;
 //! - [`virtio_net`]: the guest's network interface (virtio-net over virtio-mmio);
@@ -23,6 +24,7 @@ pub mod state;
 pub mod tap;
 pub mod testing;
 pub mod vcpu;
+mod vcpu_thread;
 pub mod virtio_net;
 pub mod vm;
 pub mod workload;

@@ -10,34 +10,35 @@
 //! and parks. `pause` returns once every thread is parked, so the caller may
 //! then read vCPU state and memory at an instruction boundary.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use understudy_guest_abi::{
-    BOOT_INFO_GPA, BootInfo, MESSAGE_LEN, PORT_EXIT, PORT_PANIC, PORT_YIELD, VIRTIO_NET_MMIO_GPA,
-    VIRTIO_NET_MMIO_SIZE, VcpuStatus, status_gpa,
+    BOOT_INFO_GPA, BootInfo, PORT_YIELD, VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE, VcpuStatus,
+    status_gpa,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
-use crate::bus::{Bus, BusAction, BusDevice};
+use crate::bus::Bus;
 use crate::dirty::{DirtyLogError, DirtySet, DirtyTracker};
-use crate::log_limited;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::state::VmState;
 use crate::tap::Tap;
 use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vcpu_thread::{
+    Control, ControlState, GuestControlPorts, RunRequest, VcpuSlot, VcpuThread,
+    install_kick_handler, kick_signal,
+};
 use crate::virtio_net::{DiscardFrames, FrameSink, NetError, VirtioNet};
 use crate::workload::WorkloadSpec;
 
-/// How long a yielding guest (its `HLT`) waits before it is run again.
-const YIELD_NAP: Duration = Duration::from_millis(1);
 /// How long [`Vm::pause`] waits for all vCPUs before it gives up.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -145,122 +146,18 @@ pub enum VmEvent {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RunRequest {
-    Run,
-    Pause,
-    Stop,
-}
-
-/// Run/pause/stop requests shared with the vCPU threads.
-struct Control {
-    state: Mutex<ControlState>,
-    changed: Condvar,
-}
-
-struct ControlState {
-    requested: RunRequest,
-    /// vCPU threads currently parked (not in `KVM_RUN`).
-    parked: u32,
-}
-
-impl Control {
-    fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.state.lock().expect("vCPU control lock poisoned")
-    }
-
-    /// Parks the calling vCPU thread while it should not run. Returns false on stop.
-    fn wait_until_running(&self, slot: &VcpuSlot) -> bool {
-        let mut state = self.lock();
-        loop {
-            match state.requested {
-                RunRequest::Stop => return false,
-                RunRequest::Run if !slot.stopped.load(Ordering::Acquire) => {
-                    // A pauser sets the flag only after changing `requested` under
-                    // this lock, so clearing it here cannot lose a kick.
-                    slot.set_immediate_exit(false);
-                    return true;
-                }
-                _ => {
-                    state.parked += 1;
-                    self.changed.notify_all();
-                    state = self
-                        .changed
-                        .wait(state)
-                        .expect("vCPU control lock poisoned");
-                    state.parked -= 1;
-                }
+impl std::fmt::Display for VmEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmEvent::GuestPanicked { vcpu, message } => {
+                write!(f, "guest panicked on vCPU {vcpu}: {message}")
+            }
+            VmEvent::VcpuFailed { vcpu, reason } => write!(f, "vCPU {vcpu} stopped: {reason}"),
+            VmEvent::GuestExited { vcpu, code } => {
+                write!(f, "guest exited on vCPU {vcpu} with code {code}")
             }
         }
     }
-
-    /// Sleeps up to `duration`, waking early if the VM is paused or stopped.
-    fn nap(&self, duration: Duration) {
-        let state = self.lock();
-        if state.requested == RunRequest::Run {
-            let _ = self.changed.wait_timeout(state, duration);
-        }
-    }
-}
-
-/// One vCPU as the VM and its thread share it.
-struct VcpuSlot {
-    vcpu: Mutex<Vcpu>,
-    /// `kvm_run.immediate_exit` of this vCPU (set once the thread starts).
-    immediate_exit: AtomicPtr<u8>,
-    /// The guest stopped on this vCPU (exit, panic or failure); it stays parked.
-    stopped: AtomicBool,
-}
-
-impl VcpuSlot {
-    fn set_immediate_exit(&self, value: bool) {
-        let flag = self.immediate_exit.load(Ordering::Acquire);
-        if !flag.is_null() {
-            // SAFETY: the pointer is to `immediate_exit` inside the vCPU's mmap'd
-            // kvm_run, which lives as long as the VcpuFd owned by this slot. KVM
-            // reads the byte on entry to KVM_RUN; a racing plain byte store is
-            // what KVM's API documents for this flag.
-            unsafe { flag.write_volatile(u8::from(value)) };
-        }
-    }
-}
-
-/// The ports of the guest's paravirtual interface (yield, panic, exit).
-struct GuestControlPorts;
-
-impl BusDevice for GuestControlPorts {
-    fn read(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> BusAction {
-        let mut value = [0u8; 4];
-        let len = data.len().min(4);
-        value[..len].copy_from_slice(&data[..len]);
-        match u16::try_from(offset).map_or(0, |offset| PORT_YIELD.wrapping_add(offset)) {
-            PORT_YIELD => BusAction::Yield,
-            PORT_PANIC => BusAction::Panic,
-            PORT_EXIT => BusAction::Exit(u32::from_le_bytes(value)),
-            _ => BusAction::Continue,
-        }
-    }
-}
-
-/// The kick signal's handler: it only has to exist, so `KVM_RUN` returns `EINTR`.
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-fn install_kick_handler() -> Result<(), VmError> {
-    static INSTALL: Once = Once::new();
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
-        result = register_signal_handler(kick_signal(), kick_handler)
-            .map_err(|source| VmError::Signal("install", source));
-    });
-    result
 }
 
 /// A virtual machine with the built-in guest.
@@ -624,133 +521,5 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Everything a vCPU thread needs.
-struct VcpuThread {
-    slot: Arc<VcpuSlot>,
-    control: Arc<Control>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    net: Option<Arc<VirtioNet>>,
-    memory: Arc<GuestMemory>,
-    events: Sender<VmEvent>,
-}
-
-impl VcpuThread {
-    fn run(self) {
-        let index = {
-            let mut vcpu = self.slot.vcpu.lock().expect("vCPU lock poisoned");
-            let run = vcpu.fd_mut().get_kvm_run();
-            self.slot
-                .immediate_exit
-                .store(&raw mut run.immediate_exit, Ordering::Release);
-            vcpu.index()
-        };
-        while self.control.wait_until_running(&self.slot) {
-            let action = {
-                let mut vcpu = self.slot.vcpu.lock().expect("vCPU lock poisoned");
-                self.run_once(&mut vcpu)
-            };
-            match action {
-                BusAction::Continue => {}
-                BusAction::Yield => match &self.net {
-                    // An idle guest with a network waits for its next frame.
-                    Some(net) => net.wait_for_input(YIELD_NAP),
-                    None => self.control.nap(YIELD_NAP),
-                },
-                BusAction::Exit(code) => self.stop(VmEvent::GuestExited { vcpu: index, code }),
-                BusAction::Panic => {
-                    let message = self.panic_message(index);
-                    tracing::error!(vcpu = index, %message, "guest panicked");
-                    self.stop(VmEvent::GuestPanicked {
-                        vcpu: index,
-                        message,
-                    });
-                }
-            }
-        }
-    }
-
-    fn stop(&self, event: VmEvent) {
-        self.slot.stopped.store(true, Ordering::Release);
-        // The receiver may be gone when the VMM is shutting down; nothing to do then.
-        let _ = self.events.send(event);
-    }
-
-    fn panic_message(&self, index: u32) -> String {
-        match memory::read_value::<VcpuStatus>(&self.memory, status_gpa(index)) {
-            Ok(status) => {
-                let len = status
-                    .message
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(MESSAGE_LEN);
-                String::from_utf8_lossy(&status.message[..len]).into_owned()
-            }
-            Err(error) => format!("(status slot unreadable: {error})"),
-        }
-    }
-
-    /// Enters the guest once and handles the exit.
-    fn run_once(&self, vcpu: &mut Vcpu) -> BusAction {
-        let index = vcpu.index();
-        let exit = match vcpu.fd_mut().run() {
-            Ok(exit) => exit,
-            Err(error) if matches!(error.errno(), libc::EINTR | libc::EAGAIN) => {
-                return BusAction::Continue;
-            }
-            Err(error) => return self.failed(vcpu, format!("KVM_RUN failed: {error}")),
-        };
-        match exit {
-            VcpuExit::IoOut(port, data) => match self.pio.write(u64::from(port), data) {
-                Some(action) => action,
-                None => {
-                    log_limited!(warn, vcpu = index, port, "guest wrote to an unclaimed port");
-                    BusAction::Continue
-                }
-            },
-            VcpuExit::IoIn(port, data) => {
-                if !self.pio.read(u64::from(port), data) {
-                    log_limited!(warn, vcpu = index, port, "guest read an unclaimed port");
-                }
-                BusAction::Continue
-            }
-            VcpuExit::MmioWrite(address, data) => match self.mmio.write(address, data) {
-                Some(action) => action,
-                None => {
-                    log_limited!(warn, vcpu = index, address, "guest wrote unclaimed MMIO");
-                    BusAction::Continue
-                }
-            },
-            VcpuExit::MmioRead(address, data) => {
-                if !self.mmio.read(address, data) {
-                    log_limited!(warn, vcpu = index, address, "guest read unclaimed MMIO");
-                }
-                BusAction::Continue
-            }
-            VcpuExit::Hlt => BusAction::Yield,
-            VcpuExit::Intr => BusAction::Continue,
-            other => {
-                let reason = format!("{other:?}");
-                self.failed(vcpu, reason)
-            }
-        }
-    }
-
-    fn failed(&self, vcpu: &mut Vcpu, what: String) -> BusAction {
-        let index = vcpu.index();
-        let registers = match vcpu.capture() {
-            Ok(state) => format!("{state:?}"),
-            Err(error) => format!("(registers unreadable: {error})"),
-        };
-        let reason = format!("{what}; {registers}");
-        tracing::error!(vcpu = index, %reason, "vCPU stopped");
-        self.stop(VmEvent::VcpuFailed {
-            vcpu: index,
-            reason,
-        });
-        BusAction::Continue
     }
 }

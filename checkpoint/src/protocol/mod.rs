@@ -1,0 +1,446 @@
+//! The replication protocol between a primary and a secondary (and between
+//! a migration source and its target).
+//!
+//! # Message sequence
+//!
+//! ```text
+//! primary                                   secondary
+//!   Hello {version, purpose, guest identity} ->
+//!                                           <- Welcome | Refuse {reason}
+//!   epoch 0: the initial copy (pre-copy rounds, while the guest runs)
+//!   EpochBegin                 (epoch 0)    ->
+//!   Pages {codec frame}        (epoch 0)    ->   repeated
+//!   State {vCPU and VM state}  (epoch 0)    ->   once
+//!   Output {frame}             (epoch 0)    ->   each frame the guest sent
+//!                                              in the epoch, in order
+//!   EpochEnd {pages, memory hash}           ->
+//!                                           <- Ack (epoch 0), once applied
+//!   epoch n = 1, 2, ...: one checkpoint each
+//!   EpochBegin (n), Pages* (n), State (n), Output* (n), EpochEnd (n) ->
+//!                                           <- Ack (n)
+//!   Heartbeat, either way, between any two messages
+//!   Sync {token}                            ->   any time after Hello
+//!                                           <- Synced {token}, once everything
+//!                                              sent before it was processed
+//!   Input {frame}  (epoch n)                ->   any time after Hello: a
+//!                                              network frame the guest
+//!                                              received while running epoch
+//!                                              n; kept until n commits, and
+//!                                              replayed into the guest on
+//!                                              takeover if it never did
+//!   Goodbye {reason}, either way, then close
+//! ```
+//!
+//! # Framing
+//!
+//! Every message is a 48-byte header and a length-prefixed payload:
+//!
+//! ```text
+//!  0  magic "URPL"
+//!  4  kind u8, 3 reserved zero bytes
+//!  8  sequence u64      per direction: 0, 1, 2, ... (replays and reordering
+//!                       are refused)
+//! 16  epoch u64         the epoch the message belongs to (0 when none)
+//! 24  payload length u32
+//! 28  reserved u32 (0)
+//! 32  payload xxh3 u64
+//! 40  header xxh3 u64   of bytes 0..40
+//! 48  payload
+//! ```
+//!
+//! [`Receiver`] is the secondary's explicit state machine: it accepts only
+//! the next sequence number and, per state, only the messages listed above,
+//! and it tells its caller what to do (stage pages, stage state, commit an
+//! epoch). An epoch is committed only on its `EpochEnd`, after every
+//! message of it arrived intact; an epoch cut short is never committed.
+
+mod receiver;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+pub use receiver::{Action, Receiver, ReceiverState};
+pub use wire::{Envelope, Header, Sender, read_message};
+
+/// Protocol version of this build.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Most epochs a primary has sent without their acknowledgement before it
+/// waits: a slow secondary lengthens the epochs instead of letting held
+/// output and queued checkpoints grow without bound. A secondary keeps the
+/// output of this many committed epochs and one more for a takeover.
+pub const MAX_UNACKNOWLEDGED_EPOCHS: u64 = 3;
+/// Largest `Input` payload: one Ethernet frame with VLAN tags, generously.
+pub const MAX_INPUT_FRAME: usize = 9216;
+/// Header magic.
+pub const MAGIC: [u8; 4] = *b"URPL";
+/// Header length.
+pub const HEADER_LEN: usize = 48;
+/// Largest payload: a full page frame (1 GiB of pages) plus its records.
+pub const MAX_PAYLOAD: usize = (1 << 30) + (16 << 20);
+/// Longest reason text (`Refuse`, `Goodbye`).
+const MAX_TEXT: usize = 4096;
+
+/// A protocol failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The connection failed or closed.
+    #[error("the connection failed")]
+    Io(#[from] std::io::Error),
+    /// Not our protocol.
+    #[error("the peer does not speak the replication protocol (bad magic)")]
+    BadMagic,
+    /// The header was damaged.
+    #[error("a message header is corrupted (checksum mismatch)")]
+    HeaderChecksum,
+    /// The payload was damaged.
+    #[error("the payload of a {kind} message is corrupted (checksum mismatch)")]
+    PayloadChecksum {
+        /// Which message.
+        kind: &'static str,
+    },
+    /// Unknown kind byte.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// Payload longer than any message may be.
+    #[error("a message announces a {0}-byte payload, more than the protocol allows")]
+    PayloadTooLarge(u64),
+    /// A payload that does not parse.
+    #[error("a {kind} message is malformed: {why}")]
+    Malformed {
+        /// Which message.
+        kind: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Replayed or reordered.
+    #[error(
+        "message {actual} arrived where message {expected} was expected: replayed or reordered"
+    )]
+    OutOfSequence {
+        /// Next sequence number expected.
+        expected: u64,
+        /// The message's.
+        actual: u64,
+    },
+    /// Not allowed in the current state.
+    #[error("a {kind} message (epoch {epoch}) is not allowed while {state}")]
+    Unexpected {
+        /// Which message.
+        kind: &'static str,
+        /// Its epoch.
+        epoch: u64,
+        /// The receiver's state.
+        state: String,
+    },
+    /// The peers cannot work together.
+    #[error("the peer refused: {0}")]
+    Refused(String),
+}
+
+/// Why a connection is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Continuous replication: the secondary stands by.
+    Replicate,
+    /// Live migration: the target runs the guest after the last epoch.
+    Migrate,
+}
+
+/// What the two sides must agree on before any memory moves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version of the sender.
+    pub version: u32,
+    /// Replication or migration.
+    pub purpose: Purpose,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// xxh3 of the guest image the VM was booted with.
+    pub guest_image_hash: u64,
+    /// Identifies this VM across reconnections.
+    pub vm_id: u64,
+}
+
+/// The end of an epoch: what the receiver should now hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochEnd {
+    /// Pages sent in the epoch.
+    pub pages: u64,
+    /// Memory hash after the epoch, when the sender computed one (tests and
+    /// `--verify`).
+    pub memory_hash: Option<u64>,
+}
+
+/// A protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Opens a connection.
+    Hello(Hello),
+    /// Accepts it.
+    Welcome,
+    /// Refuses it.
+    Refuse(String),
+    /// Starts an epoch.
+    EpochBegin,
+    /// A codec frame of the epoch's pages.
+    Pages(Vec<u8>),
+    /// The encoded VM state at the epoch's checkpoint.
+    State(Vec<u8>),
+    /// Ends an epoch.
+    EpochEnd(EpochEnd),
+    /// The epoch was received, verified and applied.
+    Ack,
+    /// Liveness, with the sender's clock in nanoseconds.
+    Heartbeat(u64),
+    /// Closing, with a reason.
+    Goodbye(String),
+    /// Asks the receiver to answer `Synced` with this token once it has
+    /// processed everything sent before (a migration measures its rounds
+    /// end to end with it).
+    Sync(u64),
+    /// Everything before the `Sync` with this token was processed.
+    Synced(u64),
+    /// A network frame the guest received during the envelope's epoch.
+    Input(Vec<u8>),
+    /// A network frame the guest sent during the epoch (after its State):
+    /// a takeover sends it again, in case the primary died before
+    /// releasing it.
+    Output(Vec<u8>),
+}
+
+/// Declares [`MessageKind`] from one table: each kind's wire value, and its
+/// name (the variant's).
+macro_rules! message_kinds {
+    ($($kind:ident = $value:literal,)*) => {
+        /// The kind byte of a message header.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum MessageKind {
+            $(
+                #[doc = concat!("`", stringify!($kind), "`")]
+                $kind = $value,
+            )*
+        }
+
+        impl MessageKind {
+            /// The kind with wire value `byte`, if there is one.
+            pub fn from_byte(byte: u8) -> Option<Self> {
+                match byte {
+                    $($value => Some(Self::$kind),)*
+                    _ => None,
+                }
+            }
+
+            /// The kind's name, for errors and logs.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$kind => stringify!($kind),)*
+                }
+            }
+        }
+    };
+}
+
+message_kinds! {
+    Hello = 1,
+    Welcome = 2,
+    Refuse = 3,
+    EpochBegin = 4,
+    Pages = 5,
+    State = 6,
+    EpochEnd = 7,
+    Ack = 8,
+    Heartbeat = 9,
+    Goodbye = 10,
+    Sync = 11,
+    Synced = 12,
+    Input = 13,
+    Output = 14,
+}
+
+/// `Hello`'s payload, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct HelloPayload {
+    version: U32,
+    /// 0: replicate, 1: migrate.
+    purpose: U32,
+    memory_bytes: U64,
+    vcpus: U32,
+    reserved: U32,
+    guest_image_hash: U64,
+    vm_id: U64,
+}
+
+/// `EpochEnd`'s payload, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+struct EpochEndPayload {
+    pages: U64,
+    /// 1 when `memory_hash` is set, else 0.
+    has_memory_hash: u8,
+    memory_hash: U64,
+}
+
+impl Purpose {
+    fn to_wire(self) -> u32 {
+        match self {
+            Purpose::Replicate => 0,
+            Purpose::Migrate => 1,
+        }
+    }
+
+    fn from_wire(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Purpose::Replicate),
+            1 => Some(Purpose::Migrate),
+            _ => None,
+        }
+    }
+}
+
+impl Message {
+    /// The message's kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Self::Hello(_) => MessageKind::Hello,
+            Self::Welcome => MessageKind::Welcome,
+            Self::Refuse(_) => MessageKind::Refuse,
+            Self::EpochBegin => MessageKind::EpochBegin,
+            Self::Pages(_) => MessageKind::Pages,
+            Self::State(_) => MessageKind::State,
+            Self::EpochEnd(_) => MessageKind::EpochEnd,
+            Self::Ack => MessageKind::Ack,
+            Self::Heartbeat(_) => MessageKind::Heartbeat,
+            Self::Goodbye(_) => MessageKind::Goodbye,
+            Self::Sync(_) => MessageKind::Sync,
+            Self::Synced(_) => MessageKind::Synced,
+            Self::Input(_) => MessageKind::Input,
+            Self::Output(_) => MessageKind::Output,
+        }
+    }
+
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The payload bytes; borrowed for the large messages (pages and state)
+    /// so that sending them copies nothing.
+    pub fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
+        use std::borrow::Cow;
+        Cow::Owned(match self {
+            Self::Hello(hello) => HelloPayload {
+                version: hello.version.into(),
+                purpose: hello.purpose.to_wire().into(),
+                memory_bytes: hello.memory_bytes.into(),
+                vcpus: hello.vcpus.into(),
+                reserved: 0.into(),
+                guest_image_hash: hello.guest_image_hash.into(),
+                vm_id: hello.vm_id.into(),
+            }
+            .as_bytes()
+            .to_vec(),
+            Self::Welcome | Self::EpochBegin | Self::Ack => Vec::new(),
+            Self::Refuse(text) | Self::Goodbye(text) => truncated_text(text).as_bytes().to_vec(),
+            Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) | Self::Output(bytes) => {
+                return Cow::Borrowed(bytes);
+            }
+            Self::EpochEnd(end) => EpochEndPayload {
+                pages: end.pages.into(),
+                has_memory_hash: u8::from(end.memory_hash.is_some()),
+                memory_hash: end.memory_hash.unwrap_or(0).into(),
+            }
+            .as_bytes()
+            .to_vec(),
+            Self::Heartbeat(clock) | Self::Sync(clock) | Self::Synced(clock) => {
+                U64::new(*clock).as_bytes().to_vec()
+            }
+        })
+    }
+
+    pub(crate) fn parse(kind: MessageKind, payload: Vec<u8>) -> Result<Self, ProtocolError> {
+        let malformed = |why| ProtocolError::Malformed {
+            kind: kind.name(),
+            why,
+        };
+        let empty = |message: Self| {
+            if payload.is_empty() {
+                Ok(message)
+            } else {
+                Err(malformed("wrong payload length"))
+            }
+        };
+        let clock = || {
+            U64::read_from_bytes(&payload)
+                .map(U64::get)
+                .map_err(|_| malformed("wrong payload length"))
+        };
+        let text = |payload: Vec<u8>| {
+            if payload.len() > MAX_TEXT {
+                return Err(malformed("text too long"));
+            }
+            String::from_utf8(payload).map_err(|_| malformed("text is not UTF-8"))
+        };
+        let frame = |payload: Vec<u8>| {
+            if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
+                return Err(malformed("a network frame must hold 1 to 9216 bytes"));
+            }
+            Ok(payload)
+        };
+        Ok(match kind {
+            MessageKind::Hello => {
+                let hello = HelloPayload::read_from_bytes(&payload)
+                    .map_err(|_| malformed("wrong payload length"))?;
+                Self::Hello(Hello {
+                    version: hello.version.get(),
+                    purpose: Purpose::from_wire(hello.purpose.get())
+                        .ok_or_else(|| malformed("unknown purpose"))?,
+                    memory_bytes: hello.memory_bytes.get(),
+                    vcpus: hello.vcpus.get(),
+                    guest_image_hash: hello.guest_image_hash.get(),
+                    vm_id: hello.vm_id.get(),
+                })
+            }
+            MessageKind::Welcome => empty(Self::Welcome)?,
+            MessageKind::Refuse => Self::Refuse(text(payload)?),
+            MessageKind::EpochBegin => empty(Self::EpochBegin)?,
+            MessageKind::Pages => Self::Pages(payload),
+            MessageKind::State => Self::State(payload),
+            MessageKind::EpochEnd => {
+                let end = EpochEndPayload::read_from_bytes(&payload)
+                    .map_err(|_| malformed("wrong payload length"))?;
+                let memory_hash = match end.has_memory_hash {
+                    0 => None,
+                    1 => Some(end.memory_hash.get()),
+                    _ => return Err(malformed("bad memory-hash flag")),
+                };
+                Self::EpochEnd(EpochEnd {
+                    pages: end.pages.get(),
+                    memory_hash,
+                })
+            }
+            MessageKind::Ack => empty(Self::Ack)?,
+            MessageKind::Heartbeat => Self::Heartbeat(clock()?),
+            MessageKind::Goodbye => Self::Goodbye(text(payload)?),
+            MessageKind::Sync => Self::Sync(clock()?),
+            MessageKind::Synced => Self::Synced(clock()?),
+            MessageKind::Input => Self::Input(frame(payload)?),
+            MessageKind::Output => Self::Output(frame(payload)?),
+        })
+    }
+}
+
+/// `text` cut to at most [`MAX_TEXT`] bytes, at a character boundary.
+fn truncated_text(text: &str) -> &str {
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
