@@ -92,17 +92,9 @@ fn verdict(result: &RoundResult) -> String {
         )
     } else {
         format!(
-            "VERDICT: FAIL: outage {:.0} ms, {} of {writes} acknowledged writes lost, {} repeated replies, {} connection resets, {} unanswered requests{}",
+            "VERDICT: FAIL: outage {:.0} ms; of {writes} acknowledged writes: {}",
             result.outage.as_secs_f64() * 1e3,
-            result.lost_writes,
-            result.repeated_replies,
-            result.resets,
-            result.unanswered,
-            if result.verified {
-                ""
-            } else {
-                ", writes not read back"
-            }
+            result.findings()
         )
     }
 }

@@ -142,22 +142,14 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
         );
     } else {
         println!(
-            "round {round}: {} — primary failed {:.0} ms in; guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {} lost, {} repeated replies, {} resets, {} unanswered{}{}",
+            "round {round}: {} — primary failed {:.0} ms in; guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {}{}",
             if result.passed() { "PASS" } else { "FAIL" },
             result.fail_after.as_secs_f64() * 1e3,
             result.failover.as_secs_f64() * 1e3,
             result.outage.as_secs_f64() * 1e3,
             result.incr_acked,
             result.sets_acked,
-            result.lost_writes,
-            result.repeated_replies,
-            result.resets,
-            result.unanswered,
-            if result.verified {
-                ""
-            } else {
-                "; writes not read back"
-            },
+            result.findings(),
             result
                 .benchmark_failure
                 .as_ref()

@@ -141,6 +141,23 @@ pub struct RoundResult {
 }
 
 impl RoundResult {
+    /// What the checks found, in words: lost writes, repeated replies,
+    /// resets, unanswered requests, and whether the writes were read back.
+    pub fn findings(&self) -> String {
+        format!(
+            "{} lost, {} repeated replies, {} resets, {} unanswered{}",
+            self.lost_writes,
+            self.repeated_replies,
+            self.resets,
+            self.unanswered,
+            if self.verified {
+                ""
+            } else {
+                "; writes not read back"
+            }
+        )
+    }
+
     /// Whether the round passed every check.
     pub fn passed(&self) -> bool {
         self.verified
