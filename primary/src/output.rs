@@ -22,7 +22,7 @@
 //! is paused, so a frame's epoch is exact.
 
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use understudy_proxy::{Held, Limits, Metrics, OutputBuffer, Released};
@@ -49,6 +49,8 @@ struct Gate {
 /// Holds the guest's output until the secondary has its epoch.
 pub struct OutputCommit {
     gate: Mutex<Gate>,
+    /// Woken when the guest's output is held (an early checkpoint waits on it).
+    output_held: Condvar,
     release: Arc<dyn FrameSink>,
 }
 
@@ -64,6 +66,7 @@ impl OutputCommit {
                 input_log: None,
                 input_dropped: 0,
             }),
+            output_held: Condvar::new(),
             release,
         }
     }
@@ -145,8 +148,32 @@ impl OutputCommit {
     /// Whether the guest sent output during the epoch it is running (output
     /// that waits for the next checkpoint: taking it early cuts the wait).
     pub fn output_waiting(&self) -> bool {
-        let gate = self.lock();
+        Self::waiting(&self.lock())
+    }
+
+    fn waiting(gate: &Gate) -> bool {
         matches!(gate.mode, Mode::Hold) && gate.buffer.newest_epoch() == Some(gate.running_epoch)
+    }
+
+    /// Blocks until the guest has output waiting (see
+    /// [`output_waiting`](Self::output_waiting)) or `deadline`; returns
+    /// whether it has.
+    pub fn wait_for_output(&self, deadline: Instant) -> bool {
+        let mut gate = self.lock();
+        loop {
+            if Self::waiting(&gate) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            gate = self
+                .output_held
+                .wait_timeout(gate, left)
+                .expect("no panics while the output gate is held")
+                .0;
+        }
     }
 
     /// Received frames that could not be logged for replay.
@@ -169,7 +196,7 @@ impl FrameSink for OutputCommit {
         }
         let epoch = gate.running_epoch;
         match gate.buffer.hold(epoch, frame, Instant::now()) {
-            Ok(Held::Held) => {}
+            Ok(Held::Held) => self.output_held.notify_all(),
             Ok(Held::Dropped) => {
                 log_limited!(warn, epoch, "output buffer full: a guest frame was dropped");
             }

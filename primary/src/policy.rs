@@ -46,31 +46,36 @@ impl std::fmt::Display for EpochPolicy {
     }
 }
 
+/// How often a wait looks at the stop flag (set from a signal handler,
+/// which cannot wake a condition variable).
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
 /// Waits for the epoch boundary `next`; returns early when `stop` is set,
 /// or, with an output-commit gate, once the guest has sent output and
 /// `earliest` has passed (the checkpoint that releases it is then taken at
 /// once, so a reply waits about `earliest - last checkpoint` instead of a
-/// whole epoch).
+/// whole epoch). Output wakes the wait through the gate's condition
+/// variable, not by polling.
 pub(crate) fn wait_for_epoch(
     next: Instant,
     stop: &AtomicBool,
     early: Option<(&OutputCommit, Instant)>,
 ) {
-    match early {
-        Some((gate, earliest)) => wait_until(next, stop, Duration::from_micros(200), || {
-            Instant::now() >= earliest && gate.output_waiting()
-        }),
-        None => wait_until(next, stop, Duration::from_millis(2), || false),
-    }
-}
-
-/// Sleeps in steps of at most `step` until `deadline`, `stop`, or `ready()`.
-/// (The guest's output arrives on the vCPU thread through the gate, and
-/// `stop` is set from a signal handler; a short poll serves both.)
-fn wait_until(deadline: Instant, stop: &AtomicBool, step: Duration, ready: impl Fn() -> bool) {
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) && !ready() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        std::thread::sleep(left.min(step));
+    loop {
+        let now = Instant::now();
+        if now >= next || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let slice_end = next.min(now + STOP_CHECK);
+        match early {
+            Some((gate, earliest)) if now >= earliest => {
+                if gate.wait_for_output(slice_end) {
+                    return;
+                }
+            }
+            Some((_, earliest)) => std::thread::sleep(slice_end.min(earliest) - now),
+            None => std::thread::sleep(slice_end - now),
+        }
     }
 }
 
@@ -118,6 +123,34 @@ mod tests {
         wait_for_epoch(deadline, &never, None);
 
         assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn output_ends_the_wait_once_the_earliest_moment_passed() {
+        use std::sync::Arc;
+        use understudy_proxy::Limits;
+        use understudy_vm::virtio_net::{DiscardFrames, FrameSink};
+
+        let gate = Arc::new(OutputCommit::new(
+            Arc::new(DiscardFrames),
+            Limits::default(),
+        ));
+        gate.begin(None);
+        let guest = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                gate.send(&[0u8; 60]);
+            })
+        };
+        let never = AtomicBool::new(false);
+        let far = Instant::now() + Duration::from_secs(3600);
+
+        wait_for_epoch(far, &never, Some((&gate, Instant::now())));
+
+        guest.join().expect("the guest thread");
+        assert!(Instant::now() < far);
+        assert!(gate.output_waiting());
     }
 
     #[test]
