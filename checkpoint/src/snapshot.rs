@@ -526,6 +526,6 @@ mod tests {
     #[test]
     fn file_length_counts_bitmaps_pages_and_trailer() {
         let header = sample_header();
-        assert_eq!(header.file_len(), 64 + 100 + 8 * 32 + 3 * 4096 + 16);
+        assert_eq!(header.file_len(), 64 + 100 + 8 * 32 + 3 * PAGE_SIZE + 16);
     }
 }

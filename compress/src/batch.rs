@@ -194,7 +194,7 @@ mod tests {
         let mut renumbered = PageBatch::new();
         renumbered.push(2, &page);
         let mut changed = a.clone();
-        changed.page_mut(0)[4095] = 0;
+        changed.page_mut(0)[PAGE_BYTES - 1] = 0;
 
         assert_ne!(a.checksum(), renumbered.checksum());
         assert_ne!(a.checksum(), changed.checksum());

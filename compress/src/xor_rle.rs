@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn run_past_the_page_end_is_an_error() {
         let mut encoded = Vec::new();
-        varint::write(&mut encoded, 4095);
+        varint::write(&mut encoded, crate::PAGE_SIZE - 1);
         varint::write(&mut encoded, 2);
         encoded.extend_from_slice(&[1, 1]);
         let mut page = [0u8; PAGE_BYTES];

@@ -13,7 +13,7 @@ use core::ptr::NonNull;
 
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
-use understudy_guest_abi::{VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE};
+use understudy_guest_abi::{PAGE_BYTES, VIRTIO_NET_MMIO_GPA, VIRTIO_NET_MMIO_SIZE};
 use virtio_drivers::device::net::{RxBuffer, VirtIONet};
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
@@ -32,7 +32,8 @@ pub struct IdentityHal;
 // until dma_dealloc; physical and virtual addresses are equal (identity map).
 unsafe impl Hal for IdentityHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        let layout = Layout::from_size_align(pages * 4096, 4096).expect("a valid DMA layout");
+        let layout =
+            Layout::from_size_align(pages * PAGE_BYTES, PAGE_BYTES).expect("a valid DMA layout");
         // SAFETY: the layout has a non-zero size (pages >= 1 for every caller).
         let pointer = unsafe { alloc::alloc::alloc_zeroed(layout) };
         let pointer = NonNull::new(pointer).expect("the guest heap has room for DMA buffers");
@@ -40,7 +41,8 @@ unsafe impl Hal for IdentityHal {
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
-        let layout = Layout::from_size_align(pages * 4096, 4096).expect("a valid DMA layout");
+        let layout =
+            Layout::from_size_align(pages * PAGE_BYTES, PAGE_BYTES).expect("a valid DMA layout");
         // SAFETY: the driver gives back what dma_alloc returned, with its size.
         unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), layout) };
         0

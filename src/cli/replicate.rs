@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::bail;
 use serde_json::json;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_compress::CodecSpec;
@@ -255,15 +256,15 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let end = understudy_primary::run(&mut vm, &options, &stop, |event| {
         print_primary_event(&event, arguments.json, arguments.secondary);
     })?;
-    if let RunEnd::GuestStopped(reason) = &end {
-        tracing::error!("{reason}");
-    }
     if let Some(gate) = &gate {
         print_output_commit(&gate.metrics(), arguments.json);
     }
     vm.pause()?;
     vm.shutdown();
-    Ok(())
+    match end {
+        RunEnd::Stopped => Ok(()),
+        RunEnd::GuestStopped(reason) => bail!("{reason}"),
+    }
 }
 
 /// What output commit did: frames released and how long they were held.

@@ -323,14 +323,14 @@ mod tests {
     #[test]
     fn byte_range_marks_every_overlapped_page() {
         let mut bitmap = DirtyBitmap::new(8);
-        bitmap.set_byte_range(4095, 2);
+        bitmap.set_byte_range(PAGE_SIZE - 1, 2);
         assert_eq!(bitmap.iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
     fn byte_range_is_clamped_to_the_bitmap() {
         let mut bitmap = DirtyBitmap::new(2);
-        bitmap.set_byte_range(4096, 1 << 20);
+        bitmap.set_byte_range(PAGE_SIZE, 1 << 20);
         assert_eq!(bitmap.iter().collect::<Vec<_>>(), vec![1]);
     }
 

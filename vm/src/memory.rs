@@ -169,7 +169,7 @@ mod tests {
     #[test]
     fn layout_rejects_unaligned_sizes() {
         assert!(matches!(
-            region_layout((512 << 20) + 4096),
+            region_layout((512 << 20) + crate::PAGE_SIZE),
             Err(MemoryError::BadSize { .. })
         ));
     }

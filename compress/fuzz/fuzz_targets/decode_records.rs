@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let literal_pages = usize::from(pages & 3);
-    let (literals, records) = rest.split_at(rest.len().min(literal_pages * 4096));
+    let (literals, records) = rest.split_at(
+        rest.len()
+            .min(literal_pages * understudy_compress::PAGE_BYTES),
+    );
     let mut decoder = TransformDecoder::new(32);
     for batch in generate(&SyntheticTrace {
         pages: 24,

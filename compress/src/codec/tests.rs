@@ -221,15 +221,26 @@ mod properties {
         CopyOf(usize, u16),
     }
 
+    /// The offset of a page's last byte.
+    const LAST_BYTE: u16 = {
+        assert!(PAGE_BYTES - 1 <= u16::MAX as usize);
+        #[allow(clippy::cast_possible_truncation)] // Checked just above.
+        let last = (PAGE_BYTES - 1) as u16;
+        last
+    };
+
     fn change() -> impl Strategy<Value = Change> {
         prop_oneof![
             any::<u64>().prop_map(Change::Random),
             Just(Change::Zero),
             any::<u8>().prop_map(Change::Fill),
-            prop::collection::vec(prop_oneof![Just(0u16), Just(4095u16), 0u16..4096], 1..12)
-                .prop_map(Change::Flip),
+            prop::collection::vec(
+                prop_oneof![Just(0u16), Just(LAST_BYTE), 0u16..=LAST_BYTE],
+                1..12
+            )
+            .prop_map(Change::Flip),
             Just(Change::Alternate),
-            (0usize..24, 0u16..4096).prop_map(|(source, at)| Change::CopyOf(source, at)),
+            (0usize..24, 0u16..=LAST_BYTE).prop_map(|(source, at)| Change::CopyOf(source, at)),
         ]
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Epoch 0 holds every resident page; each later epoch holds the pages whose
 //! contents changed since the epoch before, with their new contents. Page
-//! numbers are addresses divided by 4096 (virtual for processes, guest
+//! numbers are addresses divided by the page size, 4096 (virtual for processes, guest
 //! physical for VMs), strictly increasing within an epoch.
 //!
 //! ```text
