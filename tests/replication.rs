@@ -7,6 +7,9 @@ mod common;
 use std::net::TcpListener;
 use std::time::Duration;
 
+use understudy_checkpoint::protocol::{Header, MessageKind};
+use zerocopy::{FromZeros, IntoBytes};
+
 use common::{
     assert_counter_chains_continue, free_address, require_kvm, spawn_json, u64_of, until_event,
 };
@@ -232,21 +235,22 @@ fn cutting_proxy(secondary: String, cut_epoch: u64) -> String {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut back_from_secondary, &mut back_to_primary);
         });
-        let mut header = [0u8; 48];
+        let mut header = Header::new_zeroed();
         loop {
-            if from_primary.read_exact(&mut header).is_err() {
+            if from_primary.read_exact(header.as_mut_bytes()).is_err() {
                 return;
             }
-            let kind = header[4];
-            let epoch = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
-            let length = u32::from_le_bytes(header[24..28].try_into().expect("4 bytes")) as usize;
+            let kind = MessageKind::from_byte(header.kind);
+            let epoch = header.epoch.get();
+            let length = usize::try_from(header.payload_len.get()).expect("a payload length");
             let mut payload = vec![0u8; length];
             if from_primary.read_exact(&mut payload).is_err() {
                 return;
             }
-            to_secondary.write_all(&header).expect("forward a header");
-            // Kind 5 is Pages (see checkpoint/src/protocol.rs).
-            if kind == 5 && epoch >= cut_epoch {
+            to_secondary
+                .write_all(header.as_bytes())
+                .expect("forward a header");
+            if kind == Some(MessageKind::Pages) && epoch >= cut_epoch {
                 to_secondary
                     .write_all(&payload[..length / 2])
                     .expect("forward half a payload");
