@@ -49,8 +49,8 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
     say("building the lab: client, primary host, secondary host, one switch".to_owned());
     let results = drill::run(&options, &stop, |event| match event {
         DrillEvent::Protected { .. } => say(format!(
-            "the guest runs on the primary host, checkpointed to the secondary every {} ms; \
-             the client starts INCR/SET on one connection",
+            "the guest runs on the primary host, checkpointed to the secondary at least every {} ms \
+             (sooner when it has replies to release); the client starts INCR/SET on one connection",
             options.epoch.as_millis()
         )),
         DrillEvent::Failed { after, .. } => say(format!(
