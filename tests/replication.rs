@@ -333,3 +333,78 @@ fn an_epoch_torn_by_a_cut_connection_is_discarded_and_the_previous_one_resumed()
         .expect("the primary's record of the resumed epoch");
     assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
 }
+
+#[test]
+fn a_primary_that_gives_up_on_a_stuck_secondary_says_goodbye_and_is_not_replaced() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a secondary that is alive (heartbeats) but acknowledges each
+    // epoch only after 2 s, and a primary that wants progress within 500 ms.
+    let address = free_address();
+    let (mut secondary, secondary_lines) = spawn_json(&[
+        "secondary",
+        "--listen",
+        &address,
+        "--ack-delay",
+        "2s",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+    ]);
+    let mut seen = Vec::new();
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut seen,
+    );
+    let (mut primary, primary_lines) = spawn_json(&[
+        "primary",
+        "--secondary",
+        &address,
+        "--workload",
+        "counter",
+        "--memory",
+        "64M",
+        "--progress-timeout",
+        "500ms",
+        "--json",
+        "--heartbeat-misses",
+        "30",
+    ]);
+
+    // Act: the primary declares its secondary lost for lack of progress.
+    let lost = until_event(
+        &primary_lines,
+        "secondary_lost",
+        Duration::from_secs(30),
+        &mut seen,
+    );
+
+    // Assert: the secondary heard the goodbye and did not take over.
+    let disconnected = until_event(
+        &secondary_lines,
+        "disconnected",
+        Duration::from_secs(10),
+        &mut seen,
+    );
+    let _ = primary.kill();
+    let _ = secondary.kill();
+    assert!(
+        lost["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("no progress")),
+        "{lost}"
+    );
+    assert!(
+        disconnected["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("the primary lost its secondary")),
+        "{disconnected}"
+    );
+    assert!(
+        !seen.iter().any(|line| line["event"] == "resumed"),
+        "the secondary took over: {seen:?}"
+    );
+}

@@ -220,3 +220,156 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     let status = secondary.wait().expect("the secondary exits");
     assert!(status.success(), "secondary failed: {status}");
 }
+
+/// Reads the secondary's events until `count` `disconnected` ones came,
+/// failing on a `resumed`; then waits `quiet` more for a late `resumed`.
+fn disconnects_without_takeover(
+    lines: &Receiver<serde_json::Value>,
+    count: usize,
+    quiet: Duration,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reasons.len() < count {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("only {reasons:?} disconnects from the secondary"));
+        assert_ne!(line["event"], "resumed", "the secondary resumed: {line}");
+        if line["event"] == "disconnected" {
+            reasons.push(line["reason"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    if let Ok(line) = lines.recv_timeout(quiet) {
+        assert_ne!(line["event"], "resumed", "the secondary resumed: {line}");
+    }
+    reasons
+}
+
+/// A secondary that runs until killed (it must not resume anything).
+fn spawn_listening_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
+    spawn_json(&[
+        "secondary",
+        "--listen",
+        address,
+        "--json",
+        "--heartbeat-misses",
+        "300",
+    ])
+}
+
+#[test]
+fn a_bare_connection_after_a_clean_stop_resumes_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a primary that committed epoch 0, then left cleanly.
+    let address = free_address();
+    let (mut secondary, lines) = spawn_listening_secondary(&address);
+    next_event(&lines, "listening");
+    let vm = Vm::boot(
+        VmConfig::new(MEMORY, 1),
+        &"counter".parse::<WorkloadSpec>().expect("workload"),
+    )
+    .expect("boot a VM");
+    let state = vm.capture_state().expect("capture").encode();
+    let mut primary = ScriptedPrimary::connect(&address, 7);
+    primary.epoch(0, &non_zero_pages(&vm), &state, None);
+    primary.send(0, &Message::Goodbye("stopping".to_owned()));
+    drop(primary);
+
+    // Act: anybody connects and closes without a word.
+    drop(TcpStream::connect(&address).expect("a bare connection"));
+
+    // Assert: two ends, no takeover of the stale backup.
+    let reasons = disconnects_without_takeover(&lines, 2, Duration::from_secs(1));
+    let _ = secondary.kill();
+    assert!(reasons[0].contains("stopping"), "{reasons:?}");
+    assert!(reasons[1].contains("before it committed"), "{reasons:?}");
+}
+
+#[test]
+fn a_primary_that_dies_while_resynchronising_is_not_rolled_back() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: the primary committed epoch 0, left (it lost its secondary
+    // and ran on unprotected), and came back as the same VM.
+    let address = free_address();
+    let (mut secondary, lines) = spawn_listening_secondary(&address);
+    next_event(&lines, "listening");
+    let vm = Vm::boot(
+        VmConfig::new(MEMORY, 1),
+        &"counter".parse::<WorkloadSpec>().expect("workload"),
+    )
+    .expect("boot a VM");
+    let state = vm.capture_state().expect("capture").encode();
+    let epoch0 = non_zero_pages(&vm);
+    let mut first = ScriptedPrimary::connect(&address, 7);
+    first.epoch(0, &epoch0, &state, None);
+    first.send(0, &Message::Goodbye("secondary lost".to_owned()));
+    drop(first);
+    let mut again = ScriptedPrimary::connect(&address, 7);
+    again.send(0, &Message::EpochBegin);
+    let message = again.pages(&epoch0);
+    again.send(0, &message);
+
+    // Act: it dies in the middle of the new synchronisation.
+    drop(again);
+
+    // Assert: the old connection's epoch 0 is not resumed.
+    let reasons = disconnects_without_takeover(&lines, 2, Duration::from_secs(1));
+    let _ = secondary.kill();
+    assert!(reasons[1].contains("before it committed"), "{reasons:?}");
+}
+
+#[test]
+fn a_secondary_that_acknowledges_an_epoch_never_sent_is_dropped_with_a_goodbye() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a scripted secondary that welcomes a real primary and, once
+    // epoch 0 ended, acknowledges epoch 3.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let secondary = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the primary connects");
+        let mut sender = Sender::new();
+        let mut answer = |stream: &mut TcpStream, epoch, message: &Message| {
+            let bytes = sender.encode(epoch, message).expect("encodes");
+            stream.write_all(&bytes).expect("answer the primary");
+        };
+        loop {
+            let envelope = read_message(&mut stream).expect("a message from the primary");
+            match envelope.message {
+                Message::Hello(_) => answer(&mut stream, 0, &Message::Welcome),
+                Message::EpochEnd(_) => answer(&mut stream, 3, &Message::Ack),
+                Message::Goodbye(reason) => return reason,
+                _ => {}
+            }
+        }
+    });
+
+    // Act
+    let output = common::understudy(&[
+        "primary",
+        "--secondary",
+        &address,
+        "--workload",
+        "counter",
+        "--memory",
+        "64M",
+        // The scripted secondary sends no heartbeats.
+        "--heartbeat-misses",
+        "300",
+    ]);
+
+    // Assert: the primary refused the acknowledgement and said why.
+    let goodbye = secondary.join().expect("the scripted secondary");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("acknowledged epoch 3 where epoch 0 was due"),
+        "{stderr}"
+    );
+    assert!(goodbye.contains("acknowledged epoch 3"), "{goodbye}");
+}

@@ -27,20 +27,32 @@ use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// How often heartbeats go out and how many may be missed.
+/// How a peer proves it is there, and that it works: heartbeats (how often
+/// they go out, how many may be missed) prove a process alive; progress
+/// (acknowledgements on the primary's side, committed epochs on the
+/// secondary's) proves it works. A peer that is heard but makes no progress
+/// for `progress` is lost too, and so is a write that makes no progress for
+/// that long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeartbeatPolicy {
     /// Send a heartbeat after this long without sending anything.
     pub interval: Duration,
     /// Declare the peer lost after this many intervals of silence.
     pub misses: u32,
+    /// Declare the peer lost when it made no progress for this long.
+    pub progress: Duration,
 }
+
+/// The default progress deadline: far beyond any epoch, well within what a
+/// client notices.
+pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Default for HeartbeatPolicy {
     fn default() -> Self {
         Self {
             interval: Duration::from_millis(10),
             misses: 5,
+            progress: DEFAULT_PROGRESS_TIMEOUT,
         }
     }
 }
@@ -252,6 +264,7 @@ mod tests {
         HeartbeatPolicy {
             interval: Duration::from_millis(5),
             misses: 4,
+            progress: DEFAULT_PROGRESS_TIMEOUT,
         }
     }
 

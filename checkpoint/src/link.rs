@@ -20,10 +20,14 @@ use zerocopy::IntoBytes;
 use crate::heartbeat::{Heard, HeartbeatPolicy};
 use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
 
-/// The sending half: numbered messages, one writer at a time.
+/// The sending half: numbered messages, one writer at a time. Shutting
+/// the connection down never waits for a writer (a writer blocked on a
+/// stalled peer holds the lock): it goes through a second handle of the
+/// same socket.
 #[derive(Clone)]
 pub struct LinkSender {
     inner: Arc<Mutex<SenderState>>,
+    control: Arc<TcpStream>,
 }
 
 struct SenderState {
@@ -33,15 +37,37 @@ struct SenderState {
 }
 
 impl LinkSender {
-    /// Wraps the writing side of `stream`.
-    pub fn new(stream: TcpStream) -> Self {
-        Self {
+    /// Wraps the writing side of `stream`. A write that makes no progress
+    /// for `write_timeout` fails (a peer that stopped reading must not
+    /// block a sender forever).
+    pub fn new(stream: TcpStream, write_timeout: Duration) -> std::io::Result<Self> {
+        stream.set_write_timeout(Some(write_timeout.max(Duration::from_millis(1))))?;
+        let control = Arc::new(stream.try_clone()?);
+        Ok(Self {
             inner: Arc::new(Mutex::new(SenderState {
                 sender: Sender::new(),
                 stream,
                 last_sent: Instant::now(),
             })),
-        }
+            control,
+        })
+    }
+
+    /// Sends `Goodbye` with `reason` if no other message is being written
+    /// (a goodbye cannot be cut into the middle of another message; a
+    /// writer stuck on a stalled peer keeps it from going out).
+    pub fn try_goodbye(&self, reason: &str) -> bool {
+        let message = Message::Goodbye(reason.to_owned());
+        let payload = message.payload();
+        let checksum = xxh3_64(&payload);
+        let Ok(mut state) = self.inner.try_lock() else {
+            return false;
+        };
+        let Ok(header) = state.sender.header(0, &message, payload.len(), checksum) else {
+            return false;
+        };
+        state.stream.write_all(header.as_bytes()).is_ok()
+            && state.stream.write_all(&payload).is_ok()
     }
 
     /// Sends `message` for `epoch`. The payload is checksummed before the
@@ -101,30 +127,20 @@ impl LinkSender {
 
     /// The connection's local address.
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.inner
-            .lock()
-            .expect("a sender never panics holding the lock")
-            .stream
-            .local_addr()
+        self.control.local_addr()
     }
 
     /// Closes the sending direction only: the peer reads the end of the
-    /// stream after everything sent, and can still answer.
+    /// stream after everything sent, and can still answer. Call it after
+    /// the last send (it does not wait for a writer).
     pub fn shutdown_write(&self) {
-        let state = self
-            .inner
-            .lock()
-            .expect("a sender never panics holding the lock");
-        let _ = state.stream.shutdown(std::net::Shutdown::Write);
+        let _ = self.control.shutdown(std::net::Shutdown::Write);
     }
 
-    /// Closes both directions (wakes a blocked reader).
+    /// Closes both directions at once: wakes a blocked reader and a writer
+    /// blocked on a stalled peer.
     pub fn shutdown(&self) {
-        let state = self
-            .inner
-            .lock()
-            .expect("a sender never panics holding the lock");
-        let _ = state.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -236,9 +252,12 @@ mod tests {
         let policy = HeartbeatPolicy {
             interval: Duration::from_millis(5),
             misses: 4,
+            progress: crate::heartbeat::DEFAULT_PROGRESS_TIMEOUT,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let heartbeats = LinkSender::new(client).start_heartbeats(policy, stop.clone());
+        let heartbeats = LinkSender::new(client, policy.progress)
+            .expect("a sender")
+            .start_heartbeats(policy, stop.clone());
         let mut reader = LivenessReader::new(server, policy).expect("reader");
 
         let beats = (0..10)
@@ -257,6 +276,7 @@ mod tests {
         let policy = HeartbeatPolicy {
             interval: Duration::from_millis(5),
             misses: 4,
+            progress: crate::heartbeat::DEFAULT_PROGRESS_TIMEOUT,
         };
         let mut reader = LivenessReader::new(server, policy).expect("reader");
         let started = Instant::now();

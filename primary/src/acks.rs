@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::time::Duration;
 
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{Message, ProtocolError};
@@ -22,10 +21,7 @@ pub(crate) fn ack_loop(
     events: &Sender<PrimaryEvent>,
     stop: &AtomicBool,
 ) {
-    let lose = |reason: String| {
-        shared.lose(reason);
-        link.shutdown();
-    };
+    let lose = |reason: String| shared.lose_link(link, reason);
     loop {
         let envelope = match reader.receive() {
             Ok(envelope) => envelope,
@@ -39,11 +35,17 @@ pub(crate) fn ack_loop(
         match envelope.message {
             Message::Ack => {
                 let epoch = envelope.epoch;
-                let checkpointed = shared.acknowledge(epoch);
+                let checkpointed = match shared.acknowledge(epoch) {
+                    Ok(checkpointed) => checkpointed,
+                    Err(reason) => {
+                        lose(reason);
+                        return;
+                    }
+                };
                 if let Some(gate) = shared.output.get() {
                     gate.acknowledge(epoch);
                 }
-                let latency = checkpointed.map_or(Duration::ZERO, |at| at.elapsed());
+                let latency = checkpointed.elapsed();
                 let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
             }
             Message::Heartbeat(_) => {}

@@ -30,7 +30,7 @@ use crate::acks::ack_loop;
 use crate::output::OutputCommit;
 use crate::pages::{read_nonzero_pages, read_pages};
 use crate::sender::{Work, send_loop};
-use crate::shared::Shared;
+use crate::shared::{Progress, Shared, WaitFailed};
 use crate::{EpochMetrics, PrimaryError, PrimaryEvent, PrimaryOptions};
 
 /// Pages read per batch during pre-copy.
@@ -114,7 +114,8 @@ impl Protection {
             .map_err(connect_error)?;
         let _ = stream.set_nodelay(true);
         let read_half = stream.try_clone().map_err(ProtocolError::Io)?;
-        let link = LinkSender::new(stream);
+        let link =
+            LinkSender::new(stream, options.heartbeat.progress).map_err(ProtocolError::Io)?;
         let mut reader =
             LivenessReader::new(read_half, options.heartbeat).map_err(ProtocolError::Io)?;
         let config = vm.config();
@@ -334,7 +335,46 @@ impl Protection {
         self.next_sync += 1;
         let token = self.next_sync;
         self.submit(Work::Sync(token))?;
-        self.shared.wait_for(|progress| progress.synced >= token)
+        self.wait(|progress| progress.synced >= token)
+    }
+
+    /// Waits until `reached`; a secondary that makes no progress for the
+    /// policy's deadline meanwhile is declared lost.
+    fn wait(&self, reached: impl Fn(&Progress) -> bool) -> Result<(), PrimaryError> {
+        match self
+            .shared
+            .wait_for(reached, self.options.heartbeat.progress)
+        {
+            Ok(()) => Ok(()),
+            Err(WaitFailed::Lost(reason)) => Err(PrimaryError::SecondaryLost(reason)),
+            Err(WaitFailed::NoProgress(deadline)) => Err(self.no_progress(deadline)),
+        }
+    }
+
+    fn no_progress(&self, deadline: Duration) -> PrimaryError {
+        let reason = format!(
+            "no progress from the secondary for {deadline:?} (heard, but nothing acknowledged)"
+        );
+        self.shared.lose_link(&self.link, reason.clone());
+        PrimaryError::SecondaryLost(reason)
+    }
+
+    /// Fails, declaring the secondary lost, when checkpoints wait for an
+    /// acknowledgement and none came for the policy's progress deadline
+    /// (heartbeats prove the secondary alive, not working).
+    pub(crate) fn check_progress(&self) -> Result<(), PrimaryError> {
+        if let Some(reason) = self.shared.lost() {
+            return Err(PrimaryError::SecondaryLost(reason));
+        }
+        let deadline = self.options.heartbeat.progress;
+        let Some(waiting_since) = self.shared.waiting_since() else {
+            return Ok(());
+        };
+        let idle = self.shared.last_progress().max(waiting_since).elapsed();
+        if idle > deadline {
+            return Err(self.no_progress(deadline));
+        }
+        Ok(())
     }
 
     /// The last pause of epoch 0: the remaining dirty pages and the state.
@@ -362,8 +402,7 @@ impl Protection {
 
     /// Waits until `epoch` is acknowledged.
     pub(crate) fn wait_acknowledged(&self, epoch: u64) -> Result<(), PrimaryError> {
-        self.shared
-            .wait_for(|progress| progress.acknowledged.is_some_and(|acked| acked >= epoch))
+        self.wait(|progress| progress.acknowledged.is_some_and(|acked| acked >= epoch))
     }
 
     /// Pauses the guest, takes its dirty pages and state, and resumes it if

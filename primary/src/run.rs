@@ -152,6 +152,7 @@ fn protect(
         if let Some(reason) = guest_stopped(vm) {
             return Ok(RunEnd::GuestStopped(reason));
         }
+        protection.check_progress()?;
         protection.checkpoint_and_send(vm, |metrics| {
             on_event(PrimaryEvent::Checkpointed(metrics.clone()));
         })?;

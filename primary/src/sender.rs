@@ -83,12 +83,20 @@ pub(crate) fn send_loop(
         cost: EpochCost::default(),
     };
     let result = work.iter().try_for_each(|item| match item {
-        Work::Sync(token) => Ok(link.send(0, &Message::Sync(token))?),
+        Work::Sync(token) => Ok::<(), PrimaryError>(link.send(0, &Message::Sync(token))?),
         Work::Begin(epoch) => {
             sender.cost = EpochCost::default();
             Ok(link.send(epoch, &Message::EpochBegin)?)
         }
-        Work::Pages(epoch, batch) => sender.pages(epoch, batch),
+        Work::Pages(epoch, batch) => {
+            sender.pages(epoch, batch)?;
+            if epoch == 0 {
+                // No acknowledgement comes until the initial copy ends:
+                // until then, a secondary taking its pages is progress.
+                shared.progressed();
+            }
+            Ok(())
+        }
         Work::End {
             epoch,
             state,
@@ -102,8 +110,7 @@ pub(crate) fn send_loop(
         }
     });
     if let Err(error) = result {
-        shared.lose(format!("sending failed: {error}"));
-        link.shutdown();
+        shared.lose_link(link, format!("sending failed: {error}"));
     }
 }
 

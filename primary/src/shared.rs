@@ -7,15 +7,24 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use understudy_checkpoint::link::LinkSender;
 use understudy_compress::PageBatch;
 
-use crate::PrimaryError;
 use crate::output::OutputCommit;
 
+/// Why a wait on the secondary failed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WaitFailed {
+    /// It was lost, for this reason.
+    Lost(String),
+    /// It made no progress for this long.
+    NoProgress(Duration),
+}
+
 /// What the secondary has confirmed, and whether it is still there.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Progress {
     /// The last acknowledged epoch.
     pub acknowledged: Option<u64>,
@@ -23,6 +32,20 @@ pub(crate) struct Progress {
     pub synced: u64,
     /// Why the secondary was lost, once it was.
     pub lost: Option<String>,
+    /// The last sign that the secondary works: an acknowledgement, a sync
+    /// answer, or a message it took from the link.
+    pub progressed: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            acknowledged: None,
+            synced: 0,
+            lost: None,
+            progressed: Instant::now(),
+        }
+    }
 }
 
 /// Batches kept for reuse at most.
@@ -46,7 +69,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new() -> Self {
         Self {
-            progress: Mutex::new(Progress::default()),
+            progress: Mutex::new(Progress::new()),
             changed: Condvar::new(),
             checkpointed: Mutex::new(HashMap::new()),
             wire_bytes: AtomicU64::new(0),
@@ -64,6 +87,16 @@ impl Shared {
         self.changed.notify_all();
     }
 
+    /// Declares the secondary lost: records why, tells it (a `Goodbye`, so
+    /// it does not take this for the primary's death, if the link is not
+    /// stuck in another message), and shuts the link down so that threads
+    /// blocked on it wake up.
+    pub fn lose_link(&self, link: &LinkSender, reason: String) {
+        link.try_goodbye(&format!("the primary lost its secondary: {reason}"));
+        link.shutdown();
+        self.lose(reason);
+    }
+
     /// Records that the secondary is lost (the first reason stays).
     pub fn lose(&self, reason: String) {
         self.update(|progress| {
@@ -76,25 +109,69 @@ impl Shared {
         self.progress().lost.clone()
     }
 
-    /// Records the acknowledgement of `epoch`; returns when its checkpoint
-    /// was taken, if that was recorded.
-    pub fn acknowledge(&self, epoch: u64) -> Option<Instant> {
+    /// Records the acknowledgement of `epoch`, which must be the next one
+    /// and one whose end was sent; returns when its checkpoint was taken.
+    /// Anything else is a confused or hostile secondary (the reason).
+    pub fn acknowledge(&self, epoch: u64) -> Result<Instant, String> {
+        let due = self.progress().acknowledged.map_or(0, |acked| acked + 1);
+        if epoch != due {
+            return Err(format!(
+                "the secondary acknowledged epoch {epoch} where epoch {due} was due"
+            ));
+        }
         let checkpointed = self
             .checkpointed
             .lock()
             .expect("no panics under this lock")
-            .remove(&epoch);
-        self.update(|progress| progress.acknowledged = Some(epoch));
-        checkpointed
+            .remove(&epoch)
+            .ok_or_else(|| {
+                format!("the secondary acknowledged epoch {epoch}, which was not sent yet")
+            })?;
+        self.update(|progress| {
+            progress.acknowledged = Some(epoch);
+            progress.progressed = Instant::now();
+        });
+        Ok(checkpointed)
     }
 
     /// Records that the secondary processed everything before `token`.
     pub fn synced(&self, token: u64) {
-        self.update(|progress| progress.synced = progress.synced.max(token));
+        self.update(|progress| {
+            progress.synced = progress.synced.max(token);
+            progress.progressed = Instant::now();
+        });
     }
 
-    /// Blocks until `reached` holds, or fails when the secondary is lost.
-    pub fn wait_for(&self, reached: impl Fn(&Progress) -> bool) -> Result<(), PrimaryError> {
+    /// Records that the secondary took a message from the link.
+    pub fn progressed(&self) {
+        self.progress().progressed = Instant::now();
+    }
+
+    /// Since when the oldest epoch whose end was sent has waited for its
+    /// acknowledgement, if one does.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.checkpointed
+            .lock()
+            .expect("no panics under this lock")
+            .values()
+            .min()
+            .copied()
+    }
+
+    /// When the secondary last made progress.
+    pub fn last_progress(&self) -> Instant {
+        self.progress().progressed
+    }
+
+    /// Blocks until `reached` holds; fails when the secondary is lost, or
+    /// makes no progress for `deadline` from the later of its last
+    /// progress and the start of the wait (then the caller declares it lost).
+    pub fn wait_for(
+        &self,
+        reached: impl Fn(&Progress) -> bool,
+        deadline: Duration,
+    ) -> Result<(), WaitFailed> {
+        let started = Instant::now();
         let mut progress = self.progress();
         loop {
             // What was reached counts even if the secondary left right after
@@ -103,12 +180,18 @@ impl Shared {
                 return Ok(());
             }
             if let Some(reason) = &progress.lost {
-                return Err(PrimaryError::SecondaryLost(reason.clone()));
+                return Err(WaitFailed::Lost(reason.clone()));
+            }
+            let idle = progress.progressed.max(started).elapsed();
+            let left = deadline.saturating_sub(idle);
+            if left.is_zero() {
+                return Err(WaitFailed::NoProgress(deadline));
             }
             progress = self
                 .changed
-                .wait(progress)
-                .expect("no panics under this lock");
+                .wait_timeout(progress, left)
+                .expect("no panics under this lock")
+                .0;
         }
     }
 
@@ -155,23 +238,33 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    fn sent(shared: &Shared, epochs: std::ops::RangeInclusive<u64>) {
+        for epoch in epochs {
+            shared.checkpointed(epoch, Instant::now());
+        }
+    }
 
     #[test]
     fn a_waiter_wakes_when_its_epoch_is_acknowledged() {
         let shared = Arc::new(Shared::new());
+        sent(&shared, 0..=1);
         let acknowledger = {
             let shared = shared.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
-                shared.acknowledge(0);
-                shared.acknowledge(1);
+                shared.acknowledge(0).expect("epoch 0 is due");
+                shared.acknowledge(1).expect("epoch 1 is due");
             })
         };
 
-        let waited = shared.wait_for(|progress| progress.acknowledged.is_some_and(|e| e >= 1));
+        let waited = shared.wait_for(
+            |progress| progress.acknowledged.is_some_and(|e| e >= 1),
+            PATIENCE,
+        );
 
         acknowledger.join().expect("acknowledger");
         assert!(waited.is_ok());
@@ -186,21 +279,20 @@ mod tests {
             std::thread::spawn(move || shared.lose("link down".to_owned()))
         };
 
-        let waited = shared.wait_for(|progress| progress.synced >= 1);
+        let waited = shared.wait_for(|progress| progress.synced >= 1, PATIENCE);
 
         loser.join().expect("loser");
-        assert!(
-            matches!(waited, Err(PrimaryError::SecondaryLost(reason)) if reason == "link down")
-        );
+        assert_eq!(waited, Err(WaitFailed::Lost("link down".to_owned())));
     }
 
     #[test]
     fn an_acknowledgement_before_a_loss_still_counts() {
         let shared = Shared::new();
-        shared.acknowledge(0);
+        sent(&shared, 0..=0);
+        shared.acknowledge(0).expect("epoch 0 is due");
         shared.lose("the target closed after acknowledging".to_owned());
 
-        let waited = shared.wait_for(|progress| progress.acknowledged == Some(0));
+        let waited = shared.wait_for(|progress| progress.acknowledged == Some(0), PATIENCE);
 
         assert!(waited.is_ok());
     }
@@ -222,17 +314,66 @@ mod tests {
         shared.synced(5);
         shared.synced(3);
 
-        assert!(shared.wait_for(|progress| progress.synced == 5).is_ok());
+        assert!(
+            shared
+                .wait_for(|progress| progress.synced == 5, PATIENCE)
+                .is_ok()
+        );
     }
 
     #[test]
     fn an_acknowledgement_returns_when_its_checkpoint_was_taken() {
         let shared = Shared::new();
         let at = Instant::now();
-        shared.checkpointed(7, at);
+        shared.checkpointed(0, at);
 
-        let taken = shared.acknowledge(7);
+        let taken = shared.acknowledge(0);
 
-        assert_eq!(taken, Some(at));
+        assert_eq!(taken, Ok(at));
+    }
+
+    #[test]
+    fn an_acknowledgement_out_of_order_is_refused() {
+        let shared = Shared::new();
+        sent(&shared, 0..=3);
+
+        let skipped = shared.acknowledge(2);
+
+        assert_eq!(
+            skipped,
+            Err("the secondary acknowledged epoch 2 where epoch 0 was due".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_acknowledgement_of_an_epoch_never_sent_is_refused() {
+        let shared = Shared::new();
+
+        let unsent = shared.acknowledge(0);
+
+        assert!(unsent.is_err_and(|reason| reason.contains("not sent yet")));
+    }
+
+    #[test]
+    fn an_acknowledgement_twice_is_refused() {
+        let shared = Shared::new();
+        sent(&shared, 0..=1);
+        shared.acknowledge(0).expect("epoch 0 is due");
+
+        let again = shared.acknowledge(0);
+
+        assert!(again.is_err());
+    }
+
+    #[test]
+    fn a_wait_without_progress_ends_at_the_deadline() {
+        let shared = Shared::new();
+
+        let waited = shared.wait_for(|progress| progress.synced >= 1, Duration::from_millis(20));
+
+        assert_eq!(
+            waited,
+            Err(WaitFailed::NoProgress(Duration::from_millis(20)))
+        );
     }
 }

@@ -94,7 +94,6 @@ impl Staging {
 /// A backup VM, created from a primary's `Hello`.
 pub(crate) struct Backup {
     vm: Vm,
-    vm_id: u64,
     committed: Option<(u64, VmState)>,
     /// Frames the guest received in epochs not committed yet, in order.
     pub input_log: InputLog,
@@ -109,33 +108,10 @@ impl Backup {
     pub fn create(hello: &Hello) -> Result<Self, SecondaryError> {
         Ok(Self {
             vm: Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))?,
-            vm_id: hello.vm_id,
             committed: None,
             input_log: InputLog::default(),
             recent_output: VecDeque::new(),
         })
-    }
-
-    /// The backup for `hello`: the one in `slot` when it protects the same
-    /// VM (its memory is reused), else a new one. A new connection numbers
-    /// its epochs from 0 again, so logs of the old one are dropped.
-    pub fn for_hello<'a>(
-        slot: &'a mut Option<Backup>,
-        hello: &Hello,
-    ) -> Result<&'a mut Backup, SecondaryError> {
-        if slot
-            .as_ref()
-            .is_some_and(|backup| backup.vm_id != hello.vm_id)
-        {
-            *slot = None;
-        }
-        let backup = match slot {
-            Some(backup) => backup,
-            None => slot.insert(Self::create(hello)?),
-        };
-        backup.input_log = InputLog::default();
-        backup.recent_output.clear();
-        Ok(backup)
     }
 
     /// The backup VM's shape.
@@ -213,7 +189,6 @@ impl Backup {
     ) -> Result<Result<Failover, Backup>, SecondaryError> {
         let Backup {
             mut vm,
-            vm_id,
             committed,
             input_log,
             recent_output,
@@ -221,7 +196,6 @@ impl Backup {
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
                 vm,
-                vm_id,
                 committed: None,
                 input_log,
                 recent_output,
@@ -397,26 +371,6 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn the_same_vm_reconnecting_keeps_its_backup_and_another_gets_a_new_one() {
-        if !require_kvm() {
-            return;
-        }
-        let mut slot = None;
-        let first = Backup::for_hello(&mut slot, &hello(1)).expect("a backup");
-        first
-            .apply(&staged(first, &[(3, 0x11)]).pages)
-            .expect("write");
-
-        let same = Backup::for_hello(&mut slot, &hello(1)).expect("the same backup");
-        let kept = read_page(same, 3);
-        let other = Backup::for_hello(&mut slot, &hello(2)).expect("a new backup");
-        let fresh = read_page(other, 3);
-
-        assert_eq!(kept, page_of(0x11));
-        assert_eq!(fresh, page_of(0));
     }
 
     #[test]

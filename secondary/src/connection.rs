@@ -52,7 +52,7 @@ pub(crate) fn serve_connection(
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
     let write_half = stream.try_clone().map_err(ProtocolError::Io)?;
-    let sender = LinkSender::new(write_half);
+    let sender = LinkSender::new(write_half, heartbeat.progress).map_err(ProtocolError::Io)?;
     let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
     let stop_heartbeats = Arc::new(AtomicBool::new(false));
     let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
@@ -78,6 +78,10 @@ pub(crate) fn serve_connection(
     drop(heartbeats);
     match result {
         Err(ConnectionError::Protocol(error)) if is_peer_lost(&error) => Ok(Ended::Lost {
+            last_heard: reader.last_progress(),
+            reason: anyhow_chain(&error),
+        }),
+        Err(error @ ConnectionError::NoProgress(_)) => Ok(Ended::Lost {
             last_heard: reader.last_progress(),
             reason: anyhow_chain(&error),
         }),
@@ -117,7 +121,7 @@ fn receive(
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the primary: {reason}")));
     }
-    let backup = Backup::for_hello(slot, &hello)?;
+    let backup = slot.insert(Backup::create(&hello)?);
     let udp_heartbeats =
         Heartbeats::to_primary(link.udp, link.peer.ip(), hello.vm_id, link.heartbeat)
             .map_err(ProtocolError::Io)?;
@@ -145,8 +149,14 @@ fn receive_epochs(
     let mut decoder = Decoder::new();
     let mut staging = Staging::default();
     let mut decoded = PageBatch::new();
+    let mut last_commit: Option<Instant> = None;
     loop {
         let envelope = link.reader.receive()?;
+        // Heard is not working: a primary whose epochs stopped committing
+        // (after the first) is lost too.
+        if last_commit.is_some_and(|at| at.elapsed() > link.heartbeat.progress) {
+            return Err(ConnectionError::NoProgress(link.heartbeat.progress));
+        }
         let epoch = envelope.epoch;
         match receiver.accept(envelope)? {
             Action::Greet(_) => return Err(ConnectionError::BeforeHello("a second Hello")),
@@ -171,22 +181,23 @@ fn receive_epochs(
             }
             Action::Commit { epoch, end } => {
                 backup.commit(epoch, end, &mut staging)?;
+                last_commit = Some(Instant::now());
                 // Committed, whether or not the acknowledgement gets out.
                 report(&SecondaryEvent::Committed {
                     epoch,
                     pages: staging.received,
                     receive: staging.elapsed(),
                 });
-                if !link.ack_delay.is_zero() {
+                if epoch > 0 && !link.ack_delay.is_zero() {
                     std::thread::sleep(link.ack_delay);
                 }
-                sender.send(epoch, &Message::Ack)?;
+                answer(sender, epoch, &Message::Ack);
                 if purpose == Purpose::Migrate {
                     return Ok(Ended::MigratedIn);
                 }
             }
             Action::Heartbeat(_) => {}
-            Action::Sync(token) => sender.send(epoch, &Message::Synced(token))?,
+            Action::Sync(token) => answer(sender, epoch, &Message::Synced(token)),
             Action::LogInput { epoch, frame } => {
                 let committed = backup.committed_epoch();
                 backup.input_log.record(epoch, frame, committed);
@@ -195,6 +206,17 @@ fn receive_epochs(
                 return Ok(Ended::Closed(format!("the primary left: {reason}")));
             }
         }
+    }
+}
+
+/// Sends an answer to the primary. A failure is not the end of the
+/// connection yet: the primary may have said `Goodbye` just before it
+/// closed (it lost this secondary), and that goodbye, still to be read,
+/// decides whether this is a clean end or a lost primary. The next read
+/// finds out.
+fn answer(sender: &LinkSender, epoch: u64, message: &Message) {
+    if let Err(error) = sender.send(epoch, message) {
+        tracing::debug!(%error, "an answer to the primary did not go out");
     }
 }
 

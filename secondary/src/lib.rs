@@ -15,9 +15,15 @@
 //!   but cannot be trusted, so this is no reason to take over.
 //! - A migration (`Hello` with purpose `Migrate`) ends with epoch 0: once
 //!   it is applied and acknowledged, the guest is resumed here.
-//! - Silence (neither bytes nor UDP heartbeats for the heartbeat timeout)
-//!   or a connection that breaks without `Goodbye` means the primary is
-//!   lost: with a committed epoch, the backup VM is resumed from it.
+//! - Silence (neither bytes nor UDP heartbeats for the heartbeat timeout),
+//!   a primary that is heard but commits no epoch for the progress
+//!   deadline, or a connection that breaks without `Goodbye` means the
+//!   primary is lost: if *this connection* committed an epoch, the backup
+//!   VM is resumed from it. A connection that ends with `Goodbye` or a
+//!   protocol error, that never sent `Hello`, or that committed nothing,
+//!   never leads to a takeover: each connection has a fresh backup of its
+//!   own, so state committed by an earlier connection (of a primary that
+//!   may have run on unprotected since) is never resumed.
 //!
 //! The listening address serves TCP (the connection) and UDP (heartbeats).
 //!
@@ -97,6 +103,9 @@ pub enum ConnectionError {
         #[source]
         source: StateError,
     },
+    /// The primary was heard but committed no epoch for too long.
+    #[error("the primary committed no epoch for {0:?} although it was heard")]
+    NoProgress(Duration),
     /// An epoch ended without its state.
     #[error("epoch {0} ended without its VM state")]
     MissingState(u64),
@@ -194,7 +203,7 @@ pub struct SecondaryOptions {
     /// with a network resumes unreachable, which is reported).
     pub tap: Option<String>,
     /// Fault injection for tests and drills: wait this long before each
-    /// acknowledgement (a slow secondary).
+    /// acknowledgement after epoch 0's (a slow secondary).
     pub ack_delay: Duration,
 }
 
@@ -226,7 +235,6 @@ pub fn serve(
         .map(Tap::open)
         .transpose()?
         .map(Arc::new);
-    let mut backup: Option<Backup> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -243,6 +251,10 @@ pub fn serve(
         };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_nodelay(true);
+        // Each connection has a backup of its own, made from its Hello:
+        // state committed by an earlier connection is never resumed (that
+        // primary may have run on unprotected since).
+        let mut backup: Option<Backup> = None;
         match serve_connection(
             stream,
             peer,
@@ -263,7 +275,8 @@ pub fn serve(
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
-                    reason: "the primary was lost before its first epoch committed".to_owned(),
+                    reason: "the connection was lost before it committed an epoch: nothing of it to resume"
+                        .to_owned(),
                 });
             }
             Ok(Ended::MigratedIn) => {

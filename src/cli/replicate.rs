@@ -31,6 +31,11 @@ pub struct HeartbeatOptions {
     /// Declare the peer lost after this many silent intervals.
     #[arg(long, default_value_t = 5)]
     heartbeat_misses: u32,
+    /// Declare the peer lost when it is heard but makes no progress for
+    /// this long (no acknowledgement on the primary, no committed epoch on
+    /// the secondary), and fail any write that makes no progress for it.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    progress_timeout: Duration,
 }
 
 impl HeartbeatOptions {
@@ -39,6 +44,7 @@ impl HeartbeatOptions {
         HeartbeatPolicy {
             interval: self.heartbeat_interval,
             misses: self.heartbeat_misses.max(1),
+            progress: self.progress_timeout,
         }
     }
 }
@@ -103,8 +109,9 @@ pub struct SecondaryArguments {
     /// guest's address is announced there with a gratuitous ARP).
     #[arg(long)]
     tap: Option<String>,
-    /// Fault injection: wait this long before acknowledging each epoch (a
-    /// slow secondary; shows output commit holding the guest's replies).
+    /// Fault injection: wait this long before acknowledging each epoch after
+    /// the initial synchronisation (a slow secondary; shows output commit
+    /// holding the guest's replies, and the primary's progress deadline).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     ack_delay: Duration,
     /// After a failover, run the guest this long (default: until Ctrl-C).
