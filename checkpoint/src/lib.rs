@@ -12,3 +12,4 @@ pub mod heartbeat;
 pub mod link;
 pub mod protocol;
 pub mod snapshot;
+pub mod witness;

@@ -8,6 +8,7 @@
 //! for what names it. A missing tool is an error naming its package.
 
 pub mod drill;
+pub mod etcd;
 pub mod kvbench;
 pub mod network;
 pub mod resp;
