@@ -72,6 +72,8 @@ impl ScriptedPrimary {
                 vcpus: 1,
                 guest_image_hash: understudy_vm::boot::guest_image_hash(),
                 vm_id,
+                owner: 1,
+                generation: 0,
             }),
         );
         assert_eq!(primary.receive(), Message::Welcome);

@@ -92,6 +92,8 @@ fn protected(
                     verify: false,
                     tap: None,
                     ack_delay: Duration::ZERO,
+                    witness: None,
+                    instance: 2,
                 },
                 &stop,
                 |_| {},
@@ -116,6 +118,8 @@ fn protected(
             max_bandwidth: None,
         },
         vm_id: 1,
+        owner: 1,
+        witness: None,
         gate: None,
         output_epoch: Duration::ZERO,
         // Measured from the initial synchronisation on (see below).

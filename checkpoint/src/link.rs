@@ -53,15 +53,23 @@ impl LinkSender {
         })
     }
 
-    /// Sends `Goodbye` with `reason` if no other message is being written
-    /// (a goodbye cannot be cut into the middle of another message; a
-    /// writer stuck on a stalled peer keeps it from going out).
+    /// Sends `Goodbye` with `reason` unless another message is being
+    /// written for longer than a moment (a goodbye cannot be cut into the
+    /// middle of another message, and a writer stuck on a stalled peer must
+    /// not hold up the caller).
     pub fn try_goodbye(&self, reason: &str) -> bool {
         let message = Message::Goodbye(reason.to_owned());
         let payload = message.payload();
         let checksum = xxh3_64(&payload);
-        let Ok(mut state) = self.inner.try_lock() else {
-            return false;
+        let patience = Instant::now() + Duration::from_millis(200);
+        let mut state = loop {
+            match self.inner.try_lock() {
+                Ok(state) => break state,
+                Err(_) if Instant::now() < patience => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
         };
         let Ok(header) = state.sender.header(0, &message, payload.len(), checksum) else {
             return false;

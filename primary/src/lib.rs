@@ -40,6 +40,7 @@
 //! acknowledged epoch).
 
 mod acks;
+mod fence;
 pub mod migrate;
 pub mod output;
 mod pages;
@@ -60,6 +61,7 @@ use understudy_vm::VmError;
 use understudy_vm::memory::MemoryError;
 use understudy_vm::progress::ProgressSample;
 
+pub use fence::FenceError;
 pub use pages::{read_nonzero_pages, read_pages};
 pub use policy::EpochPolicy;
 pub use run::{RunEnd, RunOptions, run};
@@ -94,6 +96,21 @@ pub enum PrimaryError {
     /// The secondary was lost (the guest runs on, unprotected).
     #[error("the secondary was lost: {0}")]
     SecondaryLost(String),
+    /// The witness does not let this copy run the guest.
+    #[error("fenced")]
+    Fenced(#[from] FenceError),
+}
+
+/// Who a connection speaks for: the VM, the process that runs it, and the
+/// fencing generation the pair will be in sync at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The VM, across reconnections.
+    pub vm_id: u64,
+    /// This process (the witness record's owner).
+    pub owner: u64,
+    /// The witness generation (0 without a witness).
+    pub generation: u64,
 }
 
 /// How the primary protects its guest.
@@ -170,6 +187,18 @@ pub enum PrimaryEvent {
     /// The secondary was lost: the guest runs on unprotected, and the
     /// secondary's address is tried again every second.
     SecondaryLost {
+        /// Why.
+        reason: String,
+    },
+    /// The witness recorded a state of this VM.
+    Witness {
+        /// `in_sync` or `solo`.
+        state: &'static str,
+        /// The generation written.
+        generation: u64,
+    },
+    /// The witness could not decide; the primary waits (output held).
+    WitnessWaiting {
         /// Why.
         reason: String,
     },

@@ -18,7 +18,7 @@ use understudy_checkpoint::protocol::Purpose;
 use understudy_vm::{PAGE_SIZE, Vm};
 
 use crate::protection::Protection;
-use crate::{PrimaryError, PrimaryOptions};
+use crate::{Identity, PrimaryError, PrimaryOptions};
 
 /// What to do when pre-copy does not converge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +111,12 @@ pub fn migrate(
     mut progress: impl FnMut(&Round),
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
-    let mut link = Protection::connect(vm, options.link.clone(), vm_id, Purpose::Migrate)?;
+    let identity = Identity {
+        vm_id,
+        owner: vm_id,
+        generation: 0,
+    };
+    let mut link = Protection::connect(vm, options.link.clone(), identity, Purpose::Migrate)?;
     let result = run(vm, &mut link, options, started, &mut progress);
     link.close(match &result {
         Ok(_) => "migration complete",

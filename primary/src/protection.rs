@@ -31,7 +31,7 @@ use crate::output::OutputCommit;
 use crate::pages::{read_nonzero_pages, read_pages};
 use crate::sender::{Work, send_loop};
 use crate::shared::{Progress, Shared, WaitFailed};
-use crate::{EpochMetrics, PrimaryError, PrimaryEvent, PrimaryOptions};
+use crate::{EpochMetrics, Identity, PrimaryError, PrimaryEvent, PrimaryOptions};
 
 /// Pages read per batch during pre-copy.
 const PRECOPY_CHUNK_PAGES: usize = 16384;
@@ -103,7 +103,7 @@ impl Protection {
     pub(crate) fn connect(
         vm: &Vm,
         options: PrimaryOptions,
-        vm_id: u64,
+        identity: Identity,
         purpose: Purpose,
     ) -> Result<Self, PrimaryError> {
         let connect_error = |source| PrimaryError::Connect {
@@ -127,7 +127,9 @@ impl Protection {
                 memory_bytes: config.memory_bytes,
                 vcpus: config.vcpus,
                 guest_image_hash: understudy_vm::boot::guest_image_hash(),
-                vm_id,
+                vm_id: identity.vm_id,
+                owner: identity.owner,
+                generation: identity.generation,
             }),
         )?;
         loop {
@@ -146,8 +148,13 @@ impl Protection {
             }
         }
         let local_ip = link.local_addr().map_err(connect_error)?.ip();
-        let udp = Heartbeats::to_secondary(local_ip, options.secondary, vm_id, options.heartbeat)
-            .map_err(ProtocolError::Io)?;
+        let udp = Heartbeats::to_secondary(
+            local_ip,
+            options.secondary,
+            identity.vm_id,
+            options.heartbeat,
+        )
+        .map_err(ProtocolError::Io)?;
         reader.hear(udp.heard());
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::new());
@@ -515,7 +522,14 @@ impl Protection {
     /// goodbye only the sending direction is shut, so the secondary can
     /// still acknowledge what it received, reads the goodbye, and closes its
     /// end; a secondary must never mistake a clean stop for a lost primary.
-    pub(crate) fn close(mut self, reason: &str) {
+    pub(crate) fn close(self, reason: &str) {
+        self.close_holding(reason).open();
+    }
+
+    /// Closes like [`close`](Self::close) but keeps the output gate holding
+    /// what it holds: the caller releases it once the witness says this
+    /// side may run alone (or never).
+    pub(crate) fn close_holding(mut self, reason: &str) -> HeldOutput {
         self.work = None;
         self.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -535,8 +549,19 @@ impl Protection {
         sender.join();
         acks.join();
         self.udp.stop();
-        if let Some(gate) = self.shared.output.get() {
-            // Unprotected from here on: nothing more to wait for.
+        HeldOutput(self.shared.output.get().cloned())
+    }
+}
+
+/// The guest's output still held after a protection ended.
+#[must_use = "held output is released only by open()"]
+pub(crate) struct HeldOutput(Option<Arc<OutputCommit>>);
+
+impl HeldOutput {
+    /// Unprotected from here on: releases what is held, and lets later
+    /// output pass.
+    pub(crate) fn open(self) {
+        if let Some(gate) = self.0 {
             gate.open();
         }
     }

@@ -22,7 +22,10 @@ use understudy_vm::progress;
 use crate::output::OutputCommit;
 use crate::policy::wait_for_epoch;
 use crate::protection::Protection;
-use crate::{PrimaryError, PrimaryEvent, PrimaryOptions};
+use understudy_checkpoint::witness::Witness;
+
+use crate::fence::Fence;
+use crate::{Identity, PrimaryError, PrimaryEvent, PrimaryOptions};
 
 /// How long between attempts to reach a lost secondary again.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
@@ -34,6 +37,12 @@ pub struct RunOptions {
     pub primary: PrimaryOptions,
     /// This VM's identity for the secondary.
     pub vm_id: u64,
+    /// This process, as the witness knows it.
+    pub owner: u64,
+    /// The witness, if fencing is on (see [`crate::fence`]). Without it the
+    /// pair assumes crash-stop failures: a partition or a stalled host can
+    /// leave two copies running.
+    pub witness: Option<Witness>,
     /// The guest's output-commit gate, when it has a network.
     pub gate: Option<Arc<OutputCommit>>,
     /// With a gate: take the checkpoint early once the guest has sent
@@ -71,31 +80,42 @@ pub fn run(
     let deadline = options.duration.map(|duration| started + duration);
     let finished =
         || stop.load(Ordering::Relaxed) || deadline.is_some_and(|end| Instant::now() >= end);
+    let mut fence = match &options.witness {
+        Some(witness) => Some(Fence::claim(
+            witness.clone(),
+            options.vm_id,
+            options.owner,
+            stop,
+            &mut on_event,
+        )?),
+        None => None,
+    };
     let mut protected_before = false;
     while !finished() {
-        let mut protection = match Protection::connect(
-            vm,
-            options.primary.clone(),
-            options.vm_id,
-            Purpose::Replicate,
-        ) {
-            Ok(protection) => protection,
-            Err(error) if protected_before || started.elapsed() < options.connect_patience => {
-                // Unprotected (or not yet): the guest runs on; try again soon.
-                tracing::debug!("protection failed to start: {error}");
-                if let Some(reason) = guest_stopped(vm) {
-                    return Ok(RunEnd::GuestStopped(reason));
-                }
-                let pause = if protected_before {
-                    RECONNECT_INTERVAL
-                } else {
-                    Duration::from_millis(20)
-                };
-                std::thread::sleep(pause);
-                continue;
-            }
-            Err(error) => return Err(error),
+        let identity = Identity {
+            vm_id: options.vm_id,
+            owner: options.owner,
+            generation: fence.as_ref().map_or(0, Fence::next_generation),
         };
+        let mut protection =
+            match Protection::connect(vm, options.primary.clone(), identity, Purpose::Replicate) {
+                Ok(protection) => protection,
+                Err(error) if protected_before || started.elapsed() < options.connect_patience => {
+                    // Unprotected (or not yet): the guest runs on; try again soon.
+                    tracing::debug!("protection failed to start: {error}");
+                    if let Some(reason) = guest_stopped(vm) {
+                        return Ok(RunEnd::GuestStopped(reason));
+                    }
+                    let pause = if protected_before {
+                        RECONNECT_INTERVAL
+                    } else {
+                        Duration::from_millis(20)
+                    };
+                    std::thread::sleep(pause);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
         if let Some(gate) = &options.gate {
             protection.commit_output(gate.clone());
         }
@@ -106,23 +126,44 @@ pub fn run(
             .and_then(|synchronised| {
                 on_event(synchronised);
                 protected_before = true;
+                if let Some(fence) = &mut fence {
+                    fence.in_sync(&mut on_event)?;
+                }
                 protect(vm, &mut protection, options, stop, deadline, &mut on_event)
             });
         for event in protection.events() {
             on_event(event);
         }
-        protection.close("the primary is stopping");
         match outcome {
-            Ok(end) => return Ok(end),
+            Ok(end) => {
+                // A clean stop: the secondary hears Goodbye and stands down.
+                protection.close("the primary is stopping");
+                return Ok(end);
+            }
             Err(PrimaryError::SecondaryLost(reason)) if protected_before => {
+                let held = protection.close_holding("the primary lost its secondary");
                 tracing::warn!(
                     "the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
                      trying {} again every second",
                     options.primary.secondary
                 );
                 on_event(PrimaryEvent::SecondaryLost { reason });
+                if let Some(fence) = &mut fence {
+                    // Output stays held unless this side wins the witness:
+                    // the secondary may have taken over.
+                    fence.go_solo(stop, &mut on_event)?;
+                }
+                held.open();
             }
-            Err(error) => return Err(error),
+            Err(error @ PrimaryError::Fenced(_)) => {
+                // Never release what is held: another copy runs the guest.
+                drop(protection.close_holding("this copy is fenced off"));
+                return Err(error);
+            }
+            Err(error) => {
+                protection.close("the primary is stopping");
+                return Err(error);
+            }
         }
     }
     Ok(RunEnd::Stopped)

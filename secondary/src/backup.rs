@@ -18,6 +18,7 @@ use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::{PAGE_SIZE, Vm, VmConfig, usize_from};
 
+use crate::fence::SyncedWith;
 use crate::{ConnectionError, Failover, SecondaryError};
 
 /// Committed epochs whose output a takeover sends again: as many as the
@@ -94,6 +95,8 @@ impl Staging {
 /// A backup VM, created from a primary's `Hello`.
 pub(crate) struct Backup {
     vm: Vm,
+    /// The primary this backup is in sync with.
+    synced_with: SyncedWith,
     committed: Option<(u64, VmState)>,
     /// Frames the guest received in epochs not committed yet, in order.
     pub input_log: InputLog,
@@ -108,10 +111,20 @@ impl Backup {
     pub fn create(hello: &Hello) -> Result<Self, SecondaryError> {
         Ok(Self {
             vm: Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))?,
+            synced_with: SyncedWith {
+                vm_id: hello.vm_id,
+                owner: hello.owner,
+                generation: hello.generation,
+            },
             committed: None,
             input_log: InputLog::default(),
             recent_output: VecDeque::new(),
         })
+    }
+
+    /// The primary this backup is in sync with.
+    pub fn synced_with(&self) -> SyncedWith {
+        self.synced_with
     }
 
     /// The backup VM's shape.
@@ -189,6 +202,7 @@ impl Backup {
     ) -> Result<Result<Failover, Backup>, SecondaryError> {
         let Backup {
             mut vm,
+            synced_with,
             committed,
             input_log,
             recent_output,
@@ -196,6 +210,7 @@ impl Backup {
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
                 vm,
+                synced_with,
                 committed: None,
                 input_log,
                 recent_output,
@@ -262,6 +277,8 @@ mod tests {
             vcpus: 1,
             guest_image_hash: understudy_vm::boot::guest_image_hash(),
             vm_id,
+            owner: 1,
+            generation: 0,
         }
     }
 

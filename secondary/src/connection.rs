@@ -258,6 +258,8 @@ mod tests {
             vcpus: 1,
             guest_image_hash: understudy_vm::boot::guest_image_hash(),
             vm_id: 7,
+            owner: 1,
+            generation: 0,
         }
     }
 

@@ -38,6 +38,7 @@
 
 mod backup;
 mod connection;
+mod fence;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -55,6 +56,8 @@ use understudy_vm::{Vm, VmError};
 
 use backup::Backup;
 use connection::{Ended, serve_connection};
+use fence::{SyncedWith, Verdict, may_take_over};
+use understudy_checkpoint::witness::Witness;
 
 /// A secondary that cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,12 @@ pub enum SecondaryEvent {
         /// Why.
         reason: String,
     },
+    /// The witness could not decide whether this side may take over; the
+    /// guest stays paused while it is asked again.
+    WitnessWaiting {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A guest resumed after its primary was lost.
@@ -205,6 +214,11 @@ pub struct SecondaryOptions {
     /// Fault injection for tests and drills: wait this long before each
     /// acknowledgement after epoch 0's (a slow secondary).
     pub ack_delay: Duration,
+    /// The witness, if fencing is on: a takeover must win its test-and-set
+    /// first. Without it, a lost primary is assumed dead (crash-stop).
+    pub witness: Option<Witness>,
+    /// This process, as the witness knows it.
+    pub instance: u64,
 }
 
 /// Serves primaries until one is lost after committing an epoch; then
@@ -265,6 +279,13 @@ pub fn serve(
             &mut report,
         ) {
             Ok(Ended::Lost { last_heard, reason }) => {
+                if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
+                    && let Verdict::Stale(why) =
+                        may_take_over(witness, synced, options.instance, stop, &mut report)
+                {
+                    report(&SecondaryEvent::Disconnected { reason: why });
+                    continue;
+                }
                 if let Some(failover) = take_over(
                     &mut backup,
                     last_heard,
@@ -313,6 +334,13 @@ pub(crate) fn anyhow_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The primary a backup with a committed epoch was in sync with.
+fn in_sync(slot: &Option<Backup>) -> Option<SyncedWith> {
+    slot.as_ref()
+        .filter(|backup| backup.committed_epoch().is_some())
+        .map(Backup::synced_with)
 }
 
 /// Resumes the backup in `slot` from its last committed epoch, if it has one.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::bail;
 use serde_json::json;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
+use understudy_checkpoint::witness::Witness;
 use understudy_compress::CodecSpec;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
@@ -46,6 +47,31 @@ impl HeartbeatOptions {
             misses: self.heartbeat_misses.max(1),
             progress: self.progress_timeout,
         }
+    }
+}
+
+/// The witness options of both sides.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WitnessOptions {
+    /// An etcd endpoint (`http://HOST:2379`) of the witness that decides
+    /// which side may run the guest alone; repeat for each member of an
+    /// etcd cluster. Without it, a partition or a stalled host can leave
+    /// two copies running (the crash-stop assumption).
+    #[arg(long = "witness")]
+    endpoints: Vec<String>,
+}
+
+impl WitnessOptions {
+    /// The witness, or none (with the warning the failure model asks for).
+    pub fn witness(&self) -> Option<Witness> {
+        if self.endpoints.is_empty() {
+            eprintln!(
+                "WARNING: no --witness: failover assumes crash-stop failures; a partition or a \
+                 stalled host can leave two copies of the guest running"
+            );
+            return None;
+        }
+        Some(Witness::new(self.endpoints.clone()))
     }
 }
 
@@ -91,6 +117,8 @@ pub struct PrimaryArguments {
     #[command(flatten)]
     heartbeat: HeartbeatOptions,
     #[command(flatten)]
+    witness: WitnessOptions,
+    #[command(flatten)]
     vm: VmOptions,
 }
 
@@ -120,6 +148,8 @@ pub struct SecondaryArguments {
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    witness: WitnessOptions,
 }
 
 fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
@@ -198,6 +228,22 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
                 );
             }
         }
+        PrimaryEvent::Witness { state, generation } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "witness", "state": state, "generation": generation})
+                );
+            } else {
+                println!("witness: {state}, generation {generation}");
+            }
+        }
+        PrimaryEvent::WitnessWaiting { reason } => {
+            eprintln!("WAITING for the witness ({reason}); held output stays held");
+            if as_json {
+                println!("{}", json!({"event": "witness_waiting", "reason": reason}));
+            }
+        }
         PrimaryEvent::SecondaryLost { reason } => {
             eprintln!(
                 "WARNING: the secondary was lost ({reason}); the guest keeps running UNPROTECTED; \
@@ -240,6 +286,8 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             max_bandwidth: None,
         },
         vm_id: super::new_vm_id(),
+        owner: super::new_vm_id(),
+        witness: arguments.witness.witness(),
         gate: gate.clone(),
         output_epoch: arguments.output_epoch,
         duration: arguments.duration,
@@ -305,6 +353,8 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         verify: arguments.verify,
         tap: arguments.tap.clone(),
         ack_delay: arguments.ack_delay,
+        witness: arguments.witness.witness(),
+        instance: super::new_vm_id(),
     };
     if as_json {
         println!(
@@ -341,6 +391,14 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                     json!({"event": "committed", "epoch": epoch, "pages": pages,
                            "receive_us": receive.as_secs_f64() * 1e6})
                 );
+            }
+        }
+        SecondaryEvent::WitnessWaiting { reason } => {
+            eprintln!(
+                "WAITING for the witness before taking over ({reason}); the guest stays paused"
+            );
+            if as_json {
+                println!("{}", json!({"event": "witness_waiting", "reason": reason}));
             }
         }
         SecondaryEvent::Disconnected { reason } => {

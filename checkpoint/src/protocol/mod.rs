@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! primary                                   secondary
-//!   Hello {version, purpose, guest identity} ->
+//!   Hello {version, purpose, guest identity, owner, generation} ->
 //!                                           <- Welcome | Refuse {reason}
 //!   epoch 0: the initial copy (pre-copy rounds, while the guest runs)
 //!   EpochBegin                 (epoch 0)    ->
@@ -66,7 +66,7 @@ pub use receiver::{Action, Receiver, ReceiverState};
 pub use wire::{Envelope, Header, Sender, read_message};
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Most epochs a primary has sent without their acknowledgement before it
 /// waits: a slow secondary lengthens the epochs instead of letting held
 /// output and queued checkpoints grow without bound. A secondary keeps the
@@ -164,6 +164,12 @@ pub struct Hello {
     pub guest_image_hash: u64,
     /// Identifies this VM across reconnections.
     pub vm_id: u64,
+    /// The instance (process) that runs the guest: the witness record's
+    /// owner.
+    pub owner: u64,
+    /// The fencing token: the witness generation this pair will be in sync
+    /// at (0 without a witness).
+    pub generation: u64,
 }
 
 /// The end of an epoch: what the receiver should now hold.
@@ -275,6 +281,8 @@ struct HelloPayload {
     reserved: U32,
     guest_image_hash: U64,
     vm_id: U64,
+    owner: U64,
+    generation: U64,
 }
 
 /// `EpochEnd`'s payload, little-endian.
@@ -343,6 +351,8 @@ impl Message {
                 reserved: 0.into(),
                 guest_image_hash: hello.guest_image_hash.into(),
                 vm_id: hello.vm_id.into(),
+                owner: hello.owner.into(),
+                generation: hello.generation.into(),
             }
             .as_bytes()
             .to_vec(),
@@ -405,6 +415,8 @@ impl Message {
                     vcpus: hello.vcpus.get(),
                     guest_image_hash: hello.guest_image_hash.get(),
                     vm_id: hello.vm_id.get(),
+                    owner: hello.owner.get(),
+                    generation: hello.generation.get(),
                 })
             }
             MessageKind::Welcome => empty(Self::Welcome)?,

@@ -12,6 +12,8 @@ fn hello() -> Hello {
         vcpus: 2,
         guest_image_hash: 7,
         vm_id: 9,
+        owner: 1,
+        generation: 0,
     }
 }
 
