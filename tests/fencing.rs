@@ -150,3 +150,66 @@ fn a_secondary_whose_primary_went_solo_does_not_resume_its_stale_backup() {
     );
     assert!(primary_running, "the primary stopped: {seen:?}");
 }
+
+#[test]
+fn a_primary_that_does_not_own_the_vm_is_refused_at_hello() {
+    use understudy_checkpoint::protocol::{
+        Hello, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
+    };
+    use understudy_checkpoint::witness::{OwnerState, Record, Witness};
+
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: the witness says instance 1 owns VM 7; a secondary with it.
+    let etcd = start_etcd();
+    let witness = Witness::new(vec![etcd.url.clone()]);
+    let owner = Record {
+        vm_id: 7,
+        owner: 1,
+        state: OwnerState::Solo,
+        generation: 1,
+    };
+    assert!(witness.create(owner).expect("the record"));
+    let address = free_address();
+    let mut seen = Vec::new();
+    let (mut secondary, lines) = spawn_json(&[
+        "secondary",
+        "--listen",
+        &address,
+        "--witness",
+        &etcd.url,
+        "--json",
+    ]);
+    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+
+    // Act: instance 99 says Hello for VM 7 (a zombie, or a confused peer).
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        purpose: Purpose::Replicate,
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        guest_image_hash: understudy_vm::boot::guest_image_hash(),
+        vm_id: 7,
+        owner: 99,
+        generation: 2,
+    };
+    let bytes = Sender::new()
+        .encode(0, &Message::Hello(hello))
+        .expect("encodes");
+    std::io::Write::write_all(&mut stream, &bytes).expect("send Hello");
+    let answer = loop {
+        let envelope = read_message(&mut stream).expect("an answer");
+        if !matches!(envelope.message, Message::Heartbeat(_)) {
+            break envelope.message;
+        }
+    };
+
+    // Assert
+    let _ = secondary.kill();
+    let Message::Refuse(reason) = answer else {
+        panic!("the secondary accepted a primary the witness does not name: {answer:?}");
+    };
+    assert!(reason.contains("not its owner"), "{reason}");
+}

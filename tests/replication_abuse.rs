@@ -107,7 +107,7 @@ impl ScriptedPrimary {
 
     /// Sends a whole, valid epoch and waits for its acknowledgement.
     fn epoch(&mut self, epoch: u64, pages: &PageBatch, state: &[u8], memory_hash: Option<u64>) {
-        self.send(epoch, &Message::EpochBegin);
+        self.send(epoch, &Message::EpochBegin(0));
         let message = self.pages(pages);
         self.send(epoch, &message);
         self.send(epoch, &Message::State(state.to_vec()));
@@ -163,7 +163,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     // 1. A corrupted payload in epoch 1.
     let mut primary = ScriptedPrimary::connect(&address, 1);
     primary.epoch(0, &epoch0, &state, Some(memory_hash));
-    primary.send(1, &Message::EpochBegin);
+    primary.send(1, &Message::EpochBegin(0));
     let message = primary.pages(&poison());
     let mut corrupted = primary.bytes(1, &message);
     corrupted[HEADER_LEN + 60] ^= 0x01;
@@ -176,7 +176,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     // 2. A replayed message.
     let mut primary = ScriptedPrimary::connect(&address, 2);
     primary.epoch(0, &epoch0, &state, Some(memory_hash));
-    let begin = primary.bytes(1, &Message::EpochBegin);
+    let begin = primary.bytes(1, &Message::EpochBegin(0));
     primary.stream.write_all(&begin).expect("send");
     primary.stream.write_all(&begin).expect("send the replay");
     let Message::Goodbye(reason) = primary.receive() else {
@@ -187,7 +187,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     // 3. An epoch ended before its state arrived.
     let mut primary = ScriptedPrimary::connect(&address, 3);
     primary.epoch(0, &epoch0, &state, Some(memory_hash));
-    primary.send(1, &Message::EpochBegin);
+    primary.send(1, &Message::EpochBegin(0));
     let message = primary.pages(&poison());
     primary.send(1, &message);
     primary.send(
@@ -205,7 +205,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     // 4. A connection cut in the middle of epoch 1's pages.
     let mut primary = ScriptedPrimary::connect(&address, 4);
     primary.epoch(0, &epoch0, &state, Some(memory_hash));
-    primary.send(1, &Message::EpochBegin);
+    primary.send(1, &Message::EpochBegin(0));
     let message = primary.pages(&poison());
     let pages = primary.bytes(1, &message);
     primary
@@ -311,7 +311,7 @@ fn a_primary_that_dies_while_resynchronising_is_not_rolled_back() {
     first.send(0, &Message::Goodbye("secondary lost".to_owned()));
     drop(first);
     let mut again = ScriptedPrimary::connect(&address, 7);
-    again.send(0, &Message::EpochBegin);
+    again.send(0, &Message::EpochBegin(0));
     let message = again.pages(&epoch0);
     again.send(0, &message);
 

@@ -167,8 +167,9 @@ impl Protection {
             let events = events_sender.clone();
             let codec = options.codec;
             let limit = options.max_bandwidth;
+            let generation = identity.generation;
             Worker::spawn("sender", move || {
-                send_loop(&link, &codec, limit, &work, &shared, &events);
+                send_loop(&link, generation, &codec, limit, &work, &shared, &events);
             })
         };
         let acks = {

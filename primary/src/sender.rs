@@ -64,6 +64,7 @@ struct EpochCost {
 /// acknowledgement reader wakes too).
 pub(crate) fn send_loop(
     link: &LinkSender,
+    generation: u64,
     codec: &CodecSpec,
     limit: Option<f64>,
     work: &Receiver<Work>,
@@ -86,7 +87,7 @@ pub(crate) fn send_loop(
         Work::Sync(token) => Ok::<(), PrimaryError>(link.send(0, &Message::Sync(token))?),
         Work::Begin(epoch) => {
             sender.cost = EpochCost::default();
-            Ok(link.send(epoch, &Message::EpochBegin)?)
+            Ok(link.send(epoch, &Message::EpochBegin(generation))?)
         }
         Work::Pages(epoch, batch) => {
             sender.pages(epoch, batch)?;

@@ -30,8 +30,10 @@ use understudy_compress::{Decoder, PageBatch};
 use understudy_vm::memory;
 use understudy_vm::state::VmState;
 
+use understudy_checkpoint::witness::Witness;
+
 use crate::backup::{Backup, Staging};
-use crate::{ConnectionError, SecondaryEvent, anyhow_chain};
+use crate::{ConnectionError, SecondaryEvent, SecondaryOptions, anyhow_chain};
 
 pub(crate) enum Ended {
     /// A migration's last epoch was applied: the guest runs here now.
@@ -46,11 +48,11 @@ pub(crate) fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     udp: &UdpSocket,
-    heartbeat: HeartbeatPolicy,
-    ack_delay: Duration,
+    options: &SecondaryOptions,
     backup: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
+    let heartbeat = options.heartbeat;
     let write_half = stream.try_clone().map_err(ProtocolError::Io)?;
     let sender = LinkSender::new(write_half, heartbeat.progress).map_err(ProtocolError::Io)?;
     let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
@@ -63,7 +65,8 @@ pub(crate) fn serve_connection(
         udp,
         heartbeat,
         udp_heartbeats: None,
-        ack_delay,
+        ack_delay: options.ack_delay,
+        witness: options.witness.as_ref(),
     };
     let result = receive(&mut link, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
@@ -98,6 +101,7 @@ struct Connection<'a> {
     heartbeat: HeartbeatPolicy,
     udp_heartbeats: Option<Heartbeats>,
     ack_delay: Duration,
+    witness: Option<&'a Witness>,
 }
 
 fn receive(
@@ -117,7 +121,7 @@ fn receive(
             other => return Err(ConnectionError::BeforeHello(other.name())),
         }
     };
-    if let Err(reason) = check_hello(&hello) {
+    if let Err(reason) = check_hello(&hello).and_then(|()| check_owner(link.witness, &hello)) {
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the primary: {reason}")));
     }
@@ -205,6 +209,33 @@ fn receive_epochs(
             Action::Close(reason) => {
                 return Ok(Ended::Closed(format!("the primary left: {reason}")));
             }
+        }
+    }
+}
+
+/// With a witness: the primary must be the VM's owner, proposing the next
+/// generation (a zombie that was fenced off, or a confused peer, is
+/// refused). A witness that cannot answer now does not keep a pair from
+/// forming: a takeover asks it again.
+fn check_owner(witness: Option<&Witness>, hello: &Hello) -> Result<(), String> {
+    let Some(witness) = witness else {
+        return Ok(());
+    };
+    match witness.read(hello.vm_id) {
+        Ok(Some(found))
+            if found.record.owner == hello.owner
+                && found.record.generation + 1 == hello.generation =>
+        {
+            Ok(())
+        }
+        Ok(Some(found)) => Err(format!(
+            "the witness says instance {} owns VM {} at generation {}; this primary (instance {}, generation {}) is not its owner",
+            found.record.owner, hello.vm_id, found.record.generation, hello.owner, hello.generation
+        )),
+        Ok(None) => Err(format!("the witness has no record of VM {}", hello.vm_id)),
+        Err(error) => {
+            tracing::warn!(%error, "the witness cannot check this primary now; a takeover will ask it again");
+            Ok(())
         }
     }
 }

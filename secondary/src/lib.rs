@@ -269,15 +269,7 @@ pub fn serve(
         // state committed by an earlier connection is never resumed (that
         // primary may have run on unprotected since).
         let mut backup: Option<Backup> = None;
-        match serve_connection(
-            stream,
-            peer,
-            &udp,
-            options.heartbeat,
-            options.ack_delay,
-            &mut backup,
-            &mut report,
-        ) {
+        match serve_connection(stream, peer, &udp, &options, &mut backup, &mut report) {
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
                     && let Verdict::Stale(why) =

@@ -8,7 +8,7 @@
 //!   Hello {version, purpose, guest identity, owner, generation} ->
 //!                                           <- Welcome | Refuse {reason}
 //!   epoch 0: the initial copy (pre-copy rounds, while the guest runs)
-//!   EpochBegin                 (epoch 0)    ->
+//!   EpochBegin {generation}    (epoch 0)    ->
 //!   Pages {codec frame}        (epoch 0)    ->   repeated
 //!   State {vCPU and VM state}  (epoch 0)    ->   once
 //!   Output {frame}             (epoch 0)    ->   each frame the guest sent
@@ -135,6 +135,14 @@ pub enum ProtocolError {
         /// The receiver's state.
         state: String,
     },
+    /// An epoch of another fencing generation than the connection's.
+    #[error("an epoch of fencing generation {epoch} on a connection of generation {hello}")]
+    StaleGeneration {
+        /// The generation `Hello` carried.
+        hello: u64,
+        /// The epoch's.
+        epoch: u64,
+    },
     /// The peers cannot work together.
     #[error("the peer refused: {0}")]
     Refused(String),
@@ -191,8 +199,9 @@ pub enum Message {
     Welcome,
     /// Refuses it.
     Refuse(String),
-    /// Starts an epoch.
-    EpochBegin,
+    /// Starts an epoch, with the connection's fencing generation (the one
+    /// its `Hello` carried): a receiver refuses an epoch of another.
+    EpochBegin(u64),
     /// A codec frame of the epoch's pages.
     Pages(Vec<u8>),
     /// The encoded VM state at the epoch's checkpoint.
@@ -319,7 +328,7 @@ impl Message {
             Self::Hello(_) => MessageKind::Hello,
             Self::Welcome => MessageKind::Welcome,
             Self::Refuse(_) => MessageKind::Refuse,
-            Self::EpochBegin => MessageKind::EpochBegin,
+            Self::EpochBegin(_) => MessageKind::EpochBegin,
             Self::Pages(_) => MessageKind::Pages,
             Self::State(_) => MessageKind::State,
             Self::EpochEnd(_) => MessageKind::EpochEnd,
@@ -356,7 +365,7 @@ impl Message {
             }
             .as_bytes()
             .to_vec(),
-            Self::Welcome | Self::EpochBegin | Self::Ack => Vec::new(),
+            Self::Welcome | Self::Ack => Vec::new(),
             Self::Refuse(text) | Self::Goodbye(text) => truncated_text(text).as_bytes().to_vec(),
             Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) | Self::Output(bytes) => {
                 return Cow::Borrowed(bytes);
@@ -368,9 +377,10 @@ impl Message {
             }
             .as_bytes()
             .to_vec(),
-            Self::Heartbeat(clock) | Self::Sync(clock) | Self::Synced(clock) => {
-                U64::new(*clock).as_bytes().to_vec()
-            }
+            Self::Heartbeat(clock)
+            | Self::Sync(clock)
+            | Self::Synced(clock)
+            | Self::EpochBegin(clock) => U64::new(*clock).as_bytes().to_vec(),
         })
     }
 
@@ -421,7 +431,7 @@ impl Message {
             }
             MessageKind::Welcome => empty(Self::Welcome)?,
             MessageKind::Refuse => Self::Refuse(text(payload)?),
-            MessageKind::EpochBegin => empty(Self::EpochBegin)?,
+            MessageKind::EpochBegin => Self::EpochBegin(clock()?),
             MessageKind::Pages => Self::Pages(payload),
             MessageKind::State => Self::State(payload),
             MessageKind::EpochEnd => {

@@ -98,6 +98,8 @@ impl Action {
 pub struct Receiver {
     state: ReceiverState,
     next_sequence: u64,
+    /// The fencing generation `Hello` carried.
+    generation: u64,
 }
 
 impl Default for Receiver {
@@ -112,6 +114,7 @@ impl Receiver {
         Self {
             state: ReceiverState::AwaitingHello,
             next_sequence: 0,
+            generation: 0,
         }
     }
 
@@ -159,11 +162,22 @@ impl Receiver {
             (state, Message::Goodbye(reason)) if state != ReceiverState::Closed => {
                 (ReceiverState::Closed, Action::Close(reason))
             }
-            (ReceiverState::AwaitingHello, Message::Hello(hello)) => (
-                ReceiverState::BetweenEpochs { committed: None },
-                Action::Greet(hello),
-            ),
-            (ReceiverState::BetweenEpochs { committed }, Message::EpochBegin)
+            (ReceiverState::AwaitingHello, Message::Hello(hello)) => {
+                self.generation = hello.generation;
+                (
+                    ReceiverState::BetweenEpochs { committed: None },
+                    Action::Greet(hello),
+                )
+            }
+            (ReceiverState::BetweenEpochs { .. }, Message::EpochBegin(generation))
+                if generation != self.generation =>
+            {
+                return Err(ProtocolError::StaleGeneration {
+                    hello: self.generation,
+                    epoch: generation,
+                });
+            }
+            (ReceiverState::BetweenEpochs { committed }, Message::EpochBegin(_))
                 if epoch == committed.map_or(0, |c| c + 1) =>
             {
                 (

@@ -42,11 +42,33 @@ fn wire(messages: &[(u64, Message)]) -> Vec<Envelope> {
 
 fn one_epoch(epoch: u64) -> Vec<(u64, Message)> {
     vec![
-        (epoch, Message::EpochBegin),
+        (epoch, Message::EpochBegin(0)),
         (epoch, Message::Pages(vec![1, 2, 3])),
         (epoch, Message::State(vec![4, 5])),
         (epoch, Message::EpochEnd(end())),
     ]
+}
+
+#[test]
+fn an_epoch_of_another_generation_is_refused() {
+    let mut receiver = Receiver::new();
+    let mut sender = Sender::new();
+    let greeting = Hello {
+        generation: 5,
+        ..hello()
+    };
+    let mut accept = |message: Message| {
+        let bytes = sender.encode(0, &message).expect("encodes");
+        receiver.accept(read_message(&mut bytes.as_slice()).expect("reads"))
+    };
+    accept(Message::Hello(greeting)).expect("the greeting");
+
+    let stale = accept(Message::EpochBegin(4));
+
+    assert!(matches!(
+        stale,
+        Err(ProtocolError::StaleGeneration { hello: 5, epoch: 4 })
+    ));
 }
 
 #[test]
@@ -55,7 +77,7 @@ fn every_message_round_trips() {
         (0, Message::Hello(hello())),
         (0, Message::Welcome),
         (0, Message::Refuse("memory size differs".to_owned())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (0, Message::Pages(vec![9; 100])),
         (0, Message::State(vec![8; 10])),
         (0, Message::EpochEnd(end())),
@@ -128,7 +150,7 @@ fn replayed_message_is_refused() {
 fn epoch_end_without_state_is_refused() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (0, Message::Pages(vec![1])),
         (0, Message::EpochEnd(end())),
     ];
@@ -154,7 +176,7 @@ fn epoch_end_without_state_is_refused() {
 fn skipped_epoch_is_refused() {
     let mut messages = vec![(0, Message::Hello(hello()))];
     messages.extend(one_epoch(0));
-    messages.push((2, Message::EpochBegin));
+    messages.push((2, Message::EpochBegin(0)));
     let mut receiver = Receiver::new();
     let envelopes = wire(&messages);
     for envelope in &envelopes[..5] {
@@ -173,7 +195,7 @@ fn skipped_epoch_is_refused() {
 fn pages_from_another_epoch_are_refused() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (1, Message::Pages(vec![1])),
     ];
     let mut receiver = Receiver::new();
@@ -193,7 +215,7 @@ fn pages_from_another_epoch_are_refused() {
 fn sync_is_answered_inside_an_epoch() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (0, Message::Sync(42)),
     ];
     let mut receiver = Receiver::new();
@@ -214,7 +236,7 @@ fn sync_is_answered_inside_an_epoch() {
 fn input_frames_are_logged_with_their_epoch_inside_an_epoch() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (1, Message::Input(vec![7; 60])),
     ];
     let mut receiver = Receiver::new();
@@ -237,7 +259,7 @@ fn input_frames_are_logged_with_their_epoch_inside_an_epoch() {
 fn output_before_the_state_is_refused() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (0, Message::Output(vec![1; 60])),
     ];
     let mut receiver = Receiver::new();
@@ -254,7 +276,7 @@ fn output_before_the_state_is_refused() {
 fn output_after_the_state_is_staged() {
     let messages = vec![
         (0, Message::Hello(hello())),
-        (0, Message::EpochBegin),
+        (0, Message::EpochBegin(0)),
         (0, Message::State(vec![1])),
         (0, Message::Output(vec![2; 60])),
     ];
@@ -284,7 +306,7 @@ fn an_empty_input_frame_is_malformed() {
 
 #[test]
 fn anything_before_hello_is_refused() {
-    let envelopes = wire(&[(0, Message::EpochBegin)]);
+    let envelopes = wire(&[(0, Message::EpochBegin(0))]);
 
     let result = Receiver::new().accept(envelopes[0].clone());
 
