@@ -148,6 +148,11 @@ pub enum ConnectionError {
 /// What the secondary reports as it goes.
 #[derive(Debug)]
 pub enum SecondaryEvent {
+    /// The listening sockets are bound: primaries can connect.
+    Listening {
+        /// The address.
+        address: SocketAddr,
+    },
     /// A primary connected and was accepted.
     Connected {
         /// Its address.
@@ -249,6 +254,9 @@ pub fn serve(
         .map(Tap::open)
         .transpose()?
         .map(Arc::new);
+    report(&SecondaryEvent::Listening {
+        address: options.listen,
+    });
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,

@@ -356,15 +356,17 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         witness: arguments.witness.witness(),
         instance: super::new_vm_id(),
     };
-    if as_json {
-        println!(
-            "{}",
-            json!({"event": "listening", "address": arguments.listen.to_string()})
-        );
-    } else {
-        println!("waiting for a primary on {}", arguments.listen);
-    }
     let failover = understudy_secondary::serve(options, &stop, |event| match event {
+        SecondaryEvent::Listening { address } => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"event": "listening", "address": address.to_string()})
+                );
+            } else {
+                println!("waiting for a primary on {address}");
+            }
+        }
         SecondaryEvent::Connected { peer, hello } => {
             if as_json {
                 println!(
