@@ -25,6 +25,25 @@
 //! the witness does not guess: it waits (the primary keeps its output held,
 //! the secondary keeps the guest paused) and says so.
 //!
+//! The cases:
+//! - *Primary crashes*: the secondary wins (the record is `in_sync`) and
+//!   resumes.
+//! - *Secondary crashes*: the primary wins and releases its held output.
+//! - *Partition of the replication link*: both try from the same revision;
+//!   one wins. If the secondary wins, the primary (which can still reach
+//!   the witness) stops, fenced; if the primary wins, the secondary finds
+//!   `solo` and does not resume.
+//! - *Primary stalls* (SIGSTOP, a long pause) past the heartbeat timeout:
+//!   the secondary wins and resumes; the primary wakes, loses its
+//!   secondary, finds the record taken and stops without releasing output.
+//! - *Secondary stalls*: the primary wins and runs on alone; the secondary
+//!   wakes, finds `solo`, and does not resume.
+//! - *Witness down*: nothing changes while the pair is healthy; a side
+//!   that needs it waits (reporting) until it answers again.
+//! - *A zombie primary reconnects*: the secondary refuses its `Hello` (the
+//!   witness names another owner or generation); and a takeover could only
+//!   resume state in sync with the record's owner and generation.
+//!
 //! The client speaks etcd v3's JSON gateway (`POST /v3/kv/range`,
 //! `/v3/kv/txn`, keys and values in base64) over plain HTTP/1.1 on each of
 //! the given endpoints in turn, so no code generation or protoc is needed.
