@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 
 fn start_etcd() -> Etcd {
     require_program("etcd", "etcd-server");
-    Etcd::start("127.0.0.1", free_port(), &[]).unwrap_or_else(|error| panic!("{error:#}"))
+    Etcd::start("127.0.0.1", free_port()).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 fn signal(child: &std::process::Child, signal: libc::c_int) {

@@ -104,12 +104,75 @@ fn the_demo_ends_with_a_passing_verdict() {
     assert!(verdict.starts_with("VERDICT: PASS"), "{printed}");
 }
 
+/// Runs `understudy drill --failure KIND` for two rounds with the witness
+/// and returns its summary.
+fn fencing_drill(kind: &str) -> serde_json::Value {
+    require_program("etcd", "etcd-server");
+    let output = common::understudy(&[
+        "drill",
+        "--failure",
+        kind,
+        "--rounds",
+        "2",
+        "--benchmark-clients",
+        "0",
+        "--json",
+    ]);
+    let lines = json_lines(&output);
+    assert!(
+        output.status.success(),
+        "the {kind} drill failed: {lines:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    event(&lines, "summary")
+}
+
+#[test]
+fn a_partition_leaves_one_copy_and_loses_nothing() {
+    if !require_kvm() {
+        return;
+    }
+
+    let summary = fencing_drill("partition");
+
+    assert_eq!(summary["two_copies"], 0, "{summary}");
+    assert_eq!(summary["lost_writes"], 0, "{summary}");
+    assert_eq!(summary["resets"], 0, "{summary}");
+}
+
+#[test]
+fn a_stalled_primary_leaves_one_copy_and_loses_nothing() {
+    if !require_kvm() {
+        return;
+    }
+
+    let summary = fencing_drill("stall-primary");
+
+    assert_eq!(summary["two_copies"], 0, "{summary}");
+    assert_eq!(summary["lost_writes"], 0, "{summary}");
+    assert_eq!(summary["resets"], 0, "{summary}");
+}
+
+#[test]
+fn a_stalled_secondary_leaves_one_copy_and_loses_nothing() {
+    if !require_kvm() {
+        return;
+    }
+
+    let summary = fencing_drill("stall-secondary");
+
+    assert_eq!(summary["two_copies"], 0, "{summary}");
+    assert_eq!(summary["lost_writes"], 0, "{summary}");
+    assert_eq!(summary["resets"], 0, "{summary}");
+}
+
 #[test]
 fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     if !require_kvm() {
         return;
     }
     require_program("redis-benchmark", "redis-tools");
+    require_program("etcd", "etcd-server");
 
     let output = common::understudy(&["drill", "--rounds", "3", "--json"]);
 
@@ -124,6 +187,7 @@ fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     assert_eq!(summary["failed"], 0, "{lines:?}");
     assert_eq!(summary["lost_writes"], 0, "{lines:?}");
     assert_eq!(summary["resets"], 0, "{lines:?}");
+    assert_eq!(summary["two_copies"], 0, "{lines:?}");
 }
 
 /// Runs `redis-cli -h 10.0.0.10 ARGS` in `namespace` until it prints

@@ -5,7 +5,7 @@ use understudy_checkpoint::witness::{OwnerState, Record, Witness, WitnessError};
 use understudy_lab::etcd::Etcd;
 
 fn etcd(port: u16) -> Etcd {
-    Etcd::start("127.0.0.1", port, &[]).unwrap_or_else(|error| panic!("{error:#}"))
+    Etcd::start("127.0.0.1", port).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 fn free_port() -> u16 {

@@ -19,9 +19,23 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd listening for clients on `host:client_port` (peers on
-    /// `client_port + 1`), through `wrap` (e.g. `ip netns exec NS`) if given.
-    pub fn start(host: &str, client_port: u16, wrap: &[&str]) -> anyhow::Result<Self> {
+    /// Starts etcd on this host, listening for clients on
+    /// `host:client_port` (peers on `client_port + 1`).
+    pub fn start(host: &str, client_port: u16) -> anyhow::Result<Self> {
+        let address = format!("{host}:{client_port}");
+        Self::start_wrapped(host, client_port, &[], || {
+            std::net::TcpStream::connect(&address).is_ok()
+        })
+    }
+
+    /// Starts etcd through `wrap` (e.g. `ip netns exec NS`); `ready` says
+    /// when it accepts clients (from wherever they are).
+    pub fn start_wrapped(
+        host: &str,
+        client_port: u16,
+        wrap: &[&str],
+        ready: impl Fn() -> bool,
+    ) -> anyhow::Result<Self> {
         require_tool("etcd", "etcd-server")?;
         let data = std::env::temp_dir().join(format!(
             "understudy-etcd-{}-{client_port}",
@@ -59,18 +73,17 @@ impl Etcd {
             .spawn()
             .context("cannot start etcd")?;
         let mut etcd = Self { child, data, url };
-        etcd.wait_ready()?;
+        etcd.wait_ready(ready)?;
         Ok(etcd)
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    fn wait_ready(&mut self, ready: impl Fn() -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let address = self.url.trim_start_matches("http://").to_owned();
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 bail!("etcd exited at start: {status}");
             }
-            if std::net::TcpStream::connect(&address).is_ok() {
+            if ready() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

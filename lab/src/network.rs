@@ -39,6 +39,14 @@ pub const GUEST_PORT: u16 = 6379;
 pub const CLIENT_IP: &str = "10.0.0.1";
 /// The secondary's replication address.
 pub const SECONDARY_LISTEN: &str = "10.0.0.3:7000";
+/// The primary host's address.
+pub const PRIMARY_IP: &str = "10.0.0.2";
+/// The secondary host's address.
+pub const SECONDARY_IP: &str = "10.0.0.3";
+/// The witness host's address.
+pub const WITNESS_IP: &str = "10.0.0.4";
+/// The witness's client port.
+pub const WITNESS_PORT: u16 = 2379;
 
 /// The VM options of the lab's guest: `kv` at [`GUEST_IP`] on the host's tap.
 pub fn guest_vm_arguments() -> Vec<String> {
@@ -134,6 +142,32 @@ impl Process {
                 return Ok((value, line.at));
             }
         }
+    }
+
+    /// The next JSON line already printed that `wanted` accepts, without
+    /// waiting; lines before it are passed over.
+    pub fn poll_event(
+        &mut self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<(serde_json::Value, Instant)> {
+        while let Ok(line) = self.lines.try_recv() {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line.text)
+                && wanted(&value)
+            {
+                return Some((value, line.at));
+            }
+        }
+        None
+    }
+
+    /// Sends `signal` to the process (SIGSTOP, SIGCONT: a stalled host).
+    pub fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("a process id out of range")?;
+        // SAFETY: a signal to our own child process.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot signal a lab process");
+        }
+        Ok(())
     }
 
     /// Kills the process with SIGKILL now (a host failure) and reaps it.
@@ -319,6 +353,8 @@ pub enum Host {
     Primary,
     /// Runs the secondary.
     Secondary,
+    /// Runs the witness (etcd).
+    Witness,
 }
 
 impl Host {
@@ -327,6 +363,7 @@ impl Host {
             Host::Client => "c",
             Host::Primary => "p",
             Host::Secondary => "s",
+            Host::Witness => "x",
         }
     }
 }
@@ -336,6 +373,7 @@ pub struct Lab {
     client: Namespace,
     primary: Namespace,
     secondary: Namespace,
+    witness: Namespace,
     switch: Namespace,
     /// Where child processes' standard error goes.
     pub logs: PathBuf,
@@ -350,6 +388,7 @@ impl Lab {
             client: make(Host::Client.suffix())?,
             primary: make(Host::Primary.suffix())?,
             secondary: make(Host::Secondary.suffix())?,
+            witness: make(Host::Witness.suffix())?,
             logs: std::env::temp_dir()
                 .join(format!("understudy-lab-{}-{round}", std::process::id())),
         };
@@ -364,6 +403,7 @@ impl Lab {
             Host::Client => &self.client,
             Host::Primary => &self.primary,
             Host::Secondary => &self.secondary,
+            Host::Witness => &self.witness,
         }
     }
 
@@ -371,7 +411,7 @@ impl Lab {
         let switch = &self.switch;
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
-        for host in [Host::Client, Host::Primary, Host::Secondary] {
+        for host in [Host::Client, Host::Primary, Host::Secondary, Host::Witness] {
             let inside = format!("{}0", host.suffix());
             let port = format!("v{}", host.suffix());
             ip(&[
@@ -393,6 +433,9 @@ impl Lab {
         self.client
             .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"])?;
         self.client.ip(&["link", "set", "c0", "up"])?;
+        self.witness
+            .ip(&["addr", "add", &format!("{WITNESS_IP}/24"), "dev", "x0"])?;
+        self.witness.ip(&["link", "set", "x0", "up"])?;
         for (host, address) in [
             (Host::Primary, "10.0.0.2/24"),
             (Host::Secondary, "10.0.0.3/24"),
@@ -431,6 +474,65 @@ impl Lab {
     pub fn isolate(&self, host: Host) -> anyhow::Result<()> {
         let port = format!("v{}", host.suffix());
         self.switch.ip(&["link", "set", &port, "down"])
+    }
+
+    /// Cuts the replication link only: the primary and secondary hosts can
+    /// no longer reach each other (blackhole routes both ways), while the
+    /// client still reaches the guest and both reach the witness.
+    pub fn cut_replication(&self) -> anyhow::Result<()> {
+        self.primary
+            .ip(&["route", "add", "blackhole", &format!("{SECONDARY_IP}/32")])?;
+        self.secondary
+            .ip(&["route", "add", "blackhole", &format!("{PRIMARY_IP}/32")])
+    }
+
+    /// Frames the guest on `host` has sent out of its tap so far (the tap's
+    /// receive counter on the host side).
+    pub fn guest_frames_out(&self, host: Host) -> anyhow::Result<u64> {
+        let output = self
+            .host(host)
+            .command("cat")
+            .arg("/sys/class/net/tap0/statistics/rx_packets")
+            .output()
+            .context("cannot read the tap's counters")?;
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .context("the tap's counter is not a number")
+    }
+
+    /// Starts the witness (etcd) on the witness host; the hosts reach it at
+    /// [`Lab::witness_url`].
+    pub fn start_witness(&self) -> anyhow::Result<crate::etcd::Etcd> {
+        let address = std::net::SocketAddr::from(([10, 0, 0, 4], WITNESS_PORT));
+        crate::etcd::Etcd::start_wrapped(
+            WITNESS_IP,
+            WITNESS_PORT,
+            &["ip", "netns", "exec", self.witness.name()],
+            || self.reachable_from_client(address),
+        )
+    }
+
+    /// The witness's URL for the hosts.
+    pub fn witness_url() -> String {
+        format!("http://{WITNESS_IP}:{WITNESS_PORT}")
+    }
+
+    /// Whether `address` accepts TCP connections as seen from the client host.
+    pub fn reachable_from_client(&self, address: std::net::SocketAddr) -> bool {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter(Host::Client).is_ok()
+                        && std::net::TcpStream::connect_timeout(
+                            &address,
+                            Duration::from_millis(200),
+                        )
+                        .is_ok()
+                })
+                .join()
+                .unwrap_or(false)
+        })
     }
 
     /// The last `lines` lines of the standard error of the process `name`.

@@ -37,6 +37,9 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
         seed: arguments.seed.unwrap_or_else(clock_seed),
         failure: arguments.failure.into(),
         primary_arguments: Vec::new(),
+        // The demo needs nothing beyond a fresh machine: no etcd.
+        witness: false,
+        stall: Duration::from_secs(1),
     };
     let started = Instant::now();
     let say = |text: String| println!("[{:5.1} s] {text}", started.elapsed().as_secs_f64());
@@ -56,8 +59,8 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
         DrillEvent::Failed { after, .. } => say(format!(
             "the primary host FAILS ({}), {:.1} s into the client's writes",
             match options.failure {
-                drill::Failure::Sigkill => "its understudy process is killed with SIGKILL",
                 drill::Failure::Isolate => "its network port goes dark",
+                _ => "its understudy process is killed with SIGKILL",
             },
             after.as_secs_f64()
         )),

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use understudy_lab::drill::{self, DrillEvent, DrillOptions, DrillSummary, Failure, RoundResult};
+use understudy_lab::drill::{
+    self, DrillEvent, DrillOptions, DrillSummary, Failure, RoundResult, Survivor,
+};
 
 use super::{parse_duration, stop_flag};
 
@@ -36,11 +38,20 @@ pub struct DrillArguments {
     /// Print rounds and the summary as JSON lines.
     #[arg(long)]
     json: bool,
-    /// How the primary fails: `sigkill` (the process dies; its connections
-    /// close at once) or `isolate` (its host drops off the network; the
-    /// secondary notices only when heartbeats stop).
+    /// What fails: `sigkill` (the primary process dies; its connections
+    /// close at once), `isolate` (the primary host drops off the network;
+    /// the secondary notices only when heartbeats stop), `partition` (only
+    /// the replication link between the hosts fails), `stall-primary` or
+    /// `stall-secondary` (SIGSTOP for --stall, then SIGCONT).
     #[arg(long, value_enum, default_value_t = FailureArgument::Sigkill)]
     failure: FailureArgument,
+    /// How long a stalled process stays stopped.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    stall: Duration,
+    /// Run without a witness (the crash-stop assumption: partitions and
+    /// stalls can leave two copies, which the drill then reports).
+    #[arg(long)]
+    no_witness: bool,
     /// Extra arguments for the primary (e.g. --primary-arg=--output-epoch=0ms).
     #[arg(long = "primary-arg", allow_hyphen_values = true)]
     primary_args: Vec<String>,
@@ -53,6 +64,12 @@ pub enum FailureArgument {
     Sigkill,
     /// Take the primary host's switch port down.
     Isolate,
+    /// Cut the replication link only.
+    Partition,
+    /// SIGSTOP the primary, then SIGCONT.
+    StallPrimary,
+    /// SIGSTOP the secondary, then SIGCONT.
+    StallSecondary,
 }
 
 impl From<FailureArgument> for Failure {
@@ -60,6 +77,9 @@ impl From<FailureArgument> for Failure {
         match argument {
             FailureArgument::Sigkill => Failure::Sigkill,
             FailureArgument::Isolate => Failure::Isolate,
+            FailureArgument::Partition => Failure::Partition,
+            FailureArgument::StallPrimary => Failure::StallPrimary,
+            FailureArgument::StallSecondary => Failure::StallSecondary,
         }
     }
 }
@@ -93,6 +113,8 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
         seed: arguments.seed.unwrap_or_else(clock_seed),
         failure: arguments.failure.into(),
         primary_arguments: arguments.primary_args.clone(),
+        witness: !arguments.no_witness,
+        stall: arguments.stall,
     };
     if arguments.json {
         println!(
@@ -138,13 +160,17 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
                 "lost_writes": result.lost_writes, "repeated_replies": result.repeated_replies,
                 "resets": result.resets, "unanswered": result.unanswered,
                 "verified": result.verified, "benchmark_failure": result.benchmark_failure,
+                "survivor": result.survivor.map(survivor_name),
+                "loser_frames": result.loser_frames,
             })
         );
     } else {
         println!(
-            "round {round}: {} — primary failed {:.0} ms in; guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {}{}",
+            "round {round}: {} — failure {:.0} ms in; the {} ran the guest after it ({} frames from the other copy); guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {}{}",
             if result.passed() { "PASS" } else { "FAIL" },
             result.fail_after.as_secs_f64() * 1e3,
+            result.survivor.map_or("nobody", survivor_name),
+            result.loser_frames,
             result.failover.as_secs_f64() * 1e3,
             result.outage.as_secs_f64() * 1e3,
             result.incr_acked,
@@ -160,6 +186,13 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
     }
 }
 
+fn survivor_name(survivor: Survivor) -> &'static str {
+    match survivor {
+        Survivor::Primary => "primary",
+        Survivor::Secondary => "secondary",
+    }
+}
+
 fn report_summary(summary: &DrillSummary, as_json: bool) {
     if as_json {
         println!(
@@ -167,17 +200,19 @@ fn report_summary(summary: &DrillSummary, as_json: bool) {
             json!({"event": "summary", "rounds": summary.rounds, "failed": summary.failed,
                    "outage_median_ms": summary.outage_median.as_secs_f64() * 1e3,
                    "outage_worst_ms": summary.outage_worst.as_secs_f64() * 1e3,
-                   "lost_writes": summary.lost_writes, "resets": summary.resets})
+                   "lost_writes": summary.lost_writes, "resets": summary.resets,
+                   "two_copies": summary.two_copies})
         );
     } else {
         println!(
-            "summary: {} round(s), {} failed; client outage median {:.0} ms, worst {:.0} ms; {} acknowledged writes lost, {} connections reset",
+            "summary: {} round(s), {} failed; client outage median {:.0} ms, worst {:.0} ms; {} acknowledged writes lost, {} connections reset, {} rounds with two copies",
             summary.rounds,
             summary.failed,
             summary.outage_median.as_secs_f64() * 1e3,
             summary.outage_worst.as_secs_f64() * 1e3,
             summary.lost_writes,
-            summary.resets
+            summary.resets,
+            summary.two_copies
         );
     }
 }

@@ -119,7 +119,7 @@ impl Sender {
     }
 }
 
-/// Reads one message (no sequence or state checks: see [`Receiver`]).
+/// Reads one message (no sequence or state checks: see [`Receiver`](super::Receiver)).
 pub fn read_message(reader: &mut impl Read) -> Result<Envelope, ProtocolError> {
     let mut header = Header::new_zeroed();
     reader.read_exact(header.as_mut_bytes())?;

@@ -43,6 +43,14 @@ pub enum Failure {
     /// Take the primary host's switch port down: nobody is told, the
     /// secondary notices only when heartbeats stop.
     Isolate,
+    /// The replication link between the hosts fails; clients still reach
+    /// the primary host, and both hosts the witness.
+    Partition,
+    /// The primary process stops (SIGSTOP) for the drill's stall time, then
+    /// goes on (SIGCONT): a zombie that must not release output.
+    StallPrimary,
+    /// The secondary process stops for the stall time, then goes on.
+    StallSecondary,
 }
 
 impl Failure {
@@ -51,8 +59,20 @@ impl Failure {
         match self {
             Failure::Sigkill => "sigkill",
             Failure::Isolate => "isolate",
+            Failure::Partition => "partition",
+            Failure::StallPrimary => "stall-primary",
+            Failure::StallSecondary => "stall-secondary",
         }
     }
+}
+
+/// Which side ran the guest after the failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Survivor {
+    /// The primary went on (alone).
+    Primary,
+    /// The secondary took over.
+    Secondary,
 }
 
 /// How a drill runs.
@@ -78,6 +98,10 @@ pub struct DrillOptions {
     pub failure: Failure,
     /// Extra arguments for the primary.
     pub primary_arguments: Vec<String>,
+    /// Run a witness (etcd on a host of its own) and give it to both sides.
+    pub witness: bool,
+    /// How long a stalled process stays stopped.
+    pub stall: Duration,
 }
 
 /// What a drill reports as it goes.
@@ -136,6 +160,11 @@ pub struct RoundResult {
     pub unanswered: u64,
     /// Whether the writes could be read back (not after a reset).
     pub verified: bool,
+    /// Which side ran the guest after the failure, if one did.
+    pub survivor: Option<Survivor>,
+    /// Frames the other side's guest sent out after the survivor took
+    /// over: anything but 0 means two copies released output.
+    pub loser_frames: u64,
     /// How redis-benchmark failed, if it did.
     pub benchmark_failure: Option<String>,
 }
@@ -161,6 +190,8 @@ impl RoundResult {
     /// Whether the round passed every check.
     pub fn passed(&self) -> bool {
         self.verified
+            && self.loser_frames == 0
+            && self.survivor.is_some()
             && self.lost_writes == 0
             && self.repeated_replies == 0
             && self.resets == 0
@@ -184,6 +215,8 @@ pub struct DrillSummary {
     pub lost_writes: u64,
     /// Connections reset, all rounds.
     pub resets: u64,
+    /// Rounds in which both copies released output after the failure.
+    pub two_copies: usize,
 }
 
 impl DrillSummary {
@@ -198,6 +231,10 @@ impl DrillSummary {
             outage_worst: outages.last().copied().unwrap_or_default(),
             lost_writes: results.iter().map(|result| result.lost_writes).sum(),
             resets: results.iter().map(|result| result.resets).sum(),
+            two_copies: results
+                .iter()
+                .filter(|result| result.loser_frames > 0)
+                .count(),
         }
     }
 }
@@ -321,12 +358,23 @@ fn run_round(
     on_event: &mut impl FnMut(DrillEvent<'_>),
 ) -> anyhow::Result<RoundResult> {
     let lab = Arc::new(Lab::build(round)?);
+    let witness = if options.witness {
+        Some(lab.start_witness()?)
+    } else {
+        None
+    };
+    let fencing: Vec<String> = witness
+        .iter()
+        .flat_map(|_| ["--witness".to_owned(), Lab::witness_url()])
+        .collect();
+    let mut primary_arguments = fencing.clone();
+    primary_arguments.extend_from_slice(&options.primary_arguments);
     let (mut secondary, mut primary) = start_protected(
         &lab,
         &options.program,
         options.epoch,
-        &[],
-        &options.primary_arguments,
+        &fencing,
+        &primary_arguments,
     )?;
     on_event(DrillEvent::Protected { round });
     let writer_stop = Arc::new(AtomicBool::new(false));
@@ -356,18 +404,39 @@ fn run_round(
     match options.failure {
         Failure::Sigkill => primary.kill()?,
         Failure::Isolate => lab.isolate(Host::Primary)?,
+        Failure::Partition => lab.cut_replication()?,
+        Failure::StallPrimary => primary.signal(libc::SIGSTOP)?,
+        Failure::StallSecondary => secondary.signal(libc::SIGSTOP)?,
     }
     on_event(DrillEvent::Failed {
         round,
         after: failed_at - started,
     });
-    let resumed = secondary.wait_event("resumed", Duration::from_secs(10));
-    if let Ok((resumed, _)) = &resumed {
+    let outcome = first_survivor(
+        &mut primary,
+        &mut secondary,
+        options,
+        Duration::from_secs(15),
+    );
+    if let Some((_, line, _)) = &outcome
+        && line["event"] == "resumed"
+    {
         on_event(DrillEvent::Resumed {
             round,
-            epoch: resumed["epoch"].as_u64().unwrap_or_default(),
-            failover: failover_of(resumed),
+            epoch: line["epoch"].as_u64().unwrap_or_default(),
+            failover: failover_of(line),
         });
+    }
+    // The survivor's moment, and what the other side's guest had sent by then.
+    let loser = outcome.as_ref().map(|(survivor, _, _)| match survivor {
+        Survivor::Primary => Host::Secondary,
+        Survivor::Secondary => Host::Primary,
+    });
+    let loser_frames_then = loser.map(|host| lab.guest_frames_out(host)).transpose()?;
+    match options.failure {
+        Failure::StallPrimary => primary.signal(libc::SIGCONT)?,
+        Failure::StallSecondary => secondary.signal(libc::SIGCONT)?,
+        _ => {}
     }
     let after = Instant::now();
     while after.elapsed() < options.run_after && !stop.load(Ordering::Relaxed) {
@@ -394,14 +463,54 @@ fn run_round(
                 lab.log_tail("secondary", 20)
             )
         })?;
-    let (resumed, _) = resumed.with_context(|| lab.log_tail("secondary", 20))?;
+    let loser_frames = match (loser, loser_frames_then) {
+        (Some(host), Some(then)) => lab.guest_frames_out(host)?.saturating_sub(then),
+        _ => 0,
+    };
     drop(secondary);
     drop(primary);
+    drop(witness);
     let mut result = log.result(failed_at);
-    result.failover = failover_of(&resumed);
+    if let Some((survivor, line, _)) = &outcome {
+        result.survivor = Some(*survivor);
+        if line["event"] == "resumed" {
+            result.failover = failover_of(line);
+        }
+    }
+    result.loser_frames = loser_frames;
     result.fail_after = fail_after;
     result.benchmark_failure = benchmark_failure;
     Ok(result)
+}
+
+/// Waits for the side that runs the guest after the failure: the secondary
+/// when it resumes; the primary when it goes on alone (with a witness: once
+/// the witness records it `solo`; without: once it reports the secondary
+/// lost). Returns which, the line that said so, and when.
+fn first_survivor(
+    primary: &mut Process,
+    secondary: &mut Process,
+    options: &DrillOptions,
+    timeout: Duration,
+) -> Option<(Survivor, serde_json::Value, Instant)> {
+    let deadline = Instant::now() + timeout;
+    let primary_alone = |line: &serde_json::Value| {
+        if options.witness {
+            line["event"] == "witness" && line["state"] == "solo"
+        } else {
+            line["event"] == "secondary_lost"
+        }
+    };
+    while Instant::now() < deadline {
+        if let Some((line, at)) = secondary.poll_event(|line| line["event"] == "resumed") {
+            return Some((Survivor::Secondary, line, at));
+        }
+        if let Some((line, at)) = primary.poll_event(primary_alone) {
+            return Some((Survivor::Primary, line, at));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
 }
 
 fn failover_of(resumed: &serde_json::Value) -> Duration {
