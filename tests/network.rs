@@ -167,6 +167,19 @@ fn a_stalled_secondary_leaves_one_copy_and_loses_nothing() {
 }
 
 #[test]
+fn nobody_takes_over_while_the_witness_is_down_and_the_secondary_does_once_it_is_back() {
+    if !require_kvm() {
+        return;
+    }
+
+    let summary = fencing_drill("witness-down");
+
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["two_copies"], 0, "{summary}");
+    assert_eq!(summary["lost_writes"], 0, "{summary}");
+}
+
+#[test]
 fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     if !require_kvm() {
         return;

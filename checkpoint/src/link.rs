@@ -174,6 +174,11 @@ impl LivenessReader {
         })
     }
 
+    /// Silence after which the peer is lost.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Counts the peer's UDP heartbeats as signs of life too.
     pub fn hear(&mut self, heard: Arc<Heard>) {
         self.heard = Some(heard);

@@ -13,6 +13,8 @@ use crate::tools::require_tool;
 /// A running etcd.
 pub struct Etcd {
     child: Child,
+    /// The whole command line (wrapper included), to start it again.
+    command: Vec<String>,
     data: PathBuf,
     /// Its client URL (`http://HOST:PORT`).
     pub url: String,
@@ -44,18 +46,14 @@ impl Etcd {
         let _ = std::fs::remove_dir_all(&data);
         let url = format!("http://{host}:{client_port}");
         let peer = format!("http://{host}:{}", client_port + 1);
-        let mut command = match wrap.split_first() {
-            Some((program, arguments)) => {
-                let mut command = Command::new(program);
-                command.args(arguments).arg("etcd");
-                command
-            }
-            None => Command::new("etcd"),
-        };
-        let child = command
-            .args(["--name", "witness", "--data-dir"])
-            .arg(&data)
-            .args([
+        let mut command: Vec<String> = wrap.iter().map(|part| (*part).to_owned()).collect();
+        command.extend(
+            [
+                "etcd",
+                "--name",
+                "witness",
+                "--data-dir",
+                &data.to_string_lossy(),
                 "--listen-client-urls",
                 &url,
                 "--advertise-client-urls",
@@ -66,15 +64,25 @@ impl Etcd {
                 &peer,
                 "--initial-cluster",
                 &format!("witness={peer}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start etcd")?;
-        let mut etcd = Self { child, data, url };
+            ]
+            .map(String::from),
+        );
+        let child = spawn(&command)?;
+        let mut etcd = Self {
+            child,
+            command,
+            data,
+            url,
+        };
         etcd.wait_ready(ready)?;
         Ok(etcd)
+    }
+
+    /// Starts it again after [`kill`](Self::kill), with the data it had.
+    pub fn restart(&mut self, ready: impl Fn() -> bool) -> anyhow::Result<()> {
+        self.kill();
+        self.child = spawn(&self.command)?;
+        self.wait_ready(ready)
     }
 
     fn wait_ready(&mut self, ready: impl Fn() -> bool) -> anyhow::Result<()> {
@@ -96,6 +104,17 @@ impl Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(command: &[String]) -> anyhow::Result<Child> {
+    let (program, arguments) = command.split_first().context("an empty etcd command")?;
+    Command::new(program)
+        .args(arguments)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start etcd")
 }
 
 impl Drop for Etcd {

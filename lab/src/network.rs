@@ -504,13 +504,17 @@ impl Lab {
     /// Starts the witness (etcd) on the witness host; the hosts reach it at
     /// [`Lab::witness_url`].
     pub fn start_witness(&self) -> anyhow::Result<crate::etcd::Etcd> {
-        let address = std::net::SocketAddr::from(([10, 0, 0, 4], WITNESS_PORT));
         crate::etcd::Etcd::start_wrapped(
             WITNESS_IP,
             WITNESS_PORT,
             &["ip", "netns", "exec", self.witness.name()],
-            || self.reachable_from_client(address),
+            || self.witness_reachable(),
         )
+    }
+
+    /// Whether the witness accepts connections (seen from the client host).
+    pub fn witness_reachable(&self) -> bool {
+        self.reachable_from_client(std::net::SocketAddr::from(([10, 0, 0, 4], WITNESS_PORT)))
     }
 
     /// The witness's URL for the hosts.

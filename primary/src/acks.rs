@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::time::Instant;
 
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{Message, ProtocolError};
@@ -22,6 +23,7 @@ pub(crate) fn ack_loop(
     stop: &AtomicBool,
 ) {
     let lose = |reason: String| shared.lose_link(link, reason);
+    let mut last_message = Instant::now();
     loop {
         let envelope = match reader.receive() {
             Ok(envelope) => envelope,
@@ -32,6 +34,19 @@ pub(crate) fn ack_loop(
                 return;
             }
         };
+        // The secondary speaks at least every heartbeat interval, and a
+        // silence of the timeout ends the read above with an error. A
+        // message that still comes after such a gap was waiting while this
+        // process was stopped (or starved): the secondary may have taken
+        // over meanwhile. Nothing read now may release output.
+        let gap = last_message.elapsed();
+        last_message = Instant::now();
+        if gap >= reader.timeout() {
+            lose(format!(
+                "this primary heard nothing for {gap:?} (it was stopped or starved): the secondary may have taken over"
+            ));
+            return;
+        }
         match envelope.message {
             Message::Ack => {
                 let epoch = envelope.epoch;

@@ -42,7 +42,9 @@ pub struct DrillArguments {
     /// close at once), `isolate` (the primary host drops off the network;
     /// the secondary notices only when heartbeats stop), `partition` (only
     /// the replication link between the hosts fails), `stall-primary` or
-    /// `stall-secondary` (SIGSTOP for --stall, then SIGCONT).
+    /// `stall-secondary` (SIGSTOP for --stall, then SIGCONT), `witness-down`
+    /// (the witness dies, then the primary; the witness returns after
+    /// --stall: nobody may take over meanwhile).
     #[arg(long, value_enum, default_value_t = FailureArgument::Sigkill)]
     failure: FailureArgument,
     /// How long a stalled process stays stopped.
@@ -70,6 +72,8 @@ pub enum FailureArgument {
     StallPrimary,
     /// SIGSTOP the secondary, then SIGCONT.
     StallSecondary,
+    /// Kill the witness, then the primary; the witness returns after --stall.
+    WitnessDown,
 }
 
 impl From<FailureArgument> for Failure {
@@ -80,6 +84,7 @@ impl From<FailureArgument> for Failure {
             FailureArgument::Partition => Failure::Partition,
             FailureArgument::StallPrimary => Failure::StallPrimary,
             FailureArgument::StallSecondary => Failure::StallSecondary,
+            FailureArgument::WitnessDown => Failure::WitnessDown,
         }
     }
 }

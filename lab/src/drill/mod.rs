@@ -51,6 +51,9 @@ pub enum Failure {
     StallPrimary,
     /// The secondary process stops for the stall time, then goes on.
     StallSecondary,
+    /// The witness dies, then the primary (SIGKILL); the witness comes
+    /// back after the stall time. Nobody may run the guest meanwhile.
+    WitnessDown,
 }
 
 impl Failure {
@@ -62,6 +65,7 @@ impl Failure {
             Failure::Partition => "partition",
             Failure::StallPrimary => "stall-primary",
             Failure::StallSecondary => "stall-secondary",
+            Failure::WitnessDown => "witness-down",
         }
     }
 }
@@ -358,7 +362,7 @@ fn run_round(
     on_event: &mut impl FnMut(DrillEvent<'_>),
 ) -> anyhow::Result<RoundResult> {
     let lab = Arc::new(Lab::build(round)?);
-    let witness = if options.witness {
+    let mut witness = if options.witness || options.failure == Failure::WitnessDown {
         Some(lab.start_witness()?)
     } else {
         None
@@ -407,6 +411,23 @@ fn run_round(
         Failure::Partition => lab.cut_replication()?,
         Failure::StallPrimary => primary.signal(libc::SIGSTOP)?,
         Failure::StallSecondary => secondary.signal(libc::SIGSTOP)?,
+        Failure::WitnessDown => {
+            if let Some(witness) = &mut witness {
+                witness.kill();
+            }
+            primary.kill()?;
+            // Nobody may take over without the witness: the secondary waits.
+            std::thread::sleep(options.stall);
+            if secondary
+                .poll_event(|line| line["event"] == "resumed")
+                .is_some()
+            {
+                bail!("the secondary resumed while the witness was down");
+            }
+            if let Some(witness) = &mut witness {
+                witness.restart(|| lab.witness_reachable())?;
+            }
+        }
     }
     on_event(DrillEvent::Failed {
         round,

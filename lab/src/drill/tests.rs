@@ -85,10 +85,26 @@ fn a_clean_round_passes() {
     let result = RoundResult {
         verified: true,
         incr_acked: 10,
+        survivor: Some(Survivor::Secondary),
         ..RoundResult::default()
     };
 
     assert!(result.passed());
+}
+
+#[test]
+fn a_round_where_the_other_copy_sent_output_fails() {
+    let result = RoundResult {
+        verified: true,
+        survivor: Some(Survivor::Secondary),
+        loser_frames: 4,
+        ..RoundResult::default()
+    };
+
+    let summary = DrillSummary::of(std::slice::from_ref(&result));
+
+    assert!(!result.passed());
+    assert_eq!(summary.two_copies, 1);
 }
 
 #[test]
@@ -103,6 +119,7 @@ fn the_summary_takes_the_median_and_worst_outage() {
     let round = |ms| RoundResult {
         outage: Duration::from_millis(ms),
         verified: true,
+        survivor: Some(Survivor::Primary),
         ..RoundResult::default()
     };
 
