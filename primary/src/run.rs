@@ -137,7 +137,14 @@ pub fn run(
         match outcome {
             Ok(end) => {
                 // A clean stop: the secondary hears Goodbye and stands down.
-                protection.close("the primary is stopping");
+                // With a witness, held output goes out only once this side
+                // owns the VM alone: a secondary that missed the goodbye
+                // could otherwise take over from an older epoch.
+                let held = protection.close_holding("the primary is stopping");
+                if let Some(fence) = &mut fence {
+                    fence.go_solo(stop, &mut on_event)?;
+                }
+                held.open();
                 return Ok(end);
             }
             Err(PrimaryError::SecondaryLost(reason)) if protected_before => {
