@@ -141,6 +141,18 @@ fn poison() -> PageBatch {
     batch
 }
 
+/// A real guest (booted, never run) and its encoded state: what a
+/// scripted primary's epoch 0 carries.
+fn guest() -> (Vm, Vec<u8>) {
+    let vm = Vm::boot(
+        VmConfig::new(MEMORY, 1),
+        &"counter".parse::<WorkloadSpec>().expect("workload"),
+    )
+    .expect("boot a VM");
+    let state = vm.capture_state().expect("capture").encode();
+    (vm, state)
+}
+
 #[test]
 fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     if !require_kvm() {
@@ -150,12 +162,7 @@ fn bad_messages_are_refused_and_a_torn_epoch_is_never_applied() {
     let address = free_address();
     let (mut secondary, lines) = spawn_secondary(&address);
     next_event(&lines, "listening");
-    let vm = Vm::boot(
-        VmConfig::new(MEMORY, 1),
-        &"counter".parse::<WorkloadSpec>().expect("workload"),
-    )
-    .expect("boot a VM");
-    let state = vm.capture_state().expect("capture").encode();
+    let (vm, state) = guest();
     let memory_hash = memory::hash(vm.memory()).expect("hash");
     let epoch0 = non_zero_pages(&vm);
 
@@ -268,12 +275,7 @@ fn a_bare_connection_after_a_clean_stop_resumes_nothing() {
     let address = free_address();
     let (mut secondary, lines) = spawn_listening_secondary(&address);
     next_event(&lines, "listening");
-    let vm = Vm::boot(
-        VmConfig::new(MEMORY, 1),
-        &"counter".parse::<WorkloadSpec>().expect("workload"),
-    )
-    .expect("boot a VM");
-    let state = vm.capture_state().expect("capture").encode();
+    let (vm, state) = guest();
     let mut primary = ScriptedPrimary::connect(&address, 7);
     primary.epoch(0, &non_zero_pages(&vm), &state, None);
     primary.send(0, &Message::Goodbye("stopping".to_owned()));
@@ -299,12 +301,7 @@ fn a_primary_that_dies_while_resynchronising_is_not_rolled_back() {
     let address = free_address();
     let (mut secondary, lines) = spawn_listening_secondary(&address);
     next_event(&lines, "listening");
-    let vm = Vm::boot(
-        VmConfig::new(MEMORY, 1),
-        &"counter".parse::<WorkloadSpec>().expect("workload"),
-    )
-    .expect("boot a VM");
-    let state = vm.capture_state().expect("capture").encode();
+    let (vm, state) = guest();
     let epoch0 = non_zero_pages(&vm);
     let mut first = ScriptedPrimary::connect(&address, 7);
     first.epoch(0, &epoch0, &state, None);
