@@ -88,6 +88,11 @@ impl Datagram {
     }
 }
 
+/// Nanoseconds since `origin` (a heartbeat's clock), saturating.
+pub(crate) fn nanos_since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// When the peer's heartbeats last arrived.
 #[derive(Debug)]
 pub struct Heard {
@@ -105,9 +110,7 @@ impl Heard {
     }
 
     fn mark(&self) {
-        let nanos = u64::try_from(self.origin.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let nanos = nanos_since(self.origin).max(1);
         self.last.fetch_max(nanos, Ordering::Relaxed);
     }
 
@@ -219,8 +222,7 @@ impl Heartbeats {
                     while !stop.load(Ordering::Relaxed) {
                         let target = *peer.lock().expect("no panics under this lock");
                         if let Some(target) = target {
-                            let clock =
-                                u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                            let clock = nanos_since(started);
                             // A lost datagram is what heartbeats are for.
                             let _ = socket.send_to(datagram(vm_id, clock).as_bytes(), target);
                         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::IntoBytes;
 
-use crate::heartbeat::{Heard, HeartbeatPolicy};
+use crate::heartbeat::{Heard, HeartbeatPolicy, nanos_since};
 use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
 
 /// The sending half: numbered messages, one writer at a time. Shutting
@@ -120,7 +120,7 @@ impl LinkSender {
                 while !stop.load(Ordering::Relaxed) {
                     let idle = sender.idle_for();
                     if idle >= policy.interval {
-                        let clock = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        let clock = nanos_since(started);
                         if sender.send(0, &Message::Heartbeat(clock)).is_err() {
                             return;
                         }

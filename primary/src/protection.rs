@@ -378,8 +378,7 @@ impl Protection {
         let Some(waiting_since) = self.shared.waiting_since() else {
             return Ok(());
         };
-        let idle = self.shared.last_progress().max(waiting_since).elapsed();
-        if idle > deadline {
+        if self.shared.idle_since(waiting_since) > deadline {
             return Err(self.no_progress(deadline));
         }
         Ok(())

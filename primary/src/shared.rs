@@ -38,6 +38,12 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// How long the secondary has made no progress, counting from `since`
+    /// at the earliest.
+    fn idle_since(&self, since: Instant) -> Duration {
+        self.progressed.max(since).elapsed()
+    }
+
     fn new() -> Self {
         Self {
             acknowledged: None,
@@ -158,9 +164,10 @@ impl Shared {
             .copied()
     }
 
-    /// When the secondary last made progress.
-    pub fn last_progress(&self) -> Instant {
-        self.progress().progressed
+    /// How long the secondary has made no progress, counting from `since`
+    /// at the earliest.
+    pub fn idle_since(&self, since: Instant) -> Duration {
+        self.progress().idle_since(since)
     }
 
     /// Blocks until `reached` holds; fails when the secondary is lost, or
@@ -182,8 +189,7 @@ impl Shared {
             if let Some(reason) = &progress.lost {
                 return Err(WaitFailed::Lost(reason.clone()));
             }
-            let idle = progress.progressed.max(started).elapsed();
-            let left = deadline.saturating_sub(idle);
+            let left = deadline.saturating_sub(progress.idle_since(started));
             if left.is_zero() {
                 return Err(WaitFailed::NoProgress(deadline));
             }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use understudy_lab::drill::{self, DrillEvent, DrillOptions, RoundResult};
 
-use super::drill::{FailureArgument, clock_seed, this_program};
-use super::stop_flag;
+use super::drill::{FailureArgument, this_program};
+use super::{clock_seed, stop_flag};
 
 /// Arguments of `understudy demo`.
 #[derive(clap::Args, Debug)]

@@ -9,7 +9,7 @@ use understudy_lab::drill::{
     self, DrillEvent, DrillOptions, DrillSummary, Failure, RoundResult, Survivor,
 };
 
-use super::{parse_duration, stop_flag};
+use super::{clock_seed, parse_duration, stop_flag};
 
 /// Arguments of `understudy drill`.
 #[derive(clap::Args, Debug)]
@@ -93,15 +93,6 @@ impl From<FailureArgument> for Failure {
 pub fn this_program() -> anyhow::Result<String> {
     let program = std::env::current_exe().context("cannot find the understudy binary")?;
     Ok(program.to_string_lossy().into_owned())
-}
-
-/// A seed from the clock.
-pub fn clock_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |elapsed| {
-            u64::try_from(elapsed.as_nanos() & u128::from(u64::MAX)).unwrap_or(1)
-        })
 }
 
 /// Runs the drill.

@@ -108,13 +108,18 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("bad duration '{value}'"))
 }
 
-/// A VM identity for the secondary: the clock mixed with the process id.
-pub fn new_vm_id() -> u64 {
-    let nanos = std::time::SystemTime::now()
+/// The clock's nanoseconds (low 64 bits): seeds and identities.
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |elapsed| elapsed.as_nanos());
-    let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(1);
-    low ^ u64::from(std::process::id())
+        .map_or(1, |elapsed| {
+            u64::try_from(elapsed.as_nanos() & u128::from(u64::MAX)).unwrap_or(1)
+        })
+}
+
+/// A VM (or process) identity: the clock mixed with the process id.
+pub fn new_vm_id() -> u64 {
+    clock_seed() ^ u64::from(std::process::id())
 }
 
 /// Set by SIGINT/SIGTERM; the statistics loop stops cleanly when it is.
