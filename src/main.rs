@@ -45,6 +45,8 @@ enum Command {
     /// Failover drill: a real Redis client on a protected `kv` guest, the primary killed with
     /// SIGKILL at a random moment; checks no reset, no lost acknowledged write, no early output.
     Drill(cli::drill::DrillArguments),
+    /// Make a key pair for authenticated, encrypted replication (`--key`, `--peer-key`).
+    Keygen(cli::keygen::KeygenArguments),
     /// Record memory traces from processes or the built-in guest, and summarise them.
     #[command(subcommand)]
     Trace(cli::trace::TraceCommand),
@@ -53,12 +55,34 @@ enum Command {
     Bench(cli::bench::BenchCommand),
 }
 
+impl Command {
+    /// Whether the process may hold the only copy of a guest (a primary, a
+    /// secondary, a migration, a drill's or demo's hosts): it must outlive
+    /// its stdout.
+    fn holds_a_guest(&self) -> bool {
+        matches!(
+            self,
+            Self::Primary(_)
+                | Self::Secondary(_)
+                | Self::Migrate(_)
+                | Self::Run(_)
+                | Self::Restore(_)
+                | Self::Drill(_)
+                | Self::Demo(_)
+        )
+    }
+}
+
 fn main() -> ExitCode {
-    // SAFETY: called first thing, before any other thread exists; restores the
-    // default action so `understudy run | head` ends quietly instead of
-    // panicking on a write to a closed pipe.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let arguments = Arguments::parse();
+    if !arguments.command.holds_a_guest() {
+        // SAFETY: called before any other thread exists; restores the default
+        // action so `understudy bench ... | head` ends quietly instead of
+        // panicking on a write to a closed pipe. Commands that hold a guest
+        // keep SIGPIPE ignored and print with `say!`, which ignores a
+        // broken stdout.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&arguments.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -74,6 +98,7 @@ fn main() -> ExitCode {
         Command::Secondary(arguments) => cli::replicate::secondary(arguments),
         Command::Migrate(arguments) => cli::migrate::run_migration(arguments),
         Command::Drill(arguments) => cli::drill::drill(arguments),
+        Command::Keygen(arguments) => cli::keygen::keygen(arguments),
         Command::Trace(command) => cli::trace::trace(command),
         Command::Bench(command) => cli::bench::bench(command),
     };

@@ -50,6 +50,7 @@ fn start_pair(
     let address = free_address();
     let (secondary, secondary_lines) = spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         &address,
         "--witness",
@@ -61,6 +62,7 @@ fn start_pair(
     until_event(&secondary_lines, "listening", Duration::from_secs(10), seen);
     let (primary, primary_lines) = spawn_json(&[
         "primary",
+        "--plaintext",
         "--secondary",
         &address,
         "--witness",
@@ -175,6 +177,7 @@ fn a_primary_that_does_not_own_the_vm_is_refused_at_hello() {
     let mut seen = Vec::new();
     let (mut secondary, lines) = spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         &address,
         "--witness",
@@ -194,6 +197,9 @@ fn a_primary_that_does_not_own_the_vm_is_refused_at_hello() {
         vm_id: 7,
         owner: 99,
         generation: 2,
+        store_pages: 0,
+        heartbeat_interval: Duration::from_millis(10),
+        heartbeat_timeout: Duration::from_millis(50),
     };
     let bytes = Sender::new()
         .encode(0, &Message::Hello(hello))

@@ -7,8 +7,8 @@ mod common;
 use std::process::{Command, Output, Stdio};
 
 use common::{
-    assert_counter_chains_continue, event, free_address, json_lines, require_kvm, u64_of,
-    understudy,
+    assert_counter_chains_continue, channel_arguments, event, free_address, json_lines,
+    require_kvm, u64_of, understudy,
 };
 
 /// Runs a target in the background and the migration in the foreground;
@@ -24,13 +24,16 @@ fn migrate(target_duration: &str, migrate_args: &[&str]) -> (Output, Output) {
             target_duration,
             "--json",
         ])
+        .args(channel_arguments("secondary"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the target");
     // The target binds before printing anything; give it a moment.
     std::thread::sleep(std::time::Duration::from_millis(300));
+    let keys = channel_arguments("primary");
     let mut args = vec!["migrate", "--to", &address, "--json"];
+    args.extend(keys.iter().map(String::as_str));
     args.extend_from_slice(migrate_args);
     let source = understudy(&args);
     if !source.status.success() {

@@ -26,14 +26,17 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
     namespace.add_client_tap().expect("a client tap");
     let (_secondary, secondary_lines) = spawn_json_in(
         &namespace,
-        &[
+        &with_keys(
             "secondary",
-            "--listen",
-            "127.0.0.1:7100",
-            "--ack-delay",
-            "400ms",
-            "--json",
-        ],
+            &[
+                "secondary",
+                "--listen",
+                "127.0.0.1:7100",
+                "--ack-delay",
+                "400ms",
+                "--json",
+            ],
+        ),
     );
     let mut seen = Vec::new();
     until_event(
@@ -44,18 +47,21 @@ fn a_reply_is_not_seen_before_the_secondary_acknowledged_its_epoch() {
     );
     let (_primary, primary_lines) = spawn_json_in(
         &namespace,
-        &[
+        &with_keys(
             "primary",
-            "--secondary",
-            "127.0.0.1:7100",
-            "--workload",
-            "kv:ip=10.0.0.10/24",
-            "--tap",
-            "tap0",
-            "--memory",
-            "64M",
-            "--json",
-        ],
+            &[
+                "primary",
+                "--secondary",
+                "127.0.0.1:7100",
+                "--workload",
+                "kv:ip=10.0.0.10/24",
+                "--tap",
+                "tap0",
+                "--memory",
+                "64M",
+                "--json",
+            ],
+        ),
     );
     until_event(
         &primary_lines,
@@ -314,14 +320,17 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
     }
     let (_target, target_lines) = spawn_json_in(
         &namespace,
-        &[
+        &with_keys(
             "secondary",
-            "--listen",
-            "127.0.0.1:7101",
-            "--tap",
-            "tap1",
-            "--json",
-        ],
+            &[
+                "secondary",
+                "--listen",
+                "127.0.0.1:7101",
+                "--tap",
+                "tap1",
+                "--json",
+            ],
+        ),
     );
     let mut seen = Vec::new();
     until_event(
@@ -332,19 +341,22 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
     );
     let (mut source, _) = spawn_json_in(
         &namespace,
-        &[
-            "migrate",
-            "--to",
-            "127.0.0.1:7101",
-            "--workload",
-            "kv",
-            "--tap",
-            "tap0",
-            "--memory",
-            "64M",
-            "--after",
-            "4s",
-        ],
+        &with_keys(
+            "primary",
+            &[
+                "migrate",
+                "--to",
+                "127.0.0.1:7101",
+                "--workload",
+                "kv",
+                "--tap",
+                "tap0",
+                "--memory",
+                "64M",
+                "--after",
+                "4s",
+            ],
+        ),
     );
     assert_eq!(
         redis_cli_until(&namespace, &["SET", "moved", "yes"], "OK"),
@@ -358,4 +370,14 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
 
     // Assert
     assert_eq!(value, "yes");
+}
+
+/// `arguments` and the test keys of `role`.
+fn with_keys(role: &str, arguments: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = arguments
+        .iter()
+        .map(|argument| (*argument).to_owned())
+        .collect();
+    all.extend(common::channel_arguments(role));
+    all
 }

@@ -22,6 +22,7 @@ type Lines = std::sync::mpsc::Receiver<serde_json::Value>;
 fn start_secondary(address: &str, run_after: &str) -> (std::process::Child, Lines) {
     spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         address,
         "--duration",
@@ -36,7 +37,7 @@ fn start_secondary(address: &str, run_after: &str) -> (std::process::Child, Line
 /// A primary protecting a guest (`guest`: the VM options) through
 /// `target`, 20 ms epochs, every checkpoint's memory hash recorded.
 fn start_primary(target: &str, guest: &[&str]) -> (std::process::Child, Lines) {
-    let mut args = vec!["primary", "--secondary", target];
+    let mut args = vec!["primary", "--plaintext", "--secondary", target];
     args.extend_from_slice(guest);
     args.extend_from_slice(&[
         "--epoch",
@@ -344,6 +345,7 @@ fn a_primary_that_gives_up_on_a_stuck_secondary_says_goodbye_and_is_not_replaced
     let address = free_address();
     let (mut secondary, secondary_lines) = spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         &address,
         "--ack-delay",
@@ -361,6 +363,7 @@ fn a_primary_that_gives_up_on_a_stuck_secondary_says_goodbye_and_is_not_replaced
     );
     let (mut primary, primary_lines) = spawn_json(&[
         "primary",
+        "--plaintext",
         "--secondary",
         &address,
         "--workload",

@@ -24,6 +24,7 @@ const MEMORY: u64 = 64 << 20;
 fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
     spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         address,
         "--duration",
@@ -74,6 +75,9 @@ impl ScriptedPrimary {
                 vm_id,
                 owner: 1,
                 generation: 0,
+                store_pages: 0,
+                heartbeat_interval: Duration::from_millis(10),
+                heartbeat_timeout: Duration::from_millis(50),
             }),
         );
         assert_eq!(primary.receive(), Message::Welcome);
@@ -258,6 +262,7 @@ fn disconnects_without_takeover(
 fn spawn_listening_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
     spawn_json(&[
         "secondary",
+        "--plaintext",
         "--listen",
         address,
         "--json",
@@ -288,7 +293,10 @@ fn a_bare_connection_after_a_clean_stop_resumes_nothing() {
     let reasons = disconnects_without_takeover(&lines, 2, Duration::from_secs(1));
     let _ = secondary.kill();
     assert!(reasons[0].contains("stopping"), "{reasons:?}");
-    assert!(reasons[1].contains("before it committed"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("closed the connection before Hello"),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -351,6 +359,7 @@ fn a_secondary_that_acknowledges_an_epoch_never_sent_is_dropped_with_a_goodbye()
     // Act
     let output = common::understudy(&[
         "primary",
+        "--plaintext",
         "--secondary",
         &address,
         "--workload",

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::channel::{KeyPair, Keyring, Security};
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions};
 use understudy_secondary::SecondaryOptions;
@@ -59,29 +60,50 @@ pub struct ReplicationReport {
     pub slowdown: Vec<SlowdownRow>,
 }
 
-struct Protected {
-    pauses: Vec<Duration>,
-    acks: Vec<Duration>,
-    dirty_pages: Vec<usize>,
-    wire_bytes: Vec<u64>,
-    mb_per_s: f64,
+pub(crate) struct Protected {
+    pub pauses: Vec<Duration>,
+    pub acks: Vec<Duration>,
+    pub dirty_pages: Vec<usize>,
+    pub wire_bytes: Vec<u64>,
+    pub mb_per_s: f64,
 }
 
-fn free_address() -> Result<SocketAddr, BenchError> {
+/// The two ends' security for one in-process pair: plain text for both, or
+/// (for `Noise`) two fresh keys that accept each other.
+pub(crate) fn pair_of(security: &Security) -> (Security, Security) {
+    match security {
+        Security::Plaintext => (Security::Plaintext, Security::Plaintext),
+        Security::Noise(_) => {
+            let primary = KeyPair::generate().expect("a key pair");
+            let secondary = KeyPair::generate().expect("a key pair");
+            let keyring = |local: &KeyPair, peer: &KeyPair| {
+                Security::Noise(Arc::new(Keyring {
+                    local: local.clone(),
+                    peers: vec![peer.public],
+                }))
+            };
+            (keyring(&primary, &secondary), keyring(&secondary, &primary))
+        }
+    }
+}
+
+pub(crate) fn free_address() -> Result<SocketAddr, BenchError> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map_err(|error| BenchError::Replication(format!("no free port: {error}")))
 }
 
 /// Runs `workload` protected by an in-process secondary for `seconds`.
-fn protected(
+pub(crate) fn protected(
     memory_bytes: u64,
     workload: &str,
     epoch: Duration,
     seconds: f64,
+    security: &Security,
 ) -> Result<Protected, BenchError> {
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
+    let (primary_security, secondary_security) = pair_of(security);
     let secondary = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -94,6 +116,7 @@ fn protected(
                     ack_delay: Duration::ZERO,
                     witness: None,
                     instance: 2,
+                    security: secondary_security,
                 },
                 &stop,
                 |_| {},
@@ -116,6 +139,7 @@ fn protected(
             verify: false,
             precopy_rounds: 5,
             max_bandwidth: None,
+            security: primary_security,
         },
         vm_id: 1,
         owner: 1,
@@ -200,7 +224,7 @@ fn unprotected(memory_bytes: u64, workload: &str, seconds: f64) -> Result<f64, B
     Ok(last.rates_since(&first).dirtied_bytes_per_sec / 1e6)
 }
 
-fn mean<T: Copy + Into<f64>>(values: &[T]) -> f64 {
+pub(crate) fn mean<T: Copy + Into<f64>>(values: &[T]) -> f64 {
     values.iter().map(|v| (*v).into()).sum::<f64>() / values.len().max(1) as f64
 }
 
@@ -227,6 +251,7 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
             workload,
             epoch,
             seconds.max(epoch.as_secs_f64() * 10.0),
+            &Security::Plaintext,
         )?;
         report.pauses.push(PauseRow {
             workload: workload.to_owned(),
@@ -247,7 +272,13 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
         "memtouch:rate=max,wss=64M,pattern=random",
     ] {
         let unprotected = unprotected(512 << 20, workload, seconds)?;
-        let protected = protected(512 << 20, workload, Duration::from_millis(25), seconds)?;
+        let protected = protected(
+            512 << 20,
+            workload,
+            Duration::from_millis(25),
+            seconds,
+            &Security::Plaintext,
+        )?;
         report.slowdown.push(SlowdownRow {
             workload: workload.to_owned(),
             unprotected,

@@ -2,13 +2,24 @@
 //! never queue behind the page frames of a large epoch.
 //!
 //! ```text
-//! datagram (32 bytes, little-endian)
+//! datagram (64 bytes, little-endian)
 //!    0  magic "URHB"
 //!    4  reserved u32 (0)
 //!    8  vm id u64          the VM of the connection (from its Hello)
 //!   16  clock u64          sender's nanoseconds since it started beating
-//!   24  xxh3 of bytes 0..24
+//!   24  counter u64        1, 2, 3, ... per sender and session
+//!   32  tag [u8; 32]       keyed BLAKE2s-256 of bytes 0..32, with the
+//!                          sender's heartbeat key of this session
+//!                          (plain text: xxh3 of bytes 0..32, then zeros)
 //! ```
+//!
+//! On an authenticated channel ([`crate::channel`]) each side keys its
+//! datagrams with a random key it sent inside the Noise handshake, so only
+//! the peer of this session can make a valid one, and a receiver accepts a
+//! counter only if it is higher than every one it accepted before: a
+//! datagram sniffed and replayed (by anyone, in this session or another)
+//! is ignored. In plain text a datagram is only checksummed: anyone who
+//! can send from the peer's address can forge one.
 //!
 //! The primary sends to the secondary's address (its TCP listening address,
 //! as UDP) from a port of its own; the secondary answers to wherever the
@@ -23,8 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use blake2::Blake2sMac256;
+use blake2::digest::{KeyInit, Mac};
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::little_endian::{U32, U64};
+
+use crate::channel::{HeartbeatKeys, KEY_LEN};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// How a peer proves it is there, and that it works: heartbeats (how often
@@ -57,7 +72,48 @@ impl Default for HeartbeatPolicy {
     }
 }
 
+/// Heartbeat settings that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeartbeatError {
+    /// A zero interval.
+    #[error("the heartbeat interval must be longer than 0 ms")]
+    ZeroInterval,
+    /// Zero misses: the peer would be lost at once.
+    #[error(
+        "the peer must be allowed at least one missed heartbeat (--heartbeat-misses 1 or more)"
+    )]
+    NoMisses,
+    /// A progress deadline shorter than the heartbeat timeout.
+    #[error(
+        "the progress timeout {progress:?} is shorter than the heartbeat timeout {timeout:?}: a live peer would be declared lost"
+    )]
+    ProgressTooShort {
+        /// The progress deadline.
+        progress: Duration,
+        /// Interval times misses.
+        timeout: Duration,
+    },
+}
+
 impl HeartbeatPolicy {
+    /// Checks that the settings can work (checked at start; the two sides'
+    /// settings are checked against each other at `Hello`).
+    pub fn check(&self) -> Result<(), HeartbeatError> {
+        if self.interval.is_zero() {
+            return Err(HeartbeatError::ZeroInterval);
+        }
+        if self.misses == 0 {
+            return Err(HeartbeatError::NoMisses);
+        }
+        if self.progress < self.timeout() {
+            return Err(HeartbeatError::ProgressTooShort {
+                progress: self.progress,
+                timeout: self.timeout(),
+            });
+        }
+        Ok(())
+    }
+
     /// Silence after which the peer is lost.
     pub fn timeout(&self) -> Duration {
         self.interval * self.misses
@@ -65,7 +121,8 @@ impl HeartbeatPolicy {
 }
 
 const MAGIC: [u8; 4] = *b"URHB";
-const DATAGRAM_LEN: usize = 32;
+const DATAGRAM_LEN: usize = 64;
+const TAG_LEN: usize = 32;
 
 /// A heartbeat datagram, little-endian.
 #[repr(C)]
@@ -76,15 +133,71 @@ struct Datagram {
     vm_id: U64,
     /// The sender's clock, nanoseconds.
     clock: U64,
-    /// xxh3 of the bytes before it.
-    checksum: U64,
+    /// Strictly increasing per sender and session.
+    counter: U64,
+    /// MAC (or, in plain text, checksum) of the bytes before it.
+    tag: [u8; TAG_LEN],
 }
 
 const _: () = assert!(std::mem::size_of::<Datagram>() == DATAGRAM_LEN);
 
 impl Datagram {
-    fn checksummed(&self) -> &[u8] {
-        &self.as_bytes()[..DATAGRAM_LEN - 8]
+    fn tagged(&self) -> &[u8] {
+        &self.as_bytes()[..DATAGRAM_LEN - TAG_LEN]
+    }
+}
+
+/// The tag of `bytes`: keyed BLAKE2s with `key`, or xxh3 without one.
+fn tag_of(key: Option<&[u8; KEY_LEN]>, bytes: &[u8]) -> [u8; TAG_LEN] {
+    let mut tag = [0u8; TAG_LEN];
+    match key {
+        Some(key) => {
+            let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(key)
+                .expect("BLAKE2s takes a 32-byte key");
+            mac.update(bytes);
+            tag.copy_from_slice(&mac.finalize().into_bytes());
+        }
+        None => tag[..8].copy_from_slice(&xxh3_64(bytes).to_le_bytes()),
+    }
+    tag
+}
+
+/// Checks datagrams from the peer: its VM id, its tag, and (keyed) a
+/// counter higher than any accepted before.
+struct Verifier {
+    vm_id: u64,
+    key: Option<[u8; KEY_LEN]>,
+    last_counter: u64,
+}
+
+impl Verifier {
+    fn accept(&mut self, bytes: &[u8]) -> bool {
+        let Ok(datagram) = Datagram::read_from_bytes(bytes) else {
+            return false;
+        };
+        if datagram.magic != MAGIC || datagram.vm_id.get() != self.vm_id {
+            return false;
+        }
+        let authentic = match &self.key {
+            Some(key) => {
+                let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(key)
+                    .expect("BLAKE2s takes a 32-byte key");
+                mac.update(datagram.tagged());
+                mac.verify_slice(&datagram.tag).is_ok()
+            }
+            None => datagram.tag == tag_of(None, datagram.tagged()),
+        };
+        if !authentic {
+            return false;
+        }
+        if self.key.is_some() {
+            // Replays and reordered stragglers are stale.
+            if datagram.counter.get() <= self.last_counter {
+                return false;
+            }
+            self.last_counter = datagram.counter.get();
+        }
+        true
     }
 }
 
@@ -123,24 +236,17 @@ impl Heard {
     }
 }
 
-fn datagram(vm_id: u64, clock: u64) -> Datagram {
+fn datagram(vm_id: u64, clock: u64, counter: u64, key: Option<&[u8; KEY_LEN]>) -> Datagram {
     let mut datagram = Datagram {
         magic: MAGIC,
         reserved: 0.into(),
         vm_id: vm_id.into(),
         clock: clock.into(),
-        checksum: 0.into(),
+        counter: counter.into(),
+        tag: [0; TAG_LEN],
     };
-    datagram.checksum = xxh3_64(datagram.checksummed()).into();
+    datagram.tag = tag_of(key, datagram.tagged());
     datagram
-}
-
-fn valid(bytes: &[u8], vm_id: u64) -> bool {
-    Datagram::read_from_bytes(bytes).is_ok_and(|datagram| {
-        datagram.magic == MAGIC
-            && datagram.vm_id.get() == vm_id
-            && datagram.checksum.get() == xxh3_64(datagram.checksummed())
-    })
 }
 
 /// The two heartbeat threads of one connection. Dropping them only tells
@@ -161,15 +267,16 @@ struct HeartbeatThreads {
 
 impl Heartbeats {
     /// The primary's side: beats to `secondary` from a new socket on
-    /// `local_ip`.
+    /// `local_ip`, keyed with the session's keys when the channel has them.
     pub fn to_secondary(
         local_ip: IpAddr,
         secondary: SocketAddr,
         vm_id: u64,
         policy: HeartbeatPolicy,
+        keys: Option<HeartbeatKeys>,
     ) -> std::io::Result<Self> {
         let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))?;
-        Self::start(socket, secondary.ip(), Some(secondary), vm_id, policy)
+        Self::start(socket, secondary.ip(), Some(secondary), vm_id, policy, keys)
     }
 
     /// The secondary's side: on its listening socket, answering the primary
@@ -179,8 +286,9 @@ impl Heartbeats {
         primary_ip: IpAddr,
         vm_id: u64,
         policy: HeartbeatPolicy,
+        keys: Option<HeartbeatKeys>,
     ) -> std::io::Result<Self> {
-        Self::start(socket.try_clone()?, primary_ip, None, vm_id, policy)
+        Self::start(socket.try_clone()?, primary_ip, None, vm_id, policy, keys)
     }
 
     fn start(
@@ -189,6 +297,7 @@ impl Heartbeats {
         peer: Option<SocketAddr>,
         vm_id: u64,
         policy: HeartbeatPolicy,
+        keys: Option<HeartbeatKeys>,
     ) -> std::io::Result<Self> {
         socket.set_read_timeout(Some(policy.interval.max(Duration::from_millis(1))))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -200,12 +309,17 @@ impl Heartbeats {
             std::thread::Builder::new()
                 .name("heartbeat-in".to_owned())
                 .spawn(move || {
-                    let mut buffer = [0u8; 64];
+                    let mut verifier = Verifier {
+                        vm_id,
+                        key: keys.map(|keys| keys.receive),
+                        last_counter: 0,
+                    };
+                    let mut buffer = [0u8; 2 * DATAGRAM_LEN];
                     while !stop.load(Ordering::Relaxed) {
                         let Ok((length, from)) = receiving.recv_from(&mut buffer) else {
                             continue; // Timeout: check the stop flag.
                         };
-                        if from.ip() == peer_ip && valid(&buffer[..length], vm_id) {
+                        if from.ip() == peer_ip && verifier.accept(&buffer[..length]) {
                             heard.mark();
                             let mut peer = peer.lock().expect("no panics under this lock");
                             peer.get_or_insert(from);
@@ -219,12 +333,16 @@ impl Heartbeats {
             std::thread::Builder::new()
                 .name("heartbeat-out".to_owned())
                 .spawn(move || {
+                    let key = keys.map(|keys| keys.send);
+                    let mut counter = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         let target = *peer.lock().expect("no panics under this lock");
                         if let Some(target) = target {
                             let clock = nanos_since(started);
+                            counter += 1;
+                            let beat = datagram(vm_id, clock, counter, key.as_ref());
                             // A lost datagram is what heartbeats are for.
-                            let _ = socket.send_to(datagram(vm_id, clock).as_bytes(), target);
+                            let _ = socket.send_to(beat.as_bytes(), target);
                         }
                         std::thread::sleep(policy.interval);
                     }
@@ -283,8 +401,10 @@ mod tests {
         let listening = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let address = listening.local_addr().expect("address");
         let localhost: IpAddr = "127.0.0.1".parse().expect("ip");
-        let secondary = Heartbeats::to_primary(&listening, localhost, 7, policy()).expect("start");
-        let primary = Heartbeats::to_secondary(localhost, address, 7, policy()).expect("start");
+        let secondary =
+            Heartbeats::to_primary(&listening, localhost, 7, policy(), None).expect("start");
+        let primary =
+            Heartbeats::to_secondary(localhost, address, 7, policy(), None).expect("start");
 
         let secondary_heard = wait_until_heard(&secondary.heard());
         let primary_heard = wait_until_heard(&primary.heard());
@@ -300,8 +420,10 @@ mod tests {
         let listening = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let address = listening.local_addr().expect("address");
         let localhost: IpAddr = "127.0.0.1".parse().expect("ip");
-        let secondary = Heartbeats::to_primary(&listening, localhost, 7, policy()).expect("start");
-        let stranger = Heartbeats::to_secondary(localhost, address, 8, policy()).expect("start");
+        let secondary =
+            Heartbeats::to_primary(&listening, localhost, 7, policy(), None).expect("start");
+        let stranger =
+            Heartbeats::to_secondary(localhost, address, 8, policy(), None).expect("start");
 
         std::thread::sleep(Duration::from_millis(50));
         let heard = secondary.heard().last();
@@ -311,19 +433,77 @@ mod tests {
         assert!(heard.is_none());
     }
 
+    fn plain(vm_id: u64) -> Verifier {
+        Verifier {
+            vm_id,
+            key: None,
+            last_counter: 0,
+        }
+    }
+
+    fn keyed(key: [u8; KEY_LEN]) -> Verifier {
+        Verifier {
+            vm_id: 7,
+            key: Some(key),
+            last_counter: 0,
+        }
+    }
+
     #[test]
     fn corrupted_datagram_is_invalid() {
-        let mut bytes = datagram(7, 123).as_bytes().to_vec();
+        let mut bytes = datagram(7, 123, 1, None).as_bytes().to_vec();
         bytes[17] ^= 1;
 
-        assert!(!valid(&bytes, 7));
+        assert!(!plain(7).accept(&bytes));
     }
 
     #[test]
     fn an_intact_datagram_is_valid_for_its_vm_only() {
-        let bytes = datagram(7, 123);
+        let bytes = datagram(7, 123, 1, None);
 
-        assert!(valid(bytes.as_bytes(), 7));
-        assert!(!valid(bytes.as_bytes(), 8));
+        assert!(plain(7).accept(bytes.as_bytes()));
+        assert!(!plain(8).accept(bytes.as_bytes()));
+    }
+
+    #[test]
+    fn a_keyed_datagram_is_valid_once() {
+        let key = [5u8; KEY_LEN];
+        let mut verifier = keyed(key);
+        let first = datagram(7, 100, 1, Some(&key));
+
+        let accepted = verifier.accept(first.as_bytes());
+        let replayed = verifier.accept(first.as_bytes());
+
+        assert!(accepted);
+        assert!(!replayed, "a replayed datagram was accepted");
+    }
+
+    #[test]
+    fn a_stale_counter_is_ignored_even_with_a_new_clock() {
+        let key = [5u8; KEY_LEN];
+        let mut verifier = keyed(key);
+        assert!(verifier.accept(datagram(7, 100, 5, Some(&key)).as_bytes()));
+
+        let older = verifier.accept(datagram(7, 200, 4, Some(&key)).as_bytes());
+
+        assert!(!older);
+    }
+
+    #[test]
+    fn a_datagram_keyed_with_another_sessions_key_is_ignored() {
+        let mut verifier = keyed([5u8; KEY_LEN]);
+
+        let foreign = verifier.accept(datagram(7, 100, 1, Some(&[6u8; KEY_LEN])).as_bytes());
+
+        assert!(!foreign);
+    }
+
+    #[test]
+    fn an_unkeyed_datagram_is_ignored_by_a_keyed_receiver() {
+        let mut verifier = keyed([5u8; KEY_LEN]);
+
+        let unkeyed = verifier.accept(datagram(7, 100, 1, None).as_bytes());
+
+        assert!(!unkeyed);
     }
 }

@@ -8,6 +8,7 @@
 //!   liveness on receive, heartbeat messages.
 //! - [`heartbeat`]: heartbeats over UDP beside the connection.
 
+pub mod channel;
 pub mod heartbeat;
 pub mod link;
 pub mod protocol;

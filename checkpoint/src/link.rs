@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::IntoBytes;
 
+use crate::channel::{ChannelReader, ChannelWriter};
 use crate::heartbeat::{Heard, HeartbeatPolicy, nanos_since};
-use crate::protocol::{Envelope, Message, ProtocolError, Sender, read_message};
+use crate::protocol::{Envelope, MAX_PAYLOAD, Message, ProtocolError, Sender, read_message_within};
 
 /// The sending half: numbered messages, one writer at a time. Shutting
 /// the connection down never waits for a writer (a writer blocked on a
@@ -32,17 +33,19 @@ pub struct LinkSender {
 
 struct SenderState {
     sender: Sender,
-    stream: TcpStream,
+    stream: ChannelWriter,
     last_sent: Instant,
 }
 
 impl LinkSender {
-    /// Wraps the writing side of `stream`. A write that makes no progress
+    /// Wraps the writing half of a channel. A write that makes no progress
     /// for `write_timeout` fails (a peer that stopped reading must not
     /// block a sender forever).
-    pub fn new(stream: TcpStream, write_timeout: Duration) -> std::io::Result<Self> {
-        stream.set_write_timeout(Some(write_timeout.max(Duration::from_millis(1))))?;
-        let control = Arc::new(stream.try_clone()?);
+    pub fn new(stream: ChannelWriter, write_timeout: Duration) -> std::io::Result<Self> {
+        stream
+            .stream()
+            .set_write_timeout(Some(write_timeout.max(Duration::from_millis(1))))?;
+        let control = Arc::new(stream.stream().try_clone()?);
         Ok(Self {
             inner: Arc::new(Mutex::new(SenderState {
                 sender: Sender::new(),
@@ -76,6 +79,7 @@ impl LinkSender {
         };
         state.stream.write_all(header.as_bytes()).is_ok()
             && state.stream.write_all(&payload).is_ok()
+            && state.stream.flush().is_ok()
     }
 
     /// Sends `message` for `epoch`. The payload is checksummed before the
@@ -93,6 +97,7 @@ impl LinkSender {
             .header(epoch, message, payload.len(), checksum)?;
         state.stream.write_all(header.as_bytes())?;
         state.stream.write_all(&payload)?;
+        state.stream.flush()?;
         state.last_sent = Instant::now();
         Ok(())
     }
@@ -156,19 +161,23 @@ impl LinkSender {
 /// `TimedOut` once nothing arrived, neither on the stream nor as a UDP
 /// heartbeat ([`crate::heartbeat`]), for the policy's timeout.
 pub struct LivenessReader {
-    stream: TcpStream,
+    stream: ChannelReader,
     timeout: Duration,
+    payload_limit: usize,
     last_progress: Instant,
     heard: Option<Arc<Heard>>,
 }
 
 impl LivenessReader {
-    /// Wraps the reading side of `stream` (its read timeout is set here).
-    pub fn new(stream: TcpStream, policy: HeartbeatPolicy) -> std::io::Result<Self> {
-        stream.set_read_timeout(Some(policy.interval.max(Duration::from_millis(1))))?;
+    /// Wraps the reading half of a channel (its read timeout is set here).
+    pub fn new(stream: ChannelReader, policy: HeartbeatPolicy) -> std::io::Result<Self> {
+        stream
+            .stream()
+            .set_read_timeout(Some(policy.interval.max(Duration::from_millis(1))))?;
         Ok(Self {
             stream,
             timeout: policy.timeout(),
+            payload_limit: MAX_PAYLOAD,
             last_progress: Instant::now(),
             heard: None,
         })
@@ -190,9 +199,16 @@ impl LivenessReader {
         heartbeat.map_or(self.last_progress, |at| at.max(self.last_progress))
     }
 
+    /// Refuses, before allocating, any message whose payload is longer
+    /// than `limit` (a peer that has not said `Hello` yet gets a small one).
+    pub fn limit_payload(&mut self, limit: usize) {
+        self.payload_limit = limit.min(MAX_PAYLOAD);
+    }
+
     /// Reads the next message.
     pub fn receive(&mut self) -> Result<Envelope, ProtocolError> {
-        read_message(self)
+        let limit = self.payload_limit;
+        read_message_within(self, limit)
     }
 }
 
@@ -204,7 +220,13 @@ impl Read for LivenessReader {
         let waiting_since = Instant::now();
         let mut confirming = false;
         loop {
-            match self.stream.read(buffer) {
+            let bytes_before = self.stream.bytes_received();
+            let result = self.stream.read(buffer);
+            if self.stream.bytes_received() != bytes_before {
+                // Part of an encrypted record arrived: the peer is there.
+                self.last_progress = Instant::now();
+            }
+            match result {
                 Ok(0) if !buffer.is_empty() => {
                     return Err(std::io::Error::new(
                         ErrorKind::UnexpectedEof,
@@ -251,12 +273,17 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+    use crate::channel::{Channel, Security};
 
-    fn pair() -> (TcpStream, TcpStream) {
+    fn pair() -> (Channel, Channel) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
-        (client, server)
+        let open = |stream| {
+            Channel::connect(stream, &Security::Plaintext, Duration::from_secs(1))
+                .expect("a plain channel")
+        };
+        (open(client), open(server))
     }
 
     #[test]
@@ -268,10 +295,10 @@ mod tests {
             progress: crate::heartbeat::DEFAULT_PROGRESS_TIMEOUT,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let heartbeats = LinkSender::new(client, policy.progress)
+        let heartbeats = LinkSender::new(client.writer, policy.progress)
             .expect("a sender")
             .start_heartbeats(policy, stop.clone());
-        let mut reader = LivenessReader::new(server, policy).expect("reader");
+        let mut reader = LivenessReader::new(server.reader, policy).expect("reader");
 
         let beats = (0..10)
             .map(|_| reader.receive())
@@ -291,7 +318,7 @@ mod tests {
             misses: 4,
             progress: crate::heartbeat::DEFAULT_PROGRESS_TIMEOUT,
         };
-        let mut reader = LivenessReader::new(server, policy).expect("reader");
+        let mut reader = LivenessReader::new(server.reader, policy).expect("reader");
         let started = Instant::now();
 
         let result = reader.receive();

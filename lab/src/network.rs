@@ -30,6 +30,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use understudy_checkpoint::channel::{KeyPair, write_key_files};
 
 /// The guest's address on the lab network.
 pub const GUEST_IP: &str = "10.0.0.10";
@@ -81,20 +82,51 @@ pub fn ip(arguments: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes namespaces made by processes that are gone.
+/// Whether `tag` may end a namespace name: 1 to 12 lowercase letters and
+/// digits.
+fn valid_tag(tag: &str) -> bool {
+    (1..=12).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit())
+}
+
+/// The process id in `name` if it is exactly a name this lab makes
+/// (`us-PID-TAG`); any other namespace is someone else's.
+fn lab_namespace_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (pid, tag) = rest.split_once('-')?;
+    if pid.is_empty() || !pid.bytes().all(|byte| byte.is_ascii_digit()) || !valid_tag(tag) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Kills every process inside namespace `name`.
+fn kill_processes_in(name: &str) {
+    if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<libc::pid_t>() {
+                // SAFETY: SIGKILL to a process inside a namespace this lab made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Removes namespaces this lab made in processes that are gone, with the
+/// processes those left inside.
 fn remove_stale_namespaces() {
     let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
+        let Some(pid) = lab_namespace_owner(name) else {
             continue;
         };
-        let Some(pid) = rest.split('-').next() else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_processes_in(name);
             let _ = ip(&["netns", "del", name]);
         }
     }
@@ -231,6 +263,9 @@ impl Namespace {
                 "/dev/net/tun is missing: the lab needs tap devices (run as root with the tun module)"
             );
         }
+        if !valid_tag(tag) {
+            bail!("a lab namespace tag is 1 to 12 lowercase letters and digits, not {tag:?}");
+        }
         remove_stale_namespaces();
         let name = format!("{PREFIX}{}-{tag}", std::process::id());
         ip(&["netns", "add", &name])
@@ -260,12 +295,26 @@ impl Namespace {
         self.ip(&["link", "set", "tap0", "up"])
     }
 
-    /// A command that runs `program` inside the namespace.
+    /// A command that runs `program` inside the namespace. The child is
+    /// killed if the thread that started it dies (a lab that panicked or was
+    /// killed leaves no guest running).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &self.name])
             .arg(program.as_ref());
+        // SAFETY: prctl is async-signal-safe; the closure touches no memory
+        // of the parent. `ip netns exec` execs the program in the same
+        // process, which keeps the parent-death signal.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         command
     }
 
@@ -327,17 +376,7 @@ impl Namespace {
 impl Drop for Namespace {
     fn drop(&mut self) {
         // Processes still inside would keep it alive: kill them first.
-        if let Ok(output) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<libc::pid_t>() {
-                    // SAFETY: SIGKILL to a process inside our own namespace.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        kill_processes_in(&self.name);
         if let Err(error) = ip(&["netns", "del", &self.name]) {
             tracing::warn!("{error:#}");
         }
@@ -375,24 +414,45 @@ pub struct Lab {
     secondary: Namespace,
     witness: Namespace,
     switch: Namespace,
-    /// Where child processes' standard error goes.
-    pub logs: PathBuf,
+    /// Where child processes' standard error goes: a private directory
+    /// (mode 0700, a fresh random name), removed with the lab.
+    logs: tempfile::TempDir,
+    /// The hosts' Noise keys, in `logs`.
+    keys: LabKeys,
+}
+
+/// Key files of the lab's primary and secondary: each accepts the other.
+struct LabKeys {
+    primary: (PathBuf, PathBuf),
+    secondary: (PathBuf, PathBuf),
 }
 
 impl Lab {
     /// Builds a lab; `round` makes the names unique within this process.
     pub fn build(round: u32) -> anyhow::Result<Self> {
         let make = |host: &str| Namespace::create(&format!("{round}{host}"));
+        let logs = tempfile::Builder::new()
+            .prefix("understudy-lab-")
+            .tempdir()
+            .context("cannot create the lab's private directory")?;
+        let write_keys = |name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
+            let keypair = KeyPair::generate()?;
+            write_key_files(&logs.path().join(name), &keypair)
+                .with_context(|| format!("cannot write the lab's {name} keys"))
+        };
+        let keys = LabKeys {
+            primary: write_keys("primary")?,
+            secondary: write_keys("secondary")?,
+        };
         let lab = Self {
             switch: make("w")?,
             client: make(Host::Client.suffix())?,
             primary: make(Host::Primary.suffix())?,
             secondary: make(Host::Secondary.suffix())?,
             witness: make(Host::Witness.suffix())?,
-            logs: std::env::temp_dir()
-                .join(format!("understudy-lab-{}-{round}", std::process::id())),
+            logs,
+            keys,
         };
-        std::fs::create_dir_all(&lab.logs).context("cannot create the lab's log directory")?;
         lab.wire().context("cannot build the lab network")?;
         Ok(lab)
     }
@@ -466,7 +526,28 @@ impl Lab {
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
-        self.logs.join(format!("{name}.log"))
+        self.logs.path().join(format!("{name}.log"))
+    }
+
+    /// The lab's private directory (logs, keys).
+    pub fn private_dir(&self) -> &Path {
+        self.logs.path()
+    }
+
+    /// `--key` and `--peer-key` arguments for the process on `host`
+    /// (primary or secondary; any other host gets the primary's): each
+    /// accepts only the other.
+    pub fn channel_arguments(&self, host: Host) -> Vec<String> {
+        let (own, peer) = match host {
+            Host::Secondary => (&self.keys.secondary, &self.keys.primary),
+            _ => (&self.keys.primary, &self.keys.secondary),
+        };
+        vec![
+            "--key".to_owned(),
+            own.0.display().to_string(),
+            "--peer-key".to_owned(),
+            peer.1.display().to_string(),
+        ]
     }
 
     /// Cuts `host` off the network: its switch port goes down, as when a
@@ -552,9 +633,4 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // The namespaces go with their fields.
-        let _ = std::fs::remove_dir_all(&self.logs);
-    }
-}
+// The namespaces and the private directory go with their fields.

@@ -54,6 +54,7 @@ pub mod trace;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use understudy_checkpoint::channel::{ChannelError, Security};
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_checkpoint::protocol::ProtocolError;
 use understudy_compress::{CodecError, CodecSpec};
@@ -77,6 +78,15 @@ pub enum PrimaryError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The secure channel could not be opened.
+    #[error("cannot open a secure channel to the secondary at {address}")]
+    Channel {
+        /// Its address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: ChannelError,
     },
     /// The secondary refused us.
     #[error("the secondary refused this primary: {0}")]
@@ -131,6 +141,8 @@ pub struct PrimaryOptions {
     pub precopy_rounds: u32,
     /// Most bytes per second put on the wire (page frames), if limited.
     pub max_bandwidth: Option<f64>,
+    /// How the connection is authenticated and encrypted.
+    pub security: Security,
 }
 
 /// One checkpoint, as it went.

@@ -16,10 +16,12 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::channel::{Channel, HANDSHAKE_DEADLINE};
 use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
-    Hello, MAX_UNACKNOWLEDGED_EPOCHS, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
+    Hello, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME, MAX_UNACKNOWLEDGED_EPOCHS, Message,
+    PROTOCOL_VERSION, ProtocolError, Purpose,
 };
 use understudy_compress::PageBatch;
 use understudy_vm::memory;
@@ -102,10 +104,13 @@ impl Protection {
     /// Connects to a secondary or migration target and greets it.
     pub(crate) fn connect(
         vm: &Vm,
-        options: PrimaryOptions,
+        mut options: PrimaryOptions,
         identity: Identity,
         purpose: Purpose,
     ) -> Result<Self, PrimaryError> {
+        // A version store larger than the guest holds nothing more, and the
+        // secondary refuses one: both ends keep at most the guest's pages.
+        options.codec.cache_bytes = options.codec.cache_bytes.min(vm.config().memory_bytes);
         let connect_error = |source| PrimaryError::Connect {
             address: options.secondary,
             source,
@@ -113,11 +118,18 @@ impl Protection {
         let stream = TcpStream::connect_timeout(&options.secondary, Duration::from_secs(2))
             .map_err(connect_error)?;
         let _ = stream.set_nodelay(true);
-        let read_half = stream.try_clone().map_err(ProtocolError::Io)?;
-        let link =
-            LinkSender::new(stream, options.heartbeat.progress).map_err(ProtocolError::Io)?;
+        let channel =
+            Channel::connect(stream, &options.security, HANDSHAKE_DEADLINE).map_err(|source| {
+                PrimaryError::Channel {
+                    address: options.secondary,
+                    source,
+                }
+            })?;
+        let link = LinkSender::new(channel.writer, options.heartbeat.progress)
+            .map_err(ProtocolError::Io)?;
         let mut reader =
-            LivenessReader::new(read_half, options.heartbeat).map_err(ProtocolError::Io)?;
+            LivenessReader::new(channel.reader, options.heartbeat).map_err(ProtocolError::Io)?;
+        reader.limit_payload(MAX_PAYLOAD_BEFORE_WELCOME);
         let config = vm.config();
         link.send(
             0,
@@ -130,6 +142,9 @@ impl Protection {
                 vm_id: identity.vm_id,
                 owner: identity.owner,
                 generation: identity.generation,
+                store_pages: u32::try_from(options.codec.cache_pages()).unwrap_or(u32::MAX),
+                heartbeat_interval: options.heartbeat.interval,
+                heartbeat_timeout: options.heartbeat.timeout(),
             }),
         )?;
         loop {
@@ -147,12 +162,14 @@ impl Protection {
                 }
             }
         }
+        reader.limit_payload(MAX_PAYLOAD);
         let local_ip = link.local_addr().map_err(connect_error)?.ip();
         let udp = Heartbeats::to_secondary(
             local_ip,
             options.secondary,
             identity.vm_id,
             options.heartbeat,
+            channel.heartbeat_keys,
         )
         .map_err(ProtocolError::Io)?;
         reader.hear(udp.heard());

@@ -16,7 +16,7 @@ use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::VmState;
 use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
-use understudy_vm::{PAGE_SIZE, Vm, VmConfig, usize_from};
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig, usize_from};
 
 use crate::fence::SyncedWith;
 use crate::{ConnectionError, Failover, SecondaryError};
@@ -61,6 +61,12 @@ impl InputLog {
     }
 }
 
+/// Most bytes of guest output one epoch may stage: far beyond what a guest
+/// sends in an epoch at any link rate we reach (the primary checkpoints
+/// early when output waits), small enough that the few epochs a takeover
+/// keeps stay small.
+pub(crate) const MAX_OUTPUT_BYTES_PER_EPOCH: usize = 32 << 20;
+
 /// An epoch being received.
 #[derive(Default)]
 pub(crate) struct Staging {
@@ -68,28 +74,87 @@ pub(crate) struct Staging {
     pub begun: Option<Instant>,
     /// Its decoded pages (later epochs; epoch 0 is written in place).
     pub pages: PageBatch,
+    /// Which guest pages are staged (one bit per page): a page staged twice
+    /// is refused, so staging never holds more than the guest.
+    staged: Vec<u64>,
     /// Pages received, staged or written.
     pub received: u64,
     /// Its VM state.
     pub state: Option<VmState>,
     /// Frames its guest sent.
     pub output: Vec<Vec<u8>>,
+    output_bytes: usize,
 }
 
 impl Staging {
-    /// Starts a new epoch.
-    pub fn begin(&mut self) {
+    /// Starts a new epoch of a guest of `guest_pages` pages.
+    pub fn begin(&mut self, guest_pages: u64) {
         self.begun = Some(Instant::now());
         self.pages.clear();
         self.received = 0;
         self.state = None;
         self.output.clear();
+        self.output_bytes = 0;
+        self.staged.clear();
+        self.staged.resize(usize_from(guest_pages.div_ceil(64)), 0);
+    }
+
+    /// Stages decoded pages (their numbers were checked against the guest
+    /// by the decoder). A page already staged in this epoch is refused.
+    pub fn stage_pages(&mut self, epoch: u64, pages: &PageBatch) -> Result<(), ConnectionError> {
+        for (page_number, page) in pages.iter() {
+            let (word, bit) = (usize_from(page_number / 64), 1u64 << (page_number % 64));
+            let slot = self
+                .staged
+                .get_mut(word)
+                .ok_or(ConnectionError::PageOutOfRange { epoch, page_number })?;
+            if *slot & bit != 0 {
+                return Err(ConnectionError::DuplicatePage { epoch, page_number });
+            }
+            *slot |= bit;
+            self.pages.push(page_number, page);
+        }
+        self.received += pages.len() as u64;
+        Ok(())
+    }
+
+    /// Stages a frame the guest sent, within the epoch's output budget.
+    pub fn stage_output(&mut self, epoch: u64, frame: Vec<u8>) -> Result<(), ConnectionError> {
+        self.output_bytes += frame.len();
+        if self.output_bytes > MAX_OUTPUT_BYTES_PER_EPOCH {
+            return Err(ConnectionError::OutputTooLarge(epoch));
+        }
+        self.output.push(frame);
+        Ok(())
     }
 
     /// Time since the epoch began.
     pub fn elapsed(&self) -> Duration {
         self.begun.map_or(Duration::ZERO, |begun| begun.elapsed())
     }
+}
+
+/// The hash of `memory` as it would be with `pages` written into it,
+/// computed without writing them.
+fn hash_after(memory: &memory::GuestMemory, pages: &PageBatch) -> Result<u64, SecondaryError> {
+    let mut order: Vec<usize> = (0..pages.len()).collect();
+    order.sort_unstable_by_key(|index| pages.page_number(*index));
+    let mut next = 0;
+    let hash = memory::hash_overlaid(memory, |address, chunk| {
+        let end = address + chunk.len() as u64;
+        while let Some(&index) = order.get(next) {
+            let page_address = pages.page_number(index) * PAGE_SIZE;
+            if page_address >= end {
+                break;
+            }
+            if page_address >= address {
+                let offset = usize_from(page_address - address);
+                chunk[offset..offset + PAGE_BYTES].copy_from_slice(pages.page(index));
+            }
+            next += 1;
+        }
+    })?;
+    Ok(hash)
 }
 
 /// A backup VM, created from a primary's `Hello`.
@@ -137,22 +202,37 @@ impl Backup {
         self.committed.as_ref().map(|(epoch, _)| *epoch)
     }
 
+    /// The guest's size in pages (the highest page number is one less).
+    pub fn guest_pages(&self) -> u64 {
+        self.vm.config().memory_bytes / PAGE_SIZE
+    }
+
     /// Whether pages go straight into memory: during the initial copy, when
     /// there is nothing to protect yet.
     pub fn writes_in_place(&self) -> bool {
         self.committed.is_none()
     }
 
-    /// Writes pages into the backup memory.
+    /// Writes pages into the backup memory; writes none unless every page
+    /// is inside guest memory.
     pub fn apply(&self, pages: &PageBatch) -> Result<(), SecondaryError> {
+        if let Some((page_number, _)) = pages
+            .iter()
+            .find(|(page_number, _)| !memory::holds_page(self.vm.memory(), *page_number))
+        {
+            return Err(SecondaryError::PageOutOfRange(page_number));
+        }
         for (page_number, page) in pages.iter() {
             memory::write(self.vm.memory(), page_number * PAGE_SIZE, page)?;
         }
         Ok(())
     }
 
-    /// Applies a staged epoch; checks first what can be checked before memory
-    /// changes (page count, state present), so a bad epoch changes nothing.
+    /// Applies a staged epoch, atomically: everything about it is checked
+    /// before memory or the committed epoch change (page count, state
+    /// present, every page inside guest memory, and the memory hash the
+    /// primary sent, computed over memory as it would be after the epoch),
+    /// so an epoch is applied whole or not at all.
     pub fn commit(
         &mut self,
         epoch: u64,
@@ -166,6 +246,24 @@ impl Backup {
                 received: staging.received,
             });
         }
+        if staging.state.is_none() {
+            return Err(ConnectionError::MissingState(epoch));
+        }
+        for (page_number, _) in staging.pages.iter() {
+            if !memory::holds_page(self.vm.memory(), page_number) {
+                return Err(ConnectionError::PageOutOfRange { epoch, page_number });
+            }
+        }
+        if let Some(expected) = end.memory_hash {
+            let actual = hash_after(self.vm.memory(), &staging.pages)?;
+            if actual != expected {
+                return Err(ConnectionError::MemoryHash {
+                    epoch,
+                    expected,
+                    actual,
+                });
+            }
+        }
         let state = staging
             .state
             .take()
@@ -177,16 +275,6 @@ impl Backup {
             .push_back((epoch, std::mem::take(&mut staging.output)));
         while self.recent_output.len() > RECENT_OUTPUT_EPOCHS {
             self.recent_output.pop_front();
-        }
-        if let Some(expected) = end.memory_hash {
-            let actual = memory::hash(self.vm.memory()).map_err(SecondaryError::Memory)?;
-            if actual != expected {
-                return Err(ConnectionError::MemoryHash {
-                    epoch,
-                    expected,
-                    actual,
-                });
-            }
         }
         Ok(())
     }
@@ -264,7 +352,6 @@ impl Backup {
 #[cfg(test)]
 mod tests {
     use understudy_checkpoint::protocol::{PROTOCOL_VERSION, Purpose};
-    use understudy_vm::PAGE_BYTES;
     use understudy_vm::testing::require_kvm;
 
     use super::*;
@@ -279,6 +366,9 @@ mod tests {
             vm_id,
             owner: 1,
             generation: 0,
+            store_pages: 1024,
+            heartbeat_interval: Duration::from_millis(10),
+            heartbeat_timeout: Duration::from_millis(50),
         }
     }
 
@@ -299,11 +389,12 @@ mod tests {
 
     fn staged(backup: &Backup, pages: &[(u64, u8)]) -> Staging {
         let mut staging = Staging::default();
-        staging.begin();
+        staging.begin(backup.guest_pages());
+        let mut batch = PageBatch::new();
         for (page_number, byte) in pages {
-            staging.pages.push(*page_number, &page_of(*byte));
-            staging.received += 1;
+            batch.push(*page_number, &page_of(*byte));
         }
+        staging.stage_pages(1, &batch).expect("stages");
         staging.state = Some(state_of(backup));
         staging
     }
@@ -391,6 +482,102 @@ mod tests {
     }
 
     #[test]
+    fn an_epoch_with_a_wrong_memory_hash_changes_neither_memory_nor_the_committed_epoch() {
+        if !require_kvm() {
+            return;
+        }
+        let mut backup = Backup::create(&hello(1)).expect("a backup VM");
+        let mut first = staged(&backup, &[(5, 0xaa)]);
+        backup.commit(1, end(1), &mut first).expect("commit");
+        let before = memory::hash(backup.vm.memory()).expect("hash");
+        let mut second = staged(&backup, &[(5, 0xbb), (6, 0xcc)]);
+        let wrong = EpochEnd {
+            pages: 2,
+            memory_hash: Some(before),
+        };
+
+        let result = backup.commit(2, wrong, &mut second);
+
+        assert!(matches!(result, Err(ConnectionError::MemoryHash { .. })));
+        assert_eq!(memory::hash(backup.vm.memory()).expect("hash"), before);
+        assert_eq!(backup.committed_epoch(), Some(1));
+    }
+
+    #[test]
+    fn the_right_memory_hash_is_known_before_the_epoch_is_applied() {
+        if !require_kvm() {
+            return;
+        }
+        let mut backup = Backup::create(&hello(1)).expect("a backup VM");
+        let pages = [(5, 0xaa), (4095, 0xbb)];
+        let mut staging = staged(&backup, &pages);
+        let expected = hash_after(backup.vm.memory(), &staging.pages).expect("hash");
+
+        backup
+            .commit(
+                1,
+                EpochEnd {
+                    pages: 2,
+                    memory_hash: Some(expected),
+                },
+                &mut staging,
+            )
+            .expect("the hash computed ahead matches");
+
+        assert_eq!(memory::hash(backup.vm.memory()).expect("hash"), expected);
+    }
+
+    #[test]
+    fn a_page_beyond_guest_memory_is_refused_and_nothing_is_written() {
+        if !require_kvm() {
+            return;
+        }
+        let backup = Backup::create(&hello(1)).expect("a backup VM");
+        let mut batch = PageBatch::new();
+        batch.push(5, &page_of(0xaa));
+        batch.push(backup.guest_pages(), &page_of(0xbb));
+
+        let result = backup.apply(&batch);
+
+        assert!(matches!(result, Err(SecondaryError::PageOutOfRange(_))));
+        assert_eq!(read_page(&backup, 5), page_of(0));
+    }
+
+    #[test]
+    fn a_page_staged_twice_in_one_epoch_is_refused() {
+        let mut staging = Staging::default();
+        staging.begin(16);
+        let mut batch = PageBatch::new();
+        batch.push(3, &page_of(1));
+
+        staging.stage_pages(1, &batch).expect("first");
+        let again = staging.stage_pages(1, &batch);
+
+        assert!(matches!(
+            again,
+            Err(ConnectionError::DuplicatePage { page_number: 3, .. })
+        ));
+        assert_eq!(staging.pages.len(), 1);
+    }
+
+    #[test]
+    fn output_beyond_the_epoch_budget_is_refused() {
+        let mut staging = Staging::default();
+        staging.begin(16);
+        let frame = vec![0u8; 9000];
+        let frames_in_budget = MAX_OUTPUT_BYTES_PER_EPOCH / frame.len();
+        for _ in 0..frames_in_budget {
+            staging
+                .stage_output(1, frame.clone())
+                .expect("within budget");
+        }
+
+        let over = staging.stage_output(1, frame);
+
+        assert!(matches!(over, Err(ConnectionError::OutputTooLarge(1))));
+    }
+
+    #[test]
     fn nothing_committed_means_no_takeover() {
         if !require_kvm() {
             return;
@@ -439,7 +626,7 @@ mod tests {
         };
         staging.pages.push_zeroed(1);
 
-        staging.begin();
+        staging.begin(16);
 
         assert_eq!(staging.received, 0);
         assert!(staging.pages.is_empty());

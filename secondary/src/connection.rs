@@ -21,14 +21,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::channel::{Channel, ChannelReader, HeartbeatKeys, Security};
 use understudy_checkpoint::heartbeat::{HeartbeatPolicy, Heartbeats};
 use understudy_checkpoint::link::{LinkSender, LivenessReader, is_peer_lost};
 use understudy_checkpoint::protocol::{
-    Action, Hello, Message, PROTOCOL_VERSION, ProtocolError, Purpose, Receiver,
+    Action, Hello, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME, Message, PROTOCOL_VERSION,
+    ProtocolError, Purpose, Receiver, read_message_within,
 };
 use understudy_compress::{Decoder, PageBatch};
-use understudy_vm::memory;
 use understudy_vm::state::VmState;
+use understudy_vm::{PAGE_SIZE, memory, usize_from};
 
 use understudy_checkpoint::witness::Witness;
 
@@ -44,18 +46,106 @@ pub(crate) enum Ended {
     Closed(String),
 }
 
-pub(crate) fn serve_connection(
+/// A connection whose peer proved its key (on an authenticated channel) and
+/// said `Hello` in time: only such a connection reaches the main loop.
+pub(crate) struct Greeted {
+    channel: Channel,
+    receiver: Receiver,
+    hello: Hello,
+    /// The peer's address.
+    pub peer: SocketAddr,
+}
+
+/// The part of a connection that runs before the peer is trusted, on a
+/// thread of its own (several at once, so a squatter cannot keep the real
+/// primary out): the channel handshake, then `Hello`, within `deadline` in
+/// all. Nothing larger than a `Hello` is read, and nothing is created.
+pub(crate) fn greet(
     stream: TcpStream,
     peer: SocketAddr,
+    security: &Security,
+    deadline: Duration,
+) -> Result<Greeted, ConnectionError> {
+    let until = Instant::now() + deadline;
+    let mut channel = Channel::accept(stream, security, deadline)?;
+    let mut receiver = Receiver::new();
+    let mut reader = DeadlineReader {
+        reader: &mut channel.reader,
+        until,
+        deadline,
+    };
+    let envelope = match read_message_within(&mut reader, MAX_PAYLOAD_BEFORE_WELCOME) {
+        Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ConnectionError::NoHello(
+                "the peer closed the connection before Hello".to_owned(),
+            ));
+        }
+        Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::TimedOut => {
+            return Err(ConnectionError::NoHello(error.to_string()));
+        }
+        other => other?,
+    };
+    match receiver.accept(envelope)? {
+        Action::Greet(hello) => Ok(Greeted {
+            channel,
+            receiver,
+            hello,
+            peer,
+        }),
+        other => Err(ConnectionError::BeforeHello(other.name())),
+    }
+}
+
+/// Reads from a channel until a deadline, then fails with `TimedOut`.
+struct DeadlineReader<'a> {
+    reader: &'a mut ChannelReader,
+    until: Instant,
+    deadline: Duration,
+}
+
+impl std::io::Read for DeadlineReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let left = self.until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no Hello within {:?}", self.deadline),
+                ));
+            }
+            self.reader.stream().set_read_timeout(Some(left))?;
+            match self.reader.read(buffer) {
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+pub(crate) fn serve_connection(
+    greeted: Greeted,
     udp: &UdpSocket,
     options: &SecondaryOptions,
     backup: &mut Option<Backup>,
+    stop: &AtomicBool,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
     let heartbeat = options.heartbeat;
-    let write_half = stream.try_clone().map_err(ProtocolError::Io)?;
-    let sender = LinkSender::new(write_half, heartbeat.progress).map_err(ProtocolError::Io)?;
-    let mut reader = LivenessReader::new(stream, heartbeat).map_err(ProtocolError::Io)?;
+    let Greeted {
+        channel,
+        mut receiver,
+        hello,
+        peer,
+    } = greeted;
+    let sender = LinkSender::new(channel.writer, heartbeat.progress).map_err(ProtocolError::Io)?;
+    let mut reader = LivenessReader::new(channel.reader, heartbeat).map_err(ProtocolError::Io)?;
+    reader.limit_payload(MAX_PAYLOAD_BEFORE_WELCOME);
     let stop_heartbeats = Arc::new(AtomicBool::new(false));
     let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
     let mut link = Connection {
@@ -64,11 +154,13 @@ pub(crate) fn serve_connection(
         peer,
         udp,
         heartbeat,
+        heartbeat_keys: channel.heartbeat_keys,
         udp_heartbeats: None,
         ack_delay: options.ack_delay,
         witness: options.witness.as_ref(),
+        stop,
     };
-    let result = receive(&mut link, backup, report);
+    let result = receive(&mut link, &mut receiver, hello, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
     // nobody waits for them, so a takeover starts at once.
     drop(link.udp_heartbeats.take());
@@ -99,45 +191,48 @@ struct Connection<'a> {
     peer: SocketAddr,
     udp: &'a UdpSocket,
     heartbeat: HeartbeatPolicy,
+    heartbeat_keys: Option<HeartbeatKeys>,
     udp_heartbeats: Option<Heartbeats>,
     ack_delay: Duration,
     witness: Option<&'a Witness>,
+    /// Set by SIGTERM/SIGINT: the secondary says goodbye and stops.
+    stop: &'a AtomicBool,
 }
 
 fn receive(
     link: &mut Connection<'_>,
+    receiver: &mut Receiver,
+    hello: Hello,
     slot: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
-    let mut receiver = Receiver::new();
-    let hello = loop {
-        let envelope = link.reader.receive()?;
-        match receiver.accept(envelope)? {
-            Action::Greet(hello) => break hello,
-            Action::Heartbeat(_) => {}
-            Action::Close(reason) => {
-                return Ok(Ended::Closed(format!("the primary left: {reason}")));
-            }
-            other => return Err(ConnectionError::BeforeHello(other.name())),
-        }
-    };
-    if let Err(reason) = check_hello(&hello).and_then(|()| check_owner(link.witness, &hello)) {
+    if let Err(reason) =
+        check_hello(&hello, &link.heartbeat).and_then(|()| check_owner(link.witness, &hello))
+    {
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the primary: {reason}")));
     }
     let backup = slot.insert(Backup::create(&hello)?);
-    let udp_heartbeats =
-        Heartbeats::to_primary(link.udp, link.peer.ip(), hello.vm_id, link.heartbeat)
-            .map_err(ProtocolError::Io)?;
+    let udp_heartbeats = Heartbeats::to_primary(
+        link.udp,
+        link.peer.ip(),
+        hello.vm_id,
+        link.heartbeat,
+        link.heartbeat_keys,
+    )
+    .map_err(ProtocolError::Io)?;
     link.reader.hear(udp_heartbeats.heard());
     link.udp_heartbeats = Some(udp_heartbeats);
     link.sender.send(0, &Message::Welcome)?;
+    link.reader.limit_payload(MAX_PAYLOAD);
     let purpose = hello.purpose;
+    let store_pages = hello.store_pages;
     report(&SecondaryEvent::Connected {
         peer: link.peer,
         hello,
     });
-    receive_epochs(link, &mut receiver, backup, purpose, report)
+    let decoder = Decoder::bounded(usize_from(u64::from(store_pages)), backup.guest_pages());
+    receive_epochs(link, receiver, backup, decoder, purpose, report)
 }
 
 /// After `Hello`: epochs until the primary leaves or is lost, or a migration
@@ -146,16 +241,25 @@ fn receive_epochs(
     link: &mut Connection<'_>,
     receiver: &mut Receiver,
     backup: &mut Backup,
+    mut decoder: Decoder,
     purpose: Purpose,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
     let sender = link.sender;
-    let mut decoder = Decoder::new();
     let mut staging = Staging::default();
     let mut decoded = PageBatch::new();
     let mut last_commit: Option<Instant> = None;
     loop {
         let envelope = link.reader.receive()?;
+        if link.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // A clean stop: the primary runs on and reconnects later.
+            answer(
+                sender,
+                0,
+                &Message::Goodbye("the secondary is stopping".to_owned()),
+            );
+            return Ok(Ended::Closed("stopping on request".to_owned()));
+        }
         // Heard is not working: a primary whose epochs stopped committing
         // (after the first) is lost too.
         if last_commit.is_some_and(|at| at.elapsed() > link.heartbeat.progress) {
@@ -164,20 +268,19 @@ fn receive_epochs(
         let epoch = envelope.epoch;
         match receiver.accept(envelope)? {
             Action::Greet(_) => return Err(ConnectionError::BeforeHello("a second Hello")),
-            Action::BeginEpoch(_) => staging.begin(),
-            Action::StageOutput(frame) => staging.output.push(frame),
+            Action::BeginEpoch(_) => staging.begin(backup.guest_pages()),
+            Action::StageOutput(frame) => staging.stage_output(epoch, frame)?,
             Action::StagePages(frame) => {
                 decoder
                     .decode(&frame, &mut decoded)
                     .map_err(|source| ConnectionError::Pages { epoch, source })?;
-                staging.received += decoded.len() as u64;
                 if backup.writes_in_place() {
-                    // The initial copy: nothing to protect yet, write it in place.
+                    // The initial copy: nothing to protect yet, write it in
+                    // place (every page number was checked by the decoder).
+                    staging.received += decoded.len() as u64;
                     backup.apply(&decoded)?;
                 } else {
-                    for (page_number, page) in decoded.iter() {
-                        staging.pages.push(page_number, page);
-                    }
+                    staging.stage_pages(epoch, &decoded)?;
                 }
             }
             Action::StageState(bytes) => {
@@ -263,7 +366,7 @@ fn check_state(bytes: &[u8], epoch: u64, backup: &Backup) -> Result<VmState, Con
     Ok(state)
 }
 
-fn check_hello(hello: &Hello) -> Result<(), String> {
+fn check_hello(hello: &Hello, heartbeat: &HeartbeatPolicy) -> Result<(), String> {
     if hello.version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} is not supported (this secondary speaks {PROTOCOL_VERSION})",
@@ -274,6 +377,26 @@ fn check_hello(hello: &Hello) -> Result<(), String> {
         return Err("the primary runs a different guest image".to_owned());
     }
     memory::region_layout(hello.memory_bytes).map_err(|error| error.to_string())?;
+    let guest_pages = hello.memory_bytes / PAGE_SIZE;
+    if u64::from(hello.store_pages) > guest_pages {
+        return Err(format!(
+            "the codec's version store of {} pages is larger than the guest ({guest_pages} pages)",
+            hello.store_pages
+        ));
+    }
+    if hello.heartbeat_interval.is_zero() || hello.heartbeat_interval >= heartbeat.timeout() {
+        return Err(format!(
+            "the primary's heartbeat interval {:?} is not below this secondary's timeout {:?}: it would be declared lost while alive",
+            hello.heartbeat_interval,
+            heartbeat.timeout()
+        ));
+    }
+    if heartbeat.interval >= hello.heartbeat_timeout {
+        return Err(format!(
+            "this secondary's heartbeat interval {:?} is not below the primary's timeout {:?}: it would be declared lost while alive",
+            heartbeat.interval, hello.heartbeat_timeout
+        ));
+    }
     Ok(())
 }
 
@@ -291,12 +414,15 @@ mod tests {
             vm_id: 7,
             owner: 1,
             generation: 0,
+            store_pages: 1024,
+            heartbeat_interval: Duration::from_millis(10),
+            heartbeat_timeout: Duration::from_millis(50),
         }
     }
 
     #[test]
     fn a_hello_from_this_build_is_accepted() {
-        assert_eq!(check_hello(&hello()), Ok(()));
+        assert_eq!(check_hello(&hello(), &HeartbeatPolicy::default()), Ok(()));
     }
 
     #[test]
@@ -306,7 +432,8 @@ mod tests {
             ..hello()
         };
 
-        let refused = check_hello(&other).expect_err("another version");
+        let refused =
+            check_hello(&other, &HeartbeatPolicy::default()).expect_err("another version");
 
         assert!(refused.contains("protocol version"), "{refused}");
     }
@@ -318,7 +445,7 @@ mod tests {
             ..hello()
         };
 
-        let refused = check_hello(&other).expect_err("another image");
+        let refused = check_hello(&other, &HeartbeatPolicy::default()).expect_err("another image");
 
         assert!(refused.contains("different guest image"), "{refused}");
     }
@@ -330,6 +457,6 @@ mod tests {
             ..hello()
         };
 
-        assert!(check_hello(&other).is_err());
+        assert!(check_hello(&other, &HeartbeatPolicy::default()).is_err());
     }
 }

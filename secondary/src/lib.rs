@@ -42,7 +42,8 @@ mod fence;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
@@ -55,8 +56,9 @@ use understudy_vm::tap::{Tap, TapError};
 use understudy_vm::{Vm, VmError};
 
 use backup::Backup;
-use connection::{Ended, serve_connection};
+use connection::{Ended, Greeted, greet, serve_connection};
 use fence::{SyncedWith, Verdict, may_take_over};
+use understudy_checkpoint::channel::{ChannelError, HANDSHAKE_DEADLINE, Security};
 use understudy_checkpoint::witness::Witness;
 
 /// A secondary that cannot go on.
@@ -80,6 +82,9 @@ pub enum SecondaryError {
     /// The tap for the guest's network could not be opened.
     #[error("cannot open the guest's tap")]
     Tap(#[from] TapError),
+    /// A page outside guest memory.
+    #[error("page {0} is outside guest memory")]
+    PageOutOfRange(u64),
 }
 
 /// Why one connection ended (the secondary goes on either way).
@@ -88,6 +93,28 @@ pub enum ConnectionError {
     /// The protocol was violated.
     #[error("protocol violation")]
     Protocol(#[from] ProtocolError),
+    /// The secure channel could not be opened (the peer is not trusted).
+    #[error("the channel handshake failed")]
+    Channel(#[from] ChannelError),
+    /// A page number outside guest memory.
+    #[error("epoch {epoch} carries page {page_number}, outside guest memory")]
+    PageOutOfRange {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        page_number: u64,
+    },
+    /// A page sent twice in one epoch.
+    #[error("epoch {epoch} carries page {page_number} twice")]
+    DuplicatePage {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        page_number: u64,
+    },
+    /// More guest output than an epoch may hold.
+    #[error("epoch {0} carries more guest output than an epoch may hold")]
+    OutputTooLarge(u64),
     /// A page frame did not decode.
     #[error("a page frame of epoch {epoch} is invalid")]
     Pages {
@@ -112,6 +139,9 @@ pub enum ConnectionError {
     /// An epoch ended without its state.
     #[error("epoch {0} ended without its VM state")]
     MissingState(u64),
+    /// The peer sent no `Hello` (closed, or missed the deadline).
+    #[error("no Hello: {0}")]
+    NoHello(String),
     /// A message other than `Hello` came first.
     #[error("the primary sent {0} before Hello")]
     BeforeHello(&'static str),
@@ -224,7 +254,12 @@ pub struct SecondaryOptions {
     pub witness: Option<Witness>,
     /// This process, as the witness knows it.
     pub instance: u64,
+    /// How connections are authenticated and encrypted.
+    pub security: Security,
 }
+
+/// Connections still in their handshake at once; more are closed at once.
+const MAX_PENDING_HANDSHAKES: usize = 32;
 
 /// Serves primaries until one is lost after committing an epoch; then
 /// resumes its guest and returns it.
@@ -257,42 +292,115 @@ pub fn serve(
     report(&SecondaryEvent::Listening {
         address: options.listen,
     });
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    let (greeted_sender, greeted) = std::sync::mpsc::channel();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let acceptor = std::thread::Builder::new()
+            .name("acceptor".to_owned())
+            .spawn_scoped(scope, || {
+                accept_loop(&listener, &options.security, stop, &done, &greeted_sender);
+            })
+            .map_err(|source| SecondaryError::Listen {
+                address: options.listen,
+                source,
+            });
+        let result = match acceptor {
+            Ok(_) => serve_greeted(&greeted, &udp, &options, tap.as_ref(), stop, &mut report),
+            Err(error) => Err(error),
+        };
+        done.store(true, Ordering::Relaxed);
+        result
+    })
+}
+
+/// Accepts connections and hands each to a greeter thread of its own (the
+/// channel handshake and `Hello`, under a deadline), until `stop` or `done`.
+fn accept_loop(
+    listener: &TcpListener,
+    security: &Security,
+    stop: &AtomicBool,
+    done: &AtomicBool,
+    greeted: &Sender<(SocketAddr, Result<Greeted, ConnectionError>)>,
+) {
+    let pending = Arc::new(AtomicUsize::new(0));
+    let mut last_overflow_log: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) && !done.load(Ordering::Relaxed) {
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            Err(source) => {
-                return Err(SecondaryError::Listen {
-                    address: options.listen,
-                    source,
-                });
+            Err(error) => {
+                tracing::warn!(%error, "accepting a connection failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
         };
+        if pending.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES {
+            // Rate-limited: a flood must not flood the log too.
+            if last_overflow_log.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                tracing::warn!(%peer, "too many connections in their handshake; closing new ones");
+                last_overflow_log = Some(Instant::now());
+            }
+            continue;
+        }
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_nodelay(true);
+        pending.fetch_add(1, Ordering::Relaxed);
+        let (pending, security, greeted) = (pending.clone(), security.clone(), greeted.clone());
+        let spawned = std::thread::Builder::new()
+            .name("greeter".to_owned())
+            .spawn(move || {
+                let result = greet(stream, peer, &security, HANDSHAKE_DEADLINE);
+                pending.fetch_sub(1, Ordering::Relaxed);
+                // The main loop may be gone (a takeover): nothing to tell.
+                let _ = greeted.send((peer, result));
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start a greeter thread");
+        }
+    }
+}
+
+/// Serves greeted connections one at a time until one is lost after
+/// committing an epoch (or a migration arrives), or `stop`.
+fn serve_greeted(
+    greeted: &std::sync::mpsc::Receiver<(SocketAddr, Result<Greeted, ConnectionError>)>,
+    udp: &UdpSocket,
+    options: &SecondaryOptions,
+    tap: Option<&Arc<Tap>>,
+    stop: &AtomicBool,
+    report: &mut impl FnMut(&SecondaryEvent),
+) -> Result<Option<Failover>, SecondaryError> {
+    while !stop.load(Ordering::Relaxed) {
+        let greeting = match greeted.recv_timeout(Duration::from_millis(20)) {
+            Ok((_, Ok(greeting))) => greeting,
+            Ok((peer, Err(error))) => {
+                let reason = format!("{peer} was not let in: {}", anyhow_chain(&error));
+                tracing::warn!(%peer, %reason, "connection refused");
+                report(&SecondaryEvent::Disconnected { reason });
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let peer = greeting.peer;
         // Each connection has a backup of its own, made from its Hello:
         // state committed by an earlier connection is never resumed (that
         // primary may have run on unprotected since).
         let mut backup: Option<Backup> = None;
-        match serve_connection(stream, peer, &udp, &options, &mut backup, &mut report) {
+        match serve_connection(greeting, udp, options, &mut backup, stop, report) {
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
                     && let Verdict::Stale(why) =
-                        may_take_over(witness, synced, options.instance, stop, &mut report)
+                        may_take_over(witness, synced, options.instance, stop, report)
                 {
                     report(&SecondaryEvent::Disconnected { reason: why });
                     continue;
                 }
-                if let Some(failover) = take_over(
-                    &mut backup,
-                    last_heard,
-                    reason,
-                    options.verify,
-                    tap.as_ref(),
-                )? {
+                if let Some(failover) =
+                    take_over(&mut backup, last_heard, reason, options.verify, tap)?
+                {
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
@@ -306,7 +414,7 @@ pub fn serve(
                     Instant::now(),
                     "migrated in".to_owned(),
                     options.verify,
-                    tap.as_ref(),
+                    tap,
                 )?;
                 if let Some(arrived) = &mut arrived {
                     arrived.migrated = true;

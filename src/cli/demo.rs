@@ -42,8 +42,8 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
         stall: Duration::from_secs(1),
     };
     let started = Instant::now();
-    let say = |text: String| println!("[{:5.1} s] {text}", started.elapsed().as_secs_f64());
-    println!(
+    let say = |text: String| crate::say!("[{:5.1} s] {text}", started.elapsed().as_secs_f64());
+    crate::say!(
         "Understudy demo (seed {}): a key-value guest on a primary host, protected by a secondary \
          host, each host a network namespace on this machine; a client writes to the guest; the \
          primary host fails at a random moment.",
@@ -78,7 +78,7 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
     let Some(result) = results.first() else {
         bail!("the demo ran no round");
     };
-    println!("{}", verdict(result));
+    crate::say!("{}", verdict(result));
     if !result.passed() {
         bail!("the guest did not survive its host unharmed");
     }

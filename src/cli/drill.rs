@@ -113,13 +113,13 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
         stall: arguments.stall,
     };
     if arguments.json {
-        println!(
+        crate::say!(
             "{}",
             json!({"event": "drill", "rounds": options.rounds, "seed": options.seed,
                    "failure": options.failure.name()})
         );
     } else {
-        println!(
+        crate::say!(
             "failover drill: {} round(s), failure {}, seed {}",
             options.rounds,
             options.failure.name(),
@@ -145,7 +145,7 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
 
 fn report_round(round: u32, result: &RoundResult, as_json: bool) {
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "round", "round": round, "passed": result.passed(),
@@ -161,7 +161,7 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
             })
         );
     } else {
-        println!(
+        crate::say!(
             "round {round}: {} — failure {:.0} ms in; the {} ran the guest after it ({} frames from the other copy); guest resumed {:.1} ms after the last heartbeat; client outage {:.0} ms; {} INCR and {} SET acknowledged, {}{}",
             if result.passed() { "PASS" } else { "FAIL" },
             result.fail_after.as_secs_f64() * 1e3,
@@ -191,7 +191,7 @@ fn survivor_name(survivor: Survivor) -> &'static str {
 
 fn report_summary(summary: &DrillSummary, as_json: bool) {
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({"event": "summary", "rounds": summary.rounds, "failed": summary.failed,
                    "outage_median_ms": summary.outage_median.as_secs_f64() * 1e3,
@@ -200,7 +200,7 @@ fn report_summary(summary: &DrillSummary, as_json: bool) {
                    "two_copies": summary.two_copies})
         );
     } else {
-        println!(
+        crate::say!(
             "summary: {} round(s), {} failed; client outage median {:.0} ms, worst {:.0} ms; {} acknowledged writes lost, {} connections reset, {} rounds with two copies",
             summary.rounds,
             summary.failed,

@@ -46,6 +46,8 @@ pub struct MigrateArguments {
     #[command(flatten)]
     heartbeat: HeartbeatOptions,
     #[command(flatten)]
+    channel: super::ChannelOptions,
+    #[command(flatten)]
     vm: VmOptions,
 }
 
@@ -68,7 +70,7 @@ fn parse_policy(value: &str) -> Result<NoConvergence, String> {
 
 fn print_round(round: &Round, as_json: bool) {
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "round",
@@ -86,7 +88,7 @@ fn print_round(round: &Round, as_json: bool) {
         let done = round.pages as f64 / (round.pages + round.pages_left).max(1) as f64;
         // Of 21 positions: 0 to 20 cells filled.
         let filled = understudy_bench::nearest_rank(21, done);
-        println!(
+        crate::say!(
             "[{}{}] round {:3}: sent {:8} pages, {:8} left, {:8.1} MB/s, estimated downtime {:8.1} ms{}",
             "#".repeat(filled),
             "-".repeat(20 - filled.min(20)),
@@ -120,10 +122,11 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
                 max_pause: Duration::from_secs(1),
             },
             codec: arguments.codec,
-            heartbeat: arguments.heartbeat.policy(),
+            heartbeat: arguments.heartbeat.policy()?,
             verify: false,
             precopy_rounds: u32::MAX,
             max_bandwidth: arguments.max_bandwidth.map(|rate| rate as f64),
+            security: arguments.channel.security()?,
         },
         max_downtime: arguments.max_downtime,
         deadline: arguments.deadline,
@@ -144,7 +147,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
     };
     let raw_bytes = summary.pages * PAGE_SIZE;
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "migrated",
@@ -158,7 +161,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!(
+        crate::say!(
             "migrated in {:.0} ms: downtime {:.1} ms, {} round(s), {} pages ({:.1} MiB raw, {:.1} MiB on the wire){}",
             summary.total.as_secs_f64() * 1e3,
             summary.downtime.as_secs_f64() * 1e3,

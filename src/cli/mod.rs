@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod demo;
 pub mod drill;
+pub mod keygen;
 pub mod kvbench;
 pub mod migrate;
 pub mod replicate;
@@ -22,6 +23,56 @@ use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::workload::{WorkloadSpec, parse_size};
 use understudy_vm::{Vm, VmConfig};
+
+/// Prints a line on stdout, like `println!`, but a closed or broken stdout
+/// (`understudy secondary | head`, a log collector that died) is ignored:
+/// a process that holds the only copy of a guest must not die of a reader.
+#[macro_export]
+macro_rules! say {
+    ($($argument:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($argument)*);
+    }};
+}
+
+/// How this process's replication or migration connections are secured.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChannelOptions {
+    /// This host's Noise key (from `understudy keygen`): connections are
+    /// mutually authenticated and encrypted.
+    #[arg(long, requires = "peer_keys")]
+    key: Option<std::path::PathBuf>,
+    /// A file of public keys (`.pub` from `understudy keygen`, one per
+    /// line) of the peers this host accepts; repeat for more files.
+    #[arg(long = "peer-key")]
+    peer_keys: Vec<std::path::PathBuf>,
+    /// No authentication, no encryption: anyone who reaches the port can
+    /// drive the secondary and read guest memory. For local experiments only.
+    #[arg(long, conflicts_with_all = ["key", "peer_keys"])]
+    plaintext: bool,
+}
+
+impl ChannelOptions {
+    /// The security these options ask for; says so on stderr when plain.
+    pub fn security(&self) -> anyhow::Result<understudy_checkpoint::channel::Security> {
+        use understudy_checkpoint::channel::{Keyring, Security};
+        match (&self.key, self.plaintext) {
+            (Some(key), false) => Ok(Security::Noise(Arc::new(Keyring::load(
+                key,
+                &self.peer_keys,
+            )?))),
+            (None, true) => {
+                eprintln!(
+                    "WARNING: --plaintext: replication is neither authenticated nor encrypted;                      anyone who reaches the port can read guest memory or drive the secondary.                      For local experiments only."
+                );
+                Ok(Security::Plaintext)
+            }
+            _ => bail!(
+                "say how connections are secured: --key FILE --peer-key FILE (make them with                  `understudy keygen`), or --plaintext for local experiments"
+            ),
+        }
+    }
+}
 
 /// Options that shape a new VM.
 #[derive(clap::Args, Clone, Debug)]
@@ -169,7 +220,7 @@ pub fn monitor(vm: &Vm, options: MonitorOptions, stop: &AtomicBool) -> anyhow::R
 
 fn print_stats(stats: &Stats, as_json: bool) {
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "t": stats.t,
@@ -181,7 +232,7 @@ fn print_stats(stats: &Stats, as_json: bool) {
             })
         );
     } else {
-        println!(
+        crate::say!(
             "t={:6.1}s  guest dirtied {:8.1} MB/s  dirty log {:9.0} pages/s  counter {:11.0} steps/s",
             stats.t,
             stats.guest_dirtied_mb_per_s,

@@ -40,13 +40,15 @@ pub struct HeartbeatOptions {
 }
 
 impl HeartbeatOptions {
-    /// The policy these options describe.
-    pub fn policy(self) -> HeartbeatPolicy {
-        HeartbeatPolicy {
+    /// The policy these options describe, checked.
+    pub fn policy(self) -> anyhow::Result<HeartbeatPolicy> {
+        let policy = HeartbeatPolicy {
             interval: self.heartbeat_interval,
-            misses: self.heartbeat_misses.max(1),
+            misses: self.heartbeat_misses,
             progress: self.progress_timeout,
-        }
+        };
+        policy.check()?;
+        Ok(policy)
     }
 }
 
@@ -119,6 +121,8 @@ pub struct PrimaryArguments {
     #[command(flatten)]
     witness: WitnessOptions,
     #[command(flatten)]
+    channel: super::ChannelOptions,
+    #[command(flatten)]
     vm: VmOptions,
 }
 
@@ -150,6 +154,8 @@ pub struct SecondaryArguments {
     json: bool,
     #[command(flatten)]
     witness: WitnessOptions,
+    #[command(flatten)]
+    channel: super::ChannelOptions,
 }
 
 fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
@@ -165,7 +171,7 @@ fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
 /// What an epoch holds, printed before any of it is sent.
 fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "checkpoint",
@@ -189,13 +195,13 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
             total,
         } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "synchronised", "rounds": rounds, "pages": pages,
                            "pause_us": pause.as_secs_f64() * 1e6, "total_ms": total.as_secs_f64() * 1e3})
                 );
             } else {
-                println!(
+                crate::say!(
                     "synchronised: {pages} pages in {rounds} pre-copy round(s), {:.0} ms, final pause {:.0} µs",
                     total.as_secs_f64() * 1e3,
                     pause.as_secs_f64() * 1e6
@@ -204,7 +210,7 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
         }
         PrimaryEvent::Sent(metrics) => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({
                         "event": "epoch",
@@ -222,7 +228,7 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
         }
         PrimaryEvent::Acknowledged { epoch, latency } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "ack", "epoch": epoch, "ack_us": latency.as_secs_f64() * 1e6})
                 );
@@ -230,18 +236,18 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
         }
         PrimaryEvent::Witness { state, generation } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "witness", "state": state, "generation": generation})
                 );
             } else {
-                println!("witness: {state}, generation {generation}");
+                crate::say!("witness: {state}, generation {generation}");
             }
         }
         PrimaryEvent::WitnessWaiting { reason } => {
             eprintln!("WAITING for the witness ({reason}); held output stays held");
             if as_json {
-                println!("{}", json!({"event": "witness_waiting", "reason": reason}));
+                crate::say!("{}", json!({"event": "witness_waiting", "reason": reason}));
             }
         }
         PrimaryEvent::SecondaryLost { reason } => {
@@ -250,7 +256,7 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
                  trying {secondary} again every second"
             );
             if as_json {
-                println!("{}", json!({"event": "secondary_lost", "reason": reason}));
+                crate::say!("{}", json!({"event": "secondary_lost", "reason": reason}));
             }
         }
     }
@@ -280,10 +286,11 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
                 max_pause: arguments.max_pause,
             },
             codec: arguments.codec,
-            heartbeat: arguments.heartbeat.policy(),
+            heartbeat: arguments.heartbeat.policy()?,
             verify: arguments.verify,
             precopy_rounds: arguments.precopy_rounds.max(1),
             max_bandwidth: None,
+            security: arguments.channel.security()?,
         },
         vm_id: super::new_vm_id(),
         owner: super::new_vm_id(),
@@ -295,7 +302,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     };
     let policy = &options.primary;
     if arguments.json {
-        println!(
+        crate::say!(
             "{}",
             json!({"event": "policy", "epoch_ms": arguments.epoch.as_secs_f64() * 1e3,
                    "min_epoch_ms": policy.epoch.min.as_secs_f64() * 1e3,
@@ -303,9 +310,10 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
                    "codec": policy.codec.to_string()})
         );
     } else {
-        println!(
+        crate::say!(
             "protecting with {} and codec {}",
-            policy.epoch, policy.codec
+            policy.epoch,
+            policy.codec
         );
     }
     let end = understudy_primary::run(&mut vm, &options, &stop, |event| {
@@ -326,14 +334,14 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
 fn print_output_commit(metrics: &Metrics, as_json: bool) {
     let quantile = |q| metrics.held_quantile(q).map(|d| d.as_secs_f64() * 1e3);
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({"event": "output_commit", "frames_released": metrics.frames_released,
                    "frames_dropped": metrics.frames_dropped, "frames_held": metrics.frames_held,
                    "held_p50_ms_at_most": quantile(0.5), "held_p99_ms_at_most": quantile(0.99)})
         );
     } else {
-        println!(
+        crate::say!(
             "output commit: {} frames released, {} dropped; held p50 <= {:.1} ms, p99 <= {:.1} ms",
             metrics.frames_released,
             metrics.frames_dropped,
@@ -349,33 +357,34 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     let as_json = arguments.json;
     let options = SecondaryOptions {
         listen: arguments.listen,
-        heartbeat: arguments.heartbeat.policy(),
+        heartbeat: arguments.heartbeat.policy()?,
         verify: arguments.verify,
         tap: arguments.tap.clone(),
         ack_delay: arguments.ack_delay,
         witness: arguments.witness.witness(),
         instance: super::new_vm_id(),
+        security: arguments.channel.security()?,
     };
     let failover = understudy_secondary::serve(options, &stop, |event| match event {
         SecondaryEvent::Listening { address } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "listening", "address": address.to_string()})
                 );
             } else {
-                println!("waiting for a primary on {address}");
+                crate::say!("waiting for a primary on {address}");
             }
         }
         SecondaryEvent::Connected { peer, hello } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "connected", "peer": peer.to_string(),
                            "memory_bytes": hello.memory_bytes, "vcpus": hello.vcpus})
                 );
             } else {
-                println!(
+                crate::say!(
                     "primary {peer} connected: {} MiB, {} vCPU(s)",
                     hello.memory_bytes >> 20,
                     hello.vcpus
@@ -388,7 +397,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
             receive,
         } => {
             if as_json {
-                println!(
+                crate::say!(
                     "{}",
                     json!({"event": "committed", "epoch": epoch, "pages": pages,
                            "receive_us": receive.as_secs_f64() * 1e6})
@@ -400,14 +409,14 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                 "WAITING for the witness before taking over ({reason}); the guest stays paused"
             );
             if as_json {
-                println!("{}", json!({"event": "witness_waiting", "reason": reason}));
+                crate::say!("{}", json!({"event": "witness_waiting", "reason": reason}));
             }
         }
         SecondaryEvent::Disconnected { reason } => {
             if as_json {
-                println!("{}", json!({"event": "disconnected", "reason": reason}));
+                crate::say!("{}", json!({"event": "disconnected", "reason": reason}));
             } else {
-                println!("primary disconnected: {reason}");
+                crate::say!("primary disconnected: {reason}");
             }
         }
     })?;
@@ -416,7 +425,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     };
     let vm = failover.vm;
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "resumed",
@@ -430,9 +439,9 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
             })
         );
     } else if failover.migrated {
-        println!("migration arrived: the guest runs here now");
+        crate::say!("migration arrived: the guest runs here now");
     } else {
-        println!(
+        crate::say!(
             "PRIMARY LOST ({}): resumed the guest from epoch {} in {:.1} ms after the last heartbeat",
             failover.reason,
             failover.epoch,
@@ -452,7 +461,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     vm.pause()?;
     check_events(&vm)?;
     if as_json {
-        println!(
+        crate::say!(
             "{}",
             json!({"event": "stopped", "vcpus": vcpus_json(&ProgressSample::read(&vm)?)})
         );

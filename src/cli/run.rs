@@ -24,7 +24,7 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
     wait_until_running(&vm, Duration::from_secs(10))?;
     let first_progress = started.elapsed();
     if arguments.monitor.json {
-        println!(
+        crate::say!(
             "{}",
             json!({
                 "event": "guest_running",
@@ -35,7 +35,7 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!(
+        crate::say!(
             "guest running {} on {} vCPU(s) with {} MiB; first progress {:.1} ms after start",
             arguments.vm.workload,
             arguments.vm.vcpus,
@@ -47,7 +47,7 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
     vm.pause()?;
     vm.shutdown();
     if !arguments.monitor.json {
-        println!("stopped after {:.1} s", started.elapsed().as_secs_f64());
+        crate::say!("stopped after {:.1} s", started.elapsed().as_secs_f64());
     }
     Ok(())
 }

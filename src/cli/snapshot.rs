@@ -72,7 +72,7 @@ pub fn snapshot(arguments: SnapshotArguments) -> anyhow::Result<()> {
     let writing = Instant::now();
     let summary = snapshot::write(&vm, &arguments.output)
         .with_context(|| format!("cannot write the snapshot {}", arguments.output.display()))?;
-    println!(
+    crate::say!(
         "{}",
         json!({
             "event": "snapshot",
@@ -97,7 +97,7 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     let tap = arguments.tap.as_deref().map(open_tap).transpose()?;
     let (mut vm, summary) = snapshot::restore(&arguments.input, tap)
         .with_context(|| format!("cannot restore the snapshot {}", arguments.input.display()))?;
-    println!(
+    crate::say!(
         "{}",
         json!({
             "event": "restored",
@@ -116,7 +116,7 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     monitor(&vm, arguments.monitor, &stop)?;
     vm.pause()?;
     check_events(&vm)?;
-    println!(
+    crate::say!(
         "{}",
         json!({ "event": "stopped", "vcpus": paused_progress(&vm)? })
     );

@@ -151,9 +151,9 @@ pub fn namespace(tag: &str) -> Namespace {
 }
 
 /// Starts `understudy ARGS` inside `namespace`, JSON lines on a channel.
-pub fn spawn_json_in(
+pub fn spawn_json_in<S: AsRef<str>>(
     namespace: &Namespace,
-    args: &[&str],
+    args: &[S],
 ) -> (
     std::process::Child,
     std::sync::mpsc::Receiver<serde_json::Value>,
@@ -164,6 +164,36 @@ pub fn spawn_json_in(
         namespace.name(),
         env!("CARGO_BIN_EXE_understudy"),
     ];
-    full.extend_from_slice(args);
+    full.extend(args.iter().map(AsRef::as_ref));
     spawn_json_program("ip", &full)
+}
+
+/// `--key`/`--peer-key` arguments for a test's `primary` or `secondary`
+/// (any other role: the primary's); the keys are made once per test binary
+/// under Cargo's target tmp directory, and each side accepts only the other.
+pub fn channel_arguments(role: &str) -> Vec<String> {
+    use understudy_checkpoint::channel::{KeyPair, write_key_files};
+    static KEYS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let directory = KEYS.get_or_init(|| {
+        let directory = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).expect("a key directory");
+        for name in ["primary", "secondary"] {
+            let keypair = KeyPair::generate().expect("a key pair");
+            write_key_files(&directory.join(name), &keypair).expect("key files");
+        }
+        directory
+    });
+    let (own, peer) = if role == "secondary" {
+        ("secondary", "primary")
+    } else {
+        ("primary", "secondary")
+    };
+    vec![
+        "--key".to_owned(),
+        directory.join(format!("{own}.key")).display().to_string(),
+        "--peer-key".to_owned(),
+        directory.join(format!("{peer}.pub")).display().to_string(),
+    ]
 }

@@ -123,6 +123,17 @@ const CHUNK: usize = 1 << 20;
 
 /// xxh3-64 of all guest memory, region by region in address order.
 pub fn hash(memory: &GuestMemory) -> Result<u64, MemoryError> {
+    hash_overlaid(memory, |_, _| {})
+}
+
+/// The hash [`hash`] would give after `overlay` changed memory: `overlay`
+/// is called with each chunk read (its guest address and bytes, in address
+/// order) and may change the bytes before they are hashed. Memory itself
+/// is not written.
+pub fn hash_overlaid(
+    memory: &GuestMemory,
+    mut overlay: impl FnMut(u64, &mut [u8]),
+) -> Result<u64, MemoryError> {
     let mut hasher = Xxh3::new();
     let mut buffer = vec![0u8; CHUNK];
     for region in memory.iter() {
@@ -131,11 +142,22 @@ pub fn hash(memory: &GuestMemory) -> Result<u64, MemoryError> {
         while offset < region.len() {
             let len = usize_from((region.len() - offset).min(CHUNK as u64));
             read(memory, start + offset, &mut buffer[..len])?;
+            overlay(start + offset, &mut buffer[..len]);
             hasher.update(&buffer[..len]);
             offset += len as u64;
         }
     }
     Ok(hasher.digest())
+}
+
+/// Whether page `page_number` (guest address `page_number * PAGE_SIZE`) is
+/// inside guest memory.
+pub fn holds_page(memory: &GuestMemory, page_number: u64) -> bool {
+    page_number
+        .checked_mul(crate::PAGE_SIZE)
+        .is_some_and(|address| {
+            memory.check_range(GuestAddress(address), usize_from(crate::PAGE_SIZE))
+        })
 }
 
 /// Forgets the VMM's own writes so far (after loading an image or a snapshot,

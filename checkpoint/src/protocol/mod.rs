@@ -63,10 +63,10 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub use receiver::{Action, Receiver, ReceiverState};
-pub use wire::{Envelope, Header, Sender, read_message};
+pub use wire::{Envelope, Header, Sender, read_message, read_message_within};
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Most epochs a primary has sent without their acknowledgement before it
 /// waits: a slow secondary lengthens the epochs instead of letting held
 /// output and queued checkpoints grow without bound. A secondary keeps the
@@ -82,6 +82,11 @@ pub const HEADER_LEN: usize = 48;
 pub const MAX_PAYLOAD: usize = (1 << 30) + (16 << 20);
 /// Longest reason text (`Refuse`, `Goodbye`).
 const MAX_TEXT: usize = 4096;
+/// Largest encoded VM state: vCPU registers and devices are a few KiB per
+/// vCPU; this leaves room for hundreds.
+pub const MAX_STATE: usize = 16 << 20;
+/// Largest payload a peer may send before its `Hello` was accepted.
+pub const MAX_PAYLOAD_BEFORE_WELCOME: usize = MAX_TEXT;
 
 /// A protocol failure.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +183,14 @@ pub struct Hello {
     /// The fencing token: the witness generation this pair will be in sync
     /// at (0 without a witness).
     pub generation: u64,
+    /// Capacity of the codec's version store (pages) both ends keep: the
+    /// receiver refuses more than the guest has, and every frame must
+    /// agree.
+    pub store_pages: u32,
+    /// How often the primary sends heartbeats.
+    pub heartbeat_interval: std::time::Duration,
+    /// Silence after which the primary declares the secondary lost.
+    pub heartbeat_timeout: std::time::Duration,
 }
 
 /// The end of an epoch: what the receiver should now hold.
@@ -257,6 +270,21 @@ macro_rules! message_kinds {
                     $(Self::$kind => stringify!($kind),)*
                 }
             }
+
+            /// The longest payload a message of this kind may have: a
+            /// reader refuses a longer one from its header alone.
+            pub fn max_payload(self) -> usize {
+                match self {
+                    Self::Hello => std::mem::size_of::<HelloPayload>(),
+                    Self::Welcome | Self::Ack => 0,
+                    Self::Refuse | Self::Goodbye => MAX_TEXT,
+                    Self::EpochBegin | Self::Heartbeat | Self::Sync | Self::Synced => 8,
+                    Self::EpochEnd => std::mem::size_of::<EpochEndPayload>(),
+                    Self::Pages => MAX_PAYLOAD,
+                    Self::State => MAX_STATE,
+                    Self::Input | Self::Output => MAX_INPUT_FRAME,
+                }
+            }
         }
     };
 }
@@ -287,11 +315,13 @@ struct HelloPayload {
     purpose: U32,
     memory_bytes: U64,
     vcpus: U32,
-    reserved: U32,
+    store_pages: U32,
     guest_image_hash: U64,
     vm_id: U64,
     owner: U64,
     generation: U64,
+    heartbeat_interval_micros: U32,
+    heartbeat_timeout_micros: U32,
 }
 
 /// `EpochEnd`'s payload, little-endian.
@@ -357,11 +387,13 @@ impl Message {
                 purpose: hello.purpose.to_wire().into(),
                 memory_bytes: hello.memory_bytes.into(),
                 vcpus: hello.vcpus.into(),
-                reserved: 0.into(),
+                store_pages: hello.store_pages.into(),
                 guest_image_hash: hello.guest_image_hash.into(),
                 vm_id: hello.vm_id.into(),
                 owner: hello.owner.into(),
                 generation: hello.generation.into(),
+                heartbeat_interval_micros: micros(hello.heartbeat_interval).into(),
+                heartbeat_timeout_micros: micros(hello.heartbeat_timeout).into(),
             }
             .as_bytes()
             .to_vec(),
@@ -427,6 +459,13 @@ impl Message {
                     vm_id: hello.vm_id.get(),
                     owner: hello.owner.get(),
                     generation: hello.generation.get(),
+                    store_pages: hello.store_pages.get(),
+                    heartbeat_interval: std::time::Duration::from_micros(u64::from(
+                        hello.heartbeat_interval_micros.get(),
+                    )),
+                    heartbeat_timeout: std::time::Duration::from_micros(u64::from(
+                        hello.heartbeat_timeout_micros.get(),
+                    )),
                 })
             }
             MessageKind::Welcome => empty(Self::Welcome)?,
@@ -456,6 +495,11 @@ impl Message {
             MessageKind::Output => Self::Output(frame(payload)?),
         })
     }
+}
+
+/// `duration` in microseconds, saturating at `u32::MAX` (71 minutes).
+fn micros(duration: std::time::Duration) -> u32 {
+    u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// `text` cut to at most [`MAX_TEXT`] bytes, at a character boundary.

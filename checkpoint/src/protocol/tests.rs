@@ -14,6 +14,9 @@ fn hello() -> Hello {
         vm_id: 9,
         owner: 1,
         generation: 0,
+        store_pages: 0,
+        heartbeat_interval: std::time::Duration::from_millis(10),
+        heartbeat_timeout: std::time::Duration::from_millis(50),
     }
 }
 
@@ -406,4 +409,33 @@ fn not_our_protocol_is_refused() {
     let result = read_message(&mut &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n_____________________"[..]);
 
     assert!(matches!(result, Err(ProtocolError::BadMagic)));
+}
+
+#[test]
+fn a_payload_longer_than_its_kind_allows_is_refused_from_the_header() {
+    let mut sender = Sender::new();
+    let bytes = sender
+        .encode(0, &Message::State(vec![0; 64]))
+        .expect("encodes");
+
+    let result = read_message_within(&mut bytes.as_slice(), 16);
+
+    assert!(matches!(result, Err(ProtocolError::PayloadTooLarge(64))));
+}
+
+#[test]
+fn a_heartbeat_announcing_a_large_payload_is_refused() {
+    let mut sender = Sender::new();
+    let mut bytes = sender.encode(0, &Message::Heartbeat(1)).expect("encodes");
+    // Rewrite the length (and the header checksum) to announce 1 MiB.
+    bytes[24..28].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    let checksum = xxhash_rust::xxh3::xxh3_64(&bytes[..40]);
+    bytes[40..48].copy_from_slice(&checksum.to_le_bytes());
+
+    let result = read_message(&mut bytes.as_slice());
+
+    assert!(matches!(
+        result,
+        Err(ProtocolError::PayloadTooLarge(1_048_576))
+    ));
 }

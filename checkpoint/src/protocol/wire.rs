@@ -121,6 +121,16 @@ impl Sender {
 
 /// Reads one message (no sequence or state checks: see [`Receiver`](super::Receiver)).
 pub fn read_message(reader: &mut impl Read) -> Result<Envelope, ProtocolError> {
+    read_message_within(reader, MAX_PAYLOAD)
+}
+
+/// Reads one message whose payload is at most `limit` bytes and within its
+/// kind's own bound ([`MessageKind::max_payload`]); a longer one is refused
+/// from its header, before anything is allocated for it.
+pub fn read_message_within(
+    reader: &mut impl Read,
+    limit: usize,
+) -> Result<Envelope, ProtocolError> {
     let mut header = Header::new_zeroed();
     reader.read_exact(header.as_mut_bytes())?;
     if header.magic != MAGIC {
@@ -134,7 +144,7 @@ pub fn read_message(reader: &mut impl Read) -> Result<Envelope, ProtocolError> {
     let length = header.payload_len.get();
     let length = usize::try_from(length)
         .ok()
-        .filter(|length| *length <= MAX_PAYLOAD)
+        .filter(|length| *length <= limit.min(kind.max_payload()))
         .ok_or(ProtocolError::PayloadTooLarge(u64::from(length)))?;
     let mut payload = vec![0u8; length];
     reader.read_exact(&mut payload)?;

@@ -118,6 +118,24 @@ pub enum CodecError {
     /// The page records are malformed.
     #[error("cannot decode the page records")]
     Records(#[from] TransformError),
+    /// A version store larger than this decoder allows.
+    #[error("frame asks for a version store of {frame} pages; this stream allows at most {limit}")]
+    StoreTooLarge {
+        /// Capacity in the frame.
+        frame: usize,
+        /// Most this decoder allows.
+        limit: usize,
+    },
+    /// A page number beyond the memory the stream describes.
+    #[error("frame {sequence} carries page {page_number}, beyond the {limit} pages of this memory")]
+    PageOutOfRange {
+        /// The frame.
+        sequence: u64,
+        /// The page.
+        page_number: u64,
+        /// Pages of the memory.
+        limit: u64,
+    },
     /// Decoded, but not to what the encoder had.
     #[error(
         "frame {sequence} decoded to pages that do not match its checksum: the frame is corrupted or the decoder's reference pages are out of sync with the encoder's"
@@ -298,11 +316,24 @@ impl Encoder {
     }
 }
 
+/// Largest version store an unbounded decoder ([`Decoder::new`]) accepts
+/// from a frame: 1 GiB of pages.
+pub const DEFAULT_MAX_STORE_PAGES: usize = 1 << 18;
+
 /// Turns frames back into page batches. One decoder per stream; it accepts
 /// frames from any codec (the frame says how it was made).
-#[derive(Default)]
+///
+/// The frame header says how large a version store the stream keeps; a
+/// decoder never allocates one larger than its limit, and a decoder made
+/// for a memory ([`Decoder::bounded`]) refuses page numbers beyond it, all
+/// before any reference state changes.
 pub struct Decoder {
     transform: Option<TransformDecoder>,
+    /// The store capacity this stream must use, when agreed beforehand.
+    expected_store_pages: Option<usize>,
+    max_store_pages: usize,
+    /// Pages of the memory the frames describe, when known.
+    page_limit: Option<u64>,
     records_decompressor: Decompressor,
     literals_decompressor: Decompressor,
     next_sequence: u64,
@@ -310,10 +341,39 @@ pub struct Decoder {
     literals: Vec<u8>,
 }
 
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            transform: None,
+            expected_store_pages: None,
+            max_store_pages: DEFAULT_MAX_STORE_PAGES,
+            page_limit: None,
+            records_decompressor: Decompressor::default(),
+            literals_decompressor: Decompressor::default(),
+            next_sequence: 0,
+            records: Vec::new(),
+            literals: Vec::new(),
+        }
+    }
+}
+
 impl Decoder {
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a stream, accepting a version store of at
+    /// most [`DEFAULT_MAX_STORE_PAGES`] and any page number.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder for a memory of `memory_pages` pages whose stream was
+    /// agreed to keep a version store of exactly `store_pages`: frames that
+    /// say otherwise, or carry a page number beyond the memory, are refused.
+    pub fn bounded(store_pages: usize, memory_pages: u64) -> Self {
+        Self {
+            expected_store_pages: Some(store_pages),
+            max_store_pages: store_pages,
+            page_limit: Some(memory_pages),
+            ..Self::default()
+        }
     }
 
     /// The sequence number of the next frame this decoder accepts.
@@ -344,12 +404,23 @@ impl Decoder {
             });
         }
         let store_pages = header.store_pages as usize;
-        if let Some(transform) = &self.transform
-            && transform.store_capacity() != store_pages
+        let stream_store = self
+            .transform
+            .as_ref()
+            .map(TransformDecoder::store_capacity)
+            .or(self.expected_store_pages);
+        if let Some(stream) = stream_store
+            && stream != store_pages
         {
             return Err(CodecError::StoreMismatch {
                 frame: store_pages,
-                stream: transform.store_capacity(),
+                stream,
+            });
+        }
+        if store_pages > self.max_store_pages {
+            return Err(CodecError::StoreTooLarge {
+                frame: store_pages,
+                limit: self.max_store_pages,
             });
         }
         let records_id = CompressorId::from_byte(header.records_compressor)
@@ -412,6 +483,16 @@ impl Decoder {
             out.clear();
             return Err(CodecError::ContentChecksum {
                 sequence: header.sequence,
+            });
+        }
+        if let Some(limit) = self.page_limit
+            && let Some(&page_number) = out.page_numbers().iter().find(|page| **page >= limit)
+        {
+            out.clear();
+            return Err(CodecError::PageOutOfRange {
+                sequence: header.sequence,
+                page_number,
+                limit,
             });
         }
         // Verified: commit every piece of reference state.

@@ -187,6 +187,63 @@ fn decoder_out_of_sync_is_detected_by_the_checksum() {
     ));
 }
 
+/// The frame header with `store_pages` rewritten (and its checksum fixed).
+fn with_store_pages(frame: &[u8], store_pages: u32) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[32..36].copy_from_slice(&store_pages.to_le_bytes());
+    let checksum = xxh3_64(&frame[..48]);
+    frame[48..56].copy_from_slice(&checksum.to_le_bytes());
+    frame
+}
+
+#[test]
+fn a_fresh_decoder_refuses_a_huge_version_store_before_allocating_it() {
+    let spec: CodecSpec = "raw".parse().expect("spec");
+    let frame = frames(&spec, &batches()[..1]).remove(0);
+    let hostile = with_store_pages(&frame, u32::MAX);
+
+    let result = Decoder::new().decode(&hostile, &mut PageBatch::new());
+
+    assert!(matches!(
+        result,
+        Err(CodecError::StoreTooLarge {
+            frame: 0xFFFF_FFFF,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_bounded_decoder_refuses_a_store_other_than_agreed() {
+    let spec: CodecSpec = "delta:cache=1M".parse().expect("spec");
+    let frame = frames(&spec, &batches()[..1]).remove(0);
+
+    let result = Decoder::bounded(16, 1 << 20).decode(&frame, &mut PageBatch::new());
+
+    assert!(matches!(
+        result,
+        Err(CodecError::StoreMismatch {
+            frame: 256,
+            stream: 16
+        })
+    ));
+}
+
+#[test]
+fn a_bounded_decoder_refuses_pages_beyond_its_memory_and_changes_nothing() {
+    let spec: CodecSpec = "raw".parse().expect("spec");
+    let frame = frames(&spec, &batches()[..1]).remove(0);
+    let mut decoder = Decoder::bounded(0, 10);
+
+    let result = decoder.decode(&frame, &mut PageBatch::new());
+
+    assert!(matches!(
+        result,
+        Err(CodecError::PageOutOfRange { limit: 10, .. })
+    ));
+    assert_eq!(decoder.next_sequence(), 0);
+}
+
 #[test]
 fn frame_from_a_stream_with_another_store_size_is_refused() {
     let batches = batches();

@@ -306,6 +306,7 @@ pub fn start_protected(
     ]
     .map(String::from)
     .to_vec();
+    secondary_arguments.extend(lab.channel_arguments(Host::Secondary));
     secondary_arguments.extend_from_slice(extra_secondary);
     let mut secondary = lab.spawn(Host::Secondary, "secondary", program, &secondary_arguments)?;
     secondary
@@ -322,6 +323,7 @@ pub fn start_protected(
     .map(String::from)
     .to_vec();
     primary_arguments.extend(guest_vm_arguments());
+    primary_arguments.extend(lab.channel_arguments(Host::Primary));
     primary_arguments.extend_from_slice(extra_primary);
     let mut primary = lab.spawn(Host::Primary, "primary", program, &primary_arguments)?;
     primary
