@@ -13,6 +13,7 @@
 //! guest slowdown under protection (`understudy bench replication`).
 
 pub mod compress;
+pub mod encryption;
 pub mod replication;
 mod svg;
 

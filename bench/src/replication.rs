@@ -117,6 +117,7 @@ pub(crate) fn protected(
                     witness: None,
                     instance: 2,
                     security: secondary_security,
+                    rescue_dir: std::env::temp_dir(),
                 },
                 &stop,
                 |_| {},

@@ -607,20 +607,21 @@ impl SecureIn {
             .then(|| usize::from(u16::from_le_bytes([self.record[0], self.record[1]])))
     }
 
-    fn open(&mut self, length: usize) -> std::io::Result<()> {
+    /// Opens the complete record (`length` bytes of ciphertext) into
+    /// `out`, which holds at least `length` bytes; returns the plaintext's
+    /// length.
+    fn open_into(&mut self, length: usize, out: &mut [u8]) -> std::io::Result<usize> {
         let transport = self
             .session
             .transport
             .read()
             .map_err(|_| invalid("the channel's keys are poisoned"))?;
         let opened = transport
-            .read_message(self.nonce, &self.record[2..2 + length], &mut self.plain)
+            .read_message(self.nonce, &self.record[2..2 + length], out)
             .map_err(|_| {
                 invalid("a record failed authentication: the channel was altered, or a record was lost or replayed")
             })?;
         drop(transport);
-        self.plain.truncate(opened);
-        self.plain_read = 0;
         self.filled = 0;
         self.nonce += 1;
         if self.nonce.is_multiple_of(self.session.rekey_every) {
@@ -630,7 +631,18 @@ impl SecureIn {
                 .map_err(|_| invalid("the channel's keys are poisoned"))?
                 .rekey_incoming();
         }
-        Ok(())
+        Ok(opened)
+    }
+
+    fn open(&mut self, length: usize) -> std::io::Result<()> {
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.resize(MAX_RECORD, 0);
+        let opened = self.open_into(length, &mut plain);
+        self.plain = plain;
+        // Nothing of a record that failed is ever read.
+        self.plain.truncate(*opened.as_ref().unwrap_or(&0));
+        self.plain_read = 0;
+        opened.map(|_| ())
     }
 }
 
@@ -694,7 +706,10 @@ impl Read for ChannelReader {
                     return Err(invalid("a record shorter than its authentication tag"));
                 }
                 if secure.filled == 2 + length {
-                    secure.plain.resize(MAX_RECORD, 0);
+                    if buffer.len() >= length {
+                        // A large read: decrypt straight into it.
+                        return secure.open_into(length, buffer);
+                    }
                     secure.open(length)?;
                 }
             }

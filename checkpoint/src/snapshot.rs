@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use understudy_compress::file::PartialFile;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::state::{StateError, VmState};
 use understudy_vm::tap::Tap;
@@ -287,17 +288,30 @@ fn chunk_bitmap(chunk: &[u8]) -> [u8; CHUNK_PAGES / 8] {
     bitmap
 }
 
-/// Writes the paused `vm` to `path` atomically (temporary file, sync, rename).
+/// Writes the paused `vm` to `path` atomically (a private temporary file,
+/// sync, rename, directory sync; nothing is left behind on error).
 pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
-    let state = vm.capture_state()?.encode();
+    write_with_state(vm, &vm.capture_state()?, path)
+}
+
+/// Writes `vm`'s memory with `state` (e.g. a committed checkpoint's, when
+/// the VM's own vCPUs could not take it) to `path`, like [`write`].
+pub fn write_with_state(
+    vm: &Vm,
+    state: &VmState,
+    path: &Path,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let state = state.encode();
     let memory = vm.memory();
     let memory_bytes = memory::size(memory);
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let temporary = path.with_extension("partial");
-    let file = File::create(&temporary).map_err(io)?;
+    // Whole or not at all: a private temporary file beside `path`, removed
+    // on any error (a full disk included), renamed once complete and synced.
+    let partial = PartialFile::create(path).map_err(io)?;
+    let file = partial.file().try_clone().map_err(io)?;
     let mut out = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
         hasher: Xxh3::new(),
@@ -341,14 +355,8 @@ pub fn write(vm: &Vm, path: &Path) -> Result<SnapshotSummary, SnapshotError> {
         .into_inner()
         .map_err(|error| io(error.into_error()))?;
     file.write_all_at(&header.encode(), 0).map_err(io)?;
-    file.sync_all().map_err(io)?;
     drop(file);
-    std::fs::rename(&temporary, path).map_err(io)?;
-    if let Some(directory) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        File::open(directory)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)?;
-    }
+    partial.commit().map_err(io)?;
     Ok(SnapshotSummary {
         memory_bytes,
         memory_hash,

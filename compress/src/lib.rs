@@ -17,6 +17,7 @@
 //! - [`xor_rle`], [`store`], [`varint`]: the pieces the page stage is built of.
 //! - [`auto`]: a policy that picks the byte-level stage per batch from the
 //!   ratios and costs it observes.
+//! - [`file`]: files written whole or not at all (traces, snapshots).
 //! - [`trace`]: memory traces on disk (epochs of dirty pages with contents),
 //!   captured from live processes, from the built-in guest, or generated.
 
@@ -24,6 +25,7 @@ pub mod auto;
 pub mod batch;
 pub mod codec;
 pub mod compressor;
+pub mod file;
 pub mod size;
 pub mod spec;
 pub mod store;

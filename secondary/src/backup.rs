@@ -287,6 +287,7 @@ impl Backup {
         reason: String,
         verify: bool,
         tap: Option<&Arc<Tap>>,
+        rescue_dir: &std::path::Path,
     ) -> Result<Result<Failover, Backup>, SecondaryError> {
         let Backup {
             mut vm,
@@ -304,38 +305,60 @@ impl Backup {
                 recent_output,
             }));
         };
-        let memory_hash = if verify {
-            Some(memory::hash(vm.memory())?)
-        } else {
-            None
-        };
-        if state.net.is_some() {
-            if tap.is_none() {
-                tracing::warn!(
-                    "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
-                );
+        let resumed = (|| -> Result<_, SecondaryError> {
+            let memory_hash = if verify {
+                Some(memory::hash(vm.memory())?)
+            } else {
+                None
+            };
+            if state.net.is_some() {
+                if tap.is_none() {
+                    tracing::warn!(
+                        "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
+                    );
+                }
+                vm.attach_guest_tap(tap.cloned())?;
             }
-            vm.attach_guest_tap(tap.cloned())?;
-        }
-        vm.restore_state(&state)?;
-        let progress = ProgressSample::read(&vm)?;
-        let replayed = input_log.len();
-        if let Some(net) = vm.net() {
-            // What the guest received after the committed epoch, it receives again.
-            net.inject(input_log.replay());
-        }
-        if let (Some(net), Some(tap)) = (vm.net(), tap) {
-            // Switches learn the guest's MAC on this port; neighbours refresh.
-            net.announce(vm.boot_info()?.net_ipv4);
-            // What the guest sent in committed epochs may never have left the
-            // primary: send it again before the guest sends anything new.
-            for (_, frames) in &recent_output {
-                for frame in frames {
-                    tap.send(frame);
+            vm.restore_state(&state)?;
+            let progress = ProgressSample::read(&vm)?;
+            let replayed = input_log.len();
+            if let Some(net) = vm.net() {
+                // What the guest received after the committed epoch, it receives again.
+                net.inject(input_log.replay());
+            }
+            if let (Some(net), Some(tap)) = (vm.net(), tap) {
+                // Switches learn the guest's MAC on this port; neighbours refresh.
+                net.announce(vm.boot_info()?.net_ipv4);
+                // What the guest sent in committed epochs may never have left the
+                // primary: send it again before the guest sends anything new.
+                for (_, frames) in &recent_output {
+                    for frame in frames {
+                        tap.send(frame);
+                    }
                 }
             }
-        }
-        vm.resume()?;
+            vm.resume()?;
+            Ok((memory_hash, progress, replayed))
+        })();
+        let (memory_hash, progress, replayed) = match resumed {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                // Never lose the only copy: keep the committed checkpoint on
+                // disk before giving up.
+                let _ = vm.pause();
+                let path = rescue_dir.join(format!(
+                    "understudy-rescue-vm{:x}-epoch{epoch}.snap",
+                    synced_with.vm_id
+                ));
+                let saved = understudy_checkpoint::snapshot::write_with_state(&vm, &state, &path)
+                    .map(|_| path)
+                    .map_err(|error| error.to_string());
+                return Err(SecondaryError::TakeoverFailed {
+                    source: Box::new(error),
+                    saved,
+                });
+            }
+        };
         Ok(Ok(Failover {
             vm,
             epoch,
@@ -578,6 +601,35 @@ mod tests {
     }
 
     #[test]
+    fn a_takeover_that_fails_saves_the_committed_checkpoint() {
+        if !require_kvm() {
+            return;
+        }
+        // A committed state of another shape (two vCPUs): restoring it fails.
+        let mut backup = Backup::create(&hello(1)).expect("a backup VM");
+        let other = Vm::new(VmConfig::new(16 << 20, 2)).expect("another VM");
+        let mut staging = staged(&backup, &[(5, 0xaa)]);
+        staging.state = Some(other.capture_state().expect("a state"));
+        backup.commit(1, end(1), &mut staging).expect("commit");
+        let rescue = tempfile::tempdir().expect("a directory");
+
+        let result = backup.take_over(
+            Instant::now(),
+            "test".to_owned(),
+            false,
+            None,
+            rescue.path(),
+        );
+
+        let Err(SecondaryError::TakeoverFailed { saved, .. }) = result else {
+            panic!("the takeover did not fail as expected");
+        };
+        let saved = saved.expect("the checkpoint was saved");
+        assert!(saved.exists(), "{}", saved.display());
+        assert!(saved.starts_with(rescue.path()));
+    }
+
+    #[test]
     fn nothing_committed_means_no_takeover() {
         if !require_kvm() {
             return;
@@ -585,7 +637,13 @@ mod tests {
         let backup = Backup::create(&hello(1)).expect("a backup VM");
 
         let outcome = backup
-            .take_over(Instant::now(), "test".to_owned(), false, None)
+            .take_over(
+                Instant::now(),
+                "test".to_owned(),
+                false,
+                None,
+                std::path::Path::new("."),
+            )
             .expect("no VM failure");
 
         assert!(

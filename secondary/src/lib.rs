@@ -85,6 +85,29 @@ pub enum SecondaryError {
     /// A page outside guest memory.
     #[error("page {0} is outside guest memory")]
     PageOutOfRange(u64),
+    /// The takeover failed; the committed checkpoint was saved (or not).
+    #[error("{}", takeover_failed_message(saved))]
+    TakeoverFailed {
+        /// Why the guest could not be resumed.
+        #[source]
+        source: Box<SecondaryError>,
+        /// Where the committed checkpoint was saved (`understudy restore`
+        /// resumes it), or why it could not be.
+        saved: Result<std::path::PathBuf, String>,
+    },
+}
+
+fn takeover_failed_message(saved: &Result<std::path::PathBuf, String>) -> String {
+    match saved {
+        Ok(path) => format!(
+            "the takeover failed; the guest's last committed checkpoint was saved to {} (resume it with `understudy restore {}`)",
+            path.display(),
+            path.display()
+        ),
+        Err(why) => format!(
+            "the takeover failed, and saving the guest's last committed checkpoint failed too ({why})"
+        ),
+    }
 }
 
 /// Why one connection ended (the secondary goes on either way).
@@ -256,6 +279,8 @@ pub struct SecondaryOptions {
     pub instance: u64,
     /// How connections are authenticated and encrypted.
     pub security: Security,
+    /// Where a takeover that fails saves the committed checkpoint.
+    pub rescue_dir: std::path::PathBuf,
 }
 
 /// Connections still in their handshake at once; more are closed at once.
@@ -398,9 +423,7 @@ fn serve_greeted(
                     report(&SecondaryEvent::Disconnected { reason: why });
                     continue;
                 }
-                if let Some(failover) =
-                    take_over(&mut backup, last_heard, reason, options.verify, tap)?
-                {
+                if let Some(failover) = take_over(&mut backup, last_heard, reason, options, tap)? {
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
@@ -413,7 +436,7 @@ fn serve_greeted(
                     &mut backup,
                     Instant::now(),
                     "migrated in".to_owned(),
-                    options.verify,
+                    options,
                     tap,
                 )?;
                 if let Some(arrived) = &mut arrived {
@@ -456,13 +479,13 @@ fn take_over(
     slot: &mut Option<Backup>,
     last_heard: Instant,
     reason: String,
-    verify: bool,
+    options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
 ) -> Result<Option<Failover>, SecondaryError> {
     let Some(backup) = slot.take() else {
         return Ok(None);
     };
-    match backup.take_over(last_heard, reason, verify, tap)? {
+    match backup.take_over(last_heard, reason, options.verify, tap, &options.rescue_dir)? {
         Ok(failover) => Ok(Some(failover)),
         Err(backup) => {
             *slot = Some(backup);

@@ -26,6 +26,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Measure the cost of the authenticated channel: channel throughput,
+    /// migration of 1 GiB of incompressible memory, and checkpoint pause and
+    /// acknowledgement at 25 ms epochs, plain text and Noise side by side.
+    Encryption {
+        /// Seconds each checkpoint measurement runs.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
     /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
@@ -73,6 +81,11 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Replication { seconds } => {
             let report = understudy_bench::replication::replication(seconds)?;
+            print!("{report}");
+            Ok(())
+        }
+        BenchCommand::Encryption { seconds } => {
+            let report = understudy_bench::encryption::encryption(seconds)?;
             print!("{report}");
             Ok(())
         }

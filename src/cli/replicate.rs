@@ -154,6 +154,10 @@ pub struct SecondaryArguments {
     json: bool,
     #[command(flatten)]
     witness: WitnessOptions,
+    /// Where a takeover that fails saves the guest's last committed
+    /// checkpoint (a snapshot file for `understudy restore`).
+    #[arg(long, default_value = ".")]
+    rescue_dir: std::path::PathBuf,
     #[command(flatten)]
     channel: super::ChannelOptions,
 }
@@ -364,6 +368,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         witness: arguments.witness.witness(),
         instance: super::new_vm_id(),
         security: arguments.channel.security()?,
+        rescue_dir: arguments.rescue_dir.clone(),
     };
     let failover = understudy_secondary::serve(options, &stop, |event| match event {
         SecondaryEvent::Listening { address } => {

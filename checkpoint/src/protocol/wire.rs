@@ -65,6 +65,11 @@ impl Sender {
         Self::default()
     }
 
+    /// The sequence number the next message gets.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+
     /// The header of the next message: `message` for `epoch`, whose payload
     /// is `payload_len` bytes with xxh3 `payload_checksum`. Numbers it. A
     /// payload longer than [`MAX_PAYLOAD`] is refused before anything is sent.

@@ -34,7 +34,7 @@
 //!   16  checksum u64: xxh3 of bytes 0..16
 //! ```
 //!
-//! A writer fills `NAME.partial` and renames it once the end record is
+//! A writer fills a private temporary file ([`crate::file`]) and renames it once the end record is
 //! synced, so a trace file that exists is complete; a reader still checks
 //! every checksum and refuses a file without its end record.
 
@@ -50,6 +50,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::batch::{PAGE_BYTES, PageBatch};
+use crate::file::PartialFile;
 
 const MAGIC: [u8; 8] = *b"USTRACE\0";
 const VERSION: u32 = 1;
@@ -235,22 +236,24 @@ pub struct Epoch {
 /// Writes a trace, epoch by epoch.
 pub struct TraceWriter {
     path: PathBuf,
-    partial: PathBuf,
+    partial: PartialFile,
     file: BufWriter<File>,
     epochs: u64,
 }
 
 impl TraceWriter {
-    /// Starts `path` (written as `path.partial` until [`finish`](Self::finish)).
+    /// Starts `path` (written to a private temporary file beside it until
+    /// [`finish`](Self::finish); dropped unfinished, it leaves nothing).
     pub fn create(path: &Path, info: &TraceInfo) -> Result<Self, TraceError> {
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        let file = File::create(&partial).map_err(|source| TraceError::Io {
-            action: "create",
-            path: partial.clone(),
-            source,
-        })?;
+        let io = |action| {
+            move |source| TraceError::Io {
+                action,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        let partial = PartialFile::create(path).map_err(io("create"))?;
+        let file = partial.file().try_clone().map_err(io("create"))?;
         let mut writer = Self {
             path: path.to_owned(),
             partial,
@@ -283,7 +286,7 @@ impl TraceWriter {
     fn write(&mut self, bytes: &[u8]) -> Result<(), TraceError> {
         self.file.write_all(bytes).map_err(|source| TraceError::Io {
             action: "write",
-            path: self.partial.clone(),
+            path: self.partial.partial_path().to_owned(),
             source,
         })
     }
@@ -355,10 +358,9 @@ impl TraceWriter {
             .file
             .into_inner()
             .map_err(|error| error.into_error())
-            .map_err(io("write", &self.partial))?;
-        file.sync_all().map_err(io("sync", &self.partial))?;
-        std::fs::rename(&self.partial, &self.path).map_err(io("rename", &self.partial))?;
-        Ok(self.path)
+            .map_err(io("write", self.partial.partial_path()))?;
+        drop(file);
+        self.partial.commit().map_err(io("commit", &self.path))
     }
 }
 

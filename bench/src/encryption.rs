@@ -1,0 +1,306 @@
+//! The cost of the authenticated channel, run by `understudy bench
+//! encryption`: each measurement in plain text and over Noise, side by side
+//! in one run, on loopback.
+//!
+//! - Channel throughput: 1 GiB of incompressible bytes through one
+//!   connection (the channel alone: records, AES-256-GCM, the socket).
+//! - Migration: a 1 GiB idle guest whose memory above 64 MiB is filled
+//!   with incompressible pages, migrated with `--codec raw` (total time
+//!   and the rate it reached).
+//! - Checkpoints at 25 ms epochs of a `memtouch` guest: pause and
+//!   acknowledgement latency.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
+use understudy_checkpoint::heartbeat::HeartbeatPolicy;
+use understudy_primary::migrate::{MigrationOptions, NoConvergence, migrate};
+use understudy_primary::{EpochPolicy, PrimaryOptions};
+use understudy_secondary::SecondaryOptions;
+use understudy_vm::{VmConfig, memory};
+
+use crate::replication::{free_address, pair_of, protected};
+use crate::{BenchError, Micros, start};
+
+/// One measurement, plain and encrypted.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    /// What was measured, with its unit.
+    pub what: String,
+    /// Plain text.
+    pub plain: f64,
+    /// Noise.
+    pub noise: f64,
+    /// Whether larger is better (throughput) or smaller (latency).
+    pub higher_is_better: bool,
+}
+
+/// The report.
+#[derive(Clone, Debug, Default)]
+pub struct EncryptionReport {
+    /// The rows.
+    pub rows: Vec<Pair>,
+}
+
+fn both() -> [Security; 2] {
+    let key = KeyPair::generate().expect("a key pair");
+    [
+        Security::Plaintext,
+        Security::Noise(Arc::new(Keyring {
+            local: key,
+            peers: Vec::new(),
+        })),
+    ]
+}
+
+/// Bytes that do not compress: xxh3 of a counter, 8 bytes at a time.
+fn incompressible(buffer: &mut [u8], seed: u64) {
+    for (index, chunk) in buffer.chunks_mut(8).enumerate() {
+        let value = xxhash_rust::xxh3::xxh3_64(&(seed ^ index as u64).to_le_bytes());
+        chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// MB/s of `total` bytes through one channel.
+fn channel_throughput(security: &Security, total: usize) -> Result<f64, BenchError> {
+    let (client_security, server_security) = pair_of(security);
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let address = listener.local_addr().map_err(io)?;
+    let reader = std::thread::spawn(move || -> Result<usize, BenchError> {
+        let (stream, _) = listener.accept().map_err(io)?;
+        let mut channel = Channel::accept(stream, &server_security, Duration::from_secs(5))
+            .map_err(|error| BenchError::Replication(error.to_string()))?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut received = 0;
+        loop {
+            match channel.reader.read(&mut buffer).map_err(io)? {
+                0 => return Ok(received),
+                read => received += read,
+            }
+        }
+    });
+    let stream = TcpStream::connect(address).map_err(io)?;
+    let mut channel = Channel::connect(stream, &client_security, Duration::from_secs(5))
+        .map_err(|error| BenchError::Replication(error.to_string()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    incompressible(&mut chunk, 7);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        channel.writer.write_all(&chunk).map_err(io)?;
+        sent += chunk.len();
+    }
+    channel.writer.flush().map_err(io)?;
+    channel
+        .writer
+        .stream()
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(io)?;
+    let received = reader
+        .join()
+        .map_err(|_| BenchError::Replication("the reader panicked".to_owned()))??;
+    let elapsed = started.elapsed().as_secs_f64();
+    if received != sent {
+        return Err(BenchError::Replication(format!(
+            "sent {sent} bytes, received {received}"
+        )));
+    }
+    Ok(sent as f64 / elapsed / 1e6)
+}
+
+/// The error and its causes on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn io(error: std::io::Error) -> BenchError {
+    BenchError::Replication(error.to_string())
+}
+
+/// Migrates a 1 GiB guest of incompressible memory; (seconds, MB/s).
+fn migration(security: &Security) -> Result<(f64, f64), BenchError> {
+    const MEMORY: u64 = 1 << 30;
+    let (primary_security, secondary_security) = pair_of(security);
+    let address = free_address()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            understudy_secondary::serve(
+                SecondaryOptions {
+                    listen: address,
+                    heartbeat: HeartbeatPolicy::default(),
+                    verify: false,
+                    tap: None,
+                    ack_delay: Duration::ZERO,
+                    witness: None,
+                    instance: 2,
+                    security: secondary_security,
+                    rescue_dir: std::env::temp_dir(),
+                },
+                &stop,
+                |_| {},
+            )
+            .map(|arrived| arrived.map(|arrived| arrived.migrated))
+        })
+    };
+    let mut vm = start(VmConfig::new(MEMORY, 1), "idle")?;
+    // The idle guest lives in the first megabytes: fill the rest.
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut address_in_guest = 64u64 << 20;
+    while address_in_guest < MEMORY {
+        incompressible(&mut chunk, address_in_guest);
+        memory::write(vm.memory(), address_in_guest, &chunk)
+            .map_err(|error| BenchError::Replication(error.to_string()))?;
+        address_in_guest += chunk.len() as u64;
+    }
+    // Let the secondary listen.
+    std::thread::sleep(Duration::from_millis(200));
+    let options = MigrationOptions {
+        link: PrimaryOptions {
+            secondary: address,
+            epoch: EpochPolicy {
+                target: Duration::from_millis(25),
+                min: Duration::from_millis(25),
+                max_pause: Duration::from_secs(1),
+            },
+            codec: "raw".parse().expect("a valid codec"),
+            heartbeat: HeartbeatPolicy::default(),
+            verify: false,
+            precopy_rounds: u32::MAX,
+            max_bandwidth: None,
+            security: primary_security,
+        },
+        max_downtime: Duration::from_millis(300),
+        deadline: Duration::from_secs(120),
+        on_no_convergence: NoConvergence::Abort,
+    };
+    let summary = migrate(&mut vm, &options, 99, |_| {})
+        .map_err(|error| BenchError::Replication(format!("migration failed: {}", chain(&error))))?;
+    stop.store(true, Ordering::Relaxed);
+    let arrived = target
+        .join()
+        .map_err(|_| BenchError::Replication("the target panicked".to_owned()))?
+        .map_err(|error| BenchError::Replication(error.to_string()))?;
+    if arrived != Some(true) {
+        return Err(BenchError::Replication(
+            "the guest did not arrive on the target".to_owned(),
+        ));
+    }
+    let seconds = summary.total.as_secs_f64();
+    Ok((seconds, summary.wire_bytes as f64 / seconds / 1e6))
+}
+
+/// Rounds of the throughput and migration measurements.
+const ROUNDS: usize = 3;
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs every measurement plain and encrypted; checkpoints last `seconds`.
+pub fn encryption(seconds: f64) -> Result<EncryptionReport, BenchError> {
+    let mut report = EncryptionReport::default();
+    let [plain, noise] = both();
+    // Alternating plain and Noise, medians of ROUNDS: the machine's noise
+    // (other work, a cold page cache) falls on both alike.
+    let mut throughput = [Vec::new(), Vec::new()];
+    let mut totals = [Vec::new(), Vec::new()];
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (index, security) in [&plain, &noise].into_iter().enumerate() {
+            throughput[index].push(channel_throughput(security, 1 << 30)?);
+            let (total, rate) = migration(security)?;
+            totals[index].push(total);
+            rates[index].push(rate);
+        }
+    }
+    for (what, values, higher_is_better) in [
+        ("channel, 1 GiB incompressible (MB/s)", &throughput, true),
+        (
+            "migration of 1 GiB incompressible, raw codec: total (s)",
+            &totals,
+            false,
+        ),
+        (
+            "migration of 1 GiB incompressible, raw codec: rate (MB/s)",
+            &rates,
+            true,
+        ),
+    ] {
+        report.rows.push(Pair {
+            what: format!("{what}, median of {ROUNDS}"),
+            plain: median(&values[0]),
+            noise: median(&values[1]),
+            higher_is_better,
+        });
+    }
+    let workload = "memtouch:rate=50MB/s,wss=64M,pattern=random";
+    let epoch = Duration::from_millis(25);
+    let runs = [
+        protected(512 << 20, workload, epoch, seconds, &plain)?,
+        protected(512 << 20, workload, epoch, seconds, &noise)?,
+    ];
+    let pauses = runs.each_ref().map(|run| Micros::of(run.pauses.clone()));
+    let acks = runs.each_ref().map(|run| Micros::of(run.acks.clone()));
+    for (what, values) in [
+        (
+            "checkpoint pause p50, 25 ms epochs (µs)",
+            [pauses[0].p50, pauses[1].p50],
+        ),
+        ("checkpoint pause p99 (µs)", [pauses[0].p99, pauses[1].p99]),
+        (
+            "checkpoint to acknowledgement p50 (µs)",
+            [acks[0].p50, acks[1].p50],
+        ),
+        (
+            "checkpoint to acknowledgement p99 (µs)",
+            [acks[0].p99, acks[1].p99],
+        ),
+    ] {
+        report.rows.push(Pair {
+            what: what.to_owned(),
+            plain: values[0],
+            noise: values[1],
+            higher_is_better: false,
+        });
+    }
+    Ok(report)
+}
+
+impl fmt::Display for EncryptionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "| measurement | plain text | Noise (AES-256-GCM) | cost |"
+        )?;
+        writeln!(f, "|---|---|---|---|")?;
+        for row in &self.rows {
+            let cost = if row.higher_is_better {
+                (1.0 - row.noise / row.plain) * 100.0
+            } else {
+                (row.noise / row.plain - 1.0) * 100.0
+            };
+            writeln!(
+                f,
+                "| {} | {:.1} | {:.1} | {:+.1} % |",
+                row.what, row.plain, row.noise, cost
+            )?;
+        }
+        Ok(())
+    }
+}
