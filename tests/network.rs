@@ -134,6 +134,19 @@ fn fencing_drill(kind: &str) -> serde_json::Value {
 }
 
 #[test]
+fn intruders_without_the_key_change_nothing_about_a_failover() {
+    if !require_kvm() {
+        return;
+    }
+
+    let summary = fencing_drill("impostor");
+
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["lost_writes"], 0, "{summary}");
+    assert_eq!(summary["resets"], 0, "{summary}");
+}
+
+#[test]
 fn a_partition_leaves_one_copy_and_loses_nothing() {
     if !require_kvm() {
         return;

@@ -27,7 +27,12 @@ const MEMORY: u64 = 64 << 20;
 
 /// The secondary, with the test keys.
 fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
+    spawn_secondary_with(address, &[])
+}
+
+fn spawn_secondary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde_json::Value>) {
     let mut arguments = vec!["secondary", "--listen", address, "--json"];
+    arguments.extend_from_slice(extra);
     let keys = channel_arguments("secondary");
     arguments.extend(keys.iter().map(String::as_str));
     spawn_json(&arguments)
@@ -35,6 +40,10 @@ fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
 
 /// The real primary (a `memtouch` guest), with the test keys.
 fn spawn_primary(address: &str) -> (Child, Receiver<serde_json::Value>) {
+    spawn_primary_with(address, &[])
+}
+
+fn spawn_primary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde_json::Value>) {
     let mut arguments = vec![
         "primary",
         "--secondary",
@@ -47,6 +56,7 @@ fn spawn_primary(address: &str) -> (Child, Receiver<serde_json::Value>) {
         "20s",
         "--json",
     ];
+    arguments.extend_from_slice(extra);
     let keys = channel_arguments("primary");
     arguments.extend(keys.iter().map(String::as_str));
     spawn_json(&arguments)
@@ -331,4 +341,109 @@ fn a_squatter_that_connects_first_does_not_keep_the_real_primary_out() {
             || squatter_end.is_err_and(|error| error.kind() == std::io::ErrorKind::ConnectionReset),
         "the squatter's connection was not closed"
     );
+}
+
+/// A relay in front of the secondary, on one port for TCP and UDP: it
+/// forwards the connection both ways and the heartbeats both ways, and
+/// keeps the last datagram the primary sent. Returns its address and that
+/// datagram's slot, and the socket to replay it from.
+fn heartbeat_sniffing_relay(
+    secondary: &str,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    std::net::UdpSocket,
+) {
+    use std::net::{SocketAddr, TcpListener, UdpSocket};
+    let secondary: SocketAddr = secondary.parse().expect("an address");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let address = listener.local_addr().expect("address");
+    let udp = UdpSocket::bind(address).expect("bind the relay's UDP");
+    std::thread::spawn(move || {
+        let (from_primary, _) = listener.accept().expect("the primary connects");
+        let to_secondary = TcpStream::connect(secondary).expect("reach the secondary");
+        let (mut upstream_in, mut upstream_out) = (
+            from_primary.try_clone().expect("clone"),
+            to_secondary.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut upstream_in, &mut upstream_out);
+        });
+        let (mut downstream_in, mut downstream_out) = (to_secondary, from_primary);
+        let _ = std::io::copy(&mut downstream_in, &mut downstream_out);
+    });
+    let last = Arc::new(std::sync::Mutex::new(None));
+    {
+        let udp = udp.try_clone().expect("clone");
+        let last = last.clone();
+        std::thread::spawn(move || {
+            let mut primary: Option<SocketAddr> = None;
+            let mut buffer = [0u8; 256];
+            while let Ok((length, from)) = udp.recv_from(&mut buffer) {
+                if from == secondary {
+                    if let Some(primary) = primary {
+                        let _ = udp.send_to(&buffer[..length], primary);
+                    }
+                } else if from.port() != address.port() {
+                    primary = Some(from);
+                    *last.lock().expect("no panics here") = Some(buffer[..length].to_vec());
+                    let _ = udp.send_to(&buffer[..length], secondary);
+                }
+            }
+        });
+    }
+    (address.to_string(), last, udp)
+}
+
+#[test]
+fn a_replayed_heartbeat_does_not_keep_a_frozen_primary_alive() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: only heartbeats decide (a long progress deadline); a relay
+    // sniffs the primary's heartbeats.
+    let address = free_address();
+    let patient = ["--progress-timeout", "60s"];
+    let (mut secondary, lines) = spawn_secondary_with(&address, &patient);
+    let mut seen = Vec::new();
+    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (relay, sniffed, replay_socket) = heartbeat_sniffing_relay(&address);
+    let (mut primary, primary_lines) = spawn_primary_with(&relay, &patient);
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(30),
+        &mut Vec::new(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let datagram = sniffed
+        .lock()
+        .expect("no panics")
+        .clone()
+        .expect("a heartbeat went through the relay");
+
+    // Act: freeze the primary and replay its heartbeat every 5 ms.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(primary.id().cast_signed(), libc::SIGSTOP) };
+    let replaying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let replayer = {
+        let replaying = replaying.clone();
+        let target: std::net::SocketAddr = address.parse().expect("an address");
+        std::thread::spawn(move || {
+            while replaying.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = replay_socket.send_to(&datagram, target);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let resumed = until_event(&lines, "resumed", Duration::from_secs(10), &mut seen);
+
+    // Assert
+    replaying.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = replayer.join();
+    // SAFETY: as above.
+    unsafe { libc::kill(primary.id().cast_signed(), libc::SIGCONT) };
+    let _ = primary.kill();
+    let _ = secondary.kill();
+    assert_eq!(resumed["event"], "resumed");
 }

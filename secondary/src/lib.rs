@@ -4,12 +4,24 @@
 //!
 //! Per connection:
 //!
-//! - `Hello` is checked against this build (protocol version, guest image);
-//!   the backup VM is created with the primary's memory size and vCPUs.
+//! - Connections are accepted concurrently: each gets a `greeter` thread
+//!   that runs the channel handshake ([`understudy_checkpoint::channel`]:
+//!   the peer must prove a key this secondary lists) and reads `Hello`,
+//!   within [`HANDSHAKE_DEADLINE`] and with a payload bound of a `Hello`.
+//!   Nothing is created before; a peer that stalls is dropped at the
+//!   deadline, so a squatter cannot keep the real primary out. Greeted
+//!   connections are then served one at a time.
+//! - `Hello` is checked against this build (protocol version, guest image,
+//!   a version store no larger than the guest, heartbeat settings that
+//!   work with ours); the backup VM is created with the primary's memory
+//!   size and vCPUs.
 //! - Epoch 0 (the initial copy) is written into the backup memory as it
 //!   arrives: until it commits there is nothing to fail over to.
-//! - Every later epoch is staged (decoded pages, state) and applied only on
-//!   its `EpochEnd`; a torn epoch is dropped. Then `Ack`.
+//! - Every later epoch is staged (decoded pages, each at most once, page
+//!   numbers inside guest memory, output within its budget) and applied
+//!   only on its `EpochEnd`, once everything about it checked out (the
+//!   memory hash too, computed before memory changes); a torn or invalid
+//!   epoch is dropped whole. Then `Ack`.
 //! - A malformed, corrupted, replayed or out-of-order message closes the
 //!   connection with `Goodbye` and changes nothing: the primary is alive
 //!   but cannot be trusted, so this is no reason to take over.
@@ -25,7 +37,12 @@
 //!   own, so state committed by an earlier connection (of a primary that
 //!   may have run on unprotected since) is never resumed.
 //!
-//! The listening address serves TCP (the connection) and UDP (heartbeats).
+//! The listening address serves TCP (the connection) and UDP (heartbeats,
+//! MACed with keys from the handshake).
+//!
+//! A stop request (SIGTERM) ends a served connection with `Goodbye` (no
+//! takeover). A takeover that fails saves the committed checkpoint as a
+//! snapshot in [`SecondaryOptions::rescue_dir`] and reports where.
 //!
 //! Files: `connection` (one primary's connection: the receive loop and the
 //! Hello checks), `backup` (the backup VM, staging, commit and takeover).

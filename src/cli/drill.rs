@@ -74,6 +74,8 @@ pub enum FailureArgument {
     StallSecondary,
     /// Kill the witness, then the primary; the witness returns after --stall.
     WitnessDown,
+    /// Intruders without the key besiege the secondary, then SIGKILL the primary.
+    Impostor,
 }
 
 impl From<FailureArgument> for Failure {
@@ -85,6 +87,7 @@ impl From<FailureArgument> for Failure {
             FailureArgument::StallPrimary => Failure::StallPrimary,
             FailureArgument::StallSecondary => Failure::StallSecondary,
             FailureArgument::WitnessDown => Failure::WitnessDown,
+            FailureArgument::Impostor => Failure::Impostor,
         }
     }
 }

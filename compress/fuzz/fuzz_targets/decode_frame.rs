@@ -1,5 +1,5 @@
-//! The frame decoder on hostile frames, after one valid frame primed its
-//! version store and dictionaries. The first input byte chooses the codec
+//! The frame decoder on hostile frames, fresh or after one valid frame
+//! primed its version store and dictionaries. The first input byte chooses the codec
 //! of the priming frame, and whether the header's checksum, sequence and
 //! length are fixed up first, so that the fuzzer also reaches the sections
 //! behind a valid header.
@@ -47,13 +47,19 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut decoder = Decoder::new();
     let mut out = PageBatch::new();
-    decoder
-        .decode(&primers()[usize::from(mode & 3) % SPECS.len()], &mut out)
-        .expect("primer decodes");
+    // Bit 6 leaves the decoder fresh: the first frame's header then decides
+    // the version store (the allocation a hostile header once blew up).
+    let primed = mode & 0x40 == 0;
+    if primed {
+        decoder
+            .decode(&primers()[usize::from(mode & 3) % SPECS.len()], &mut out)
+            .expect("primer decodes");
+    }
+    let expected_sequence = u64::from(primed);
 
     let mut frame = frame.to_vec();
     if mode & 0x80 != 0 && frame.len() >= HEADER_LEN {
-        frame[8..16].copy_from_slice(&1u64.to_le_bytes());
+        frame[8..16].copy_from_slice(&expected_sequence.to_le_bytes());
         let payload = (frame.len() - HEADER_LEN) as u32;
         frame[36..40].copy_from_slice(&payload.to_le_bytes());
         let checksum = xxhash_rust::xxh3::xxh3_64(&frame[..48]);
@@ -62,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     if decoder.decode(&frame, &mut out).is_err() {
         assert_eq!(
             decoder.next_sequence(),
-            1,
+            expected_sequence,
             "a refused frame changed the decoder"
         );
     }

@@ -54,6 +54,12 @@ pub enum Failure {
     /// The witness dies, then the primary (SIGKILL); the witness comes
     /// back after the stall time. Nobody may run the guest meanwhile.
     WitnessDown,
+    /// Intruders without the key, on the client host, besiege the secondary
+    /// (squatters that connect and say nothing, a plain-text `Hello`, a
+    /// stranger's Noise key, forged heartbeat datagrams); then the primary
+    /// is killed (SIGKILL). The secondary must take over as if they were
+    /// not there.
+    Impostor,
 }
 
 impl Failure {
@@ -66,6 +72,7 @@ impl Failure {
             Failure::StallPrimary => "stall-primary",
             Failure::StallSecondary => "stall-secondary",
             Failure::WitnessDown => "witness-down",
+            Failure::Impostor => "impostor",
         }
     }
 }
@@ -406,9 +413,15 @@ fn run_round(
     while started.elapsed() < fail_after && !stop.load(Ordering::Relaxed) && !writer.is_finished() {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Intruders arrive before the failure and stay until the round ends.
+    let _intruders = if options.failure == Failure::Impostor {
+        Some(besiege_secondary(&lab)?)
+    } else {
+        None
+    };
     let failed_at = Instant::now();
     match options.failure {
-        Failure::Sigkill => primary.kill()?,
+        Failure::Sigkill | Failure::Impostor => primary.kill()?,
         Failure::Isolate => lab.isolate(Host::Primary)?,
         Failure::Partition => lab.cut_replication()?,
         Failure::StallPrimary => primary.signal(libc::SIGSTOP)?,
@@ -504,6 +517,60 @@ fn run_round(
     result.fail_after = fail_after;
     result.benchmark_failure = benchmark_failure;
     Ok(result)
+}
+
+/// Intruders on the client host, without the key, at the secondary's
+/// address: eight squatters that connect and say nothing (or only start a
+/// handshake), a plain-text `Hello`, a Noise handshake with a stranger's
+/// key, and forged heartbeat datagrams. Returns their open connections.
+fn besiege_secondary(lab: &Lab) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    use std::io::Write;
+    use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
+    use understudy_checkpoint::protocol::{Message, Sender};
+    let lab_thread = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<Vec<std::net::TcpStream>> {
+                lab.enter(Host::Client)?;
+                let address: SocketAddr = SECONDARY_LISTEN
+                    .parse()
+                    .context("the secondary's address")?;
+                let mut open = Vec::new();
+                for squatter in 0..8 {
+                    let mut stream =
+                        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+                            .context("an intruder cannot reach the secondary")?;
+                    if squatter % 2 == 0 {
+                        stream.write_all(b"URN1")?;
+                    }
+                    open.push(stream);
+                }
+                let mut plain =
+                    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+                let goodbye =
+                    Sender::new().encode(0, &Message::Goodbye("an intruder".to_owned()))?;
+                plain.write_all(&goodbye)?;
+                open.push(plain);
+                let stranger = Security::Noise(Arc::new(Keyring {
+                    local: KeyPair::generate()?,
+                    peers: Vec::new(),
+                }));
+                let stream =
+                    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+                // Refused either way: the stranger lists no key, the secondary
+                // does not list the stranger's.
+                let _ = Channel::connect(stream, &stranger, Duration::from_secs(2));
+                let udp = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                let mut forged = [0u8; 64];
+                forged[..4].copy_from_slice(b"URHB");
+                for counter in 0..200u64 {
+                    forged[24..32].copy_from_slice(&counter.to_le_bytes());
+                    let _ = udp.send_to(&forged, address);
+                }
+                Ok(open)
+            })
+            .join()
+    });
+    lab_thread.map_err(|_| anyhow::anyhow!("the intruders' thread panicked"))?
 }
 
 /// Waits for the side that runs the guest after the failure: the secondary
