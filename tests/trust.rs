@@ -447,3 +447,44 @@ fn a_replayed_heartbeat_does_not_keep_a_frozen_primary_alive() {
     let _ = secondary.kill();
     assert_eq!(resumed["event"], "resumed");
 }
+
+#[test]
+fn sigterm_stops_a_secondary_that_is_serving_a_primary() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a connected peer that keeps beating.
+    let address = free_address();
+    let (mut secondary, lines) = spawn_secondary(&address);
+    let mut seen = Vec::new();
+    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let mut peer = Peer::connect(&address, &primary_security());
+    assert_eq!(peer.hello(9), Some(Message::Welcome));
+
+    // Act
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(secondary.id().cast_signed(), libc::SIGTERM) };
+    for clock in 0..40 {
+        peer.send(0, &Message::Heartbeat(clock));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let reason = peer.goodbye();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = secondary.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = secondary.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // Assert
+    assert!(reason.contains("stopping"), "{reason}");
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the secondary did not stop cleanly: {status:?}"
+    );
+}
