@@ -26,10 +26,6 @@ use understudy_vm::PAGE_BYTES;
 const MEMORY: u64 = 64 << 20;
 
 /// The secondary, with the test keys.
-fn spawn_secondary(address: &str) -> (Child, Receiver<serde_json::Value>) {
-    spawn_secondary_with(address, &[])
-}
-
 fn spawn_secondary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde_json::Value>) {
     let mut arguments = vec!["secondary", "--listen", address, "--json"];
     arguments.extend_from_slice(extra);
@@ -39,10 +35,6 @@ fn spawn_secondary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde
 }
 
 /// The real primary (a `memtouch` guest), with the test keys.
-fn spawn_primary(address: &str) -> (Child, Receiver<serde_json::Value>) {
-    spawn_primary_with(address, &[])
-}
-
 fn spawn_primary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde_json::Value>) {
     let mut arguments = vec![
         "primary",
@@ -60,6 +52,30 @@ fn spawn_primary_with(address: &str, extra: &[&str]) -> (Child, Receiver<serde_j
     let keys = channel_arguments("primary");
     arguments.extend(keys.iter().map(String::as_str));
     spawn_json(&arguments)
+}
+
+/// A secondary that is listening, and the lines it printed so far.
+fn listening_secondary(
+    address: &str,
+    extra: &[&str],
+) -> (Child, Receiver<serde_json::Value>, Vec<serde_json::Value>) {
+    let (secondary, lines) = spawn_secondary_with(address, extra);
+    let mut seen = Vec::new();
+    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    (secondary, lines, seen)
+}
+
+/// A real primary protected by the secondary at `address`, once its
+/// initial synchronisation was acknowledged; with the `synchronised` line.
+fn synchronised_primary(address: &str, extra: &[&str]) -> (Child, serde_json::Value) {
+    let (primary, lines) = spawn_primary_with(address, extra);
+    let synchronised = until_event(
+        &lines,
+        "synchronised",
+        Duration::from_secs(30),
+        &mut Vec::new(),
+    );
+    (primary, synchronised)
 }
 
 /// The primary's keyring, from the test key files.
@@ -183,9 +199,7 @@ fn strangers_and_plain_text_are_refused_before_any_vm_and_the_real_primary_then_
     }
     // Arrange
     let address = free_address();
-    let (mut secondary, lines) = spawn_secondary(&address);
-    let mut seen = Vec::new();
-    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (mut secondary, lines, mut seen) = listening_secondary(&address, &[]);
     let stranger = KeyPair::generate().expect("a key");
     let secondary_public = {
         let arguments = channel_arguments("primary");
@@ -212,13 +226,7 @@ fn strangers_and_plain_text_are_refused_before_any_vm_and_the_real_primary_then_
         .expect("encodes");
     plain.write_all(&hello).expect("send");
     let plain_reason = disconnected(&lines, &mut seen);
-    let (mut primary, primary_lines) = spawn_primary(&address);
-    let synchronised = until_event(
-        &primary_lines,
-        "synchronised",
-        Duration::from_secs(30),
-        &mut Vec::new(),
-    );
+    let (mut primary, synchronised) = synchronised_primary(&address, &[]);
 
     // Assert
     let _ = primary.kill();
@@ -243,9 +251,7 @@ fn hostile_frames_from_a_peer_with_the_key_are_refused_and_the_secondary_stays_s
     }
     // Arrange
     let address = free_address();
-    let (mut secondary, lines) = spawn_secondary(&address);
-    let mut seen = Vec::new();
-    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (mut secondary, lines, mut seen) = listening_secondary(&address, &[]);
     let security = primary_security();
 
     // Act 1: a frame whose header asks for a 16 TiB version store.
@@ -280,13 +286,7 @@ fn hostile_frames_from_a_peer_with_the_key_are_refused_and_the_secondary_stays_s
     let resident = resident_bytes(secondary.id());
 
     // Act 4: the real primary.
-    let (mut primary, primary_lines) = spawn_primary(&address);
-    let synchronised = until_event(
-        &primary_lines,
-        "synchronised",
-        Duration::from_secs(30),
-        &mut Vec::new(),
-    );
+    let (mut primary, synchronised) = synchronised_primary(&address, &[]);
 
     // Assert
     let _ = primary.kill();
@@ -312,21 +312,13 @@ fn a_squatter_that_connects_first_does_not_keep_the_real_primary_out() {
     }
     // Arrange: a squatter connects, starts a handshake and stops talking.
     let address = free_address();
-    let (mut secondary, lines) = spawn_secondary(&address);
-    let mut seen = Vec::new();
-    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (mut secondary, _lines, _) = listening_secondary(&address, &[]);
     let mut squatter = TcpStream::connect(&address).expect("connect");
     squatter.write_all(b"URN1").expect("a preamble");
 
     // Act: the real primary connects while the squatter holds its
     // connection open.
-    let (mut primary, primary_lines) = spawn_primary(&address);
-    let synchronised = until_event(
-        &primary_lines,
-        "synchronised",
-        Duration::from_secs(30),
-        &mut Vec::new(),
-    );
+    let (mut primary, synchronised) = synchronised_primary(&address, &[]);
     squatter
         .set_read_timeout(Some(Duration::from_secs(15)))
         .expect("a timeout");
@@ -404,17 +396,9 @@ fn a_replayed_heartbeat_does_not_keep_a_frozen_primary_alive() {
     // sniffs the primary's heartbeats.
     let address = free_address();
     let patient = ["--progress-timeout", "60s"];
-    let (mut secondary, lines) = spawn_secondary_with(&address, &patient);
-    let mut seen = Vec::new();
-    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (mut secondary, lines, mut seen) = listening_secondary(&address, &patient);
     let (relay, sniffed, replay_socket) = heartbeat_sniffing_relay(&address);
-    let (mut primary, primary_lines) = spawn_primary_with(&relay, &patient);
-    until_event(
-        &primary_lines,
-        "synchronised",
-        Duration::from_secs(30),
-        &mut Vec::new(),
-    );
+    let (mut primary, _) = synchronised_primary(&relay, &patient);
     std::thread::sleep(Duration::from_millis(300));
     let datagram = sniffed
         .lock()
@@ -455,9 +439,7 @@ fn sigterm_stops_a_secondary_that_is_serving_a_primary() {
     }
     // Arrange: a connected peer that keeps beating.
     let address = free_address();
-    let (mut secondary, lines) = spawn_secondary(&address);
-    let mut seen = Vec::new();
-    until_event(&lines, "listening", Duration::from_secs(10), &mut seen);
+    let (mut secondary, _lines, _) = listening_secondary(&address, &[]);
     let mut peer = Peer::connect(&address, &primary_security());
     assert_eq!(peer.hello(9), Some(Message::Welcome));
 

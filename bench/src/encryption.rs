@@ -21,10 +21,9 @@ use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::migrate::{MigrationOptions, NoConvergence, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
-use understudy_secondary::SecondaryOptions;
 use understudy_vm::{VmConfig, memory};
 
-use crate::replication::{free_address, pair_of, protected};
+use crate::replication::{free_address, pair_of, protected, spawn_secondary};
 use crate::{BenchError, Micros, start};
 
 /// One measurement, plain and encrypted.
@@ -135,27 +134,7 @@ fn migration(security: &Security) -> Result<(f64, f64), BenchError> {
     let (primary_security, secondary_security) = pair_of(security);
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let target = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            understudy_secondary::serve(
-                SecondaryOptions {
-                    listen: address,
-                    heartbeat: HeartbeatPolicy::default(),
-                    verify: false,
-                    tap: None,
-                    ack_delay: Duration::ZERO,
-                    witness: None,
-                    instance: 2,
-                    security: secondary_security,
-                    rescue_dir: std::env::temp_dir(),
-                },
-                &stop,
-                |_| {},
-            )
-            .map(|arrived| arrived.map(|arrived| arrived.migrated))
-        })
-    };
+    let target = spawn_secondary(address, secondary_security, stop.clone());
     let mut vm = start(VmConfig::new(MEMORY, 1), "idle")?;
     // The idle guest lives in the first megabytes: fill the rest.
     let mut chunk = vec![0u8; 1 << 20];
@@ -193,7 +172,8 @@ fn migration(security: &Security) -> Result<(f64, f64), BenchError> {
     let arrived = target
         .join()
         .map_err(|_| BenchError::Replication("the target panicked".to_owned()))?
-        .map_err(|error| BenchError::Replication(error.to_string()))?;
+        .map_err(|error| BenchError::Replication(error.to_string()))?
+        .map(|arrived| arrived.migrated);
     if arrived != Some(true) {
         return Err(BenchError::Replication(
             "the guest did not arrive on the target".to_owned(),

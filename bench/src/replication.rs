@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::channel::{KeyPair, Keyring, Security};
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions};
-use understudy_secondary::SecondaryOptions;
+use understudy_secondary::{Failover, SecondaryError, SecondaryOptions};
 use understudy_vm::VmConfig;
 use understudy_vm::progress::ProgressSample;
 
@@ -68,6 +68,32 @@ pub(crate) struct Protected {
     pub mb_per_s: f64,
 }
 
+/// An in-process secondary (or migration target) on `address`, serving
+/// until `stop`.
+pub(crate) fn spawn_secondary(
+    address: SocketAddr,
+    security: Security,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Option<Failover>, SecondaryError>> {
+    std::thread::spawn(move || {
+        understudy_secondary::serve(
+            SecondaryOptions {
+                listen: address,
+                heartbeat: HeartbeatPolicy::default(),
+                verify: false,
+                tap: None,
+                ack_delay: Duration::ZERO,
+                witness: None,
+                instance: 2,
+                security,
+                rescue_dir: std::env::temp_dir(),
+            },
+            &stop,
+            |_| {},
+        )
+    })
+}
+
 /// The two ends' security for one in-process pair: plain text for both, or
 /// (for `Noise`) two fresh keys that accept each other.
 pub(crate) fn pair_of(security: &Security) -> (Security, Security) {
@@ -104,27 +130,7 @@ pub(crate) fn protected(
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (primary_security, secondary_security) = pair_of(security);
-    let secondary = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            understudy_secondary::serve(
-                SecondaryOptions {
-                    listen: address,
-                    heartbeat: HeartbeatPolicy::default(),
-                    verify: false,
-                    tap: None,
-                    ack_delay: Duration::ZERO,
-                    witness: None,
-                    instance: 2,
-                    security: secondary_security,
-                    rescue_dir: std::env::temp_dir(),
-                },
-                &stop,
-                |_| {},
-            )
-            .map(|failover| failover.map(|failover| failover.reason))
-        })
-    };
+    let secondary = spawn_secondary(address, secondary_security, stop.clone());
     let mut lost = None;
     let mut vm = start(VmConfig::new(memory_bytes, 1), workload)?;
     let options = RunOptions {
@@ -201,7 +207,8 @@ pub(crate) fn protected(
     let took_over = secondary
         .join()
         .map_err(|_| BenchError::Replication("the secondary thread panicked".to_owned()))?
-        .map_err(|error| BenchError::Replication(format!("{error}")))?;
+        .map_err(|error| BenchError::Replication(format!("{error}")))?
+        .map(|failover| failover.reason);
     if let Some(reason) = took_over {
         return Err(BenchError::Replication(format!(
             "the secondary took over during the benchmark: {reason}"
