@@ -73,13 +73,14 @@ pub(crate) struct Protected {
 pub(crate) fn spawn_secondary(
     address: SocketAddr,
     security: Security,
+    heartbeat: HeartbeatPolicy,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Result<Option<Failover>, SecondaryError>> {
     std::thread::spawn(move || {
         understudy_secondary::serve(
             SecondaryOptions {
                 listen: address,
-                heartbeat: HeartbeatPolicy::default(),
+                heartbeat,
                 verify: false,
                 tap: None,
                 ack_delay: Duration::ZERO,
@@ -130,7 +131,12 @@ pub(crate) fn protected(
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (primary_security, secondary_security) = pair_of(security);
-    let secondary = spawn_secondary(address, secondary_security, stop.clone());
+    let secondary = spawn_secondary(
+        address,
+        secondary_security,
+        HeartbeatPolicy::default(),
+        stop.clone(),
+    );
     let mut lost = None;
     let mut vm = start(VmConfig::new(memory_bytes, 1), workload)?;
     let options = RunOptions {

@@ -579,12 +579,45 @@ fn invalid(why: &'static str) -> std::io::Error {
     std::io::Error::new(ErrorKind::InvalidData, why)
 }
 
+/// Records buffered per socket call: reads take whatever arrived (up to
+/// this many records' bytes), writes go out this many records at a time.
+const RECORDS_PER_CALL: usize = 4;
+/// Bytes of one framed record at most.
+const FRAMED_RECORD: usize = 2 + MAX_RECORD;
+
+/// Opens the record `ciphertext` (number `nonce`) into `out`, which holds
+/// at least `ciphertext.len()` bytes; returns the plaintext's length.
+fn open_record(
+    session: &Session,
+    nonce: u64,
+    ciphertext: &[u8],
+    out: &mut [u8],
+) -> std::io::Result<usize> {
+    let opened = session
+        .transport
+        .read()
+        .map_err(|_| invalid("the channel's keys are poisoned"))?
+        .read_message(nonce, ciphertext, out)
+        .map_err(|_| {
+            invalid("a record failed authentication: the channel was altered, or a record was lost or replayed")
+        })?;
+    if (nonce + 1).is_multiple_of(session.rekey_every) {
+        session
+            .transport
+            .write()
+            .map_err(|_| invalid("the channel's keys are poisoned"))?
+            .rekey_incoming();
+    }
+    Ok(opened)
+}
+
 struct SecureIn {
     session: Arc<Session>,
     nonce: u64,
-    /// A record being received: length prefix and ciphertext.
-    record: Vec<u8>,
-    filled: usize,
+    /// Bytes received, not opened yet: `raw[start..end]`.
+    raw: Vec<u8>,
+    start: usize,
+    end: usize,
     /// The last record's plaintext, and how much of it was read.
     plain: Vec<u8>,
     plain_read: usize,
@@ -595,54 +628,59 @@ impl SecureIn {
         Self {
             session,
             nonce: 0,
-            record: vec![0u8; 2 + MAX_RECORD],
-            filled: 0,
-            plain: vec![0u8; MAX_RECORD],
-            plain_read: MAX_RECORD,
+            raw: vec![0u8; RECORDS_PER_CALL * FRAMED_RECORD],
+            start: 0,
+            end: 0,
+            plain: Vec::new(),
+            plain_read: 0,
         }
     }
 
-    fn record_length(&self) -> Option<usize> {
-        (self.filled >= 2)
-            .then(|| usize::from(u16::from_le_bytes([self.record[0], self.record[1]])))
+    /// The ciphertext length of the next record, once it arrived whole.
+    fn whole_record(&self) -> std::io::Result<Option<usize>> {
+        let buffered = &self.raw[self.start..self.end];
+        let Some(prefix) = buffered.get(..2) else {
+            return Ok(None);
+        };
+        let length = usize::from(u16::from_le_bytes([prefix[0], prefix[1]]));
+        if length <= TAG_LEN {
+            return Err(invalid("a record shorter than its authentication tag"));
+        }
+        Ok((buffered.len() >= 2 + length).then_some(length))
     }
 
-    /// Opens the complete record (`length` bytes of ciphertext) into
-    /// `out`, which holds at least `length` bytes; returns the plaintext's
-    /// length.
-    fn open_into(&mut self, length: usize, out: &mut [u8]) -> std::io::Result<usize> {
-        let transport = self
-            .session
-            .transport
-            .read()
-            .map_err(|_| invalid("the channel's keys are poisoned"))?;
-        let opened = transport
-            .read_message(self.nonce, &self.record[2..2 + length], out)
-            .map_err(|_| {
-                invalid("a record failed authentication: the channel was altered, or a record was lost or replayed")
-            })?;
-        drop(transport);
-        self.filled = 0;
+    /// Opens the next record (`length` bytes of ciphertext, whole in `raw`)
+    /// into `out`, or into `plain` when `out` is too small for it.
+    fn open_next(&mut self, length: usize, out: &mut [u8]) -> std::io::Result<usize> {
+        let ciphertext = self.start + 2..self.start + 2 + length;
+        let nonce = self.nonce;
+        self.start = ciphertext.end;
         self.nonce += 1;
-        if self.nonce.is_multiple_of(self.session.rekey_every) {
-            self.session
-                .transport
-                .write()
-                .map_err(|_| invalid("the channel's keys are poisoned"))?
-                .rekey_incoming();
+        if out.len() >= length {
+            // A large read: decrypt straight into it.
+            return open_record(&self.session, nonce, &self.raw[ciphertext], out);
         }
-        Ok(opened)
-    }
-
-    fn open(&mut self, length: usize) -> std::io::Result<()> {
-        let mut plain = std::mem::take(&mut self.plain);
-        plain.resize(MAX_RECORD, 0);
-        let opened = self.open_into(length, &mut plain);
-        self.plain = plain;
+        self.plain.resize(length, 0);
+        self.plain_read = 0;
+        let opened = open_record(&self.session, nonce, &self.raw[ciphertext], &mut self.plain);
         // Nothing of a record that failed is ever read.
         self.plain.truncate(*opened.as_ref().unwrap_or(&0));
-        self.plain_read = 0;
-        opened.map(|_| ())
+        let copied = self.plain.len().min(out.len());
+        out[..copied].copy_from_slice(&self.plain[..copied]);
+        self.plain_read = copied;
+        opened.map(|_| copied)
+    }
+
+    /// Makes room for a whole record after `end`.
+    fn compact(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.raw.len() - self.end < FRAMED_RECORD {
+            self.raw.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
     }
 }
 
@@ -674,6 +712,9 @@ impl Read for ChannelReader {
             self.received += read as u64;
             return Ok(read);
         };
+        if buffer.is_empty() {
+            return Ok(0);
+        }
         loop {
             if secure.plain_read < secure.plain.len() {
                 let available = &secure.plain[secure.plain_read..];
@@ -682,15 +723,13 @@ impl Read for ChannelReader {
                 secure.plain_read += copied;
                 return Ok(copied);
             }
-            if buffer.is_empty() {
-                return Ok(0);
+            if let Some(length) = secure.whole_record()? {
+                return secure.open_next(length, buffer);
             }
-            let wanted = secure.record_length().map_or(2, |length| 2 + length);
-            let read = self
-                .stream
-                .read(&mut secure.record[secure.filled..wanted])?;
+            secure.compact();
+            let read = self.stream.read(&mut secure.raw[secure.end..])?;
             if read == 0 {
-                return if secure.filled == 0 {
+                return if secure.start == secure.end {
                     Ok(0)
                 } else {
                     Err(std::io::Error::new(
@@ -700,19 +739,7 @@ impl Read for ChannelReader {
                 };
             }
             self.received += read as u64;
-            secure.filled += read;
-            if let Some(length) = secure.record_length() {
-                if length <= TAG_LEN {
-                    return Err(invalid("a record shorter than its authentication tag"));
-                }
-                if secure.filled == 2 + length {
-                    if buffer.len() >= length {
-                        // A large read: decrypt straight into it.
-                        return secure.open_into(length, buffer);
-                    }
-                    secure.open(length)?;
-                }
-            }
+            secure.end += read;
         }
     }
 }
@@ -720,8 +747,10 @@ impl Read for ChannelReader {
 struct SecureOut {
     session: Arc<Session>,
     nonce: u64,
+    /// Plaintext not sealed yet (less than a record).
     pending: Vec<u8>,
-    record: Vec<u8>,
+    /// Sealed records not written yet.
+    outgoing: Vec<u8>,
     broken: bool,
 }
 
@@ -731,30 +760,27 @@ impl SecureOut {
             session,
             nonce: 0,
             pending: Vec::with_capacity(MAX_PLAINTEXT),
-            record: vec![0u8; 2 + MAX_RECORD],
+            outgoing: Vec::with_capacity(RECORDS_PER_CALL * FRAMED_RECORD),
             broken: false,
         }
     }
 
-    /// Encrypts `plain` as the next record and writes it. A failed write
-    /// breaks the half (a record may be cut): later writes fail too.
+    /// Encrypts `plain` as the next record into the outgoing buffer, and
+    /// writes the buffer once it holds a socket call's worth.
     fn seal(&mut self, stream: &mut TcpStream, plain: &[u8]) -> std::io::Result<()> {
-        let transport = self
+        let at = self.outgoing.len();
+        self.outgoing.resize(at + 2 + plain.len() + TAG_LEN, 0);
+        let sealed = self
             .session
             .transport
             .read()
-            .map_err(|_| invalid("the channel's keys are poisoned"))?;
-        let sealed = transport
-            .write_message(self.nonce, plain, &mut self.record[2..])
+            .map_err(|_| invalid("the channel's keys are poisoned"))?
+            .write_message(self.nonce, plain, &mut self.outgoing[at + 2..])
             .map_err(|_| invalid("a record could not be encrypted"))?;
-        drop(transport);
         let length = u16::try_from(sealed).map_err(|_| invalid("a record over 65535 bytes"))?;
-        self.record[..2].copy_from_slice(&length.to_le_bytes());
+        self.outgoing[at..at + 2].copy_from_slice(&length.to_le_bytes());
+        self.outgoing.truncate(at + 2 + sealed);
         self.nonce += 1;
-        if let Err(error) = stream.write_all(&self.record[..2 + sealed]) {
-            self.broken = true;
-            return Err(error);
-        }
         if self.nonce.is_multiple_of(self.session.rekey_every) {
             self.session
                 .transport
@@ -762,6 +788,20 @@ impl SecureOut {
                 .map_err(|_| invalid("the channel's keys are poisoned"))?
                 .rekey_outgoing();
         }
+        if self.outgoing.capacity() - self.outgoing.len() < FRAMED_RECORD {
+            self.write_outgoing(stream)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the sealed records. A failed write breaks the half (a record
+    /// may be cut): later writes fail too.
+    fn write_outgoing(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if let Err(error) = stream.write_all(&self.outgoing) {
+            self.broken = true;
+            return Err(error);
+        }
+        self.outgoing.clear();
         Ok(())
     }
 
@@ -777,8 +817,9 @@ impl SecureOut {
     }
 }
 
-/// The writing half of a [`Channel`]. With Noise, bytes are sealed into a
-/// record when one fills or on `flush`: a message is sent once flushed.
+/// The writing half of a [`Channel`]. With Noise, bytes are sealed into
+/// records as they fill, and records go out a few at a time and on `flush`:
+/// a message is sent once flushed.
 pub struct ChannelWriter {
     stream: TcpStream,
     secure: Option<SecureOut>,
@@ -791,16 +832,20 @@ impl ChannelWriter {
     }
 }
 
+fn broken_half() -> std::io::Error {
+    std::io::Error::new(
+        ErrorKind::BrokenPipe,
+        "an earlier write failed part-way through a record",
+    )
+}
+
 impl Write for ChannelWriter {
     fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
         let Some(secure) = &mut self.secure else {
             return self.stream.write(buffer);
         };
         if secure.broken {
-            return Err(std::io::Error::new(
-                ErrorKind::BrokenPipe,
-                "an earlier write failed part-way through a record",
-            ));
+            return Err(broken_half());
         }
         if secure.pending.is_empty() && buffer.len() >= MAX_PLAINTEXT {
             // Large writes are sealed straight from the caller's buffer.
@@ -818,12 +863,10 @@ impl Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         if let Some(secure) = &mut self.secure {
             if secure.broken {
-                return Err(std::io::Error::new(
-                    ErrorKind::BrokenPipe,
-                    "an earlier write failed part-way through a record",
-                ));
+                return Err(broken_half());
             }
             secure.seal_pending(&mut self.stream)?;
+            secure.write_outgoing(&mut self.stream)?;
         }
         self.stream.flush()
     }
@@ -1019,18 +1062,19 @@ mod tests {
         let mut server = server.expect("server channel");
         // Seal a record by hand, flip a bit, send it raw.
         let secure = client.writer.secure.as_mut().expect("noise");
+        let mut record = vec![0u8; 64];
         let sealed = secure
             .session
             .transport
             .read()
             .expect("keys")
-            .write_message(0, b"hello", &mut secure.record[2..])
+            .write_message(0, b"hello", &mut record)
             .expect("seal");
-        secure.record[2] ^= 1;
+        record[0] ^= 1;
         let mut raw = client.writer.stream.try_clone().expect("clone");
         raw.write_all(&u16::try_from(sealed).expect("short").to_le_bytes())
             .expect("write");
-        raw.write_all(&secure.record[2..2 + sealed]).expect("write");
+        raw.write_all(&record[..sealed]).expect("write");
 
         let mut buffer = [0u8; 5];
         let result = server.reader.read_exact(&mut buffer);
