@@ -65,11 +65,13 @@ impl InputLog {
 /// sends in an epoch at any link rate we reach (the primary checkpoints
 /// early when output waits), small enough that the few epochs a takeover
 /// keeps stay small.
-pub(crate) const MAX_OUTPUT_BYTES_PER_EPOCH: usize = 32 << 20;
+pub const MAX_OUTPUT_BYTES_PER_EPOCH: usize = 32 << 20;
 
-/// An epoch being received.
+/// An epoch being received: its pages (each at most once), state and
+/// output, checked as they arrive. Public so that the receive path can be
+/// fuzzed without KVM (`checkpoint/fuzz`).
 #[derive(Default)]
-pub(crate) struct Staging {
+pub struct Staging {
     /// When its `EpochBegin` arrived.
     pub begun: Option<Instant>,
     /// Its decoded pages (later epochs; epoch 0 is written in place).

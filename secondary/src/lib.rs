@@ -73,6 +73,7 @@ use understudy_vm::tap::{Tap, TapError};
 use understudy_vm::{Vm, VmError};
 
 use backup::Backup;
+pub use backup::{MAX_OUTPUT_BYTES_PER_EPOCH, Staging};
 use connection::{Ended, Greeted, greet, serve_connection};
 use fence::{SyncedWith, Verdict, may_take_over};
 use understudy_checkpoint::channel::{ChannelError, HANDSHAKE_DEADLINE, Security};

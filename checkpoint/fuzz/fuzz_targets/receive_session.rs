@@ -1,8 +1,9 @@
 //! The secondary's whole receive path on arbitrary bytes: messages read
 //! with the pre-`Hello` bound and then the full one, the receiver's state
 //! machine, a decoder bounded by a small guest (fresh, or primed by a valid
-//! epoch 0 first), staging with its duplicate-page and output bounds, and
-//! the atomic apply of each committed epoch onto a fake 64-page memory.
+//! epoch 0 first), the secondary's own `Staging` (duplicate-page and output
+//! bounds), and the apply of each committed epoch onto a fake 64-page
+//! memory (the real backup VM needs KVM).
 //!
 //! The first input byte chooses whether a valid Hello and epoch 0 come
 //! first (so the fuzzer reaches staged epochs and a primed decoder) and
@@ -19,11 +20,11 @@ use understudy_checkpoint::protocol::{
     Receiver, Sender, read_message_within,
 };
 use understudy_compress::{CodecSpec, Decoder, Encoder, PageBatch};
+use understudy_secondary::Staging;
 
 const GUEST_PAGES: u64 = 64;
 const PAGE: usize = 4096;
 const STORE_PAGES: u32 = 16;
-const MAX_OUTPUT: usize = 1 << 20;
 
 /// A valid Hello and epoch 0 of two pages, encoded once.
 fn preamble() -> &'static (Vec<u8>, Sender) {
@@ -93,9 +94,8 @@ struct Session {
     decoder: Option<Decoder>,
     memory: Vec<u8>,
     committed: Option<u64>,
-    staged: Vec<(u64, Vec<u8>)>,
-    staged_bits: u64,
-    output: usize,
+    staging: Staging,
+    /// Whether the epoch's state arrived (a real `VmState` needs a VM).
     state: bool,
 }
 
@@ -111,49 +111,44 @@ impl Session {
                 self.decoder = Some(Decoder::bounded(hello.store_pages as usize, GUEST_PAGES));
             }
             Action::BeginEpoch(_) => {
-                self.staged.clear();
-                self.staged_bits = 0;
-                self.output = 0;
+                self.staging.begin(GUEST_PAGES);
                 self.state = false;
             }
             Action::StagePages(frame) => {
                 let decoder = self.decoder.as_mut().ok_or(())?;
                 let mut pages = PageBatch::new();
                 decoder.decode(&frame, &mut pages).map_err(|_| ())?;
-                for (page_number, page) in pages.iter() {
+                for (page_number, _) in pages.iter() {
                     assert!(
                         page_number < GUEST_PAGES,
                         "the decoder let page {page_number} through"
                     );
-                    if self.committed.is_none() {
+                }
+                if self.committed.is_none() {
+                    for (page_number, page) in pages.iter() {
                         let at = page_number as usize * PAGE;
                         self.memory[at..at + PAGE].copy_from_slice(page);
-                    } else {
-                        let bit = 1u64 << page_number;
-                        if self.staged_bits & bit != 0 {
-                            return Err(());
-                        }
-                        self.staged_bits |= bit;
-                        self.staged.push((page_number, page.to_vec()));
                     }
+                    self.staging.received += pages.len() as u64;
+                } else {
+                    self.staging.stage_pages(0, &pages).map_err(|_| ())?;
+                    assert!(self.staging.pages.len() as u64 <= GUEST_PAGES);
                 }
             }
-            Action::StageState(_) => self.state = true,
+            Action::StageState(_) => {
+                self.staging.state = None;
+                self.state = true;
+            }
             Action::StageOutput(frame) => {
-                self.output += frame.len();
-                if self.output > MAX_OUTPUT {
-                    return Err(());
-                }
+                self.staging.stage_output(0, frame).map_err(|_| ())?;
             }
             Action::Commit { epoch, end } => {
-                if !self.state
-                    || (self.committed.is_some() && end.pages != self.staged.len() as u64)
-                {
+                if !self.state || (self.committed.is_some() && end.pages != self.staging.received) {
                     return Err(());
                 }
-                for (page_number, page) in self.staged.drain(..) {
+                for (page_number, page) in self.staging.pages.iter() {
                     let at = page_number as usize * PAGE;
-                    self.memory[at..at + PAGE].copy_from_slice(&page);
+                    self.memory[at..at + PAGE].copy_from_slice(page);
                 }
                 self.committed = Some(epoch);
             }
@@ -188,9 +183,7 @@ fuzz_target!(|data: &[u8]| {
         decoder: None,
         memory: vec![0; GUEST_PAGES as usize * PAGE],
         committed: None,
-        staged: Vec::new(),
-        staged_bits: 0,
-        output: 0,
+        staging: Staging::default(),
         state: false,
     };
     let mut reader = bytes.as_slice();
