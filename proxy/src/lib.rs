@@ -15,9 +15,16 @@
 //! the rule can be tested on its own. The buffer is bounded in frames and
 //! bytes; when it is full, [`WhenFull`] says whether a new frame is dropped
 //! (the guest's TCP retransmits it, as after a congested link) or refused so
-//! that the caller stops taking frames from the guest (backpressure). The
-//! COLO mode (release a frame when primary and secondary produced the same
-//! one) is a second policy over the same held queue, for a later issue.
+//! that the caller stops taking frames from the guest (backpressure).
+//!
+//! The COLO mode's pieces (issue 13, not wired into the primary and
+//! secondary yet): [`compare`] releases a frame as soon as the secondary
+//! produced the same one and asks for a checkpoint otherwise;
+//! [`rewrite`] keeps the secondary's TCP sequence numbers in step with the
+//! primary's until a checkpoint makes the copies equal.
+
+pub mod compare;
+pub mod rewrite;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
