@@ -11,16 +11,9 @@ use understudy_lab::etcd::Etcd;
 
 type Lines = std::sync::mpsc::Receiver<serde_json::Value>;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 fn start_etcd() -> Etcd {
     require_program("etcd", "etcd-server");
-    Etcd::start("127.0.0.1", free_port()).unwrap_or_else(|error| panic!("{error:#}"))
+    Etcd::start_on_free_ports("127.0.0.1").unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 fn signal(child: &std::process::Child, signal: libc::c_int) {

@@ -4,8 +4,8 @@
 use understudy_checkpoint::witness::{OwnerState, Record, Witness, WitnessError};
 use understudy_lab::etcd::Etcd;
 
-fn etcd(port: u16) -> Etcd {
-    Etcd::start("127.0.0.1", port).unwrap_or_else(|error| panic!("{error:#}"))
+fn etcd() -> Etcd {
+    Etcd::start_on_free_ports("127.0.0.1").unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 fn free_port() -> u16 {
@@ -27,7 +27,7 @@ fn record(owner: u64, state: OwnerState, generation: u64) -> Record {
 #[test]
 fn only_one_of_two_sides_wins_the_test_and_set() {
     // Arrange: a pair in sync at some revision.
-    let server = etcd(free_port());
+    let server = etcd();
     let witness = Witness::new(vec![server.url.clone()]);
     assert!(
         witness
@@ -59,7 +59,7 @@ fn only_one_of_two_sides_wins_the_test_and_set() {
 
 #[test]
 fn a_second_create_does_not_overwrite() {
-    let server = etcd(free_port());
+    let server = etcd();
     let witness = Witness::new(vec![server.url.clone()]);
     assert!(
         witness
@@ -85,7 +85,7 @@ fn a_second_create_does_not_overwrite() {
 
 #[test]
 fn a_dead_endpoint_is_skipped_and_a_dead_cluster_reported() {
-    let mut server = etcd(free_port());
+    let mut server = etcd();
     let dead = format!("http://127.0.0.1:{}", free_port());
     let witness = Witness::new(vec![dead, server.url.clone()]);
     assert!(

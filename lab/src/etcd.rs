@@ -21,13 +21,23 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd on this host, listening for clients on
-    /// `host:client_port` (peers on `client_port + 1`).
-    pub fn start(host: &str, client_port: u16) -> anyhow::Result<Self> {
-        let address = format!("{host}:{client_port}");
-        Self::start_wrapped(host, client_port, &[], || {
-            std::net::TcpStream::connect(&address).is_ok()
-        })
+    /// Starts etcd on this host (`host`, a loopback address) on two free
+    /// ports, its client URL in [`url`](Self::url). Ports found free can be
+    /// taken by someone else before etcd binds them (tests run in
+    /// parallel): a start that fails is tried again on other ports.
+    pub fn start_on_free_ports(host: &str) -> anyhow::Result<Self> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let (client_port, peer_port) = two_free_ports(host)?;
+            let address = format!("{host}:{client_port}");
+            match Self::start_wrapped(host, client_port, peer_port, &[], || {
+                std::net::TcpStream::connect(&address).is_ok()
+            }) {
+                Ok(etcd) => return Ok(etcd),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("five attempts were made"))
     }
 
     /// Starts etcd through `wrap` (e.g. `ip netns exec NS`); `ready` says
@@ -35,6 +45,7 @@ impl Etcd {
     pub fn start_wrapped(
         host: &str,
         client_port: u16,
+        peer_port: u16,
         wrap: &[&str],
         ready: impl Fn() -> bool,
     ) -> anyhow::Result<Self> {
@@ -45,7 +56,7 @@ impl Etcd {
         ));
         let _ = std::fs::remove_dir_all(&data);
         let url = format!("http://{host}:{client_port}");
-        let peer = format!("http://{host}:{}", client_port + 1);
+        let peer = format!("http://{host}:{peer_port}");
         let mut command: Vec<String> = wrap.iter().map(|part| (*part).to_owned()).collect();
         command.extend(
             [
@@ -104,6 +115,14 @@ impl Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Two distinct ports free on `host` now.
+fn two_free_ports(host: &str) -> anyhow::Result<(u16, u16)> {
+    let bind =
+        || std::net::TcpListener::bind((host, 0)).context("cannot find a free port for etcd");
+    let (first, second) = (bind()?, bind()?);
+    Ok((first.local_addr()?.port(), second.local_addr()?.port()))
 }
 
 fn spawn(command: &[String]) -> anyhow::Result<Child> {

@@ -588,6 +588,7 @@ impl Lab {
         crate::etcd::Etcd::start_wrapped(
             WITNESS_IP,
             WITNESS_PORT,
+            WITNESS_PORT + 1,
             &["ip", "netns", "exec", self.witness.name()],
             || self.witness_reachable(),
         )
