@@ -396,7 +396,7 @@ fn random_key() -> Result<[u8; KEY_LEN], ChannelError> {
 }
 
 fn handshake(
-    mut stream: TcpStream,
+    stream: TcpStream,
     keyring: &Keyring,
     deadline: Duration,
     initiator: bool,
@@ -412,22 +412,23 @@ fn handshake(
         builder.build_responder()?
     };
     let own_heartbeat_key = random_key()?;
+    let mut incoming = DeadlineReader::new(&stream, stream.try_clone()?, until, deadline);
     let mut message = vec![0u8; MAX_RECORD];
     let mut payload = vec![0u8; MAX_RECORD];
     let peer_heartbeat_key;
     if initiator {
-        write_all_by(&mut stream, &NOISE_PREAMBLE, until, deadline)?;
+        write_all_by(&stream, &NOISE_PREAMBLE, until, deadline)?;
         let length = state.write_message(&[], &mut message)?;
-        send_handshake(&mut stream, &message[..length], until, deadline)?;
-        let received = receive_handshake(&mut stream, &mut message, until, deadline)?;
+        send_handshake(&stream, &message[..length], until, deadline)?;
+        let received = receive_handshake(&mut incoming, &mut message)?;
         let length = state.read_message(&message[..received], &mut payload)?;
         peer_heartbeat_key = heartbeat_key_of(&payload[..length])?;
         authorise(&state, keyring)?;
         let length = state.write_message(&own_heartbeat_key, &mut message)?;
-        send_handshake(&mut stream, &message[..length], until, deadline)?;
+        send_handshake(&stream, &message[..length], until, deadline)?;
     } else {
         let mut preamble = [0u8; 4];
-        read_exact_by(&mut stream, &mut preamble, until, deadline)?;
+        read_handshake(&mut incoming, &mut preamble)?;
         if preamble == *b"URPL" {
             return Err(ChannelError::WrongMode(
                 "speaks plain text; this side requires an authenticated channel (--key and --peer-key)",
@@ -438,11 +439,11 @@ fn handshake(
                 "does not speak the replication channel (bad preamble)",
             ));
         }
-        let received = receive_handshake(&mut stream, &mut message, until, deadline)?;
+        let received = receive_handshake(&mut incoming, &mut message)?;
         state.read_message(&message[..received], &mut payload)?;
         let length = state.write_message(&own_heartbeat_key, &mut message)?;
-        send_handshake(&mut stream, &message[..length], until, deadline)?;
-        let received = receive_handshake(&mut stream, &mut message, until, deadline)?;
+        send_handshake(&stream, &message[..length], until, deadline)?;
+        let received = receive_handshake(&mut incoming, &mut message)?;
         let length = state.read_message(&message[..received], &mut payload)?;
         peer_heartbeat_key = heartbeat_key_of(&payload[..length])?;
         authorise(&state, keyring)?;
@@ -452,6 +453,7 @@ fn handshake(
         .and_then(|key| key.try_into().ok())
         .map(PublicKey);
     let transport = state.into_stateless_transport_mode()?;
+    drop(incoming);
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     let session = Arc::new(Session {
@@ -505,31 +507,71 @@ fn remaining(until: Instant, deadline: Duration) -> Result<Duration, ChannelErro
     }
 }
 
-fn read_exact_by(
-    stream: &mut TcpStream,
-    buffer: &mut [u8],
+/// Reads from `reader` until a fixed moment, then fails with `TimedOut`:
+/// a read timeout alone starts again with every byte a slow peer trickles
+/// in. `socket` is the reader's socket (its read timeout is set here).
+pub struct DeadlineReader<R> {
+    reader: R,
+    socket: TcpStream,
     until: Instant,
     deadline: Duration,
-) -> Result<(), ChannelError> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        stream.set_read_timeout(Some(remaining(until, deadline)?))?;
-        match stream.read(&mut buffer[filled..]) {
-            Ok(0) => return Err(ChannelError::ClosedDuringHandshake),
-            Ok(read) => filled += read,
-            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) if error.kind() == ErrorKind::ConnectionReset => {
-                return Err(ChannelError::ClosedDuringHandshake);
-            }
-            Err(error) => return Err(error.into()),
+}
+
+impl<R: Read> DeadlineReader<R> {
+    /// Reads from `reader` over `socket` (a handle of the reader's
+    /// socket) until `until` (`deadline` after the start, for the error
+    /// message).
+    pub fn new(reader: R, socket: TcpStream, until: Instant, deadline: Duration) -> Self {
+        Self {
+            reader,
+            socket,
+            until,
+            deadline,
         }
     }
-    Ok(())
+}
+
+impl<R: Read> Read for DeadlineReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let left = self.until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("the deadline of {:?} passed", self.deadline),
+                ));
+            }
+            self.socket.set_read_timeout(Some(left))?;
+            match self.reader.read(buffer) {
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Fills `buffer` from the handshake's reader.
+fn read_handshake(
+    incoming: &mut DeadlineReader<&TcpStream>,
+    buffer: &mut [u8],
+) -> Result<(), ChannelError> {
+    incoming
+        .read_exact(buffer)
+        .map_err(|error| match error.kind() {
+            ErrorKind::TimedOut => ChannelError::Deadline(incoming.deadline),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset => {
+                ChannelError::ClosedDuringHandshake
+            }
+            _ => ChannelError::Io(error),
+        })
 }
 
 fn write_all_by(
-    stream: &mut TcpStream,
+    mut stream: &TcpStream,
     bytes: &[u8],
     until: Instant,
     deadline: Duration,
@@ -543,7 +585,7 @@ fn write_all_by(
 }
 
 fn send_handshake(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     message: &[u8],
     until: Instant,
     deadline: Duration,
@@ -557,15 +599,13 @@ fn send_handshake(
 }
 
 fn receive_handshake(
-    stream: &mut TcpStream,
+    incoming: &mut DeadlineReader<&TcpStream>,
     buffer: &mut [u8],
-    until: Instant,
-    deadline: Duration,
 ) -> Result<usize, ChannelError> {
     let mut length = [0u8; 2];
-    read_exact_by(stream, &mut length, until, deadline)?;
+    read_handshake(incoming, &mut length)?;
     let length = usize::from(u16::from_le_bytes(length));
-    read_exact_by(stream, &mut buffer[..length], until, deadline)?;
+    read_handshake(incoming, &mut buffer[..length])?;
     Ok(length)
 }
 

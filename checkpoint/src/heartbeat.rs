@@ -147,16 +147,19 @@ impl Datagram {
     }
 }
 
+/// Keyed BLAKE2s of `bytes`, ready to finalise or verify.
+fn mac_of(key: &[u8; KEY_LEN], bytes: &[u8]) -> Blake2sMac256 {
+    let mut mac =
+        <Blake2sMac256 as KeyInit>::new_from_slice(key).expect("BLAKE2s takes a 32-byte key");
+    mac.update(bytes);
+    mac
+}
+
 /// The tag of `bytes`: keyed BLAKE2s with `key`, or xxh3 without one.
 fn tag_of(key: Option<&[u8; KEY_LEN]>, bytes: &[u8]) -> [u8; TAG_LEN] {
     let mut tag = [0u8; TAG_LEN];
     match key {
-        Some(key) => {
-            let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(key)
-                .expect("BLAKE2s takes a 32-byte key");
-            mac.update(bytes);
-            tag.copy_from_slice(&mac.finalize().into_bytes());
-        }
+        Some(key) => tag.copy_from_slice(&mac_of(key, bytes).finalize().into_bytes()),
         None => tag[..8].copy_from_slice(&xxh3_64(bytes).to_le_bytes()),
     }
     tag
@@ -179,12 +182,10 @@ impl Verifier {
             return false;
         }
         let authentic = match &self.key {
-            Some(key) => {
-                let mut mac = <Blake2sMac256 as KeyInit>::new_from_slice(key)
-                    .expect("BLAKE2s takes a 32-byte key");
-                mac.update(datagram.tagged());
-                mac.verify_slice(&datagram.tag).is_ok()
-            }
+            // Constant-time comparison.
+            Some(key) => mac_of(key, datagram.tagged())
+                .verify_slice(&datagram.tag)
+                .is_ok(),
             None => datagram.tag == tag_of(None, datagram.tagged()),
         };
         if !authentic {

@@ -37,6 +37,26 @@ struct SenderState {
     last_sent: Instant,
 }
 
+impl SenderState {
+    /// Numbers `message` and writes it whole (header, payload, flush).
+    fn write(
+        &mut self,
+        epoch: u64,
+        message: &Message,
+        payload: &[u8],
+        checksum: u64,
+    ) -> Result<(), ProtocolError> {
+        let header = self
+            .sender
+            .header(epoch, message, payload.len(), checksum)?;
+        self.stream.write_all(header.as_bytes())?;
+        self.stream.write_all(payload)?;
+        self.stream.flush()?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
 impl LinkSender {
     /// Wraps the writing half of a channel. A write that makes no progress
     /// for `write_timeout` fails (a peer that stopped reading must not
@@ -74,12 +94,7 @@ impl LinkSender {
                 Err(_) => return false,
             }
         };
-        let Ok(header) = state.sender.header(0, &message, payload.len(), checksum) else {
-            return false;
-        };
-        state.stream.write_all(header.as_bytes()).is_ok()
-            && state.stream.write_all(&payload).is_ok()
-            && state.stream.flush().is_ok()
+        state.write(0, &message, &payload, checksum).is_ok()
     }
 
     /// Sends `message` for `epoch`. The payload is checksummed before the
@@ -92,14 +107,7 @@ impl LinkSender {
             .inner
             .lock()
             .expect("a sender never panics holding the lock");
-        let header = state
-            .sender
-            .header(epoch, message, payload.len(), checksum)?;
-        state.stream.write_all(header.as_bytes())?;
-        state.stream.write_all(&payload)?;
-        state.stream.flush()?;
-        state.last_sent = Instant::now();
-        Ok(())
+        state.write(epoch, message, &payload, checksum)
     }
 
     fn idle_for(&self) -> Duration {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::channel::{Channel, ChannelReader, HeartbeatKeys, Security};
+use understudy_checkpoint::channel::{Channel, DeadlineReader, HeartbeatKeys, Security};
 use understudy_checkpoint::heartbeat::{HeartbeatPolicy, Heartbeats};
 use understudy_checkpoint::link::{LinkSender, LivenessReader, is_peer_lost};
 use understudy_checkpoint::protocol::{
@@ -69,11 +69,12 @@ pub(crate) fn greet(
     let until = Instant::now() + deadline;
     let mut channel = Channel::accept(stream, security, deadline)?;
     let mut receiver = Receiver::new();
-    let mut reader = DeadlineReader {
-        reader: &mut channel.reader,
-        until,
-        deadline,
-    };
+    let socket = channel
+        .reader
+        .stream()
+        .try_clone()
+        .map_err(ProtocolError::Io)?;
+    let mut reader = DeadlineReader::new(&mut channel.reader, socket, until, deadline);
     let envelope = match read_message_within(&mut reader, MAX_PAYLOAD_BEFORE_WELCOME) {
         Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Err(ConnectionError::NoHello(
@@ -93,38 +94,6 @@ pub(crate) fn greet(
             peer,
         }),
         other => Err(ConnectionError::BeforeHello(other.name())),
-    }
-}
-
-/// Reads from a channel until a deadline, then fails with `TimedOut`.
-struct DeadlineReader<'a> {
-    reader: &'a mut ChannelReader,
-    until: Instant,
-    deadline: Duration,
-}
-
-impl std::io::Read for DeadlineReader<'_> {
-    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let left = self.until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no Hello within {:?}", self.deadline),
-                ));
-            }
-            self.reader.stream().set_read_timeout(Some(left))?;
-            match self.reader.read(buffer) {
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                other => return other,
-            }
-        }
     }
 }
 
