@@ -378,9 +378,10 @@ impl Comparer {
         self.held_frames
     }
 
-    fn checkpoint(&mut self, cause: CheckpointCause, actions: &mut Vec<Action>) {
+    /// Asks for a checkpoint (and counts it).
+    fn checkpoint(&mut self, cause: CheckpointCause) -> Action {
         *self.metrics.checkpoints.entry(cause).or_default() += 1;
-        actions.push(Action::Checkpoint(cause));
+        Action::Checkpoint(cause)
     }
 
     fn hold(&mut self, frame: Vec<u8>, now: Instant) -> Held {
@@ -426,14 +427,14 @@ impl Comparer {
             || self.held_bytes + frame.len() > self.config.max_bytes
         {
             self.metrics.dropped += 1;
-            self.checkpoint(CheckpointCause::QueueFull, &mut actions);
+            actions.push(self.checkpoint(CheckpointCause::QueueFull));
             return actions;
         }
         match parsed {
             Parsed::Uncomparable => {
                 let held = self.hold(frame, now);
                 self.uncomparable.push(held);
-                self.checkpoint(CheckpointCause::Uncomparable, &mut actions);
+                actions.push(self.checkpoint(CheckpointCause::Uncomparable));
             }
             Parsed::Datagram { key, transport } => {
                 self.metrics.compared += 1;
@@ -476,8 +477,10 @@ impl Comparer {
                     actions.push(Action::Release(frame));
                     return actions;
                 }
-                if ahead(flow.primary_next, end) > 0 {
-                    flow.primary_next = end.wrapping_add(u32::from(fin));
+                // A FIN takes one sequence number after the data.
+                let next = end.wrapping_add(u32::from(fin));
+                if ahead(flow.primary_next, next) > 0 {
+                    flow.primary_next = next;
                 }
                 self.metrics.compared += 1;
                 let held = self.hold(frame, now);
@@ -538,7 +541,7 @@ impl Comparer {
                 }
                 flow.secondary_rst |= rst;
                 if flow.secondary_len() > self.config.max_secondary_bytes {
-                    self.checkpoint(CheckpointCause::SecondaryAhead, &mut actions);
+                    actions.push(self.checkpoint(CheckpointCause::SecondaryAhead));
                     return actions;
                 }
                 self.match_tcp(key, now, &mut actions);
@@ -572,7 +575,7 @@ impl Comparer {
             self.release(held, now, actions);
         }
         if let Some(mismatch) = mismatch {
-            self.checkpoint(CheckpointCause::Mismatch(mismatch), actions);
+            actions.push(self.checkpoint(CheckpointCause::Mismatch(mismatch)));
         }
     }
 
@@ -644,7 +647,7 @@ impl Comparer {
             self.release(held, now, actions);
         }
         if let Some(mismatch) = mismatch {
-            self.checkpoint(CheckpointCause::Mismatch(mismatch), actions);
+            actions.push(self.checkpoint(CheckpointCause::Mismatch(mismatch)));
         }
     }
 
@@ -664,9 +667,7 @@ impl Comparer {
         if !expired {
             return None;
         }
-        let mut actions = Vec::new();
-        self.checkpoint(CheckpointCause::Timeout, &mut actions);
-        actions.pop()
+        Some(self.checkpoint(CheckpointCause::Timeout))
     }
 
     /// A checkpoint was acknowledged: the secondary now runs the primary's

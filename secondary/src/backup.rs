@@ -92,13 +92,19 @@ impl Staging {
     /// Starts a new epoch of a guest of `guest_pages` pages.
     pub fn begin(&mut self, guest_pages: u64) {
         self.begun = Some(Instant::now());
+        // Clear only the bits of the pages staged last time: a pass over
+        // the whole bitmap every epoch would grow with the guest.
+        for page_number in self.pages.page_numbers() {
+            if let Some(word) = self.staged.get_mut(usize_from(page_number / 64)) {
+                *word = 0;
+            }
+        }
+        self.staged.resize(usize_from(guest_pages.div_ceil(64)), 0);
         self.pages.clear();
         self.received = 0;
         self.state = None;
         self.output.clear();
         self.output_bytes = 0;
-        self.staged.clear();
-        self.staged.resize(usize_from(guest_pages.div_ceil(64)), 0);
     }
 
     /// Stages decoded pages (their numbers were checked against the guest
@@ -582,6 +588,21 @@ mod tests {
             again,
             Err(ConnectionError::DuplicatePage { page_number: 3, .. })
         ));
+        assert_eq!(staging.pages.len(), 1);
+    }
+
+    #[test]
+    fn a_page_staged_in_one_epoch_may_be_staged_again_in_the_next() {
+        let mut staging = Staging::default();
+        staging.begin(16);
+        let mut batch = PageBatch::new();
+        batch.push(3, &page_of(1));
+        staging.stage_pages(1, &batch).expect("first epoch");
+
+        staging.begin(16);
+        let again = staging.stage_pages(2, &batch);
+
+        assert!(again.is_ok(), "{again:?}");
         assert_eq!(staging.pages.len(), 1);
     }
 
