@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
+use understudy_checkpoint::channel::Channel;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::migrate::{MigrationOptions, NoConvergence, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
 use understudy_vm::{VmConfig, memory};
 
-use crate::replication::{free_address, pair_of, protected, spawn_secondary};
+use crate::replication::{Wire, free_address, protected, spawn_secondary};
 use crate::{BenchError, Micros, start};
 
 /// One measurement, plain and encrypted.
@@ -46,17 +46,6 @@ pub struct EncryptionReport {
     pub rows: Vec<Pair>,
 }
 
-fn both() -> [Security; 2] {
-    let key = KeyPair::generate().expect("a key pair");
-    [
-        Security::Plaintext,
-        Security::Noise(Arc::new(Keyring {
-            local: key,
-            peers: Vec::new(),
-        })),
-    ]
-}
-
 /// Bytes that do not compress: xxh3 of a counter, 8 bytes at a time.
 fn incompressible(buffer: &mut [u8], seed: u64) {
     for (index, chunk) in buffer.chunks_mut(8).enumerate() {
@@ -66,8 +55,8 @@ fn incompressible(buffer: &mut [u8], seed: u64) {
 }
 
 /// MB/s of `total` bytes through one channel.
-fn channel_throughput(security: &Security, total: usize) -> Result<f64, BenchError> {
-    let (client_security, server_security) = pair_of(security);
+fn channel_throughput(wire: Wire, total: usize) -> Result<f64, BenchError> {
+    let (client_security, server_security) = wire.pair();
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
     let address = listener.local_addr().map_err(io)?;
     let reader = std::thread::spawn(move || -> Result<usize, BenchError> {
@@ -112,26 +101,14 @@ fn channel_throughput(security: &Security, total: usize) -> Result<f64, BenchErr
     Ok(sent as f64 / elapsed / 1e6)
 }
 
-/// The error and its causes on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn io(error: std::io::Error) -> BenchError {
     BenchError::Replication(error.to_string())
 }
 
 /// Migrates a 1 GiB guest of incompressible memory; (seconds, MB/s).
-fn migration(security: &Security) -> Result<(f64, f64), BenchError> {
+fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
     const MEMORY: u64 = 1 << 30;
-    let (primary_security, secondary_security) = pair_of(security);
+    let (primary_security, secondary_security) = wire.pair();
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
     // Both ends of a full-speed migration share this machine's two cores:
@@ -173,8 +150,9 @@ fn migration(security: &Security) -> Result<(f64, f64), BenchError> {
         deadline: Duration::from_secs(120),
         on_no_convergence: NoConvergence::Abort,
     };
-    let summary = migrate(&mut vm, &options, 99, |_| {})
-        .map_err(|error| BenchError::Replication(format!("migration failed: {}", chain(&error))))?;
+    let summary = migrate(&mut vm, &options, 99, |_| {}).map_err(|error| {
+        BenchError::Replication(format!("migration failed: {:#}", anyhow::Error::new(error)))
+    })?;
     stop.store(true, Ordering::Relaxed);
     let arrived = target
         .join()
@@ -202,16 +180,15 @@ fn median(values: &[f64]) -> f64 {
 /// Runs every measurement plain and encrypted; checkpoints last `seconds`.
 pub fn encryption(seconds: f64) -> Result<EncryptionReport, BenchError> {
     let mut report = EncryptionReport::default();
-    let [plain, noise] = both();
     // Alternating plain and Noise, medians of ROUNDS: the machine's noise
     // (other work, a cold page cache) falls on both alike.
     let mut throughput = [Vec::new(), Vec::new()];
     let mut totals = [Vec::new(), Vec::new()];
     let mut rates = [Vec::new(), Vec::new()];
     for _ in 0..ROUNDS {
-        for (index, security) in [&plain, &noise].into_iter().enumerate() {
-            throughput[index].push(channel_throughput(security, 1 << 30)?);
-            let (total, rate) = migration(security)?;
+        for (index, wire) in [Wire::Plain, Wire::Noise].into_iter().enumerate() {
+            throughput[index].push(channel_throughput(wire, 1 << 30)?);
+            let (total, rate) = migration(wire)?;
             totals[index].push(total);
             rates[index].push(rate);
         }
@@ -239,8 +216,8 @@ pub fn encryption(seconds: f64) -> Result<EncryptionReport, BenchError> {
     let workload = "memtouch:rate=50MB/s,wss=64M,pattern=random";
     let epoch = Duration::from_millis(25);
     let runs = [
-        protected(512 << 20, workload, epoch, seconds, &plain)?,
-        protected(512 << 20, workload, epoch, seconds, &noise)?,
+        protected(512 << 20, workload, epoch, seconds, Wire::Plain)?,
+        protected(512 << 20, workload, epoch, seconds, Wire::Noise)?,
     ];
     let pauses = runs.each_ref().map(|run| Micros::of(run.pauses.clone()));
     let acks = runs.each_ref().map(|run| Micros::of(run.acks.clone()));

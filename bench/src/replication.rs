@@ -95,21 +95,31 @@ pub(crate) fn spawn_secondary(
     })
 }
 
-/// The two ends' security for one in-process pair: plain text for both, or
-/// (for `Noise`) two fresh keys that accept each other.
-pub(crate) fn pair_of(security: &Security) -> (Security, Security) {
-    match security {
-        Security::Plaintext => (Security::Plaintext, Security::Plaintext),
-        Security::Noise(_) => {
-            let primary = KeyPair::generate().expect("a key pair");
-            let secondary = KeyPair::generate().expect("a key pair");
-            let keyring = |local: &KeyPair, peer: &KeyPair| {
-                Security::Noise(Arc::new(Keyring {
-                    local: local.clone(),
-                    peers: vec![peer.public],
-                }))
-            };
-            (keyring(&primary, &secondary), keyring(&secondary, &primary))
+/// How a benchmark's in-process pair talks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// Plain text.
+    Plain,
+    /// Noise, with two fresh keys that accept each other.
+    Noise,
+}
+
+impl Wire {
+    /// The two ends' security.
+    pub(crate) fn pair(self) -> (Security, Security) {
+        match self {
+            Wire::Plain => (Security::Plaintext, Security::Plaintext),
+            Wire::Noise => {
+                let primary = KeyPair::generate().expect("a key pair");
+                let secondary = KeyPair::generate().expect("a key pair");
+                let keyring = |local: &KeyPair, peer: &KeyPair| {
+                    Security::Noise(Arc::new(Keyring {
+                        local: local.clone(),
+                        peers: vec![peer.public],
+                    }))
+                };
+                (keyring(&primary, &secondary), keyring(&secondary, &primary))
+            }
         }
     }
 }
@@ -126,11 +136,11 @@ pub(crate) fn protected(
     workload: &str,
     epoch: Duration,
     seconds: f64,
-    security: &Security,
+    wire: Wire,
 ) -> Result<Protected, BenchError> {
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (primary_security, secondary_security) = pair_of(security);
+    let (primary_security, secondary_security) = wire.pair();
     let secondary = spawn_secondary(
         address,
         secondary_security,
@@ -265,7 +275,7 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
             workload,
             epoch,
             seconds.max(epoch.as_secs_f64() * 10.0),
-            &Security::Plaintext,
+            Wire::Plain,
         )?;
         report.pauses.push(PauseRow {
             workload: workload.to_owned(),
@@ -291,7 +301,7 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
             workload,
             Duration::from_millis(25),
             seconds,
-            &Security::Plaintext,
+            Wire::Plain,
         )?;
         report.slowdown.push(SlowdownRow {
             workload: workload.to_owned(),
