@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_address, require_kvm, require_program, spawn_json, until_event};
+use common::{free_address, require_kvm, require_program, scripted_hello, spawn_json, until_event};
 use understudy_lab::etcd::Etcd;
 
 type Lines = std::sync::mpsc::Receiver<serde_json::Value>;
@@ -148,9 +148,7 @@ fn a_secondary_whose_primary_went_solo_does_not_resume_its_stale_backup() {
 
 #[test]
 fn a_primary_that_does_not_own_the_vm_is_refused_at_hello() {
-    use understudy_checkpoint::protocol::{
-        Hello, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
-    };
+    use understudy_checkpoint::protocol::{Hello, Message, Sender, read_message};
     use understudy_checkpoint::witness::{OwnerState, Record, Witness};
 
     if !require_kvm() {
@@ -182,17 +180,9 @@ fn a_primary_that_does_not_own_the_vm_is_refused_at_hello() {
     // Act: instance 99 says Hello for VM 7 (a zombie, or a confused peer).
     let mut stream = std::net::TcpStream::connect(&address).expect("connect");
     let hello = Hello {
-        version: PROTOCOL_VERSION,
-        purpose: Purpose::Replicate,
-        memory_bytes: 64 << 20,
-        vcpus: 1,
-        guest_image_hash: understudy_vm::boot::guest_image_hash(),
-        vm_id: 7,
         owner: 99,
         generation: 2,
-        store_pages: 0,
-        heartbeat_interval: Duration::from_millis(10),
-        heartbeat_timeout: Duration::from_millis(50),
+        ..scripted_hello(7, 64 << 20)
     };
     let bytes = Sender::new()
         .encode(0, &Message::Hello(hello))

@@ -10,10 +10,8 @@ use std::process::Child;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{free_address, require_kvm, spawn_json};
-use understudy_checkpoint::protocol::{
-    EpochEnd, HEADER_LEN, Hello, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
-};
+use common::{free_address, require_kvm, scripted_hello, spawn_json};
+use understudy_checkpoint::protocol::{EpochEnd, HEADER_LEN, Message, Sender, read_message};
 use understudy_compress::{CodecSpec, Encoder, PageBatch};
 use understudy_vm::memory;
 use understudy_vm::workload::WorkloadSpec;
@@ -64,22 +62,7 @@ impl ScriptedPrimary {
             sender: Sender::new(),
             encoder: Encoder::new(&"raw".parse::<CodecSpec>().expect("spec")),
         };
-        primary.send(
-            0,
-            &Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                purpose: Purpose::Replicate,
-                memory_bytes: MEMORY,
-                vcpus: 1,
-                guest_image_hash: understudy_vm::boot::guest_image_hash(),
-                vm_id,
-                owner: 1,
-                generation: 0,
-                store_pages: 0,
-                heartbeat_interval: Duration::from_millis(10),
-                heartbeat_timeout: Duration::from_millis(50),
-            }),
-        );
+        primary.send(0, &Message::Hello(scripted_hello(vm_id, MEMORY)));
         assert_eq!(primary.receive(), Message::Welcome);
         primary
     }

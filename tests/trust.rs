@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-use common::{channel_arguments, free_address, require_kvm, spawn_json, until_event};
-use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
-use understudy_checkpoint::protocol::{
-    Hello, MAX_PAYLOAD, Message, PROTOCOL_VERSION, Purpose, Sender, read_message,
+use common::{
+    channel_arguments, free_address, require_kvm, scripted_hello, spawn_json, until_event,
 };
+use understudy_checkpoint::channel::{Channel, KeyPair, Keyring, Security};
+use understudy_checkpoint::protocol::{MAX_PAYLOAD, Message, Sender, read_message};
 use understudy_compress::{CodecSpec, Encoder, PageBatch};
 use understudy_vm::PAGE_BYTES;
 
@@ -128,22 +128,7 @@ impl Peer {
     }
 
     fn hello(&mut self, vm_id: u64) -> Option<Message> {
-        self.send(
-            0,
-            &Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                purpose: Purpose::Replicate,
-                memory_bytes: MEMORY,
-                vcpus: 1,
-                guest_image_hash: understudy_vm::boot::guest_image_hash(),
-                vm_id,
-                owner: 1,
-                generation: 0,
-                store_pages: 0,
-                heartbeat_interval: Duration::from_millis(10),
-                heartbeat_timeout: Duration::from_secs(5),
-            }),
-        );
+        self.send(0, &Message::Hello(scripted_hello(vm_id, MEMORY)));
         self.receive()
     }
 

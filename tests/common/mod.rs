@@ -197,3 +197,23 @@ pub fn channel_arguments(role: &str) -> Vec<String> {
         directory.join(format!("{peer}.pub")).display().to_string(),
     ]
 }
+
+/// The `Hello` a scripted primary of this build sends for VM `vm_id` with
+/// `memory_bytes` of guest memory and one vCPU (owner 1, generation 0, no
+/// version store, 10 ms heartbeats lost after 50 ms).
+pub fn scripted_hello(vm_id: u64, memory_bytes: u64) -> understudy_checkpoint::protocol::Hello {
+    use understudy_checkpoint::protocol::{Hello, PROTOCOL_VERSION, Purpose};
+    Hello {
+        version: PROTOCOL_VERSION,
+        purpose: Purpose::Replicate,
+        memory_bytes,
+        vcpus: 1,
+        guest_image_hash: understudy_vm::boot::guest_image_hash(),
+        vm_id,
+        owner: 1,
+        generation: 0,
+        store_pages: 0,
+        heartbeat_interval: std::time::Duration::from_millis(10),
+        heartbeat_timeout: std::time::Duration::from_millis(50),
+    }
+}
