@@ -88,6 +88,7 @@ pub(crate) fn spawn_secondary(
                 instance: 2,
                 security,
                 rescue_dir: std::env::temp_dir(),
+                colo: false,
             },
             &stop,
             |_| {},
@@ -173,6 +174,7 @@ pub(crate) fn protected(
         duration: None,
         // The secondary may take a moment to listen.
         connect_patience: Duration::from_secs(5),
+        colo: None,
     };
     let mut result = Protected {
         pauses: Vec::new(),

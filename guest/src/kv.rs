@@ -9,6 +9,7 @@
 //! nothing happened. Time is the TSC, which a checkpoint carries over.
 
 use alloc::vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 use alloc::vec::Vec;
 
 use linked_list_allocator::LockedHeap;
@@ -46,7 +47,21 @@ struct Client {
 
 /// Milliseconds of guest time from the TSC.
 fn now(tsc_khz: u64) -> Instant {
-    Instant::from_micros((u128::from(rdtsc()) * 1000 / u128::from(tsc_khz.max(1))) as i64)
+    Instant::from_micros(tsc_micros(tsc_khz) as i64)
+}
+
+/// Microseconds of the TSC at `tsc_khz`.
+fn tsc_micros(tsc_khz: u64) -> u64 {
+    (u128::from(rdtsc()) * 1000 / u128::from(tsc_khz.max(1))) as u64
+}
+
+/// The TSC frequency, for the store's clock (a plain function).
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+
+/// The store's clock (`TIME`): microseconds of the TSC. A COLO secondary's
+/// copy reads another value than the primary's: its reply diverges.
+fn store_clock() -> u64 {
+    tsc_micros(TSC_KHZ.load(Ordering::Relaxed))
 }
 
 pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
@@ -76,7 +91,8 @@ pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
     let port = boot.kv_port as u16;
     let mut sockets = SocketSet::new(Vec::new());
     let mut clients: Vec<Client> = Vec::new();
-    let mut store = Store::new();
+    TSC_KHZ.store(tsc_khz, Ordering::Relaxed);
+    let mut store = Store::with_clock(store_clock);
     status.set_state(STATE_RUNNING);
     loop {
         let timestamp = now(tsc_khz);

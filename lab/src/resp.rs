@@ -41,6 +41,15 @@ impl RespClient {
             ));
         }
         let line = line.trim_end().to_owned();
+        if let Some(count) = line.strip_prefix('*')
+            && let Ok(count) = count.parse::<usize>()
+        {
+            // An array (e.g. TIME's): its elements, space-separated.
+            let elements = (0..count)
+                .map(|_| self.read_reply())
+                .collect::<std::io::Result<Vec<String>>>()?;
+            return Ok(elements.join(" "));
+        }
         if let Some(length) = line.strip_prefix('$') {
             let Ok(length) = length.parse::<i64>() else {
                 return Ok(line);

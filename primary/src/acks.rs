@@ -1,5 +1,6 @@
 //! The `acks` thread: reads what the secondary sends back (acknowledgements,
-//! sync answers, heartbeats, a goodbye) until the connection ends. An
+//! sync answers, heartbeats, a goodbye, and in COLO mode the secondary's
+//! guest output for the compare proxy) until the connection ends. An
 //! acknowledgement releases the epoch's held output. When the secondary is
 //! lost, the socket is shut down so that a sender blocked in a write wakes
 //! up, and the checkpoint loop learns of the loss at its next submission or
@@ -62,6 +63,19 @@ pub(crate) fn ack_loop(
                 }
                 let latency = checkpointed.elapsed();
                 let _ = events.send(PrimaryEvent::Acknowledged { epoch, latency });
+            }
+            Message::SecondaryOutput(frame) => {
+                let compared = shared
+                    .output
+                    .get()
+                    .is_some_and(|gate| gate.secondary_output(envelope.epoch, &frame));
+                if !compared {
+                    lose(
+                        "the secondary sent its guest's output, but this primary does not compare output (it is not in COLO mode)"
+                            .to_owned(),
+                    );
+                    return;
+                }
             }
             Message::Heartbeat(_) => {}
             Message::Synced(token) => shared.synced(token),

@@ -25,6 +25,10 @@
 //! - [`migrate`]: live migration over the same connection and epoch 0.
 //! - [`output`]: output commit: the guest's network frames are held until
 //!   the secondary acknowledged the epoch that produced them.
+//! - **COLO mode** ([`ColoOptions`], [`colo`]): the secondary runs its copy
+//!   of the guest, fed the primary's input; output is released as soon as
+//!   both copies sent the same, and a checkpoint is taken only on a
+//!   mismatch, a compare timeout, or the periodic interval.
 //! - [`trace`]: the same capture of dirty pages, written to a trace file.
 //!
 //! Files, one concern each: `policy` (epoch lengths and waits), `shared`
@@ -40,6 +44,7 @@
 //! acknowledged epoch).
 
 mod acks;
+pub mod colo;
 mod fence;
 pub mod migrate;
 pub mod output;
@@ -65,7 +70,7 @@ use understudy_vm::progress::ProgressSample;
 pub use fence::FenceError;
 pub use pages::{read_nonzero_pages, read_pages};
 pub use policy::EpochPolicy;
-pub use run::{RunEnd, RunOptions, run};
+pub use run::{ColoOptions, RunEnd, RunOptions, run};
 
 /// A primary that cannot go on protecting.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +173,10 @@ pub struct EpochMetrics {
     pub memory_hash: Option<u64>,
     /// The guest's progress (every vCPU's status slot) at the checkpoint.
     pub progress: ProgressSample,
+    /// Why it was taken: `initial` (epoch 0), `epoch` (Remus: the epoch's
+    /// end or output waiting), or in COLO mode `periodic` or the compare
+    /// proxy's cause (`mismatch-tcp-payload`, `timeout`, …).
+    pub cause: &'static str,
 }
 
 /// What the primary reports.

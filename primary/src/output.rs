@@ -20,12 +20,22 @@
 //! wiring: a [`FrameSink`] for the virtio-net device, a release sink (the
 //! tap), and the epoch counter the checkpoint loop advances while the guest
 //! is paused, so a frame's epoch is exact.
+//!
+//! In COLO mode ([`OutputCommit::colo`]) the same gate compares instead of
+//! holding until the acknowledgement (see [`crate::colo`]): a frame goes
+//! out as soon as the secondary's guest sent the same one; the received
+//! frames it logs are what the secondary's running guest is fed; and a
+//! mismatch or a compare timeout asks the checkpoint loop for a checkpoint
+//! ([`OutputCommit::wait_for_checkpoint_request`]).
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use understudy_proxy::compare::{CheckpointCause, CompareConfig};
 use understudy_proxy::{Held, Limits, Metrics, OutputBuffer, Released};
+
+use crate::colo::{ColoCompare, ColoMetrics};
 use understudy_vm::log_limited;
 use understudy_vm::virtio_net::FrameSink;
 
@@ -36,8 +46,17 @@ enum Mode {
     PassThrough,
 }
 
+/// How held frames are released.
+enum Holding {
+    /// Remus: when their epoch is acknowledged.
+    Epochs(Box<OutputBuffer>),
+    /// COLO: when the secondary sent the same, or a checkpoint is
+    /// acknowledged.
+    Compare(Box<ColoCompare>),
+}
+
 struct Gate {
-    buffer: OutputBuffer,
+    holding: Holding,
     running_epoch: u64,
     mode: Mode,
     /// Where received frames go while protected, tagged with their epoch.
@@ -58,9 +77,31 @@ impl OutputCommit {
     /// A gate that releases to `release` and holds at most `limits`. It
     /// passes frames through until a protection begins.
     pub fn new(release: Arc<dyn FrameSink>, limits: Limits) -> Self {
+        Self::with(
+            release,
+            Holding::Epochs(Box::new(OutputBuffer::new(limits))),
+        )
+    }
+
+    /// A COLO gate: compares the guest's output with the secondary's
+    /// within `config`'s bounds and timeout. It passes frames through until
+    /// a protection begins.
+    pub fn colo(release: Arc<dyn FrameSink>, config: CompareConfig) -> Self {
+        Self::with(
+            release,
+            Holding::Compare(Box::new(ColoCompare::new(config))),
+        )
+    }
+
+    /// Whether this gate compares (COLO) rather than holds (Remus).
+    pub fn compares(&self) -> bool {
+        matches!(self.lock().holding, Holding::Compare(_))
+    }
+
+    fn with(release: Arc<dyn FrameSink>, holding: Holding) -> Self {
         Self {
             gate: Mutex::new(Gate {
-                buffer: OutputBuffer::new(limits),
+                holding,
                 running_epoch: 0,
                 mode: Mode::PassThrough,
                 input_log: None,
@@ -82,8 +123,13 @@ impl OutputCommit {
     pub fn begin(&self, input_log: Option<SyncSender<(u64, Vec<u8>)>>) {
         let mut gate = self.lock();
         gate.input_log = input_log;
-        let released = gate.buffer.restart_epochs(Instant::now());
-        self.send_out(released);
+        match &mut gate.holding {
+            Holding::Epochs(buffer) => {
+                let released = buffer.restart_epochs(Instant::now());
+                self.send_out(released);
+            }
+            Holding::Compare(colo) => self.send_frames(colo.restart()),
+        }
         gate.running_epoch = 0;
         gate.mode = Mode::Hold;
     }
@@ -100,8 +146,85 @@ impl OutputCommit {
         if matches!(gate.mode, Mode::PassThrough) {
             return;
         }
-        let released = gate.buffer.acknowledge(epoch, Instant::now());
-        self.send_out(released);
+        match &mut gate.holding {
+            Holding::Epochs(buffer) => {
+                let released = buffer.acknowledge(epoch, Instant::now());
+                self.send_out(released);
+            }
+            Holding::Compare(colo) => self.send_frames(colo.acknowledged(epoch, Instant::now())),
+        }
+    }
+
+    /// COLO: a frame the secondary's guest sent while running `epoch`.
+    /// Returns false when this gate does not compare (a confused peer).
+    pub fn secondary_output(&self, epoch: u64, frame: &[u8]) -> bool {
+        let mut gate = self.lock();
+        let passing = matches!(gate.mode, Mode::PassThrough);
+        let Holding::Compare(colo) = &mut gate.holding else {
+            return false;
+        };
+        if !passing {
+            let released = colo.secondary(epoch, frame, Instant::now());
+            self.send_frames(released);
+            if colo.wanted().is_some() {
+                self.output_held.notify_all();
+            }
+        }
+        true
+    }
+
+    /// COLO: blocks until a checkpoint is asked for (a mismatch, a compare
+    /// timeout: returned) or `until` (`None`). Held frames are checked
+    /// against the timeout as their deadlines pass.
+    pub fn wait_for_checkpoint_request(&self, until: Instant) -> Option<CheckpointCause> {
+        let mut gate = self.lock();
+        loop {
+            let Holding::Compare(colo) = &mut gate.holding else {
+                return None;
+            };
+            let now = Instant::now();
+            if colo.next_expiry().is_some_and(|expiry| expiry <= now) {
+                colo.expire(now);
+            }
+            if let Some(cause) = colo.wanted() {
+                return Some(cause);
+            }
+            let wake = colo.next_expiry().map_or(until, |expiry| expiry.min(until));
+            if now >= until {
+                return None;
+            }
+            let left = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_micros(50));
+            gate = self
+                .output_held
+                .wait_timeout(gate, left)
+                .expect("no panics while the output gate is held")
+                .0;
+        }
+    }
+
+    /// COLO: a checkpoint is taken now, for `cause` (`None`: periodic);
+    /// counted, and the request cleared.
+    pub fn colo_checkpoint_taken(&self, cause: Option<CheckpointCause>) {
+        if let Holding::Compare(colo) = &mut self.lock().holding {
+            colo.checkpoint_taken(cause);
+        }
+    }
+
+    /// COLO's counters, when this gate compares.
+    pub fn colo_metrics(&self) -> Option<ColoMetrics> {
+        match &self.lock().holding {
+            Holding::Compare(colo) => Some(colo.metrics()),
+            Holding::Epochs(_) => None,
+        }
+    }
+
+    /// Sends frames on, in order (with the gate locked).
+    fn send_frames(&self, frames: Vec<Vec<u8>>) {
+        for frame in frames {
+            self.release.send(&frame);
+        }
     }
 
     /// Sends released frames on, in order (with the gate locked, so that
@@ -116,8 +239,13 @@ impl OutputCommit {
     pub fn open(&self) {
         let mut gate = self.lock();
         gate.input_log = None;
-        let released = gate.buffer.acknowledge(u64::MAX, Instant::now());
-        self.send_out(released);
+        match &mut gate.holding {
+            Holding::Epochs(buffer) => {
+                let released = buffer.acknowledge(u64::MAX, Instant::now());
+                self.send_out(released);
+            }
+            Holding::Compare(colo) => self.send_frames(colo.release_all()),
+        }
         gate.mode = Mode::PassThrough;
     }
 
@@ -137,12 +265,13 @@ impl OutputCommit {
 
     /// Copies of the frames held for `epoch` (they go to the secondary with
     /// the epoch's checkpoint).
+    /// In COLO mode none: the secondary's guest runs on after a takeover
+    /// and resends its own.
     pub fn frames_of(&self, epoch: u64) -> Vec<Vec<u8>> {
-        self.lock()
-            .buffer
-            .frames_of(epoch)
-            .map(<[u8]>::to_vec)
-            .collect()
+        match &self.lock().holding {
+            Holding::Epochs(buffer) => buffer.frames_of(epoch).map(<[u8]>::to_vec).collect(),
+            Holding::Compare(_) => Vec::new(),
+        }
     }
 
     /// Whether the guest sent output during the epoch it is running (output
@@ -152,7 +281,12 @@ impl OutputCommit {
     }
 
     fn waiting(gate: &Gate) -> bool {
-        matches!(gate.mode, Mode::Hold) && gate.buffer.newest_epoch() == Some(gate.running_epoch)
+        match &gate.holding {
+            Holding::Epochs(buffer) => {
+                matches!(gate.mode, Mode::Hold) && buffer.newest_epoch() == Some(gate.running_epoch)
+            }
+            Holding::Compare(_) => false,
+        }
     }
 
     /// Blocks until the guest has output waiting (see
@@ -181,9 +315,13 @@ impl OutputCommit {
         self.lock().input_dropped
     }
 
-    /// Counters and hold times over all protections so far.
+    /// Counters and hold times over all protections so far (Remus; in
+    /// COLO mode see [`colo_metrics`](Self::colo_metrics)).
     pub fn metrics(&self) -> Metrics {
-        self.lock().buffer.metrics().clone()
+        match &self.lock().holding {
+            Holding::Epochs(buffer) => buffer.metrics().clone(),
+            Holding::Compare(_) => Metrics::default(),
+        }
     }
 }
 
@@ -195,13 +333,22 @@ impl FrameSink for OutputCommit {
             return;
         }
         let epoch = gate.running_epoch;
-        match gate.buffer.hold(epoch, frame, Instant::now()) {
-            Ok(Held::Held) => self.output_held.notify_all(),
-            Ok(Held::Dropped) => {
-                log_limited!(warn, epoch, "output buffer full: a guest frame was dropped");
-            }
-            Err(error) => {
-                log_limited!(warn, %error, "a guest frame could not be held; dropped");
+        match &mut gate.holding {
+            Holding::Epochs(buffer) => match buffer.hold(epoch, frame, Instant::now()) {
+                Ok(Held::Held) => self.output_held.notify_all(),
+                Ok(Held::Dropped) => {
+                    log_limited!(warn, epoch, "output buffer full: a guest frame was dropped");
+                }
+                Err(error) => {
+                    log_limited!(warn, %error, "a guest frame could not be held; dropped");
+                }
+            },
+            Holding::Compare(colo) => {
+                let released = colo.primary(epoch, frame.to_vec(), Instant::now());
+                self.send_frames(released);
+                if colo.wanted().is_some() {
+                    self.output_held.notify_all();
+                }
             }
         }
     }

@@ -410,7 +410,7 @@ impl Protection {
         resume: bool,
         checkpointed: impl FnOnce(&EpochMetrics),
     ) -> Result<EpochMetrics, PrimaryError> {
-        let (batch, state, metrics) = self.checkpoint(vm, 0, resume)?;
+        let (batch, state, metrics) = self.checkpoint(vm, 0, resume, "initial")?;
         checkpointed(&metrics);
         self.submit(Work::Pages(0, batch))?;
         self.submit(Work::End {
@@ -437,6 +437,7 @@ impl Protection {
         vm: &mut Vm,
         epoch: u64,
         resume: bool,
+        cause: &'static str,
     ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
         let paused = Instant::now();
         vm.pause()?;
@@ -480,6 +481,7 @@ impl Protection {
             send: Duration::ZERO,
             memory_hash,
             progress,
+            cause,
         };
         self.last_checkpoint = now;
         Ok((batch, state, metrics))
@@ -491,16 +493,18 @@ impl Protection {
     /// checkpoints are already waiting to be sent, and while
     /// `MAX_UNACKNOWLEDGED_EPOCHS` sent ones are not acknowledged
     /// (backpressure: the guest runs on, the epoch lengthens).
+    /// Returns the epoch taken.
     pub(crate) fn checkpoint_and_send(
         &mut self,
         vm: &mut Vm,
+        cause: &'static str,
         checkpointed: impl FnOnce(&EpochMetrics),
-    ) -> Result<(), PrimaryError> {
+    ) -> Result<u64, PrimaryError> {
         let epoch = self.next_epoch;
         if let Some(oldest) = epoch.checked_sub(MAX_UNACKNOWLEDGED_EPOCHS + 1) {
             self.wait_acknowledged(oldest)?;
         }
-        let (batch, state, metrics) = self.checkpoint(vm, epoch, true)?;
+        let (batch, state, metrics) = self.checkpoint(vm, epoch, true, cause)?;
         self.epoch_length = self.options.epoch.next(self.epoch_length, metrics.pause);
         checkpointed(&metrics);
         self.submit(Work::Begin(epoch))?;
@@ -513,7 +517,7 @@ impl Protection {
             checkpointed: Instant::now(),
         })?;
         self.next_epoch += 1;
-        Ok(())
+        Ok(epoch)
     }
 
     /// When the last checkpoint's pause ended.

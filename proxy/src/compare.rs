@@ -32,12 +32,14 @@
 //!   secondary's (FIN at the same sequence number).
 //! - **UDP and ICMP** byte for byte from the transport header on, in order
 //!   per flow.
-//! - **Anything else** (ARP, IPv6, IPv4 fragments, other protocols): not
+//! - **ARP** (IPv4 over Ethernet) byte for byte, in order per pair of
+//!   addresses: both copies answer the same requests the same way, so a
+//!   neighbour's cache refresh costs no checkpoint.
+//! - **Anything else** (IPv6, IPv4 fragments, other protocols): not
 //!   compared, and never released before a checkpoint. The frame is held
 //!   and a checkpoint requested, as Remus-style output commit would: such
-//!   frames are rare for the guests we run (ARP about once per neighbour
-//!   cache lifetime), and releasing them uncompared (QEMU's choice) would
-//!   let un-checkpointed state escape.
+//!   frames are rare for the guests we run, and releasing them uncompared
+//!   (QEMU's choice) would let un-checkpointed state escape.
 //!
 //! Bounds: held primary frames are limited in count and bytes; a frame
 //! beyond them is dropped (the guest's TCP sends it again) and a checkpoint
@@ -49,7 +51,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{
+    ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket,
+};
 
 /// Why a checkpoint is needed now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +70,23 @@ pub enum CheckpointCause {
     SecondaryAhead,
 }
 
+impl CheckpointCause {
+    /// A short name, for metrics and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointCause::Mismatch(Mismatch::TcpPayload) => "mismatch-tcp-payload",
+            CheckpointCause::Mismatch(Mismatch::TcpFin) => "mismatch-tcp-fin",
+            CheckpointCause::Mismatch(Mismatch::Udp) => "mismatch-udp",
+            CheckpointCause::Mismatch(Mismatch::Icmp) => "mismatch-icmp",
+            CheckpointCause::Mismatch(Mismatch::Arp) => "mismatch-arp",
+            CheckpointCause::Timeout => "timeout",
+            CheckpointCause::Uncomparable => "uncomparable",
+            CheckpointCause::QueueFull => "queue-full",
+            CheckpointCause::SecondaryAhead => "secondary-ahead",
+        }
+    }
+}
+
 /// What differed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mismatch {
@@ -77,6 +98,8 @@ pub enum Mismatch {
     Udp,
     /// An ICMP message.
     Icmp,
+    /// An ARP packet.
+    Arp,
 }
 
 /// What the caller must do.
@@ -159,10 +182,13 @@ fn parse(frame: &[u8]) -> Parsed {
     let Ok(ethernet) = EthernetFrame::new_checked(frame) else {
         return Parsed::Uncomparable;
     };
+    let ip_offset = EthernetFrame::<&[u8]>::header_len();
+    if ethernet.ethertype() == EthernetProtocol::Arp {
+        return parse_arp(frame, ip_offset);
+    }
     if ethernet.ethertype() != EthernetProtocol::Ipv4 {
         return Parsed::Uncomparable;
     }
-    let ip_offset = EthernetFrame::<&[u8]>::header_len();
     let Ok(ip) = Ipv4Packet::new_checked(&frame[ip_offset..]) else {
         return Parsed::Uncomparable;
     };
@@ -214,6 +240,32 @@ fn parse(frame: &[u8]) -> Parsed {
         _ => Parsed::Uncomparable,
     }
 }
+
+/// An IPv4-over-Ethernet ARP packet at `offset`: a flow per pair of
+/// protocol addresses, compared over the packet (not the frame's padding).
+fn parse_arp(frame: &[u8], offset: usize) -> Parsed {
+    let Ok(arp) = ArpPacket::new_checked(&frame[offset..]) else {
+        return Parsed::Uncomparable;
+    };
+    let (Ok(sender), Ok(target)) = (
+        <[u8; 4]>::try_from(arp.source_protocol_addr()),
+        <[u8; 4]>::try_from(arp.target_protocol_addr()),
+    ) else {
+        return Parsed::Uncomparable;
+    };
+    let length = 8 + 2 * (usize::from(arp.hardware_len()) + usize::from(arp.protocol_len()));
+    Parsed::Datagram {
+        key: FlowKey {
+            protocol: ARP_FLOW,
+            guest: (Ipv4Addr::from(sender), 0),
+            peer: (Ipv4Addr::from(target), 0),
+        },
+        transport: offset..offset + length,
+    }
+}
+
+/// The flow key's protocol for ARP (not an IP protocol number in use here).
+const ARP_FLOW: u8 = 0;
 
 /// A primary frame waiting.
 struct Held {
@@ -560,10 +612,10 @@ impl Comparer {
             let (held, transport) = flow.primary.front().expect("not empty");
             let secondary = flow.secondary.front().expect("not empty");
             if held.frame[transport.clone()] != secondary[..] {
-                mismatch = Some(if key.protocol == 1 {
-                    Mismatch::Icmp
-                } else {
-                    Mismatch::Udp
+                mismatch = Some(match key.protocol {
+                    1 => Mismatch::Icmp,
+                    ARP_FLOW => Mismatch::Arp,
+                    _ => Mismatch::Udp,
                 });
                 break;
             }
@@ -651,8 +703,28 @@ impl Comparer {
         }
     }
 
+    /// When the oldest compared frame still held arrived (its timeout
+    /// runs from then), if one is held.
+    pub fn oldest_held(&self) -> Option<Instant> {
+        let tcp = self
+            .tcp
+            .values()
+            .filter_map(|flow| flow.queue.front().map(|segment| segment.held.arrived));
+        let datagrams = self
+            .datagrams
+            .values()
+            .filter_map(|flow| flow.primary.front().map(|(held, _)| held.arrived));
+        tcp.chain(datagrams).min()
+    }
+
+    /// The compare timeout.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// Asks for a checkpoint if a held frame waited longer than the
-    /// timeout (call it every few milliseconds).
+    /// timeout (call it when [`oldest_held`](Self::oldest_held) plus the
+    /// timeout has passed).
     pub fn expire(&mut self, now: Instant) -> Option<Action> {
         let timeout = self.config.timeout;
         let old = |held: &Held| now.saturating_duration_since(held.arrived) > timeout;

@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use understudy_checkpoint::protocol::{EpochEnd, Hello, MAX_UNACKNOWLEDGED_EPOCHS};
+use understudy_checkpoint::link::LinkSender;
+use understudy_checkpoint::protocol::{EpochEnd, Hello, MAX_UNACKNOWLEDGED_EPOCHS, Purpose};
 use understudy_compress::PageBatch;
 use understudy_vm::memory;
 use understudy_vm::progress::ProgressSample;
@@ -18,6 +19,7 @@ use understudy_vm::tap::Tap;
 use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, VmConfig, usize_from};
 
+use crate::colo::{Lockstep, MAX_WAITING_INPUT};
 use crate::fence::SyncedWith;
 use crate::{ConnectionError, Failover, SecondaryError};
 
@@ -177,6 +179,13 @@ pub(crate) struct Backup {
     /// may have died before releasing them, so a takeover sends them again
     /// (a receiver drops what it already has: TCP by sequence number).
     recent_output: VecDeque<(u64, Vec<Vec<u8>>)>,
+    /// COLO: the guest runs from epoch 0's commit on.
+    colo: bool,
+    /// COLO: the running guest, once epoch 0 is committed.
+    lockstep: Option<Lockstep>,
+    /// COLO: frames the primary's guest received in epochs this one does
+    /// not run yet, in order.
+    waiting_input: VecDeque<(u64, Vec<u8>)>,
 }
 
 impl Backup {
@@ -192,7 +201,78 @@ impl Backup {
             committed: None,
             input_log: InputLog::default(),
             recent_output: VecDeque::new(),
+            colo: hello.purpose == Purpose::Colo,
+            lockstep: None,
+            waiting_input: VecDeque::new(),
         })
+    }
+
+    /// Memory as of the last committed epoch: the VM's own, except in COLO
+    /// mode, where the VM runs a copy.
+    fn committed_memory(&self) -> &memory::GuestMemory {
+        self.lockstep
+            .as_ref()
+            .map_or(self.vm.memory(), Lockstep::committed_memory)
+    }
+
+    /// COLO: once epoch 0 is committed, starts the guest's copy here (see
+    /// [`crate::colo`]): its output goes to the primary over `link`. It
+    /// runs from [`run_on`](Self::run_on). Nothing in Remus mode.
+    pub fn start_lockstep(&mut self, link: &LinkSender) -> Result<(), SecondaryError> {
+        if !self.colo || self.lockstep.is_some() {
+            return Ok(());
+        }
+        let Some((_, state)) = &self.committed else {
+            return Ok(());
+        };
+        self.lockstep = Some(Lockstep::start(&mut self.vm, state, link.clone())?);
+        Ok(())
+    }
+
+    /// COLO: lets the guest run after a commit (and feeds it the input of
+    /// the epoch it now runs). Nothing in Remus mode.
+    pub fn run_on(&mut self) -> Result<(), SecondaryError> {
+        let Some(lockstep) = &self.lockstep else {
+            return Ok(());
+        };
+        self.vm.resume()?;
+        let running = lockstep.running_epoch();
+        while let Some((epoch, _)) = self.waiting_input.front() {
+            if *epoch > running {
+                break;
+            }
+            let (epoch, frame) = self.waiting_input.pop_front().expect("just seen");
+            if epoch == running {
+                lockstep.inject(&self.vm, frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// A frame the primary's guest received while running `epoch`: kept
+    /// for a takeover (Remus), or fed to the running guest (COLO: now if it
+    /// runs that epoch, once it does if later, never if earlier).
+    pub fn input(&mut self, epoch: u64, frame: Vec<u8>) {
+        if !self.colo {
+            let committed = self.committed_epoch();
+            self.input_log.record(epoch, frame, committed);
+            return;
+        }
+        let running = self.lockstep.as_ref().map_or(0, Lockstep::running_epoch);
+        if epoch == running && self.waiting_input.is_empty() {
+            if let Some(lockstep) = &self.lockstep {
+                lockstep.inject(&self.vm, frame);
+            }
+        } else if epoch >= running.max(1) {
+            if self.waiting_input.len() == MAX_WAITING_INPUT {
+                understudy_vm::log_limited!(
+                    warn,
+                    "the COLO input queue is full: a received frame is dropped"
+                );
+                self.waiting_input.pop_front();
+            }
+            self.waiting_input.push_back((epoch, frame));
+        }
     }
 
     /// The primary this backup is in sync with.
@@ -263,7 +343,7 @@ impl Backup {
             }
         }
         if let Some(expected) = end.memory_hash {
-            let actual = hash_after(self.vm.memory(), &staging.pages)?;
+            let actual = hash_after(self.committed_memory(), &staging.pages)?;
             if actual != expected {
                 return Err(ConnectionError::MemoryHash {
                     epoch,
@@ -276,7 +356,10 @@ impl Backup {
             .state
             .take()
             .ok_or(ConnectionError::MissingState(epoch))?;
-        self.apply(&staging.pages)?;
+        match &mut self.lockstep {
+            Some(lockstep) => lockstep.load(&mut self.vm, epoch, &staging.pages, &state)?,
+            None => self.apply(&staging.pages)?,
+        }
         self.committed = Some((epoch, state));
         self.input_log.committed(epoch);
         self.recent_output
@@ -297,12 +380,18 @@ impl Backup {
         tap: Option<&Arc<Tap>>,
         rescue_dir: &std::path::Path,
     ) -> Result<Result<Failover, Backup>, SecondaryError> {
+        if self.lockstep.is_some() {
+            return self.run_on_alone(last_heard, reason, tap).map(Ok);
+        }
         let Backup {
             mut vm,
             synced_with,
             committed,
             input_log,
             recent_output,
+            colo,
+            lockstep,
+            waiting_input,
         } = self;
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
@@ -311,6 +400,9 @@ impl Backup {
                 committed: None,
                 input_log,
                 recent_output,
+                colo,
+                lockstep,
+                waiting_input,
             }));
         };
         let resumed = (|| -> Result<_, SecondaryError> {
@@ -377,6 +469,51 @@ impl Backup {
             reason,
             migrated: false,
         }))
+    }
+}
+
+impl Backup {
+    /// COLO takeover: the guest already runs, its output already matched
+    /// the primary's; it goes on alone (see [`crate::colo`]): the frames
+    /// waiting for a later epoch are fed to it, its network moves to `tap`.
+    fn run_on_alone(
+        self,
+        last_heard: Instant,
+        reason: String,
+        tap: Option<&Arc<Tap>>,
+    ) -> Result<Failover, SecondaryError> {
+        let Backup {
+            vm,
+            committed,
+            lockstep,
+            waiting_input,
+            ..
+        } = self;
+        let lockstep = lockstep.expect("called with a running guest");
+        let epoch = committed.map_or(0, |(epoch, _)| epoch);
+        if vm.net().is_some() && tap.is_none() {
+            tracing::warn!(
+                "the guest has a network interface but this secondary has no --tap: it runs on unreachable"
+            );
+        }
+        let replayed = waiting_input.len();
+        for (_, frame) in waiting_input {
+            lockstep.inject(&vm, frame);
+        }
+        let ipv4 = vm.boot_info()?.net_ipv4;
+        let resent = lockstep.take_over(&vm, tap, ipv4);
+        tracing::info!(resent, replayed, "the COLO secondary's guest runs on alone");
+        let progress = ProgressSample::read(&vm)?;
+        Ok(Failover {
+            vm,
+            epoch,
+            replayed_frames: replayed,
+            memory_hash: None,
+            progress,
+            since_last_heartbeat: last_heard.elapsed(),
+            reason,
+            migrated: false,
+        })
     }
 }
 

@@ -8,7 +8,10 @@
 //!        ◀─────────────────────── Welcome | Refuse
 //!  EpochBegin(n), Pages…, State, Output…, EpochEnd ──▶ stage, then commit
 //!        ◀─────────────────────── Ack(n)
-//!  Input(e) at any time ────────▶  logged for a takeover
+//!  Input(e) at any time ────────▶  logged for a takeover (COLO: fed to
+//!                                  the running guest, see `colo`)
+//!        ◀─────────────────────── SecondaryOutput (COLO: the running
+//!                                  guest's frames, for the compare proxy)
 //!  Sync(t) ─────────────────────▶  ◀── Synced(t)
 //!  Goodbye ─────────────────────▶  closed, no takeover
 //! ```
@@ -127,6 +130,7 @@ pub(crate) fn serve_connection(
         udp_heartbeats: None,
         ack_delay: options.ack_delay,
         witness: options.witness.as_ref(),
+        colo: options.colo,
         stop,
     };
     let result = receive(&mut link, &mut receiver, hello, backup, report);
@@ -164,6 +168,8 @@ struct Connection<'a> {
     udp_heartbeats: Option<Heartbeats>,
     ack_delay: Duration,
     witness: Option<&'a Witness>,
+    /// Whether COLO primaries are served (else Remus ones).
+    colo: bool,
     /// Set by SIGTERM/SIGINT: the secondary says goodbye and stops.
     stop: &'a AtomicBool,
 }
@@ -175,8 +181,8 @@ fn receive(
     slot: &mut Option<Backup>,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
-    if let Err(reason) =
-        check_hello(&hello, &link.heartbeat).and_then(|()| check_owner(link.witness, &hello))
+    if let Err(reason) = check_hello(&hello, &link.heartbeat, link.colo)
+        .and_then(|()| check_owner(link.witness, &hello))
     {
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the primary: {reason}")));
@@ -257,6 +263,7 @@ fn receive_epochs(
             }
             Action::Commit { epoch, end } => {
                 backup.commit(epoch, end, &mut staging)?;
+                backup.start_lockstep(sender)?;
                 last_commit = Some(Instant::now());
                 // Committed, whether or not the acknowledgement gets out.
                 report(&SecondaryEvent::Committed {
@@ -271,13 +278,13 @@ fn receive_epochs(
                 if purpose == Purpose::Migrate {
                     return Ok(Ended::MigratedIn);
                 }
+                // COLO: after the Ack, so that the primary compares the
+                // guest's next output with the epoch it belongs to.
+                backup.run_on()?;
             }
             Action::Heartbeat(_) => {}
             Action::Sync(token) => answer(sender, epoch, &Message::Synced(token)),
-            Action::LogInput { epoch, frame } => {
-                let committed = backup.committed_epoch();
-                backup.input_log.record(epoch, frame, committed);
-            }
+            Action::LogInput { epoch, frame } => backup.input(epoch, frame),
             Action::Close(reason) => {
                 return Ok(Ended::Closed(format!("the primary left: {reason}")));
             }
@@ -335,12 +342,27 @@ fn check_state(bytes: &[u8], epoch: u64, backup: &Backup) -> Result<VmState, Con
     Ok(state)
 }
 
-fn check_hello(hello: &Hello, heartbeat: &HeartbeatPolicy) -> Result<(), String> {
+fn check_hello(hello: &Hello, heartbeat: &HeartbeatPolicy, colo: bool) -> Result<(), String> {
     if hello.version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} is not supported (this secondary speaks {PROTOCOL_VERSION})",
             hello.version
         ));
+    }
+    match (hello.purpose, colo) {
+        (Purpose::Colo, false) => {
+            return Err(
+                "this secondary serves Remus primaries; start it with --mode colo to serve a COLO primary"
+                    .to_owned(),
+            );
+        }
+        (Purpose::Replicate, true) => {
+            return Err(
+                "this secondary serves COLO primaries; start the primary with --mode colo, or this secondary with --mode remus"
+                    .to_owned(),
+            );
+        }
+        _ => {}
     }
     if hello.guest_image_hash != understudy_vm::boot::guest_image_hash() {
         return Err("the primary runs a different guest image".to_owned());
@@ -391,7 +413,10 @@ mod tests {
 
     #[test]
     fn a_hello_from_this_build_is_accepted() {
-        assert_eq!(check_hello(&hello(), &HeartbeatPolicy::default()), Ok(()));
+        assert_eq!(
+            check_hello(&hello(), &HeartbeatPolicy::default(), false),
+            Ok(())
+        );
     }
 
     #[test]
@@ -402,9 +427,27 @@ mod tests {
         };
 
         let refused =
-            check_hello(&other, &HeartbeatPolicy::default()).expect_err("another version");
+            check_hello(&other, &HeartbeatPolicy::default(), false).expect_err("another version");
 
         assert!(refused.contains("protocol version"), "{refused}");
+    }
+
+    #[test]
+    fn a_colo_primary_is_refused_by_a_remus_secondary_and_the_reverse() {
+        let colo = Hello {
+            purpose: Purpose::Colo,
+            ..hello()
+        };
+
+        let by_remus = check_hello(&colo, &HeartbeatPolicy::default(), false)
+            .expect_err("a Remus secondary refuses COLO");
+        let by_colo = check_hello(&hello(), &HeartbeatPolicy::default(), true)
+            .expect_err("a COLO secondary refuses Remus");
+        let colo_accepted = check_hello(&colo, &HeartbeatPolicy::default(), true);
+
+        assert!(by_remus.contains("--mode colo"), "{by_remus}");
+        assert!(by_colo.contains("--mode colo"), "{by_colo}");
+        assert_eq!(colo_accepted, Ok(()));
     }
 
     #[test]
@@ -414,7 +457,8 @@ mod tests {
             ..hello()
         };
 
-        let refused = check_hello(&other, &HeartbeatPolicy::default()).expect_err("another image");
+        let refused =
+            check_hello(&other, &HeartbeatPolicy::default(), false).expect_err("another image");
 
         assert!(refused.contains("different guest image"), "{refused}");
     }
@@ -426,6 +470,6 @@ mod tests {
             ..hello()
         };
 
-        assert!(check_hello(&other, &HeartbeatPolicy::default()).is_err());
+        assert!(check_hello(&other, &HeartbeatPolicy::default(), false).is_err());
     }
 }

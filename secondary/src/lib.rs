@@ -45,7 +45,9 @@
 //! snapshot in [`SecondaryOptions::rescue_dir`] and reports where.
 //!
 //! Files: `connection` (one primary's connection: the receive loop and the
-//! Hello checks), `backup` (the backup VM, staging, commit and takeover).
+//! Hello checks), `backup` (the backup VM, staging, commit and takeover),
+//! `colo` (COLO mode: the backup VM runs in lockstep, fed the primary's
+//! input, its output compared on the primary; a takeover lets it run on).
 //!
 //! A guest with a network interface gets its own on takeover: a virtio-net
 //! device restored from the checkpoint, on this host's tap, and a gratuitous
@@ -54,6 +56,7 @@
 //! acknowledged it sends again.
 
 mod backup;
+mod colo;
 mod connection;
 mod fence;
 
@@ -299,6 +302,10 @@ pub struct SecondaryOptions {
     pub security: Security,
     /// Where a takeover that fails saves the committed checkpoint.
     pub rescue_dir: std::path::PathBuf,
+    /// Serve COLO primaries (the guest runs here in lockstep, holding its
+    /// memory twice) rather than Remus ones; a primary of the other mode
+    /// is refused. Migrations are accepted either way.
+    pub colo: bool,
 }
 
 /// Connections still in their handshake at once; more are closed at once.

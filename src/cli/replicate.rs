@@ -10,10 +10,12 @@ use serde_json::json;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_checkpoint::witness::Witness;
 use understudy_compress::CodecSpec;
+use understudy_primary::colo::ColoMetrics;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
-    EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions,
+    ColoOptions, EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions,
 };
+use understudy_proxy::compare::CompareConfig;
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::progress::ProgressSample;
@@ -22,6 +24,18 @@ use understudy_vm::virtio_net::FrameSink;
 use super::{
     MonitorOptions, VmOptions, check_events, monitor, parse_duration, stop_flag, wait_until_running,
 };
+
+/// How a pair replicates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The secondary stands by, paused; every epoch is a checkpoint, and
+    /// output waits for its acknowledgement (Remus output commit).
+    Remus,
+    /// The secondary's guest runs in lockstep, fed the same input; output
+    /// goes out as soon as both copies sent the same, and a checkpoint is
+    /// taken only on a mismatch, a compare timeout or --colo-interval.
+    Colo,
+}
 
 /// Heartbeat options shared by both sides.
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -104,6 +118,20 @@ pub struct PrimaryArguments {
     /// Page codec (see `understudy bench compress --help`).
     #[arg(long, default_value = "delta+zstd:level=1")]
     codec: CodecSpec,
+    /// Remus (checkpoint every epoch, output held until acknowledged) or
+    /// COLO (the secondary's guest runs too; output released when both
+    /// copies agree). The secondary must run the same mode.
+    #[arg(long, value_enum, default_value_t = Mode::Remus)]
+    mode: Mode,
+    /// COLO: a frame the secondary has not matched after this long forces
+    /// a checkpoint.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    colo_timeout: Duration,
+    /// COLO: a checkpoint at least this often, even when all output
+    /// matched (bounds how far the copies drift in state not yet seen in
+    /// output).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    colo_interval: Duration,
     /// Compute the memory hash at every checkpoint and have the secondary check it.
     #[arg(long)]
     verify: bool,
@@ -158,6 +186,10 @@ pub struct SecondaryArguments {
     /// checkpoint (a snapshot file for `understudy restore`).
     #[arg(long, default_value = ".")]
     rescue_dir: std::path::PathBuf,
+    /// Which primaries to serve: Remus (the guest waits here, paused) or
+    /// COLO (it runs here in lockstep and holds its memory twice).
+    #[arg(long, value_enum, default_value_t = Mode::Remus)]
+    mode: Mode,
     #[command(flatten)]
     channel: super::ChannelOptions,
 }
@@ -183,6 +215,7 @@ fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
                 "pause_us": metrics.pause.as_secs_f64() * 1e6,
                 "dirty_pages": metrics.dirty_pages,
                 "memory_hash": metrics.memory_hash,
+                "cause": metrics.cause,
                 "vcpus": vcpus_json(&metrics.progress),
             })
         );
@@ -270,8 +303,20 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
 pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let mut gate = None;
+    if arguments.colo_timeout.is_zero() || arguments.colo_interval.is_zero() {
+        bail!("--colo-timeout and --colo-interval must be longer than 0");
+    }
+    let colo = arguments.mode == Mode::Colo;
+    let compare = CompareConfig {
+        timeout: arguments.colo_timeout,
+        ..CompareConfig::default()
+    };
     let mut vm = arguments.vm.boot_with_output(|tap| {
-        let commit = Arc::new(OutputCommit::new(tap, Limits::default()));
+        let commit = Arc::new(if colo {
+            OutputCommit::colo(tap, compare)
+        } else {
+            OutputCommit::new(tap, Limits::default())
+        });
         gate = Some(commit.clone());
         let recorder: Arc<dyn FrameSink> = Arc::new(InputRecorder(commit.clone()));
         (commit as Arc<dyn FrameSink>, Some(recorder))
@@ -303,6 +348,9 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         output_epoch: arguments.output_epoch,
         duration: arguments.duration,
         connect_patience: Duration::ZERO,
+        colo: colo.then_some(ColoOptions {
+            interval: arguments.colo_interval,
+        }),
     };
     let policy = &options.primary;
     if arguments.json {
@@ -324,13 +372,47 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         print_primary_event(&event, arguments.json, arguments.secondary);
     })?;
     if let Some(gate) = &gate {
-        print_output_commit(&gate.metrics(), arguments.json);
+        match gate.colo_metrics() {
+            Some(metrics) => print_colo(&metrics, arguments.json),
+            None => print_output_commit(&gate.metrics(), arguments.json),
+        }
     }
     vm.pause()?;
     vm.shutdown();
     match end {
         RunEnd::Stopped => Ok(()),
         RunEnd::GuestStopped(reason) => bail!("{reason}"),
+    }
+}
+
+/// What COLO's compare proxy did.
+fn print_colo(metrics: &ColoMetrics, as_json: bool) {
+    let compare = &metrics.compare;
+    let mismatches: std::collections::BTreeMap<&str, u64> = compare
+        .checkpoints
+        .iter()
+        .map(|(cause, count)| (cause.name(), *count))
+        .collect();
+    if as_json {
+        crate::say!(
+            "{}",
+            json!({"event": "colo", "compared": compare.compared, "matched": compare.matched,
+                   "passed": compare.passed, "dropped": compare.dropped,
+                   "checkpoints_asked": mismatches, "checkpoints": metrics.checkpoints,
+                   "released_by_checkpoint": metrics.released_by_checkpoint,
+                   "stale_secondary_frames": metrics.stale_secondary_frames,
+                   "waiting_dropped": metrics.waiting_dropped,
+                   "compare_latency_us_log2": compare.latency_micros_log2})
+        );
+    } else {
+        crate::say!(
+            "colo: {} frames compared, {} matched, {} passed (ACKs), {} released by a checkpoint; checkpoints {:?}",
+            compare.compared,
+            compare.matched,
+            compare.passed,
+            metrics.released_by_checkpoint,
+            metrics.checkpoints
+        );
     }
 }
 
@@ -369,6 +451,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         instance: super::new_vm_id(),
         security: arguments.channel.security()?,
         rescue_dir: arguments.rescue_dir.clone(),
+        colo: arguments.mode == Mode::Colo,
     };
     let failover = understudy_secondary::serve(options, &stop, |event| match event {
         SecondaryEvent::Listening { address } => {

@@ -150,6 +150,23 @@ pub fn hash_overlaid(
     Ok(hasher.digest())
 }
 
+/// Copies all of `source` into `destination` (two memories of the same
+/// layout, from [`create`] with the same size).
+pub fn copy_all(source: &GuestMemory, destination: &GuestMemory) -> Result<(), MemoryError> {
+    let mut buffer = vec![0u8; CHUNK];
+    for region in source.iter() {
+        let start = region.start_addr().0;
+        let mut offset = 0;
+        while offset < region.len() {
+            let len = usize_from((region.len() - offset).min(CHUNK as u64));
+            read(source, start + offset, &mut buffer[..len])?;
+            write(destination, start + offset, &buffer[..len])?;
+            offset += len as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Whether page `page_number` (guest address `page_number * PAGE_SIZE`) is
 /// inside guest memory.
 pub fn holds_page(memory: &GuestMemory, page_number: u64) -> bool {

@@ -29,6 +29,13 @@
 //!                                              replayed into the guest on
 //!                                              takeover if it never did
 //!   Goodbye {reason}, either way, then close
+//!
+//!   COLO (Hello's purpose `Colo`): the same epochs, taken on demand; the
+//!   secondary's guest runs from epoch 0's commit on, is fed every `Input`
+//!   as it arrives (those of epoch n once it runs epoch n), and each epoch
+//!   replaces its state
+//!                                           <- SecondaryOutput {frame} (epoch n:
+//!                                              the secondary runs epoch n + 1)
 //! ```
 //!
 //! # Framing
@@ -66,7 +73,7 @@ pub use receiver::{Action, Receiver, ReceiverState};
 pub use wire::{Envelope, Header, Sender, read_message, read_message_within};
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Most epochs a primary has sent without their acknowledgement before it
 /// waits: a slow secondary lengthens the epochs instead of letting held
 /// output and queued checkpoints grow without bound. A secondary keeps the
@@ -160,6 +167,11 @@ pub enum Purpose {
     Replicate,
     /// Live migration: the target runs the guest after the last epoch.
     Migrate,
+    /// COLO replication: the secondary runs its copy of the guest from
+    /// epoch 0 on, fed the primary's input; its output goes back to the
+    /// primary's compare proxy (`SecondaryOutput`), and epochs are taken on
+    /// demand (a mismatch, a compare timeout, the periodic interval).
+    Colo,
 }
 
 /// What the two sides must agree on before any memory moves.
@@ -239,6 +251,10 @@ pub enum Message {
     /// a takeover sends it again, in case the primary died before
     /// releasing it.
     Output(Vec<u8>),
+    /// COLO, secondary to primary: a network frame the secondary's guest
+    /// sent while running the epoch after the envelope's (the last one it
+    /// loaded), for the primary's compare proxy; never sent out.
+    SecondaryOutput(Vec<u8>),
 }
 
 /// Declares [`MessageKind`] from one table: each kind's wire value, and its
@@ -282,7 +298,7 @@ macro_rules! message_kinds {
                     Self::EpochEnd => std::mem::size_of::<EpochEndPayload>(),
                     Self::Pages => MAX_PAYLOAD,
                     Self::State => MAX_STATE,
-                    Self::Input | Self::Output => MAX_INPUT_FRAME,
+                    Self::Input | Self::Output | Self::SecondaryOutput => MAX_INPUT_FRAME,
                 }
             }
         }
@@ -304,6 +320,7 @@ message_kinds! {
     Synced = 12,
     Input = 13,
     Output = 14,
+    SecondaryOutput = 15,
 }
 
 /// `Hello`'s payload, little-endian.
@@ -339,6 +356,7 @@ impl Purpose {
         match self {
             Purpose::Replicate => 0,
             Purpose::Migrate => 1,
+            Purpose::Colo => 2,
         }
     }
 
@@ -346,6 +364,7 @@ impl Purpose {
         match value {
             0 => Some(Purpose::Replicate),
             1 => Some(Purpose::Migrate),
+            2 => Some(Purpose::Colo),
             _ => None,
         }
     }
@@ -369,6 +388,7 @@ impl Message {
             Self::Synced(_) => MessageKind::Synced,
             Self::Input(_) => MessageKind::Input,
             Self::Output(_) => MessageKind::Output,
+            Self::SecondaryOutput(_) => MessageKind::SecondaryOutput,
         }
     }
 
@@ -399,7 +419,11 @@ impl Message {
             .to_vec(),
             Self::Welcome | Self::Ack => Vec::new(),
             Self::Refuse(text) | Self::Goodbye(text) => truncated_text(text).as_bytes().to_vec(),
-            Self::Pages(bytes) | Self::State(bytes) | Self::Input(bytes) | Self::Output(bytes) => {
+            Self::Pages(bytes)
+            | Self::State(bytes)
+            | Self::Input(bytes)
+            | Self::Output(bytes)
+            | Self::SecondaryOutput(bytes) => {
                 return Cow::Borrowed(bytes);
             }
             Self::EpochEnd(end) => EpochEndPayload {
@@ -493,6 +517,7 @@ impl Message {
             MessageKind::Synced => Self::Synced(clock()?),
             MessageKind::Input => Self::Input(frame(payload)?),
             MessageKind::Output => Self::Output(frame(payload)?),
+            MessageKind::SecondaryOutput => Self::SecondaryOutput(frame(payload)?),
         })
     }
 }

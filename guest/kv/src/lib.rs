@@ -1,7 +1,11 @@
 //! The key-value store the built-in guest serves: the Redis protocol (RESP 2)
 //! and the commands `PING`, `ECHO`, `GET`, `SET`, `DEL`, `INCR`, `EXISTS`,
-//! `DBSIZE` (plus `CONFIG GET`, answered with nothing, and `QUIT`), so that
-//! `redis-cli` and `redis-benchmark` work against it unchanged.
+//! `DBSIZE`, `TIME` (plus `CONFIG GET`, answered with nothing, and `QUIT`),
+//! so that `redis-cli` and `redis-benchmark` work against it unchanged.
+//!
+//! `TIME` answers from the store's clock (the guest's: its time stamp
+//! counter since boot), so two copies of the guest answer it differently:
+//! the workload that makes COLO's copies diverge on purpose.
 //!
 //! `no_std` with `alloc`: the guest links it; the host runs its tests.
 //!
@@ -144,6 +148,8 @@ pub enum After {
 pub struct Store {
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
     commands: u64,
+    /// Microseconds of the store's clock (`TIME`); none: always 0.
+    clock: Option<fn() -> u64>,
 }
 
 fn simple(out: &mut Vec<u8>, text: &[u8]) {
@@ -212,6 +218,14 @@ impl Store {
         Self::default()
     }
 
+    /// An empty store whose `TIME` reads `clock` (microseconds).
+    pub fn with_clock(clock: fn() -> u64) -> Self {
+        Self {
+            clock: Some(clock),
+            ..Self::default()
+        }
+    }
+
     /// Keys held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -270,6 +284,20 @@ impl Store {
             }
             (b"INCR", 1) => self.increment(arguments[0], out),
             (b"DBSIZE", 0) => integer(out, count(self.entries.len())),
+            (b"TIME", 0) => {
+                // Redis's reply: seconds and microseconds, as bulk strings.
+                let micros = self.clock.map_or(0, |clock| clock());
+                let mut text = Vec::new();
+                out.extend_from_slice(b"*2\r\n");
+                push_decimal(
+                    &mut text,
+                    i64::try_from(micros / 1_000_000).unwrap_or(i64::MAX),
+                );
+                bulk(out, Some(&text));
+                text.clear();
+                push_decimal(&mut text, i64::try_from(micros % 1_000_000).unwrap_or(0));
+                bulk(out, Some(&text));
+            }
             (b"CONFIG", n) if n >= 1 => out.extend_from_slice(b"*0\r\n"),
             (b"QUIT", _) => {
                 simple(out, b"OK");
@@ -277,7 +305,7 @@ impl Store {
             }
             (
                 b"PING" | b"ECHO" | b"GET" | b"SET" | b"DEL" | b"EXISTS" | b"INCR" | b"DBSIZE"
-                | b"CONFIG",
+                | b"CONFIG" | b"TIME",
                 _,
             ) => wrong_arity(out, name),
             _ => {
@@ -407,6 +435,15 @@ mod tests {
     #[test]
     fn get_of_a_missing_key_is_nil() {
         assert_eq!(run(&mut Store::new(), b"GET nothing\r\n"), b"$-1\r\n");
+    }
+
+    #[test]
+    fn time_answers_seconds_and_microseconds_of_the_clock() {
+        let mut store = Store::with_clock(|| 12_000_345);
+
+        let reply = run(&mut store, b"TIME\r\n");
+
+        assert_eq!(reply, b"*2\r\n$2\r\n12\r\n$3\r\n345\r\n");
     }
 
     #[test]

@@ -53,9 +53,48 @@ fn udp(payload: &[u8]) -> Vec<u8> {
     ipv4_frame(17, &udp)
 }
 
-fn arp() -> Vec<u8> {
-    let mut frame = vec![0u8; 42];
+/// An ARP reply from the guest (10.0.0.10) to 10.0.0.1, padded to 60 bytes.
+fn arp_reply(sender_mac_last: u8) -> Vec<u8> {
+    let mut frame = vec![0u8; 60];
     frame[12..14].copy_from_slice(&[0x08, 0x06]);
+    let arp = [
+        0,
+        1,
+        8,
+        0,
+        6,
+        4,
+        0,
+        2,
+        2,
+        0,
+        0,
+        0,
+        0,
+        sender_mac_last,
+        10,
+        0,
+        0,
+        10,
+        2,
+        0,
+        0,
+        0,
+        0,
+        1,
+        10,
+        0,
+        0,
+        1,
+    ];
+    frame[14..42].copy_from_slice(&arp);
+    frame
+}
+
+/// An IPv6 frame (not compared).
+fn ipv6() -> Vec<u8> {
+    let mut frame = vec![0u8; 62];
+    frame[12..14].copy_from_slice(&[0x86, 0xdd]);
     frame
 }
 
@@ -277,14 +316,43 @@ fn an_uncomparable_frame_waits_for_a_checkpoint_and_is_then_released() {
     let mut comparer = comparer();
     let now = Instant::now();
 
-    let actions = comparer.primary(arp(), now);
+    let actions = comparer.primary(ipv6(), now);
     let after = comparer.checkpointed();
 
     assert_eq!(
         actions,
         vec![Action::Checkpoint(CheckpointCause::Uncomparable)]
     );
-    assert_eq!(after, vec![arp()]);
+    assert_eq!(after, vec![ipv6()]);
+}
+
+#[test]
+fn the_same_arp_reply_from_both_copies_is_released() {
+    let mut comparer = comparer();
+    let now = Instant::now();
+    let mut secondary = arp_reply(7);
+    // Padding is not compared.
+    secondary[59] = 0xff;
+
+    let held = comparer.primary(arp_reply(7), now);
+    let actions = comparer.secondary(&secondary, now);
+
+    assert!(held.is_empty());
+    assert_eq!(actions, vec![Action::Release(arp_reply(7))]);
+}
+
+#[test]
+fn different_arp_replies_ask_for_a_checkpoint() {
+    let mut comparer = comparer();
+    let now = Instant::now();
+
+    comparer.primary(arp_reply(7), now);
+    let actions = comparer.secondary(&arp_reply(8), now);
+
+    assert_eq!(
+        actions,
+        vec![Action::Checkpoint(CheckpointCause::Mismatch(Mismatch::Arp))]
+    );
 }
 
 #[test]

@@ -18,7 +18,11 @@
 //! For replication, the device can report every frame it delivers (the
 //! primary logs them to the secondary), and frames can be injected ahead
 //! of the tap (the secondary replays the frames a takeover's guest never
-//! saw: those of epochs that were not committed).
+//! saw: those of epochs that were not committed; a COLO secondary's guest
+//! gets all its input that way). An injection wakes a vCPU waiting for
+//! input at once. The tap can be plugged in later ([`VirtioNet::plug_input`]:
+//! a COLO secondary that takes over), with a [`FrameFilter`] that edits
+//! each frame read from it before the guest sees it.
 //!
 //! Everything the device writes into guest memory (frames, used rings) goes
 //! through vm-memory with the VM's dirty bitmap, so it is in the next
@@ -37,6 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusAction, BusDevice};
 use crate::log_limited;
@@ -49,7 +54,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use sinks::{DiscardFrames, FrameRecorder, FrameSink};
+pub use sinks::{DiscardFrames, FrameFilter, FrameRecorder, FrameSink};
 pub use state::{NET_STATE_LEN, NetState};
 
 /// "virt", little-endian.
@@ -132,6 +137,10 @@ pub struct NetCounters {
 struct Registers {
     /// Frames to deliver before any from the tap (a takeover's replay).
     injected: VecDeque<Vec<u8>>,
+    /// Where received frames come from (none: only injected ones arrive).
+    input: Option<Arc<Tap>>,
+    /// Edits each frame read from `input` before the guest sees it.
+    input_filter: Option<Arc<dyn FrameFilter>>,
     driver_features: u64,
     status: u32,
     queue_sel: u32,
@@ -143,9 +152,11 @@ struct Registers {
 }
 
 impl Registers {
-    fn new() -> Self {
+    fn new(input: Option<Arc<Tap>>) -> Self {
         Self {
             injected: VecDeque::new(),
+            input,
+            input_filter: None,
             driver_features: 0,
             status: 0,
             queue_sel: 0,
@@ -175,8 +186,8 @@ pub struct VirtioNet {
     registers: Mutex<Registers>,
     memory: Arc<GuestMemory>,
     mac: [u8; 6],
-    /// Where received frames come from (none: the guest hears nothing).
-    input: Option<Arc<Tap>>,
+    /// Signalled by every injection: wakes a vCPU waiting for input.
+    injected: EventFd,
     output: Arc<dyn FrameSink>,
     /// Told of every frame delivered to the guest.
     delivered: Option<Arc<dyn FrameSink>>,
@@ -192,12 +203,32 @@ impl VirtioNet {
         output: Arc<dyn FrameSink>,
     ) -> Self {
         Self {
-            registers: Mutex::new(Registers::new()),
+            registers: Mutex::new(Registers::new(input)),
             memory,
             mac,
-            input,
+            injected: EventFd::new(libc::EFD_NONBLOCK)
+                .expect("an eventfd can be created (a process without file descriptors left cannot run a VM)"),
             output,
             delivered: None,
+        }
+    }
+
+    /// Plugs `input` in as the source of received frames (replacing the
+    /// previous one), each edited by `filter` first if given: a COLO
+    /// secondary's guest, fed only injected frames until then, takes over
+    /// the tap.
+    pub fn plug_input(&self, input: Option<Arc<Tap>>, filter: Option<Arc<dyn FrameFilter>>) {
+        let mut registers = self.lock();
+        registers.input = input;
+        registers.input_filter = filter;
+        drop(registers);
+        // A vCPU waiting on the old source looks again.
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Err(error) = self.injected.write(1) {
+            log_limited!(warn, %error, "waking the network device's vCPU failed");
         }
     }
 
@@ -207,9 +238,22 @@ impl VirtioNet {
         self
     }
 
-    /// Queues frames to deliver before any from the tap.
+    /// Queues frames to deliver before any from the tap, and wakes a vCPU
+    /// waiting for input.
     pub fn inject(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
-        self.lock().injected.extend(frames);
+        let mut registers = self.lock();
+        let before = registers.injected.len();
+        registers.injected.extend(frames);
+        let added = registers.injected.len() > before;
+        drop(registers);
+        if added {
+            self.wake();
+        }
+    }
+
+    /// Frames injected and not delivered yet.
+    pub fn injected_pending(&self) -> usize {
+        self.lock().injected.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Registers> {
@@ -276,24 +320,31 @@ impl VirtioNet {
     }
 
     /// The guest is idle: waits up to `timeout` for the tap to have a frame
-    /// and delivers what the guest has buffers for. A signal (the VM's pause
-    /// kick) ends the wait early.
+    /// or a frame to be injected, and delivers what the guest has buffers
+    /// for. A signal (the VM's pause kick) ends the wait early.
     pub fn wait_for_input(&self, timeout: Duration) {
+        // Consumed before looking, so an injection after the look wakes the poll.
+        let _ = self.injected.read();
         if self.deliver_received() > 0 {
             return;
         }
-        let Some(input) = &self.input else {
-            std::thread::sleep(timeout);
-            return;
-        };
-        let mut poll = libc::pollfd {
-            fd: input.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let input = self.lock().input.clone();
+        let mut polls = [
+            libc::pollfd {
+                fd: self.injected.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: input.as_ref().map_or(-1, |tap| tap.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `poll` is one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut poll, 1, millis) };
+        // SAFETY: `polls` is an array of two valid pollfds (a negative fd is
+        // ignored by poll) for the duration of the call.
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, millis) };
         if ready > 0 {
             self.deliver_received();
         }
@@ -303,7 +354,7 @@ impl VirtioNet {
     /// receive buffers; returns how many.
     fn deliver_received(&self) -> usize {
         let mut registers = self.lock();
-        if !registers.driver_ok() || (self.input.is_none() && registers.injected.is_empty()) {
+        if !registers.driver_ok() || (registers.input.is_none() && registers.injected.is_empty()) {
             return 0;
         }
         let memory: &GuestMemory = &self.memory;
@@ -321,12 +372,17 @@ impl VirtioNet {
                 frame[NET_HEADER_LEN..NET_HEADER_LEN + length].copy_from_slice(&injected[..length]);
                 length
             } else {
-                match self
+                match registers
                     .input
                     .as_ref()
                     .map(|tap| tap.read_frame(&mut frame[NET_HEADER_LEN..]))
                 {
-                    Some(Ok(Some(length))) => length,
+                    Some(Ok(Some(length))) => {
+                        if let Some(filter) = &registers.input_filter {
+                            filter.filter(&mut frame[NET_HEADER_LEN..NET_HEADER_LEN + length]);
+                        }
+                        length
+                    }
                     Some(Ok(None)) | None => {
                         queue.go_to_previous_position();
                         break;
@@ -543,9 +599,11 @@ impl BusDevice for VirtioNet {
                     // Device reset.
                     let counters = registers.counters;
                     let injected = std::mem::take(&mut registers.injected);
-                    *registers = Registers::new();
+                    let filter = registers.input_filter.take();
+                    *registers = Registers::new(registers.input.take());
                     registers.counters = counters;
                     registers.injected = injected;
+                    registers.input_filter = filter;
                 } else if value & STATUS_FEATURES_OK != 0
                     && registers.driver_features & FEATURE_VERSION_1 == 0
                 {

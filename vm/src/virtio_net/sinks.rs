@@ -20,6 +20,13 @@ impl FrameSink for Tap {
     }
 }
 
+/// Edits a received frame in place before the guest sees it (a COLO
+/// secondary that took over rewrites TCP acknowledgement numbers).
+pub trait FrameFilter: Send + Sync {
+    /// Edits one Ethernet frame.
+    fn filter(&self, frame: &mut [u8]);
+}
+
 /// A sink that drops every frame (a VM without a network behind it).
 pub struct DiscardFrames;
 
