@@ -120,7 +120,7 @@ fn matching_replies_need_no_checkpoint_and_a_divergent_one_costs_one() {
     let namespace = test_namespace("colocmp");
     namespace.add_client_tap().expect("a client tap");
     let (secondary, primary, lines) =
-        start_pair(&namespace, 7110, &[], &["--colo-interval", "60m"]);
+        start_pair(&namespace, 7110, &[], &["--colo-interval", "10m"]);
     let _guards = (Killed(secondary), Killed(primary));
     let (warm, namespace) =
         with_client(namespace, |client| client.command(&["PING"]).expect("PING"));
@@ -176,7 +176,7 @@ fn a_silent_secondary_holds_the_reply_until_a_timeout_checkpoint_is_acknowledged
         &namespace,
         7111,
         &patient,
-        &["--colo-interval", "60m", "--heartbeat-misses", "100"],
+        &["--colo-interval", "10m", "--heartbeat-misses", "100"],
     );
     let secondary_pid = i32::try_from(secondary.id()).expect("a pid");
     let _guards = (Killed(secondary), Killed(primary));

@@ -134,7 +134,8 @@ pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
             worked = true;
         }
         status.set_kv_progress(store.commands(), store.len() as u64);
-        if worked || polled == smoltcp::iface::PollResult::SocketStateChanged {
+        if worked || polled == smoltcp::iface::PollResult::SocketStateChanged || device.received()
+        {
             continue;
         }
         match iface.poll_delay(timestamp, &sockets) {

@@ -61,9 +61,14 @@ unsafe impl Hal for IdentityHal {
 
 type Driver = VirtIONet<IdentityHal, MmioTransport<'static>, QUEUE_SIZE>;
 
-/// Frames handed to smoltcp per poll: between polls the service can make
-/// listening sockets for a burst of new connections.
-const RX_PER_POLL: usize = 16;
+/// Frames handed to smoltcp per poll: one, so that the service runs every
+/// request a frame completes before the next frame is taken. Requests are
+/// then executed in the order their frames arrived, whatever the timing:
+/// two copies of the guest fed the same frames in the same order (COLO)
+/// answer alike, even when clients on different connections update the
+/// same key. Between polls the service can also make listening sockets for
+/// a burst of new connections.
+const RX_PER_POLL: usize = 1;
 
 /// The virtio-net driver as a smoltcp device.
 pub struct NetDevice {
@@ -90,6 +95,12 @@ impl NetDevice {
     /// Call before each `Interface::poll`: allows the next batch of frames.
     pub fn begin_poll(&mut self) {
         self.received_this_poll = 0;
+    }
+
+    /// Whether the last poll took a frame (more may be waiting: poll again
+    /// before yielding).
+    pub fn received(&self) -> bool {
+        self.received_this_poll > 0
     }
 
     /// The MAC address the device reports.

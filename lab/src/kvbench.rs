@@ -1,8 +1,10 @@
 //! What protection costs a real client (`understudy bench kv`). The `kv`
 //! guest runs in the [`Lab`], first alone (`understudy run`), then protected
 //! with output released only at epoch ends (Remus), then protected with
-//! Understudy's early checkpoint on output; `redis-benchmark` measures each
-//! from the client namespace.
+//! Understudy's early checkpoint on output, then in COLO mode (the
+//! secondary's guest runs too; output released when both copies agree);
+//! `redis-benchmark` measures each from the client namespace. The COLO run
+//! also reports the checkpoints it took, by cause, and the compare counts.
 
 use std::time::Duration;
 
@@ -43,10 +45,14 @@ pub struct Row {
 /// One protection mode's results.
 #[derive(Clone, Debug)]
 pub struct Run {
-    /// `alone`, `remus` or `understudy`.
+    /// `alone`, `remus`, `understudy` or `colo`.
     pub name: &'static str,
     /// Its rows, in the order redis-benchmark ran the tests.
     pub rows: Vec<Row>,
+    /// COLO: the primary's compare report (its `colo` JSON line: frames
+    /// compared and matched, checkpoints by cause) and how long the
+    /// benchmark ran.
+    pub colo: Option<(serde_json::Value, Duration)>,
 }
 
 /// Parses `redis-benchmark --csv` output.
@@ -133,6 +139,7 @@ pub fn run(options: &KvBenchOptions) -> anyhow::Result<Vec<Run>> {
     let mut runs = vec![Run {
         name: "alone",
         rows: unprotected,
+        colo: None,
     }];
     for (name, output_epoch) in [("remus", "0ms"), ("understudy", "2ms")] {
         let extra = [format!("--output-epoch={output_epoch}")];
@@ -141,10 +148,29 @@ pub fn run(options: &KvBenchOptions) -> anyhow::Result<Vec<Run>> {
         runs.push(Run {
             name,
             rows: run_benchmark(&lab, options, &format!("benchmark-{name}"))?,
+            colo: None,
         });
         primary.kill()?;
         secondary.kill()?;
     }
+    let colo = ["--mode".to_owned(), "colo".to_owned()];
+    let (mut secondary, mut primary) =
+        start_protected(&lab, &options.program, options.epoch, &colo, &colo)?;
+    let started = std::time::Instant::now();
+    let rows = run_benchmark(&lab, options, "benchmark-colo")?;
+    let elapsed = started.elapsed();
+    // Stopped, the primary reports what its compare proxy did.
+    primary.signal(libc::SIGTERM)?;
+    let (report, _) = primary
+        .wait_event("colo", Duration::from_secs(20))
+        .with_context(|| lab.log_tail("primary", 20))?;
+    primary.kill()?;
+    secondary.kill()?;
+    runs.push(Run {
+        name: "colo",
+        rows,
+        colo: Some((report, elapsed)),
+    });
     Ok(runs)
 }
 

@@ -116,7 +116,13 @@ pub fn migrate(
         owner: vm_id,
         generation: 0,
     };
-    let mut link = Protection::connect(vm, options.link.clone(), identity, Purpose::Migrate)?;
+    let mut link = Protection::connect(
+        vm,
+        options.link.clone(),
+        identity,
+        Purpose::Migrate,
+        options.link.epoch.target,
+    )?;
     let result = run(vm, &mut link, options, started, &mut progress);
     link.close(match &result {
         Ok(_) => "migration complete",

@@ -107,6 +107,7 @@ impl Protection {
         mut options: PrimaryOptions,
         identity: Identity,
         purpose: Purpose,
+        checkpoint_interval: Duration,
     ) -> Result<Self, PrimaryError> {
         // A version store larger than the guest holds nothing more, and the
         // secondary refuses one: both ends keep at most the guest's pages.
@@ -145,6 +146,7 @@ impl Protection {
                 store_pages: u32::try_from(options.codec.cache_pages()).unwrap_or(u32::MAX),
                 heartbeat_interval: options.heartbeat.interval,
                 heartbeat_timeout: options.heartbeat.timeout(),
+                checkpoint_interval,
             }),
         )?;
         loop {

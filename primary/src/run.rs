@@ -133,7 +133,15 @@ pub fn run(
             Purpose::Replicate
         };
         let mut protection =
-            match Protection::connect(vm, options.primary.clone(), identity, purpose) {
+            match Protection::connect(
+                vm,
+                options.primary.clone(),
+                identity,
+                purpose,
+                options
+                    .colo
+                    .map_or(options.primary.epoch.target, |colo| colo.interval),
+            ) {
                 Ok(protection) => protection,
                 Err(error) if protected_before || started.elapsed() < options.connect_patience => {
                     // Unprotected (or not yet): the guest runs on; try again soon.

@@ -649,6 +649,9 @@ impl Comparer {
             if flow.base_unverified {
                 if ahead(base, segment.start) < 0 {
                     // Primary bytes the secondary's output never covered.
+                    if std::env::var_os("COLO_DEBUG").is_some() {
+                        eprintln!("UNVERIFIED {key:?} start {} base {base}", segment.start);
+                    }
                     mismatch = Some(Mismatch::TcpPayload);
                     break;
                 }
@@ -669,6 +672,9 @@ impl Comparer {
                 let from = index(compare_from.wrapping_sub(base));
                 let to = index(segment.end.wrapping_sub(base));
                 if primary[skip..] != flow.secondary_bytes[from..to] {
+                    if std::env::var_os("COLO_DEBUG").is_some() {
+                        eprintln!("MISMATCH {key:?} start {} end {} base {base} primary {:?} secondary {:?}", segment.start, segment.end, String::from_utf8_lossy(&primary[skip..]), String::from_utf8_lossy(&flow.secondary_bytes[from..to]));
+                    }
                     mismatch = Some(Mismatch::TcpPayload);
                     break;
                 }

@@ -537,6 +537,7 @@ mod tests {
             store_pages: 1024,
             heartbeat_interval: Duration::from_millis(10),
             heartbeat_timeout: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_millis(25),
         }
     }
 

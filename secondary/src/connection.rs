@@ -202,12 +202,20 @@ fn receive(
     link.reader.limit_payload(MAX_PAYLOAD);
     let purpose = hello.purpose;
     let store_pages = hello.store_pages;
+    let checkpoint_interval = hello.checkpoint_interval;
     report(&SecondaryEvent::Connected {
         peer: link.peer,
         hello,
     });
     let decoder = Decoder::bounded(usize_from(u64::from(store_pages)), backup.guest_pages());
-    receive_epochs(link, receiver, backup, decoder, purpose, report)
+    receive_epochs(
+        link,
+        receiver,
+        backup,
+        decoder,
+        (purpose, checkpoint_interval),
+        report,
+    )
 }
 
 /// After `Hello`: epochs until the primary leaves or is lost, or a migration
@@ -217,7 +225,7 @@ fn receive_epochs(
     receiver: &mut Receiver,
     backup: &mut Backup,
     mut decoder: Decoder,
-    purpose: Purpose,
+    (purpose, checkpoint_interval): (Purpose, Duration),
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
     let sender = link.sender;
@@ -236,9 +244,11 @@ fn receive_epochs(
             return Ok(Ended::Closed("stopping on request".to_owned()));
         }
         // Heard is not working: a primary whose epochs stopped committing
-        // (after the first) is lost too.
-        if last_commit.is_some_and(|at| at.elapsed() > link.heartbeat.progress) {
-            return Err(ConnectionError::NoProgress(link.heartbeat.progress));
+        // (after the first) is lost too, once it let more than its
+        // checkpoint interval pass beyond the progress deadline.
+        let deadline = link.heartbeat.progress + checkpoint_interval;
+        if last_commit.is_some_and(|at| at.elapsed() > deadline) {
+            return Err(ConnectionError::NoProgress(deadline));
         }
         let epoch = envelope.epoch;
         match receiver.accept(envelope)? {
@@ -342,6 +352,9 @@ fn check_state(bytes: &[u8], epoch: u64, backup: &Backup) -> Result<VmState, Con
     Ok(state)
 }
 
+/// The longest checkpoint interval a primary may announce.
+const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
+
 fn check_hello(hello: &Hello, heartbeat: &HeartbeatPolicy, colo: bool) -> Result<(), String> {
     if hello.version != PROTOCOL_VERSION {
         return Err(format!(
@@ -382,6 +395,12 @@ fn check_hello(hello: &Hello, heartbeat: &HeartbeatPolicy, colo: bool) -> Result
             heartbeat.timeout()
         ));
     }
+    if hello.checkpoint_interval > MAX_CHECKPOINT_INTERVAL {
+        return Err(format!(
+            "the primary's checkpoint interval {:?} is longer than {MAX_CHECKPOINT_INTERVAL:?}: a primary that stopped checkpointing would go unnoticed that long",
+            hello.checkpoint_interval
+        ));
+    }
     if heartbeat.interval >= hello.heartbeat_timeout {
         return Err(format!(
             "this secondary's heartbeat interval {:?} is not below the primary's timeout {:?}: it would be declared lost while alive",
@@ -408,6 +427,7 @@ mod tests {
             store_pages: 1024,
             heartbeat_interval: Duration::from_millis(10),
             heartbeat_timeout: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_millis(25),
         }
     }
 

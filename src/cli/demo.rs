@@ -40,6 +40,7 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
         // The demo needs nothing beyond a fresh machine: no etcd.
         witness: false,
         stall: Duration::from_secs(1),
+        colo: false,
     };
     let started = Instant::now();
     let say = |text: String| crate::say!("[{:5.1} s] {text}", started.elapsed().as_secs_f64());

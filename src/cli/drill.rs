@@ -9,6 +9,7 @@ use understudy_lab::drill::{
     self, DrillEvent, DrillOptions, DrillSummary, Failure, RoundResult, Survivor,
 };
 
+use super::replicate::Mode;
 use super::{clock_seed, parse_duration, stop_flag};
 
 /// Arguments of `understudy drill`.
@@ -54,6 +55,10 @@ pub struct DrillArguments {
     /// stalls can leave two copies, which the drill then reports).
     #[arg(long)]
     no_witness: bool,
+    /// How the pair replicates: `remus` (the secondary waits, paused) or
+    /// `colo` (its guest runs in lockstep and runs on after a failover).
+    #[arg(long, value_enum, default_value_t = Mode::Remus)]
+    mode: Mode,
     /// Extra arguments for the primary (e.g. --primary-arg=--output-epoch=0ms).
     #[arg(long = "primary-arg", allow_hyphen_values = true)]
     primary_args: Vec<String>,
@@ -114,6 +119,7 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
         primary_arguments: arguments.primary_args.clone(),
         witness: !arguments.no_witness,
         stall: arguments.stall,
+        colo: arguments.mode == Mode::Colo,
     };
     if arguments.json {
         crate::say!(

@@ -37,6 +37,7 @@ pub fn bench_kv(arguments: KvBenchArguments) -> anyhow::Result<()> {
         clients: arguments.clients,
         epoch: arguments.epoch,
     })?;
+    let colo_report = runs.iter().find_map(|run| run.colo.clone());
     if arguments.json {
         let runs: serde_json::Map<String, serde_json::Value> = runs
             .iter()
@@ -49,15 +50,18 @@ pub fn bench_kv(arguments: KvBenchArguments) -> anyhow::Result<()> {
                 (run.name.to_owned(), json!(rows))
             })
             .collect();
+        let colo = colo_report.map(
+            |(report, elapsed)| json!({"report": report, "seconds": elapsed.as_secs_f64()}),
+        );
         println!(
             "{}",
             json!({"epoch_ms": arguments.epoch.as_secs_f64() * 1e3, "clients": arguments.clients,
-                   "requests": arguments.requests, "runs": runs})
+                   "requests": arguments.requests, "runs": runs, "colo": colo})
         );
         return Ok(());
     }
     println!(
-        "redis-benchmark -c {} -n {} against the kv guest, {} ms epochs:\n  alone: unprotected\n  remus: protected, output released at each epoch's checkpoint (--output-epoch 0ms)\n  understudy: protected, a checkpoint taken 2 ms after the guest's first output (default)",
+        "redis-benchmark -c {} -n {} against the kv guest, {} ms epochs:\n  alone: unprotected\n  remus: protected, output released at each epoch's checkpoint (--output-epoch 0ms)\n  understudy: protected, a checkpoint taken 2 ms after the guest's first output (default)\n  colo: protected in COLO mode (--mode colo: the secondary's guest runs too; output released when both copies agree)",
         arguments.clients,
         arguments.requests,
         arguments.epoch.as_millis()
@@ -86,6 +90,22 @@ pub fn bench_kv(arguments: KvBenchArguments) -> anyhow::Result<()> {
             }
         }
         println!();
+    }
+    if let Some((report, elapsed)) = colo_report {
+        let total: u64 = report["checkpoints"]
+            .as_object()
+            .map(|causes| causes.values().filter_map(serde_json::Value::as_u64).sum())
+            .unwrap_or(0);
+        println!(
+            "colo: {total} checkpoints in {:.1} s ({:.2}/s), by cause {}; {} frames compared, {} matched, {} released by a checkpoint, {} ACKs passed",
+            elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64().max(1e-9),
+            report["checkpoints"],
+            report["compared"],
+            report["matched"],
+            report["released_by_checkpoint"],
+            report["passed"],
+        );
     }
     Ok(())
 }

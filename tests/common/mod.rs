@@ -215,5 +215,6 @@ pub fn scripted_hello(vm_id: u64, memory_bytes: u64) -> understudy_checkpoint::p
         store_pages: 0,
         heartbeat_interval: std::time::Duration::from_millis(10),
         heartbeat_timeout: std::time::Duration::from_millis(50),
+        checkpoint_interval: std::time::Duration::from_millis(25),
     }
 }

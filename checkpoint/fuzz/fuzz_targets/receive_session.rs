@@ -44,6 +44,7 @@ fn preamble() -> &'static (Vec<u8>, Sender) {
             store_pages: STORE_PAGES,
             heartbeat_interval: std::time::Duration::from_millis(10),
             heartbeat_timeout: std::time::Duration::from_millis(50),
+            checkpoint_interval: std::time::Duration::from_millis(25),
         };
         let mut batch = PageBatch::new();
         batch.push(3, &[7u8; PAGE]);

@@ -203,6 +203,11 @@ pub struct Hello {
     pub heartbeat_interval: std::time::Duration,
     /// Silence after which the primary declares the secondary lost.
     pub heartbeat_timeout: std::time::Duration,
+    /// The longest time the primary lets pass between two checkpoints
+    /// when all is well (the epoch in Remus mode, the periodic interval in
+    /// COLO mode): the secondary allows that much more than its progress
+    /// deadline before it calls a primary that commits nothing lost.
+    pub checkpoint_interval: std::time::Duration,
 }
 
 /// The end of an epoch: what the receiver should now hold.
@@ -339,6 +344,7 @@ struct HelloPayload {
     generation: U64,
     heartbeat_interval_micros: U32,
     heartbeat_timeout_micros: U32,
+    checkpoint_interval_micros: U64,
 }
 
 /// `EpochEnd`'s payload, little-endian.
@@ -414,6 +420,9 @@ impl Message {
                 generation: hello.generation.into(),
                 heartbeat_interval_micros: micros(hello.heartbeat_interval).into(),
                 heartbeat_timeout_micros: micros(hello.heartbeat_timeout).into(),
+                checkpoint_interval_micros: u64::try_from(hello.checkpoint_interval.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .into(),
             }
             .as_bytes()
             .to_vec(),
@@ -490,6 +499,9 @@ impl Message {
                     heartbeat_timeout: std::time::Duration::from_micros(u64::from(
                         hello.heartbeat_timeout_micros.get(),
                     )),
+                    checkpoint_interval: std::time::Duration::from_micros(
+                        hello.checkpoint_interval_micros.get(),
+                    ),
                 })
             }
             MessageKind::Welcome => empty(Self::Welcome)?,

@@ -17,6 +17,7 @@ fn hello() -> Hello {
         store_pages: 0,
         heartbeat_interval: std::time::Duration::from_millis(10),
         heartbeat_timeout: std::time::Duration::from_millis(50),
+        checkpoint_interval: std::time::Duration::from_millis(25),
     }
 }
 

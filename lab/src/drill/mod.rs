@@ -113,6 +113,9 @@ pub struct DrillOptions {
     pub witness: bool,
     /// How long a stalled process stays stopped.
     pub stall: Duration,
+    /// Run the pair in COLO mode (the secondary's guest runs in lockstep;
+    /// a failover lets it run on) instead of Remus.
+    pub colo: bool,
 }
 
 /// What a drill reports as it goes.
@@ -376,17 +379,20 @@ fn run_round(
     } else {
         None
     };
-    let fencing: Vec<String> = witness
+    let mut both: Vec<String> = witness
         .iter()
         .flat_map(|_| ["--witness".to_owned(), Lab::witness_url()])
         .collect();
-    let mut primary_arguments = fencing.clone();
+    if options.colo {
+        both.extend(["--mode".to_owned(), "colo".to_owned()]);
+    }
+    let mut primary_arguments = both.clone();
     primary_arguments.extend_from_slice(&options.primary_arguments);
     let (mut secondary, mut primary) = start_protected(
         &lab,
         &options.program,
         options.epoch,
-        &fencing,
+        &both,
         &primary_arguments,
     )?;
     on_event(DrillEvent::Protected { round });
