@@ -3,7 +3,8 @@
 //! without a checkpoint; a reply that depends on the vCPU's clock (`TIME`)
 //! differs between the copies and costs one; a secondary that stops
 //! answering holds replies until a compare-timeout checkpoint is
-//! acknowledged. Failover is drilled in `tests/network.rs`.
+//! acknowledged. Three failovers of a COLO pair (with periodic checkpoints
+//! under way) lose nothing and reset nothing.
 
 mod common;
 
@@ -11,7 +12,10 @@ use std::net::SocketAddr;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{namespace as test_namespace, require_kvm, spawn_json_in, until_event};
+use common::{
+    event, json_lines, namespace as test_namespace, require_kvm, require_program, spawn_json_in,
+    until_event,
+};
 use understudy_lab::network::Namespace;
 use understudy_lab::resp::RespClient;
 
@@ -215,4 +219,38 @@ fn a_silent_secondary_holds_the_reply_until_a_timeout_checkpoint_is_acknowledged
         causes.iter().any(|cause| cause == "timeout"),
         "no timeout checkpoint: {causes:?}"
     );
+}
+
+#[test]
+fn three_colo_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
+    if !require_kvm() {
+        return;
+    }
+    require_program("redis-benchmark", "redis-tools");
+    require_program("etcd", "etcd-server");
+
+    // Periodic checkpoints every 300 ms: connections live through some
+    // before the failure, and the failure may come while one is in flight.
+    let output = common::understudy(&[
+        "drill",
+        "--mode",
+        "colo",
+        "--rounds",
+        "3",
+        "--primary-arg=--colo-interval=300ms",
+        "--json",
+    ]);
+
+    let lines = json_lines(&output);
+    assert!(
+        output.status.success(),
+        "the drill failed: {lines:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = event(&lines, "summary");
+    assert_eq!(summary["rounds"], 3);
+    assert_eq!(summary["failed"], 0, "{lines:?}");
+    assert_eq!(summary["lost_writes"], 0, "{lines:?}");
+    assert_eq!(summary["resets"], 0, "{lines:?}");
+    assert_eq!(summary["two_copies"], 0, "{lines:?}");
 }

@@ -110,6 +110,27 @@ impl LinkSender {
         state.write(epoch, message, &payload, checksum)
     }
 
+    /// Sends several small messages (frames) with one flush: one record
+    /// and one socket write for a burst instead of one per message.
+    pub fn send_batch(&self, messages: &[(u64, Message)]) -> Result<(), ProtocolError> {
+        let mut state = self
+            .inner
+            .lock()
+            .expect("a sender never panics holding the lock");
+        for (epoch, message) in messages {
+            let payload = message.payload();
+            let checksum = xxh3_64(&payload);
+            let header = state
+                .sender
+                .header(*epoch, message, payload.len(), checksum)?;
+            state.stream.write_all(header.as_bytes())?;
+            state.stream.write_all(&payload)?;
+        }
+        state.stream.flush()?;
+        state.last_sent = Instant::now();
+        Ok(())
+    }
+
     fn idle_for(&self) -> Duration {
         self.inner
             .lock()

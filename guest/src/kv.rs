@@ -9,8 +9,8 @@
 //! nothing happened. Time is the TSC, which a checkpoint carries over.
 
 use alloc::vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use linked_list_allocator::LockedHeap;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -134,8 +134,7 @@ pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
             worked = true;
         }
         status.set_kv_progress(store.commands(), store.len() as u64);
-        if worked || polled == smoltcp::iface::PollResult::SocketStateChanged || device.received()
-        {
+        if worked || polled == smoltcp::iface::PollResult::SocketStateChanged || device.received() {
             continue;
         }
         match iface.poll_delay(timestamp, &sockets) {

@@ -422,6 +422,10 @@ pub struct Lab {
 }
 
 /// Key files of the lab's primary and secondary: each accepts the other.
+/// Set (to anything) to keep each lab's private directory, with the logs of
+/// the processes it ran, after the lab is gone.
+pub const KEEP_LOGS: &str = "UNDERSTUDY_KEEP_LAB_LOGS";
+
 struct LabKeys {
     primary: (PathBuf, PathBuf),
     secondary: (PathBuf, PathBuf),
@@ -431,10 +435,18 @@ impl Lab {
     /// Builds a lab; `round` makes the names unique within this process.
     pub fn build(round: u32) -> anyhow::Result<Self> {
         let make = |host: &str| Namespace::create(&format!("{round}{host}"));
-        let logs = tempfile::Builder::new()
+        let mut logs = tempfile::Builder::new()
             .prefix("understudy-lab-")
             .tempdir()
             .context("cannot create the lab's private directory")?;
+        if std::env::var_os(KEEP_LOGS).is_some() {
+            // The processes' logs (and the lab's keys) outlive the lab.
+            logs.disable_cleanup(true);
+            eprintln!(
+                "{KEEP_LOGS}: the lab's logs stay in {}",
+                logs.path().display()
+            );
+        }
         let write_keys = |name: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
             let keypair = KeyPair::generate()?;
             write_key_files(&logs.path().join(name), &keypair)

@@ -132,33 +132,32 @@ pub fn run(
         } else {
             Purpose::Replicate
         };
-        let mut protection =
-            match Protection::connect(
-                vm,
-                options.primary.clone(),
-                identity,
-                purpose,
-                options
-                    .colo
-                    .map_or(options.primary.epoch.target, |colo| colo.interval),
-            ) {
-                Ok(protection) => protection,
-                Err(error) if protected_before || started.elapsed() < options.connect_patience => {
-                    // Unprotected (or not yet): the guest runs on; try again soon.
-                    tracing::debug!("protection failed to start: {error}");
-                    if let Some(reason) = guest_stopped(vm) {
-                        return Ok(RunEnd::GuestStopped(reason));
-                    }
-                    let pause = if protected_before {
-                        RECONNECT_INTERVAL
-                    } else {
-                        Duration::from_millis(20)
-                    };
-                    std::thread::sleep(pause);
-                    continue;
+        let mut protection = match Protection::connect(
+            vm,
+            options.primary.clone(),
+            identity,
+            purpose,
+            options
+                .colo
+                .map_or(options.primary.epoch.target, |colo| colo.interval),
+        ) {
+            Ok(protection) => protection,
+            Err(error) if protected_before || started.elapsed() < options.connect_patience => {
+                // Unprotected (or not yet): the guest runs on; try again soon.
+                tracing::debug!("protection failed to start: {error}");
+                if let Some(reason) = guest_stopped(vm) {
+                    return Ok(RunEnd::GuestStopped(reason));
                 }
-                Err(error) => return Err(error),
-            };
+                let pause = if protected_before {
+                    RECONNECT_INTERVAL
+                } else {
+                    Duration::from_millis(20)
+                };
+                std::thread::sleep(pause);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         if let Some(gate) = &options.gate {
             protection.commit_output(gate.clone());
         }

@@ -144,7 +144,8 @@ pub struct CompareMetrics {
     pub matched: u64,
     /// Primary frames released at once (pure ACKs, retransmissions).
     pub passed: u64,
-    /// Checkpoints asked for, by cause.
+    /// Checkpoints asked for, by cause (each cause counted once between
+    /// two checkpoints).
     pub checkpoints: HashMap<CheckpointCause, u64>,
     /// Primary frames dropped because the queue was full.
     pub dropped: u64,
@@ -386,6 +387,8 @@ pub struct Comparer {
     held_bytes: usize,
     next_order: u64,
     metrics: CompareMetrics,
+    /// Causes asked for since the last checkpoint.
+    asked: std::collections::HashSet<CheckpointCause>,
 }
 
 /// A byte count in sequence space: segments and the bounded buffers here
@@ -417,6 +420,7 @@ impl Comparer {
             held_bytes: 0,
             next_order: 0,
             metrics: CompareMetrics::default(),
+            asked: std::collections::HashSet::new(),
         }
     }
 
@@ -430,9 +434,12 @@ impl Comparer {
         self.held_frames
     }
 
-    /// Asks for a checkpoint (and counts it).
+    /// Asks for a checkpoint; counts the first request of each cause
+    /// until the checkpoint (a diverged flow asks again with every frame).
     fn checkpoint(&mut self, cause: CheckpointCause) -> Action {
-        *self.metrics.checkpoints.entry(cause).or_default() += 1;
+        if self.asked.insert(cause) {
+            *self.metrics.checkpoints.entry(cause).or_default() += 1;
+        }
         Action::Checkpoint(cause)
     }
 
@@ -649,9 +656,6 @@ impl Comparer {
             if flow.base_unverified {
                 if ahead(base, segment.start) < 0 {
                     // Primary bytes the secondary's output never covered.
-                    if std::env::var_os("COLO_DEBUG").is_some() {
-                        eprintln!("UNVERIFIED {key:?} start {} base {base}", segment.start);
-                    }
                     mismatch = Some(Mismatch::TcpPayload);
                     break;
                 }
@@ -672,9 +676,6 @@ impl Comparer {
                 let from = index(compare_from.wrapping_sub(base));
                 let to = index(segment.end.wrapping_sub(base));
                 if primary[skip..] != flow.secondary_bytes[from..to] {
-                    if std::env::var_os("COLO_DEBUG").is_some() {
-                        eprintln!("MISMATCH {key:?} start {} end {} base {base} primary {:?} secondary {:?}", segment.start, segment.end, String::from_utf8_lossy(&primary[skip..]), String::from_utf8_lossy(&flow.secondary_bytes[from..to]));
-                    }
                     mismatch = Some(Mismatch::TcpPayload);
                     break;
                 }
@@ -772,6 +773,7 @@ impl Comparer {
         }
         self.held_frames = 0;
         self.held_bytes = 0;
+        self.asked.clear();
         held.sort_by_key(|held| held.order);
         held.into_iter().map(|held| held.frame).collect()
     }

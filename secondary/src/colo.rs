@@ -61,6 +61,8 @@ use crate::SecondaryError;
 pub(crate) const MAX_WAITING_INPUT: usize = 16_384;
 /// Output frames queued for the primary at most.
 const OUTPUT_QUEUE: usize = 4096;
+/// Output frames sent to the primary in one write at most.
+const FRAMES_PER_WRITE: usize = 64;
 /// Output frames since the last checkpoint kept for a takeover to resend.
 const RECENT_OUTPUT_FRAMES: usize = 256;
 
@@ -167,11 +169,21 @@ impl Lockstep {
             .name("colo-output".to_owned())
             .spawn(move || {
                 // Ends when the route changes (a takeover), the guest is
-                // gone, or the link fails.
-                for (epoch, frame) in queued {
-                    if link.send(epoch, &Message::SecondaryOutput(frame)).is_err() {
+                // gone, or the link fails. What queued meanwhile goes in
+                // one write.
+                let mut batch = Vec::new();
+                while let Ok((epoch, frame)) = queued.recv() {
+                    batch.push((epoch, Message::SecondaryOutput(frame)));
+                    batch.extend(
+                        queued
+                            .try_iter()
+                            .take(FRAMES_PER_WRITE - 1)
+                            .map(|(epoch, frame)| (epoch, Message::SecondaryOutput(frame))),
+                    );
+                    if link.send_batch(&batch).is_err() {
                         break;
                     }
+                    batch.clear();
                 }
             })
             .map_err(|source| SecondaryError::Vm(understudy_vm::VmError::SpawnThread(source)))?;
@@ -255,6 +267,11 @@ impl Lockstep {
         vm.restore_state(state)?;
         // The copy's own writes are not the guest's.
         vm.harvest_dirty()?;
+        if let Some(net) = vm.net() {
+            // Frames of the epoch just committed that this copy had not
+            // taken yet: the primary's state has them.
+            net.clear_injected();
+        }
         lock_rewriter(&self.rewriter).checkpointed();
         let mut output = self.output.lock();
         output.recent.clear();

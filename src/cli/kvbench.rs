@@ -50,9 +50,8 @@ pub fn bench_kv(arguments: KvBenchArguments) -> anyhow::Result<()> {
                 (run.name.to_owned(), json!(rows))
             })
             .collect();
-        let colo = colo_report.map(
-            |(report, elapsed)| json!({"report": report, "seconds": elapsed.as_secs_f64()}),
-        );
+        let colo = colo_report
+            .map(|(report, elapsed)| json!({"report": report, "seconds": elapsed.as_secs_f64()}));
         println!(
             "{}",
             json!({"epoch_ms": arguments.epoch.as_secs_f64() * 1e3, "clients": arguments.clients,

@@ -517,3 +517,22 @@ proptest! {
         prop_assert!(comparer.held_frames() >= 1);
     }
 }
+
+#[test]
+fn a_diverged_flow_asks_again_but_is_counted_once_per_checkpoint() {
+    let mut comparer = comparer();
+    let now = Instant::now();
+    comparer.primary(udp(b"one"), now);
+    comparer.secondary(&udp(b"ONE"), now);
+
+    let again = comparer.secondary(&udp(b"two"), now);
+    let counted_before = comparer.metrics().checkpoints.clone();
+    comparer.checkpointed();
+    comparer.primary(udp(b"three"), now);
+    comparer.secondary(&udp(b"THREE"), now);
+
+    let cause = CheckpointCause::Mismatch(Mismatch::Udp);
+    assert_eq!(checkpoints(&again), vec![cause]);
+    assert_eq!(counted_before.get(&cause), Some(&1));
+    assert_eq!(comparer.metrics().checkpoints.get(&cause), Some(&2));
+}

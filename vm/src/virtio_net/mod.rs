@@ -256,6 +256,15 @@ impl VirtioNet {
         self.lock().injected.len()
     }
 
+    /// Forgets the frames injected and not delivered yet (a COLO copy that
+    /// loads a checkpoint: the checkpoint's state already has them).
+    pub fn clear_injected(&self) -> usize {
+        let mut registers = self.lock();
+        let dropped = registers.injected.len();
+        registers.injected.clear();
+        dropped
+    }
+
     fn lock(&self) -> MutexGuard<'_, Registers> {
         self.registers
             .lock()

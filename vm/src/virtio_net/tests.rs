@@ -184,6 +184,40 @@ fn a_restored_device_continues_at_the_saved_queue_positions() {
 }
 
 #[test]
+fn an_injected_frame_wakes_a_vcpu_waiting_for_input() {
+    let rig = rig();
+    let (rx, _tx) = running(&rig);
+    offer_receive_buffer(&rx, 0);
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            // Far longer than the test may take: only the injection ends it.
+            rig.net.wait_for_input(Duration::from_secs(600));
+        });
+        std::thread::sleep(Duration::from_millis(20));
+
+        rig.net.inject([ethernet_frame(3)]);
+        waiter.join().expect("the waiting thread");
+    });
+
+    assert_eq!(rx.used().idx().load(), 1);
+    assert_eq!(rig.net.injected_pending(), 0);
+}
+
+#[test]
+fn cleared_injections_are_never_delivered() {
+    let rig = rig();
+    let (rx, _tx) = running(&rig);
+    rig.net.inject([ethernet_frame(4), ethernet_frame(5)]);
+
+    let cleared = rig.net.clear_injected();
+    offer_receive_buffer(&rx, 0);
+    set(&rig.net, reg::QUEUE_NOTIFY, queue_index(RX_QUEUE));
+
+    assert_eq!(cleared, 2);
+    assert_eq!(rx.used().idx().load(), 0);
+}
+
+#[test]
 fn the_driver_is_asked_not_to_notify_recycled_receive_buffers() {
     let rig = rig();
 
