@@ -254,3 +254,37 @@ fn three_colo_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     assert_eq!(summary["resets"], 0, "{lines:?}");
     assert_eq!(summary["two_copies"], 0, "{lines:?}");
 }
+
+#[test]
+fn a_stalled_colo_primary_stays_silent_once_the_secondary_took_over() {
+    if !require_kvm() {
+        return;
+    }
+    require_program("redis-benchmark", "redis-tools");
+    require_program("etcd", "etcd-server");
+
+    // The stalled primary goes on after the secondary took over: its guest
+    // must not release anything, not even output the secondary had sent
+    // the same of before the takeover (redis-benchmark keeps both busy).
+    let output = common::understudy(&[
+        "drill",
+        "--mode",
+        "colo",
+        "--failure",
+        "stall-primary",
+        "--rounds",
+        "2",
+        "--json",
+    ]);
+
+    let lines = json_lines(&output);
+    assert!(
+        output.status.success(),
+        "the drill failed: {lines:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = event(&lines, "summary");
+    assert_eq!(summary["failed"], 0, "{lines:?}");
+    assert_eq!(summary["two_copies"], 0, "{lines:?}");
+    assert_eq!(summary["lost_writes"], 0, "{lines:?}");
+}

@@ -150,8 +150,11 @@ pub fn run(options: &KvBenchOptions) -> anyhow::Result<Vec<Run>> {
             rows: run_benchmark(&lab, options, &format!("benchmark-{name}"))?,
             colo: None,
         });
-        primary.kill()?;
+        // The secondary first: a primary killed first is a failover, and the
+        // guest's address would move to the secondary's port (the next
+        // run's clients then wait for the switch to learn it back).
         secondary.kill()?;
+        primary.kill()?;
     }
     let colo = ["--mode".to_owned(), "colo".to_owned()];
     let (mut secondary, mut primary) =
@@ -159,13 +162,14 @@ pub fn run(options: &KvBenchOptions) -> anyhow::Result<Vec<Run>> {
     let started = std::time::Instant::now();
     let rows = run_benchmark(&lab, options, "benchmark-colo")?;
     let elapsed = started.elapsed();
-    // Stopped, the primary reports what its compare proxy did.
+    // Stopped, the primary reports what its compare proxy did (and says
+    // goodbye: no failover).
     primary.signal(libc::SIGTERM)?;
     let (report, _) = primary
         .wait_event("colo", Duration::from_secs(20))
         .with_context(|| lab.log_tail("primary", 20))?;
-    primary.kill()?;
     secondary.kill()?;
+    primary.kill()?;
     runs.push(Run {
         name: "colo",
         rows,

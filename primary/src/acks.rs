@@ -48,6 +48,11 @@ pub(crate) fn ack_loop(
             ));
             return;
         }
+        if let Some(gate) = shared.output.get() {
+            // COLO's lease: half the timeout, so that it ends before the
+            // secondary could give this primary up.
+            gate.secondary_heard(reader.timeout() / 2);
+        }
         match envelope.message {
             Message::Ack => {
                 let epoch = envelope.epoch;

@@ -22,13 +22,22 @@
 //! acknowledgement of the last before taking the next), so frames wait for
 //! at most one epoch.
 //!
+//! A lease keeps a stalled primary silent: frames the comparer lets go are
+//! sent out only while the secondary was heard within the lease (half the
+//! heartbeat timeout); otherwise they wait for the next message from it.
+//! A primary that was stopped (SIGSTOP, a hung host) and goes on finds its
+//! lease expired: its acknowledgement thread then sees the gap, declares
+//! the secondary lost, and fencing decides whether anything it holds ever
+//! goes out. Without the lease, its guest's frames could match output the
+//! secondary sent before it took over, and both copies would talk.
+//!
 //! Bounds: the comparer's (held frames and bytes, the secondary's unmatched
-//! bytes) and the waiting queue's ([`MAX_WAITING_FRAMES`]): a frame beyond
-//! it is dropped, as a congested link would (the guest's TCP sends it
-//! again), and counted.
+//! bytes) and the waiting queue's ([`MAX_WAITING_FRAMES`], also for frames
+//! waiting for the lease): a frame beyond it is dropped, as a congested
+//! link would (the guest's TCP sends it again), and counted.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use understudy_proxy::compare::{Action, CheckpointCause, CompareConfig, CompareMetrics, Comparer};
 
@@ -50,6 +59,9 @@ pub struct ColoMetrics {
     pub stale_secondary_frames: u64,
     /// Primary frames dropped because the waiting queue was full.
     pub waiting_dropped: u64,
+    /// Frames that waited for the lease (the secondary unheard for half
+    /// the heartbeat timeout) before going out.
+    pub unleased: u64,
 }
 
 /// The compare state of one protection; see the module docs.
@@ -62,6 +74,10 @@ pub(crate) struct ColoCompare {
     waiting: VecDeque<(u64, Vec<u8>)>,
     /// A checkpoint asked for and not taken yet.
     wanted: Option<CheckpointCause>,
+    /// Frames may go out until then (the secondary was heard recently).
+    lease: Option<Instant>,
+    /// Frames let go while the lease had run out, in order.
+    unleased: Vec<Vec<u8>>,
     metrics: ColoMetrics,
 }
 
@@ -73,8 +89,35 @@ impl ColoCompare {
             compared_epoch: 0,
             waiting: VecDeque::new(),
             wanted: None,
+            lease: None,
+            unleased: Vec::new(),
             metrics: ColoMetrics::default(),
         }
+    }
+
+    /// The secondary was heard at `now` (a message read, past the gap
+    /// check): frames may go out until `now + lease`. Returns those that
+    /// waited for it.
+    pub fn heard(&mut self, now: Instant, lease: Duration) -> Vec<Vec<u8>> {
+        self.lease = Some(now + lease);
+        std::mem::take(&mut self.unleased)
+    }
+
+    /// Frames the comparer let go: out now while the lease runs, else kept
+    /// for the next message from the secondary.
+    fn out(&mut self, frames: Vec<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
+        if self.lease.is_some_and(|until| now < until) {
+            return frames;
+        }
+        for frame in frames {
+            if self.unleased.len() >= MAX_WAITING_FRAMES {
+                self.metrics.waiting_dropped += 1;
+            } else {
+                self.metrics.unleased += 1;
+                self.unleased.push(frame);
+            }
+        }
+        Vec::new()
     }
 
     /// A new protection: epochs count from 0 again, and both copies will
@@ -89,7 +132,8 @@ impl ColoCompare {
 
     /// Everything held or waiting, in order (the protection ended).
     pub fn release_all(&mut self) -> Vec<Vec<u8>> {
-        let mut released = self.comparer.checkpointed();
+        let mut released = std::mem::take(&mut self.unleased);
+        released.extend(self.comparer.checkpointed());
         released.extend(self.waiting.drain(..).map(|(_, frame)| frame));
         released
     }
@@ -106,7 +150,8 @@ impl ColoCompare {
             return Vec::new();
         }
         let actions = self.comparer.primary(frame, now);
-        self.take(actions)
+        let released = self.take(actions);
+        self.out(released, now)
     }
 
     /// A frame the secondary's guest sent while running `epoch`; returns
@@ -117,15 +162,20 @@ impl ColoCompare {
             return Vec::new();
         }
         let actions = self.comparer.secondary(frame, now);
-        self.take(actions)
+        let released = self.take(actions);
+        self.out(released, now)
     }
 
     /// Checkpoint `epoch` was acknowledged: the secondary runs epoch + 1
     /// from the primary's state. Returns the frames to send out: all those
     /// held, then those of the new epoch the comparer lets pass at once.
     pub fn acknowledged(&mut self, epoch: u64, now: Instant) -> Vec<Vec<u8>> {
-        let mut released = self.comparer.checkpointed();
-        self.metrics.released_by_checkpoint += released.len() as u64;
+        // An acknowledgement is a message from the secondary: the lease
+        // runs (the caller renewed it), and what waited for it goes first.
+        let mut released = std::mem::take(&mut self.unleased);
+        let checkpointed = self.comparer.checkpointed();
+        self.metrics.released_by_checkpoint += checkpointed.len() as u64;
+        released.extend(checkpointed);
         self.compared_epoch = epoch + 1;
         self.wanted = None;
         while self
@@ -215,9 +265,13 @@ mod tests {
         frame
     }
 
+    /// A lease far longer than any test.
+    const LEASE: Duration = Duration::from_secs(3600);
+
     fn synchronised() -> (ColoCompare, Instant) {
         let mut colo = ColoCompare::new(CompareConfig::default());
         let now = Instant::now();
+        colo.heard(now, LEASE);
         colo.acknowledged(0, now);
         (colo, now)
     }
@@ -309,6 +363,23 @@ mod tests {
         colo.expire(expiry + std::time::Duration::from_millis(1));
 
         assert_eq!(colo.wanted(), Some(CheckpointCause::Timeout));
+    }
+
+    #[test]
+    fn matching_output_waits_while_the_secondary_was_not_heard_within_the_lease() {
+        let mut colo = ColoCompare::new(CompareConfig::default());
+        let start = Instant::now();
+        colo.heard(start, Duration::from_millis(25));
+        colo.acknowledged(0, start);
+        let stalled = start + Duration::from_secs(1);
+        colo.primary(1, udp(b"late"), stalled);
+
+        let while_stalled = colo.secondary(1, &udp(b"late"), stalled);
+        let when_heard = colo.heard(stalled, Duration::from_millis(25));
+
+        assert!(while_stalled.is_empty());
+        assert_eq!(when_heard, vec![udp(b"late")]);
+        assert_eq!(colo.metrics().unleased, 1);
     }
 
     #[test]

@@ -32,6 +32,8 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use understudy_checkpoint::link::LinkSender;
+use understudy_checkpoint::protocol::Message;
 use understudy_proxy::compare::{CheckpointCause, CompareConfig};
 use understudy_proxy::{Held, Limits, Metrics, OutputBuffer, Released};
 
@@ -44,6 +46,19 @@ enum Mode {
     Hold,
     /// Unprotected: frames go straight out.
     PassThrough,
+}
+
+/// Where the frames the guest receives go while protected.
+pub enum InputLog {
+    /// Into a bounded queue, for a thread that writes them to the
+    /// secondary in bursts (Remus: the log is for a takeover's replay, and
+    /// the guest never waits for it; a full queue drops and counts).
+    Queued(SyncSender<(u64, Vec<u8>)>),
+    /// Straight onto the link, on the vCPU thread, before the guest sees
+    /// the frame (COLO: the secondary's guest must get every frame the
+    /// primary's does; a frame written before the primary dies reaches the
+    /// secondary, so a request the dying primary took is not lost with it).
+    Direct(LinkSender),
 }
 
 /// How held frames are released.
@@ -60,7 +75,7 @@ struct Gate {
     running_epoch: u64,
     mode: Mode,
     /// Where received frames go while protected, tagged with their epoch.
-    input_log: Option<SyncSender<(u64, Vec<u8>)>>,
+    input_log: Option<InputLog>,
     /// Received frames that could not be logged (the log queue was full).
     input_dropped: u64,
 }
@@ -120,7 +135,7 @@ impl OutputCommit {
 
     /// A protection begins (its epochs count from 0): hold output from now
     /// on, and send received frames to `input_log`.
-    pub fn begin(&self, input_log: Option<SyncSender<(u64, Vec<u8>)>>) {
+    pub fn begin(&self, input_log: Option<InputLog>) {
         let mut gate = self.lock();
         gate.input_log = input_log;
         match &mut gate.holding {
@@ -152,6 +167,17 @@ impl OutputCommit {
                 self.send_out(released);
             }
             Holding::Compare(colo) => self.send_frames(colo.acknowledged(epoch, Instant::now())),
+        }
+    }
+
+    /// COLO: a message from the secondary was just read (the link is
+    /// fresh): compared frames may go out for `lease` from now (see
+    /// [`crate::colo`]); those that waited for it go now.
+    pub fn secondary_heard(&self, lease: Duration) {
+        let mut gate = self.lock();
+        if let Holding::Compare(colo) = &mut gate.holding {
+            let released = colo.heard(Instant::now(), lease);
+            self.send_frames(released);
         }
     }
 
@@ -253,13 +279,25 @@ impl OutputCommit {
     fn record_input(&self, frame: &[u8]) {
         let mut gate = self.lock();
         let epoch = gate.running_epoch;
-        let Some(log) = &gate.input_log else {
-            return;
+        let link = match &gate.input_log {
+            None => return,
+            Some(InputLog::Queued(log)) => {
+                match log.try_send((epoch, frame.to_vec())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => gate.input_dropped += 1,
+                    Err(TrySendError::Disconnected(_)) => gate.input_log = None,
+                }
+                return;
+            }
+            Some(InputLog::Direct(link)) => link.clone(),
         };
-        match log.try_send((epoch, frame.to_vec())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => gate.input_dropped += 1,
-            Err(TrySendError::Disconnected(_)) => gate.input_log = None,
+        // Written without the gate held: output and acknowledgements go on.
+        drop(gate);
+        if link.send(epoch, &Message::Input(frame.to_vec())).is_err() {
+            // The link failed: the protection finds out and ends.
+            let mut gate = self.lock();
+            gate.input_dropped += 1;
+            gate.input_log = None;
         }
     }
 
@@ -437,7 +475,7 @@ mod tests {
         let (log, logged) = std::sync::mpsc::sync_channel(8);
         let recorder = InputRecorder(gate.clone());
         recorder.send(b"before");
-        gate.begin(Some(log));
+        gate.begin(Some(InputLog::Queued(log)));
         gate.checkpointed(3);
         recorder.send(b"request");
         gate.open();

@@ -29,7 +29,7 @@ use understudy_vm::progress::ProgressSample;
 use understudy_vm::{PAGE_SIZE, Vm};
 
 use crate::acks::ack_loop;
-use crate::output::OutputCommit;
+use crate::output::{InputLog, OutputCommit};
 use crate::pages::{read_nonzero_pages, read_pages};
 use crate::sender::{Work, send_loop};
 use crate::shared::{Progress, Shared, WaitFailed};
@@ -226,6 +226,21 @@ impl Protection {
     /// Frames the guest receives meanwhile are sent to the secondary, for
     /// replay on takeover.
     pub(crate) fn commit_output(&self, gate: Arc<OutputCommit>) {
+        let log = if gate.compares() {
+            // COLO: the secondary's guest is fed these frames as they come.
+            Some(InputLog::Direct(self.link.clone()))
+        } else {
+            self.start_input_log()
+        };
+        gate.begin(log);
+        if let Err(gate) = self.shared.output.set(gate) {
+            gate.open();
+        }
+    }
+
+    /// The `input-log` thread (Remus): received frames go to the secondary
+    /// in bursts, off the guest's path.
+    fn start_input_log(&self) -> Option<InputLog> {
         let (log, logged) = sync_channel::<(u64, Vec<u8>)>(INPUT_LOG_QUEUE);
         let link = self.link.clone();
         let spawned = std::thread::Builder::new()
@@ -248,16 +263,12 @@ impl Protection {
                     batch.clear();
                 }
             });
-        let log = match spawned {
-            Ok(_) => Some(log),
+        match spawned {
+            Ok(_) => Some(InputLog::Queued(log)),
             Err(error) => {
                 tracing::warn!(%error, "no input log thread: received frames will not be replayed on takeover");
                 None
             }
-        };
-        gate.begin(log);
-        if let Err(gate) = self.shared.output.set(gate) {
-            gate.open();
         }
     }
 

@@ -26,10 +26,15 @@
 //!   numbers are taken relative to its own initial sequence number (the
 //!   secondary's differs until a checkpoint makes the copies equal), so
 //!   segments cut differently on the two sides still compare. Headers,
-//!   windows, options and ACK timing are not compared. A primary pure ACK
-//!   passes at once (it reveals only input both copies got); the
-//!   secondary's ACKs are ignored. SYN, FIN and RST must be matched by the
-//!   secondary's (FIN at the same sequence number).
+//!   windows, options and ACK timing are not compared. No primary segment
+//!   goes out acknowledging more of the peer's bytes than the secondary
+//!   acknowledged (its highest ACK number): the peer never learns that
+//!   bytes arrived which the secondary may not have (it would not send
+//!   them again, and a takeover would lose them). A primary pure ACK (or a
+//!   retransmission of bytes already released) needs nothing else; the
+//!   latest one per connection waits, newer ones replace it. SYN, FIN and
+//!   RST must be matched by the secondary's (FIN at the same sequence
+//!   number).
 //! - **UDP and ICMP** byte for byte from the transport header on, in order
 //!   per flow.
 //! - **ARP** (IPv4 over Ethernet) byte for byte, in order per pair of
@@ -149,6 +154,9 @@ pub struct CompareMetrics {
     pub checkpoints: HashMap<CheckpointCause, u64>,
     /// Primary frames dropped because the queue was full.
     pub dropped: u64,
+    /// Primary pure ACKs (or retransmissions) replaced by a newer one
+    /// before the secondary acknowledged as far (never sent).
+    pub superseded: u64,
     /// Time from a compared frame's arrival to its release: bucket `i`
     /// counts latencies below `2^i` microseconds (the last: the rest).
     pub latency_micros_log2: [u64; 16],
@@ -167,6 +175,8 @@ enum Parsed {
     Tcp {
         key: FlowKey,
         seq: u32,
+        /// The acknowledgement number, with the ACK flag.
+        ack: Option<u32>,
         syn: bool,
         fin: bool,
         rst: bool,
@@ -213,6 +223,9 @@ fn parse(frame: &[u8]) -> Parsed {
                     peer: (destination, tcp.dst_port()),
                 },
                 seq: u32::from_be_bytes(transport[4..8].try_into().expect("4 bytes")),
+                ack: tcp
+                    .ack()
+                    .then(|| u32::from_be_bytes(transport[8..12].try_into().expect("4 bytes"))),
                 syn: tcp.syn(),
                 fin: tcp.fin(),
                 rst: tcp.rst(),
@@ -281,6 +294,8 @@ struct Segment {
     held: Held,
     start: u32,
     end: u32,
+    /// Its acknowledgement number (with the ACK flag).
+    ack: Option<u32>,
     payload: std::ops::Range<usize>,
     syn: bool,
     fin: bool,
@@ -307,6 +322,33 @@ struct TcpFlow {
     /// connection first seen mid-stream: primary bytes before it were
     /// never compared.
     base_unverified: bool,
+    /// The highest acknowledgement number the secondary sent: the peer's
+    /// bytes it has for sure (both copies see the peer's numbers).
+    secondary_ack: Option<u32>,
+    /// The highest acknowledgement number the primary sent.
+    primary_ack: Option<u32>,
+    /// The primary's latest pure ACK (or retransmission) whose
+    /// acknowledgement number the secondary has not reached yet; a newer
+    /// one replaces it (acknowledgements are cumulative).
+    pending_ack: Option<(Held, u32)>,
+}
+
+/// Whether acknowledgement number `ack` is at or below `bound`.
+fn covered(ack: Option<u32>, bound: Option<u32>) -> bool {
+    match (ack, bound) {
+        (None, _) => true,
+        (Some(ack), Some(bound)) => ahead(ack, bound) >= 0,
+        (Some(_), None) => false,
+    }
+}
+
+/// The higher of two acknowledgement numbers.
+fn later(current: Option<u32>, ack: Option<u32>) -> Option<u32> {
+    match (current, ack) {
+        (Some(current), Some(ack)) if ahead(current, ack) > 0 => Some(ack),
+        (Some(current), _) => Some(current),
+        (None, ack) => ack,
+    }
 }
 
 impl TcpFlow {
@@ -455,9 +497,27 @@ impl Comparer {
     }
 
     fn release(&mut self, held: Held, now: Instant, actions: &mut Vec<Action>) {
+        self.metrics.matched += 1;
+        self.let_go(held, now, actions);
+    }
+
+    /// Releases a held frame that needed no match (a pure ACK, a
+    /// retransmission): counted as passed.
+    fn pass(&mut self, held: Held, now: Instant, actions: &mut Vec<Action>) {
+        self.metrics.passed += 1;
+        self.let_go(held, now, actions);
+    }
+
+    /// Forgets a held frame that a newer one replaced.
+    fn supersede(&mut self, held: &Held) {
         self.held_frames -= 1;
         self.held_bytes -= held.frame.len();
-        self.metrics.matched += 1;
+        self.metrics.superseded += 1;
+    }
+
+    fn let_go(&mut self, held: Held, now: Instant, actions: &mut Vec<Action>) {
+        self.held_frames -= 1;
+        self.held_bytes -= held.frame.len();
         let micros = now.saturating_duration_since(held.arrived).as_micros();
         let bucket = index(128 - micros.leading_zeros());
         self.metrics.latency_micros_log2[bucket.min(15)] += 1;
@@ -469,6 +529,8 @@ impl Comparer {
         let mut actions = Vec::new();
         let parsed = parse(&frame);
         if let Parsed::Tcp {
+            key,
+            ack: Some(ack),
             syn: false,
             fin: false,
             rst: false,
@@ -477,9 +539,9 @@ impl Comparer {
         } = parsed
             && payload.is_empty()
         {
-            // A pure ACK: it reveals only what both copies received.
-            self.metrics.passed += 1;
-            actions.push(Action::Release(frame));
+            // A pure ACK reveals which of the peer's bytes the primary has:
+            // it goes out once the secondary has them too.
+            self.wait_for_secondary_ack(key, frame, ack, now, &mut actions);
             return actions;
         }
         if self.held_frames >= self.config.max_frames
@@ -508,6 +570,7 @@ impl Comparer {
             Parsed::Tcp {
                 key,
                 seq,
+                ack,
                 syn,
                 fin,
                 rst,
@@ -531,9 +594,17 @@ impl Comparer {
                     && ahead(end, released_upto) >= 0
                     && flow.queue.is_empty()
                 {
-                    // A retransmission of bytes already compared and released.
-                    self.metrics.passed += 1;
-                    actions.push(Action::Release(frame));
+                    // A retransmission of bytes already compared and released
+                    // (its acknowledgement number still has to be covered).
+                    match ack {
+                        Some(ack) => {
+                            self.wait_for_secondary_ack(key, frame, ack, now, &mut actions)
+                        }
+                        None => {
+                            self.metrics.passed += 1;
+                            actions.push(Action::Release(frame));
+                        }
+                    }
                     return actions;
                 }
                 // A FIN takes one sequence number after the data.
@@ -548,6 +619,7 @@ impl Comparer {
                     held,
                     start,
                     end,
+                    ack,
                     payload,
                     syn,
                     fin,
@@ -575,12 +647,14 @@ impl Comparer {
             Parsed::Tcp {
                 key,
                 seq,
+                ack,
                 syn,
                 fin,
                 rst,
                 payload,
             } => {
                 let flow = self.tcp.entry(key).or_default();
+                flow.secondary_ack = later(flow.secondary_ack, ack);
                 if syn {
                     flow.secondary_isn = Some(seq);
                     flow.secondary_syn = true;
@@ -693,7 +767,13 @@ impl Comparer {
             if segment.rst && !flow.secondary_rst {
                 break;
             }
+            if !covered(segment.ack, flow.secondary_ack) {
+                // The secondary sent these bytes but does not have all the
+                // peer's bytes this segment acknowledges yet.
+                break;
+            }
             let segment = flow.queue.pop_front().expect("not empty");
+            flow.primary_ack = later(flow.primary_ack, segment.ack);
             if ahead(base, segment.start) <= 0 && ahead(base, segment.end) > 0 {
                 // Contiguous: the bytes below are done with.
                 let done = index(segment.end.wrapping_sub(base));
@@ -702,21 +782,59 @@ impl Comparer {
             }
             released.push(segment.held);
         }
+        let mut superseded = None;
+        let mut passed = None;
+        if let Some((_, pending)) = &flow.pending_ack {
+            if covered(Some(*pending), flow.primary_ack) && !released.is_empty() {
+                // A released segment acknowledged as much.
+                superseded = flow.pending_ack.take();
+            } else if covered(Some(*pending), flow.secondary_ack) {
+                flow.primary_ack = later(flow.primary_ack, Some(*pending));
+                passed = flow.pending_ack.take();
+            }
+        }
         for held in released {
             self.release(held, now, actions);
+        }
+        if let Some((held, _)) = superseded {
+            self.supersede(&held);
+        }
+        if let Some((held, _)) = passed {
+            self.pass(held, now, actions);
         }
         if let Some(mismatch) = mismatch {
             actions.push(self.checkpoint(CheckpointCause::Mismatch(mismatch)));
         }
     }
 
+    /// Holds a primary frame that needs no match but acknowledges `ack`
+    /// (a pure ACK, a retransmission) until the secondary acknowledged as
+    /// far; it replaces an older one waiting on the same connection.
+    fn wait_for_secondary_ack(
+        &mut self,
+        key: FlowKey,
+        frame: Vec<u8>,
+        ack: u32,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let held = self.hold(frame, now);
+        let flow = self.tcp.entry(key).or_default();
+        let older = flow.pending_ack.replace((held, ack));
+        if let Some((older, _)) = older {
+            self.supersede(&older);
+        }
+        self.match_tcp(key, now, actions);
+    }
+
     /// When the oldest compared frame still held arrived (its timeout
     /// runs from then), if one is held.
     pub fn oldest_held(&self) -> Option<Instant> {
-        let tcp = self
-            .tcp
-            .values()
-            .filter_map(|flow| flow.queue.front().map(|segment| segment.held.arrived));
+        let tcp = self.tcp.values().filter_map(|flow| {
+            let segment = flow.queue.front().map(|segment| segment.held.arrived);
+            let pending = flow.pending_ack.as_ref().map(|(held, _)| held.arrived);
+            segment.into_iter().chain(pending).min()
+        });
         let datagrams = self
             .datagrams
             .values()
@@ -735,14 +853,13 @@ impl Comparer {
     pub fn expire(&mut self, now: Instant) -> Option<Action> {
         let timeout = self.config.timeout;
         let old = |held: &Held| now.saturating_duration_since(held.arrived) > timeout;
-        let expired = self
-            .tcp
+        let expired = self.tcp.values().any(|flow| {
+            flow.queue.front().is_some_and(|segment| old(&segment.held))
+                || flow.pending_ack.as_ref().is_some_and(|(held, _)| old(held))
+        }) || self
+            .datagrams
             .values()
-            .any(|flow| flow.queue.front().is_some_and(|segment| old(&segment.held)))
-            || self
-                .datagrams
-                .values()
-                .any(|flow| flow.primary.front().is_some_and(|(held, _)| old(held)));
+            .any(|flow| flow.primary.front().is_some_and(|(held, _)| old(held)));
         if !expired {
             return None;
         }
@@ -759,7 +876,16 @@ impl Comparer {
         }
         self.datagrams.clear();
         for flow in self.tcp.values_mut() {
-            held.extend(flow.queue.drain(..).map(|segment| segment.held));
+            for segment in flow.queue.drain(..) {
+                flow.primary_ack = later(flow.primary_ack, segment.ack);
+                held.push(segment.held);
+            }
+            if let Some((pending, ack)) = flow.pending_ack.take() {
+                flow.primary_ack = later(flow.primary_ack, Some(ack));
+                held.push(pending);
+            }
+            // The secondary has every byte of the peer's the primary had.
+            flow.secondary_ack = later(flow.secondary_ack, flow.primary_ack);
             // Equal copies: the secondary's sequence numbers are the
             // primary's from now on.
             flow.secondary_isn = flow.primary_isn;

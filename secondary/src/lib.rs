@@ -27,9 +27,14 @@
 //!   but cannot be trusted, so this is no reason to take over.
 //! - A migration (`Hello` with purpose `Migrate`) ends with epoch 0: once
 //!   it is applied and acknowledged, the guest is resumed here.
+//! - COLO (`Hello` with purpose `Colo`, served only with
+//!   [`SecondaryOptions::colo`]): from epoch 0's commit on, the backup VM
+//!   *runs*, fed the primary's input, its output sent back for comparison;
+//!   each epoch is loaded into it; a takeover lets it run on (see `colo`).
 //! - Silence (neither bytes nor UDP heartbeats for the heartbeat timeout),
 //!   a primary that is heard but commits no epoch for the progress
-//!   deadline, or a connection that breaks without `Goodbye` means the
+//!   deadline beyond the checkpoint interval its `Hello` announced, or a
+//!   connection that breaks without `Goodbye` means the
 //!   primary is lost: if *this connection* committed an epoch, the backup
 //!   VM is resumed from it. A connection that ends with `Goodbye` or a
 //!   protocol error, that never sent `Hello`, or that committed nothing,

@@ -45,6 +45,13 @@ fn tcp(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
     tcp_to(40_000, seq, flags, payload)
 }
 
+/// A TCP segment with the ACK flag and acknowledgement number `ack`.
+fn tcp_acking(seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = tcp(seq, ACK, payload);
+    frame[14 + 20 + 8..14 + 20 + 12].copy_from_slice(&ack.to_be_bytes());
+    frame
+}
+
 fn udp(payload: &[u8]) -> Vec<u8> {
     let mut udp = vec![0u8; 8];
     udp[0..2].copy_from_slice(&53u16.to_be_bytes());
@@ -57,36 +64,15 @@ fn udp(payload: &[u8]) -> Vec<u8> {
 fn arp_reply(sender_mac_last: u8) -> Vec<u8> {
     let mut frame = vec![0u8; 60];
     frame[12..14].copy_from_slice(&[0x08, 0x06]);
+    // Ethernet/IPv4, a reply; sender MAC and address; target's.
     let arp = [
-        0,
-        1,
-        8,
-        0,
-        6,
-        4,
-        0,
-        2,
-        2,
-        0,
-        0,
-        0,
-        0,
-        sender_mac_last,
-        10,
-        0,
-        0,
-        10,
-        2,
-        0,
-        0,
-        0,
-        0,
-        1,
-        10,
-        0,
-        0,
-        1,
-    ];
+        &[0, 1, 8, 0, 6, 4, 0, 2][..],
+        &[2, 0, 0, 0, 0, sender_mac_last],
+        &[10, 0, 0, 10],
+        &[2, 0, 0, 0, 0, 1],
+        &[10, 0, 0, 1],
+    ]
+    .concat();
     frame[14..42].copy_from_slice(&arp);
     frame
 }
@@ -208,6 +194,63 @@ fn a_pure_ack_of_the_primary_passes_at_once() {
 
     assert_eq!(released(&actions), 1);
     assert_eq!(comparer.metrics().passed, 1);
+}
+
+#[test]
+fn a_pure_ack_beyond_the_secondarys_waits_until_the_secondary_acknowledges_as_far() {
+    let (mut comparer, now) = connected();
+
+    let early = comparer.primary(tcp_acking(PRIMARY_ISN + 1, 500, b""), now);
+    let behind = comparer.secondary(&tcp_acking(SECONDARY_ISN + 1, 400, b""), now);
+    let caught_up = comparer.secondary(&tcp_acking(SECONDARY_ISN + 1, 500, b""), now);
+
+    assert_eq!(released(&early), 0);
+    assert_eq!(released(&behind), 0);
+    assert_eq!(
+        caught_up,
+        vec![Action::Release(tcp_acking(PRIMARY_ISN + 1, 500, b""))]
+    );
+}
+
+#[test]
+fn matching_bytes_wait_while_they_acknowledge_more_than_the_secondary_did() {
+    let (mut comparer, now) = connected();
+    comparer.primary(tcp_acking(PRIMARY_ISN + 1, 700, b"reply"), now);
+
+    let same_bytes = comparer.secondary(&tcp_acking(SECONDARY_ISN + 1, 650, b"reply"), now);
+    let acknowledged = comparer.secondary(&tcp_acking(SECONDARY_ISN + 6, 700, b""), now);
+
+    assert_eq!(released(&same_bytes), 0);
+    assert_eq!(released(&acknowledged), 1);
+}
+
+#[test]
+fn a_newer_pure_ack_replaces_a_waiting_one() {
+    let (mut comparer, now) = connected();
+    comparer.primary(tcp_acking(PRIMARY_ISN + 1, 500, b""), now);
+    comparer.primary(tcp_acking(PRIMARY_ISN + 1, 600, b""), now);
+
+    let actions = comparer.secondary(&tcp_acking(SECONDARY_ISN + 1, 600, b""), now);
+
+    assert_eq!(
+        actions,
+        vec![Action::Release(tcp_acking(PRIMARY_ISN + 1, 600, b""))]
+    );
+    assert_eq!(comparer.metrics().superseded, 1);
+    assert_eq!(comparer.held_frames(), 0);
+}
+
+#[test]
+fn a_waiting_pure_ack_goes_out_at_the_checkpoint() {
+    let (mut comparer, now) = connected();
+    comparer.primary(tcp_acking(PRIMARY_ISN + 1, 500, b""), now);
+
+    let released_at_checkpoint = comparer.checkpointed();
+
+    assert_eq!(
+        released_at_checkpoint,
+        vec![tcp_acking(PRIMARY_ISN + 1, 500, b"")]
+    );
 }
 
 #[test]

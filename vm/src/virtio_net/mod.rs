@@ -73,6 +73,8 @@ const FEATURE_VERSION_1: u64 = 1 << 32;
 const DEVICE_FEATURES: u64 = FEATURE_MAC | FEATURE_VERSION_1;
 /// Bytes of `virtio_net_hdr_v1` in front of every frame.
 const NET_HEADER_LEN: usize = 12;
+/// Injected frames waiting for the guest at most.
+pub const MAX_INJECTED: usize = 16_384;
 /// Largest queue the device accepts.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -132,6 +134,8 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Malformed transmit chains skipped.
     pub tx_errors: u64,
+    /// Injected frames dropped because too many were waiting.
+    pub rx_dropped: u64,
 }
 
 struct Registers {
@@ -239,11 +243,22 @@ impl VirtioNet {
     }
 
     /// Queues frames to deliver before any from the tap, and wakes a vCPU
-    /// waiting for input.
+    /// waiting for input. At most [`MAX_INJECTED`] wait: beyond, a frame is
+    /// dropped (as a full receive ring would), and counted.
     pub fn inject(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
         let mut registers = self.lock();
         let before = registers.injected.len();
-        registers.injected.extend(frames);
+        for frame in frames {
+            if registers.injected.len() >= MAX_INJECTED {
+                registers.counters.rx_dropped += 1;
+                log_limited!(
+                    warn,
+                    "the guest does not take its frames: an injected frame was dropped"
+                );
+                continue;
+            }
+            registers.injected.push_back(frame);
+        }
         let added = registers.injected.len() > before;
         drop(registers);
         if added {
