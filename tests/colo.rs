@@ -13,8 +13,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::{
-    event, json_lines, namespace as test_namespace, require_kvm, require_program, spawn_json_in,
-    until_event,
+    namespace as test_namespace, require_kvm, require_program, spawn_json_in, until_event,
 };
 use understudy_lab::network::Namespace;
 use understudy_lab::resp::RespClient;
@@ -231,23 +230,14 @@ fn three_colo_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
 
     // Periodic checkpoints every 300 ms: connections live through some
     // before the failure, and the failure may come while one is in flight.
-    let output = common::understudy(&[
-        "drill",
+    let (summary, lines) = common::drill(&[
         "--mode",
         "colo",
         "--rounds",
         "3",
         "--primary-arg=--colo-interval=300ms",
-        "--json",
     ]);
 
-    let lines = json_lines(&output);
-    assert!(
-        output.status.success(),
-        "the drill failed: {lines:?}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary = event(&lines, "summary");
     assert_eq!(summary["rounds"], 3);
     assert_eq!(summary["failed"], 0, "{lines:?}");
     assert_eq!(summary["lost_writes"], 0, "{lines:?}");
@@ -266,24 +256,15 @@ fn a_stalled_colo_primary_stays_silent_once_the_secondary_took_over() {
     // The stalled primary goes on after the secondary took over: its guest
     // must not release anything, not even output the secondary had sent
     // the same of before the takeover (redis-benchmark keeps both busy).
-    let output = common::understudy(&[
-        "drill",
+    let (summary, lines) = common::drill(&[
         "--mode",
         "colo",
         "--failure",
         "stall-primary",
         "--rounds",
         "2",
-        "--json",
     ]);
 
-    let lines = json_lines(&output);
-    assert!(
-        output.status.success(),
-        "the drill failed: {lines:?}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary = event(&lines, "summary");
     assert_eq!(summary["failed"], 0, "{lines:?}");
     assert_eq!(summary["two_copies"], 0, "{lines:?}");
     assert_eq!(summary["lost_writes"], 0, "{lines:?}");

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    event, json_lines, namespace as test_namespace, require_kvm, require_program, spawn_json_in,
-    until_event,
+    namespace as test_namespace, require_kvm, require_program, spawn_json_in, until_event,
 };
 use understudy_lab::network::Namespace;
 use understudy_lab::resp::RespClient;
@@ -114,23 +113,15 @@ fn the_demo_ends_with_a_passing_verdict() {
 /// and returns its summary.
 fn fencing_drill(kind: &str) -> serde_json::Value {
     require_program("etcd", "etcd-server");
-    let output = common::understudy(&[
-        "drill",
+    common::drill(&[
         "--failure",
         kind,
         "--rounds",
         "2",
         "--benchmark-clients",
         "0",
-        "--json",
-    ]);
-    let lines = json_lines(&output);
-    assert!(
-        output.status.success(),
-        "the {kind} drill failed: {lines:?}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    event(&lines, "summary")
+    ])
+    .0
 }
 
 #[test]
@@ -206,15 +197,8 @@ fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     require_program("redis-benchmark", "redis-tools");
     require_program("etcd", "etcd-server");
 
-    let output = common::understudy(&["drill", "--rounds", "3", "--json"]);
+    let (summary, lines) = common::drill(&["--rounds", "3"]);
 
-    let lines = json_lines(&output);
-    assert!(
-        output.status.success(),
-        "the drill failed: {lines:?}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary = event(&lines, "summary");
     assert_eq!(summary["rounds"], 3);
     assert_eq!(summary["failed"], 0, "{lines:?}");
     assert_eq!(summary["lost_writes"], 0, "{lines:?}");

@@ -18,6 +18,10 @@ use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::IntoBytes;
 
 use crate::channel::{ChannelReader, ChannelWriter};
+
+/// Frames a frame writer sends in one write at most
+/// ([`LinkSender::spawn_frame_writer`]).
+pub const FRAMES_PER_WRITE: usize = 64;
 use crate::heartbeat::{Heard, HeartbeatPolicy, nanos_since};
 use crate::protocol::{Envelope, MAX_PAYLOAD, Message, ProtocolError, Sender, read_message_within};
 
@@ -129,6 +133,37 @@ impl LinkSender {
         state.stream.flush()?;
         state.last_sent = Instant::now();
         Ok(())
+    }
+
+    /// Starts a thread (`name`) that sends the frames queued on `frames`,
+    /// each as `message(frame)` for its epoch, what queued meanwhile in
+    /// one write (at most [`FRAMES_PER_WRITE`]). It ends when every sender
+    /// of the queue is gone or the link fails.
+    pub fn spawn_frame_writer(
+        &self,
+        name: &str,
+        frames: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+        message: fn(Vec<u8>) -> Message,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let link = self.clone();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                while let Ok((epoch, frame)) = frames.recv() {
+                    batch.push((epoch, message(frame)));
+                    batch.extend(
+                        frames
+                            .try_iter()
+                            .take(FRAMES_PER_WRITE - 1)
+                            .map(|(epoch, frame)| (epoch, message(frame))),
+                    );
+                    if link.send_batch(&batch).is_err() {
+                        break;
+                    }
+                    batch.clear();
+                }
+            })
     }
 
     fn idle_for(&self) -> Duration {

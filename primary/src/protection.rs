@@ -43,8 +43,6 @@ const PRECOPY_DONE_PAGES: usize = 2048;
 /// are dropped from the log (not from the guest): a takeover then misses
 /// them, as if the network had lost them.
 const INPUT_LOG_QUEUE: usize = 4096;
-/// Received frames sent to the secondary in one write at most.
-const FRAMES_PER_WRITE: usize = 64;
 /// Checkpoints queued for the sender at most (backpressure beyond).
 const QUEUED_CHECKPOINTS: usize = 2;
 
@@ -242,27 +240,10 @@ impl Protection {
     /// in bursts, off the guest's path.
     fn start_input_log(&self) -> Option<InputLog> {
         let (log, logged) = sync_channel::<(u64, Vec<u8>)>(INPUT_LOG_QUEUE);
-        let link = self.link.clone();
-        let spawned = std::thread::Builder::new()
-            .name("input-log".to_owned())
-            .spawn(move || {
-                // Ends when the gate drops its end (protection over) or the
-                // link fails. What queued meanwhile goes in one write.
-                let mut batch = Vec::new();
-                while let Ok((epoch, frame)) = logged.recv() {
-                    batch.push((epoch, Message::Input(frame)));
-                    batch.extend(
-                        logged
-                            .try_iter()
-                            .take(FRAMES_PER_WRITE - 1)
-                            .map(|(epoch, frame)| (epoch, Message::Input(frame))),
-                    );
-                    if link.send_batch(&batch).is_err() {
-                        break;
-                    }
-                    batch.clear();
-                }
-            });
+        // Ends when the gate drops its end (protection over) or the link fails.
+        let spawned = self
+            .link
+            .spawn_frame_writer("input-log", logged, Message::Input);
         match spawned {
             Ok(_) => Some(InputLog::Queued(log)),
             Err(error) => {

@@ -61,8 +61,6 @@ use crate::SecondaryError;
 pub(crate) const MAX_WAITING_INPUT: usize = 16_384;
 /// Output frames queued for the primary at most.
 const OUTPUT_QUEUE: usize = 4096;
-/// Output frames sent to the primary in one write at most.
-const FRAMES_PER_WRITE: usize = 64;
 /// Output frames since the last checkpoint kept for a takeover to resend.
 const RECENT_OUTPUT_FRAMES: usize = 256;
 
@@ -165,27 +163,9 @@ impl Lockstep {
         memory::copy_all(vm.memory(), &committed)?;
         let rewriter = Arc::new(Mutex::new(SequenceRewriter::new()));
         let (queue, queued) = sync_channel::<(u64, Vec<u8>)>(OUTPUT_QUEUE);
-        std::thread::Builder::new()
-            .name("colo-output".to_owned())
-            .spawn(move || {
-                // Ends when the route changes (a takeover), the guest is
-                // gone, or the link fails. What queued meanwhile goes in
-                // one write.
-                let mut batch = Vec::new();
-                while let Ok((epoch, frame)) = queued.recv() {
-                    batch.push((epoch, Message::SecondaryOutput(frame)));
-                    batch.extend(
-                        queued
-                            .try_iter()
-                            .take(FRAMES_PER_WRITE - 1)
-                            .map(|(epoch, frame)| (epoch, Message::SecondaryOutput(frame))),
-                    );
-                    if link.send_batch(&batch).is_err() {
-                        break;
-                    }
-                    batch.clear();
-                }
-            })
+        // Ends when the route changes (a takeover), the guest is gone, or
+        // the link fails.
+        link.spawn_frame_writer("colo-output", queued, Message::SecondaryOutput)
             .map_err(|source| SecondaryError::Vm(understudy_vm::VmError::SpawnThread(source)))?;
         let output = Arc::new(ColoOutput {
             running_epoch: AtomicU64::new(1),

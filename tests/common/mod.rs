@@ -105,6 +105,22 @@ pub fn until_event(
     }
 }
 
+/// Runs `understudy drill ARGS --json`; fails the test, with every line
+/// and stderr, unless every round passed; returns the summary and all lines.
+pub fn drill(args: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut full = vec!["drill"];
+    full.extend_from_slice(args);
+    full.push("--json");
+    let output = understudy(&full);
+    let lines = json_lines(&output);
+    assert!(
+        output.status.success(),
+        "the drill failed: {lines:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (event(&lines, "summary"), lines)
+}
+
 /// A JSON number as u64.
 pub fn u64_of(value: &serde_json::Value) -> u64 {
     value

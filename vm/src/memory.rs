@@ -135,6 +135,20 @@ pub fn hash_overlaid(
     mut overlay: impl FnMut(u64, &mut [u8]),
 ) -> Result<u64, MemoryError> {
     let mut hasher = Xxh3::new();
+    for_each_chunk(memory, |address, chunk| {
+        overlay(address, chunk);
+        hasher.update(chunk);
+        Ok(())
+    })?;
+    Ok(hasher.digest())
+}
+
+/// Reads all of `memory` chunk by chunk, in address order, and hands each
+/// chunk (its guest address and bytes) to `visit`.
+fn for_each_chunk(
+    memory: &GuestMemory,
+    mut visit: impl FnMut(u64, &mut [u8]) -> Result<(), MemoryError>,
+) -> Result<(), MemoryError> {
     let mut buffer = vec![0u8; CHUNK];
     for region in memory.iter() {
         let start = region.start_addr().0;
@@ -142,29 +156,17 @@ pub fn hash_overlaid(
         while offset < region.len() {
             let len = usize_from((region.len() - offset).min(CHUNK as u64));
             read(memory, start + offset, &mut buffer[..len])?;
-            overlay(start + offset, &mut buffer[..len]);
-            hasher.update(&buffer[..len]);
+            visit(start + offset, &mut buffer[..len])?;
             offset += len as u64;
         }
     }
-    Ok(hasher.digest())
+    Ok(())
 }
 
 /// Copies all of `source` into `destination` (two memories of the same
 /// layout, from [`create`] with the same size).
 pub fn copy_all(source: &GuestMemory, destination: &GuestMemory) -> Result<(), MemoryError> {
-    let mut buffer = vec![0u8; CHUNK];
-    for region in source.iter() {
-        let start = region.start_addr().0;
-        let mut offset = 0;
-        while offset < region.len() {
-            let len = usize_from((region.len() - offset).min(CHUNK as u64));
-            read(source, start + offset, &mut buffer[..len])?;
-            write(destination, start + offset, &buffer[..len])?;
-            offset += len as u64;
-        }
-    }
-    Ok(())
+    for_each_chunk(source, |address, chunk| write(destination, address, chunk))
 }
 
 /// Whether page `page_number` (guest address `page_number * PAGE_SIZE`) is
