@@ -18,6 +18,7 @@ pub mod boot;
 pub mod bus;
 pub mod dirty;
 pub mod memory;
+pub mod postcopy;
 pub mod progress;
 pub mod ratelimit;
 pub mod state;

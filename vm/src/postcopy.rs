@@ -1,0 +1,432 @@
+//! Post-copy on the target: guest memory whose pages arrive on demand.
+//!
+//! The guest's memory is registered with a userfaultfd in *missing* mode.
+//! A page nobody wrote yet is missing: the first access to it, by a vCPU
+//! (KVM resolves guest faults through the host page tables, a kernel-mode
+//! fault, so the userfaultfd must not be user-mode-only) or by the VMM,
+//! blocks the accessing thread and queues a fault event. The handler thread
+//! ([`FaultHandler`]) reads the events, asks its [`PageSource`] for the
+//! page (over the network, in a migration), and installs it with
+//! `UFFDIO_COPY`, or `UFFDIO_ZEROPAGE` when the source says it is zero
+//! (nothing is copied or sent for it); the blocked thread then goes on.
+//! Pages can also be installed without a fault ([`Installer`]: the
+//! source's background push); a fault and a push racing for a page are
+//! both fine (the second install finds the page present and only wakes).
+//!
+//! ```text
+//! vCPU touches page p (missing) -> blocked in KVM's fault path
+//! handler: fault event (p)      -> source.fetch(p) -> UFFDIO_COPY / ZEROPAGE, wake
+//! vCPU                          -> retries the access, runs on
+//! background push of page q     -> Installer::install(q): present from now on
+//! ```
+//!
+//! Verified on this host (software-assisted KVM, `kvm_pvm`): a vCPU
+//! touching a missing page blocks in `KVM_RUN` and resumes once the page is
+//! installed; see `a_guest_runs_on_memory_that_arrives_on_demand` below.
+//!
+//! Failure model: a source that cannot provide a page fails the handler
+//! (the fault stays unresolved: the vCPU stays blocked, and the caller
+//! learns why from [`FaultHandler::stop`]); stopping the handler while a
+//! vCPU waits leaves it waiting until the memory is unregistered (the VM is
+//! paused or dropped first).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+use crate::{PAGE_BYTES, PAGE_SIZE, usize_from};
+
+/// Why post-copy memory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// The userfaultfd could not be created or set up.
+    #[error("cannot set up userfaultfd for guest memory")]
+    Userfaultfd(#[source] userfaultfd::Error),
+    /// A page could not be installed.
+    #[error("cannot install guest page {page_number}")]
+    Install {
+        /// The page.
+        page_number: u64,
+        /// Why.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The page source failed.
+    #[error("the page source cannot provide page {page_number}: {reason}")]
+    Source {
+        /// The page.
+        page_number: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A fault outside guest memory (or an event the handler does not
+    /// expect).
+    #[error("an unexpected userfaultfd event: {0}")]
+    Unexpected(String),
+    /// The handler thread failed.
+    #[error("the fault handler thread failed")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Where faulted pages come from.
+pub trait PageSource: Send + 'static {
+    /// Fills `page` with page `page_number` and returns true, or returns
+    /// false when the page is all zeroes (installed without a copy).
+    fn fetch(&mut self, page_number: u64, page: &mut [u8; PAGE_BYTES]) -> Result<bool, String>;
+}
+
+/// One region of guest memory, as the handler maps addresses.
+#[derive(Clone, Copy, Debug)]
+struct Mapping {
+    guest_start: u64,
+    len: u64,
+    host_start: usize,
+}
+
+/// Installs pages into registered guest memory (from any thread).
+#[derive(Clone)]
+pub struct Installer {
+    uffd: Arc<Uffd>,
+    mappings: Arc<[Mapping]>,
+}
+
+impl Installer {
+    fn host_address(&self, page_number: u64) -> Option<usize> {
+        let address = page_number.checked_mul(PAGE_SIZE)?;
+        self.mappings
+            .iter()
+            .find(|mapping| {
+                (mapping.guest_start..mapping.guest_start + mapping.len).contains(&address)
+            })
+            .map(|mapping| mapping.host_start + usize_from(address - mapping.guest_start))
+    }
+
+    fn page_number(&self, host_address: usize) -> Option<u64> {
+        self.mappings
+            .iter()
+            .find(|mapping| {
+                (mapping.host_start..mapping.host_start + usize_from(mapping.len))
+                    .contains(&host_address)
+            })
+            .map(|mapping| {
+                (mapping.guest_start + (host_address - mapping.host_start) as u64) / PAGE_SIZE
+            })
+    }
+
+    /// Installs page `page_number` (`None`: a zero page) and wakes whoever
+    /// waits for it. Returns false when it was already there (installed by
+    /// an earlier fault or push: nothing changes).
+    pub fn install(
+        &self,
+        page_number: u64,
+        page: Option<&[u8; PAGE_BYTES]>,
+    ) -> Result<bool, PostcopyError> {
+        let host = self.host_address(page_number).ok_or_else(|| {
+            PostcopyError::Unexpected(format!("page {page_number} is outside guest memory"))
+        })?;
+        let target = host as *mut libc::c_void;
+        let result = match page {
+            // SAFETY: `target` is the start of one page inside a registered
+            // mapping of guest memory (checked above), `page` is a valid
+            // page-sized source; UFFDIO_COPY copies it atomically.
+            Some(page) => unsafe {
+                self.uffd
+                    .copy(page.as_ptr().cast(), target, PAGE_BYTES, true)
+            },
+            // SAFETY: as above, for UFFDIO_ZEROPAGE.
+            None => unsafe { self.uffd.zeropage(target, PAGE_BYTES, true) },
+        };
+        match result {
+            Ok(_) => Ok(true),
+            Err(
+                userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno),
+            ) if errno as i32 == libc::EEXIST => {
+                // Already present: make sure a thread that faulted on it runs.
+                self.uffd
+                    .wake(target, PAGE_BYTES)
+                    .map_err(|source| PostcopyError::Install {
+                        page_number,
+                        source,
+                    })?;
+                Ok(false)
+            }
+            Err(source) => Err(PostcopyError::Install {
+                page_number,
+                source,
+            }),
+        }
+    }
+}
+
+/// What the handler did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Faults resolved.
+    pub faults: u64,
+    /// Of them, resolved with a zero page.
+    pub zero_pages: u64,
+    /// Fault to resolution: bucket `i` counts latencies below `2^i`
+    /// microseconds (the last: the rest).
+    pub latency_micros_log2: [u64; 24],
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    zero_pages: AtomicU64,
+    latency: [AtomicU64; 24],
+}
+
+impl Counters {
+    fn snapshot(&self) -> FaultCounts {
+        FaultCounts {
+            faults: self.faults.load(Ordering::Relaxed),
+            zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            latency_micros_log2: std::array::from_fn(|bucket| {
+                self.latency[bucket].load(Ordering::Relaxed)
+            }),
+        }
+    }
+}
+
+/// Serves the faults of registered guest memory from a [`PageSource`].
+pub struct FaultHandler {
+    installer: Installer,
+    stop: Arc<EventFd>,
+    counters: Arc<Counters>,
+    thread: JoinHandle<Result<(), PostcopyError>>,
+}
+
+impl FaultHandler {
+    /// Registers every region of `memory` (whose pages must not be mapped
+    /// yet, or only those already received) and starts the handler thread.
+    pub fn start(memory: &GuestMemory, source: impl PageSource) -> Result<Self, PostcopyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM's accesses to guest memory are kernel-mode faults.
+            .user_mode_only(false)
+            .create()
+            .map_err(PostcopyError::Userfaultfd)?;
+        let mut mappings = Vec::new();
+        for region in memory.iter() {
+            let host_start = region.as_ptr() as usize;
+            let len = region.len();
+            uffd.register(host_start as *mut libc::c_void, usize_from(len))
+                .map_err(PostcopyError::Userfaultfd)?;
+            mappings.push(Mapping {
+                guest_start: region.start_addr().0,
+                len,
+                host_start,
+            });
+        }
+        let installer = Installer {
+            uffd: Arc::new(uffd),
+            mappings: mappings.into(),
+        };
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(PostcopyError::Thread)?);
+        let counters = Arc::new(Counters::default());
+        let thread = {
+            let (installer, stop, counters) = (installer.clone(), stop.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("postcopy-faults".to_owned())
+                .spawn(move || serve_faults(&installer, &stop, &counters, source))
+                .map_err(PostcopyError::Thread)?
+        };
+        Ok(Self {
+            installer,
+            stop,
+            counters,
+            thread,
+        })
+    }
+
+    /// Installs pages without a fault (the background push).
+    pub fn installer(&self) -> Installer {
+        self.installer.clone()
+    }
+
+    /// What the handler did so far.
+    pub fn counts(&self) -> FaultCounts {
+        self.counters.snapshot()
+    }
+
+    /// Stops the handler thread; returns its counts, or why it failed.
+    pub fn stop(self) -> Result<FaultCounts, PostcopyError> {
+        let _ = self.stop.write(1);
+        self.thread
+            .join()
+            .map_err(|_| PostcopyError::Unexpected("the fault handler panicked".to_owned()))??;
+        Ok(self.counters.snapshot())
+    }
+}
+
+/// How long a poll for faults waits before looking at the stop flag again
+/// (the stop eventfd wakes it at once; this bounds a missed wake-up).
+const POLL: Duration = Duration::from_millis(100);
+
+fn serve_faults(
+    installer: &Installer,
+    stop: &EventFd,
+    counters: &Counters,
+    mut source: impl PageSource,
+) -> Result<(), PostcopyError> {
+    let mut page = [0u8; PAGE_BYTES];
+    loop {
+        let mut polls = [
+            libc::pollfd {
+                fd: installer.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let millis = i32::try_from(POLL.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `polls` is an array of two valid pollfds for the call.
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, millis) };
+        if polls[1].revents != 0 {
+            return Ok(());
+        }
+        if ready <= 0 {
+            continue;
+        }
+        while let Some(event) = installer
+            .uffd
+            .read_event()
+            .map_err(PostcopyError::Userfaultfd)?
+        {
+            let Event::Pagefault { addr, .. } = event else {
+                return Err(PostcopyError::Unexpected(format!("{event:?}")));
+            };
+            let started = Instant::now();
+            let host = addr as usize & !(PAGE_BYTES - 1);
+            let page_number = installer.page_number(host).ok_or_else(|| {
+                PostcopyError::Unexpected(format!("a fault at {host:#x}, outside guest memory"))
+            })?;
+            let filled =
+                source
+                    .fetch(page_number, &mut page)
+                    .map_err(|reason| PostcopyError::Source {
+                        page_number,
+                        reason,
+                    })?;
+            installer.install(page_number, filled.then_some(&page))?;
+            counters.faults.fetch_add(1, Ordering::Relaxed);
+            if !filled {
+                counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            let micros = started.elapsed().as_micros();
+            let bucket = usize::try_from(128 - micros.leading_zeros())
+                .unwrap_or(usize::MAX)
+                .min(23);
+            counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::memory;
+    use crate::testing::require_kvm;
+    use crate::workload::WorkloadSpec;
+    use crate::{Vm, VmConfig};
+
+    /// Pages from a copy of another VM's memory (zero pages reported as such).
+    struct CopiedMemory {
+        pages: Vec<u8>,
+    }
+
+    impl PageSource for CopiedMemory {
+        fn fetch(&mut self, page_number: u64, page: &mut [u8; PAGE_BYTES]) -> Result<bool, String> {
+            let start = usize_from(page_number * PAGE_SIZE);
+            let bytes = self
+                .pages
+                .get(start..start + PAGE_BYTES)
+                .ok_or_else(|| format!("no page {page_number}"))?;
+            page.copy_from_slice(bytes);
+            Ok(bytes.iter().any(|byte| *byte != 0))
+        }
+    }
+
+    /// Runs `workload` 300 ms on a VM, pauses it, and resumes its state on
+    /// a second VM whose pages all arrive by fault from a copy of the
+    /// first's memory; returns the progress before and after 300 ms there,
+    /// and the handler's counts.
+    fn resume_on_demand(
+        workload: &str,
+    ) -> (
+        crate::progress::ProgressSample,
+        crate::progress::ProgressSample,
+        FaultCounts,
+    ) {
+        let config = VmConfig::new(64 << 20, 1);
+        let workload: WorkloadSpec = workload.parse().expect("a workload");
+        let mut source_vm = Vm::boot(config, &workload).expect("boot");
+        source_vm.resume().expect("run");
+        std::thread::sleep(Duration::from_millis(300));
+        source_vm.pause().expect("pause");
+        let state = source_vm.capture_state().expect("state");
+        let before = crate::progress::ProgressSample::read(&source_vm).expect("progress");
+        let mut pages = vec![0u8; usize_from(config.memory_bytes)];
+        memory::read(source_vm.memory(), 0, &mut pages).expect("copy memory");
+        drop(source_vm);
+        let mut target = Vm::new(config).expect("a target VM");
+        let handler =
+            FaultHandler::start(target.memory(), CopiedMemory { pages }).expect("userfaultfd");
+        target.restore_state(&state).expect("restore");
+        target.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(300));
+        target.pause().expect("pause");
+        let after = crate::progress::ProgressSample::read(&target).expect("progress");
+        assert!(crate::progress::guest_stopped(&target).is_none());
+        drop(target);
+        let counts = handler.stop().expect("the handler ran");
+        (before, after, counts)
+    }
+
+    #[test]
+    fn a_guest_runs_on_memory_that_arrives_on_demand() {
+        if !require_kvm() {
+            return;
+        }
+
+        let (before, after, counts) = resume_on_demand("counter");
+
+        let (start, start_hash) = (before.vcpus[0].counter, before.vcpus[0].counter_hash);
+        let (end, end_hash) = (after.vcpus[0].counter, after.vcpus[0].counter_hash);
+        assert!(
+            end > start,
+            "the counter did not advance ({start} -> {end})"
+        );
+        assert_eq!(
+            understudy_guest_abi::counter_replay(start, start_hash, end),
+            Some(end_hash)
+        );
+        assert!(counts.faults > 0, "{counts:?}");
+    }
+
+    #[test]
+    fn pages_never_written_arrive_as_zero_pages() {
+        if !require_kvm() {
+            return;
+        }
+
+        let (_, _, counts) = resume_on_demand("memtouch:rate=50MB/s,wss=16M");
+
+        assert!(counts.zero_pages > 0, "{counts:?}");
+        assert!(counts.faults > counts.zero_pages, "{counts:?}");
+    }
+}
