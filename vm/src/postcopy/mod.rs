@@ -36,19 +36,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use userfaultfd::{Event, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 use crate::{PAGE_BYTES, PAGE_SIZE, usize_from};
 
+mod uffd;
+
+use uffd::{Resolved, Userfaultfd};
+
 /// Why post-copy memory failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PostcopyError {
     /// The userfaultfd could not be created or set up.
     #[error("cannot set up userfaultfd for guest memory")]
-    Userfaultfd(#[source] userfaultfd::Error),
+    Userfaultfd(#[source] std::io::Error),
     /// A page could not be installed.
     #[error("cannot install guest page {page_number}")]
     Install {
@@ -56,7 +59,7 @@ pub enum PostcopyError {
         page_number: u64,
         /// Why.
         #[source]
-        source: userfaultfd::Error,
+        source: std::io::Error,
     },
     /// The page source failed.
     #[error("the page source cannot provide page {page_number}: {reason}")]
@@ -93,7 +96,7 @@ struct Mapping {
 /// Installs pages into registered guest memory (from any thread).
 #[derive(Clone)]
 pub struct Installer {
-    uffd: Arc<Uffd>,
+    uffd: Arc<Userfaultfd>,
     mappings: Arc<[Mapping]>,
 }
 
@@ -131,37 +134,17 @@ impl Installer {
         let host = self.host_address(page_number).ok_or_else(|| {
             PostcopyError::Unexpected(format!("page {page_number} is outside guest memory"))
         })?;
-        let target = host as *mut libc::c_void;
-        let result = match page {
-            // SAFETY: `target` is the start of one page inside a registered
-            // mapping of guest memory (checked above), `page` is a valid
-            // page-sized source; UFFDIO_COPY copies it atomically.
-            Some(page) => unsafe {
-                self.uffd
-                    .copy(page.as_ptr().cast(), target, PAGE_BYTES, true)
-            },
-            // SAFETY: as above, for UFFDIO_ZEROPAGE.
-            None => unsafe { self.uffd.zeropage(target, PAGE_BYTES, true) },
-        };
-        match result {
-            Ok(_) => Ok(true),
-            Err(
-                userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno),
-            ) if errno as i32 == libc::EEXIST => {
-                // Already present: make sure a thread that faulted on it runs.
-                self.uffd
-                    .wake(target, PAGE_BYTES)
-                    .map_err(|source| PostcopyError::Install {
-                        page_number,
-                        source,
-                    })?;
-                Ok(false)
-            }
-            Err(source) => Err(PostcopyError::Install {
-                page_number,
-                source,
-            }),
+        let resolved = match page {
+            // SAFETY: `page` is valid for reading a page; `host` is the
+            // start of one page inside a registered mapping of guest memory.
+            Some(page) => unsafe { self.uffd.copy(page.as_ptr(), host, PAGE_BYTES) },
+            None => self.uffd.zeropage(host, PAGE_BYTES),
         }
+        .map_err(|source| PostcopyError::Install {
+            page_number,
+            source,
+        })?;
+        Ok(resolved == Resolved::Installed)
     }
 }
 
@@ -208,18 +191,12 @@ impl FaultHandler {
     /// Registers every region of `memory` (whose pages must not be mapped
     /// yet, or only those already received) and starts the handler thread.
     pub fn start(memory: &GuestMemory, source: impl PageSource) -> Result<Self, PostcopyError> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM's accesses to guest memory are kernel-mode faults.
-            .user_mode_only(false)
-            .create()
-            .map_err(PostcopyError::Userfaultfd)?;
+        let uffd = Userfaultfd::new().map_err(PostcopyError::Userfaultfd)?;
         let mut mappings = Vec::new();
         for region in memory.iter() {
             let host_start = region.as_ptr() as usize;
             let len = region.len();
-            uffd.register(host_start as *mut libc::c_void, usize_from(len))
+            uffd.register(host_start, usize_from(len))
                 .map_err(PostcopyError::Userfaultfd)?;
             mappings.push(Mapping {
                 guest_start: region.start_addr().0,
@@ -301,16 +278,13 @@ fn serve_faults(
         if ready <= 0 {
             continue;
         }
-        while let Some(event) = installer
+        while let Some(address) = installer
             .uffd
-            .read_event()
+            .next_fault()
             .map_err(PostcopyError::Userfaultfd)?
         {
-            let Event::Pagefault { addr, .. } = event else {
-                return Err(PostcopyError::Unexpected(format!("{event:?}")));
-            };
             let started = Instant::now();
-            let host = addr as usize & !(PAGE_BYTES - 1);
+            let host = address & !(PAGE_BYTES - 1);
             let page_number = installer.page_number(host).ok_or_else(|| {
                 PostcopyError::Unexpected(format!("a fault at {host:#x}, outside guest memory"))
             })?;
