@@ -138,6 +138,7 @@ fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
                 target: Duration::from_millis(25),
                 min: Duration::from_millis(25),
                 max_pause: Duration::from_secs(1),
+                idle: Duration::ZERO,
             },
             codec: "raw".parse().expect("a valid codec"),
             heartbeat,

@@ -157,6 +157,7 @@ pub(crate) fn protected(
                 target: epoch,
                 min: epoch,
                 max_pause: Duration::from_secs(1),
+                idle: Duration::ZERO,
             },
             codec: "delta+zstd:level=1".parse().expect("a valid codec"),
             heartbeat: HeartbeatPolicy::default(),

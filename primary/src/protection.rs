@@ -511,7 +511,10 @@ impl Protection {
             self.wait_acknowledged(oldest)?;
         }
         let (batch, state, metrics) = self.checkpoint(vm, epoch, true, cause)?;
-        self.epoch_length = self.options.epoch.next(self.epoch_length, metrics.pause);
+        self.epoch_length =
+            self.options
+                .epoch
+                .next(self.epoch_length, metrics.pause, metrics.dirty_pages);
         checkpointed(&metrics);
         self.submit(Work::Begin(epoch))?;
         self.submit(Work::Pages(epoch, batch))?;

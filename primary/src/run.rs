@@ -120,6 +120,12 @@ pub fn run(
         )?),
         None => None,
     };
+    // Epochs stretch while the guest is idle only where output cuts them
+    // short (the early checkpoint on output), or where there is none.
+    let mut primary = options.primary.clone();
+    if options.gate.is_some() && options.output_epoch.is_zero() {
+        primary.epoch.idle = Duration::ZERO;
+    }
     let mut protected_before = false;
     while !finished() {
         let identity = Identity {
@@ -134,12 +140,14 @@ pub fn run(
         };
         let mut protection = match Protection::connect(
             vm,
-            options.primary.clone(),
+            primary.clone(),
             identity,
             purpose,
             options
                 .colo
-                .map_or(options.primary.epoch.target, |colo| colo.interval),
+                .map_or(primary.epoch.target.max(primary.epoch.idle), |colo| {
+                    colo.interval
+                }),
         ) {
             Ok(protection) => protection,
             Err(error) if protected_before || started.elapsed() < options.connect_patience => {

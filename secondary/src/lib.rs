@@ -313,6 +313,23 @@ pub struct SecondaryOptions {
     pub colo: bool,
 }
 
+/// How long the acceptor waits for a connection before it looks at the
+/// stop flags again (an idle secondary wakes this often, no more).
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// Waits until `listener` has a connection to accept, or `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `poll` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut poll, 1, millis) };
+}
+
 /// Connections still in their handshake at once; more are closed at once.
 const MAX_PENDING_HANDSHAKES: usize = 32;
 
@@ -383,7 +400,7 @@ fn accept_loop(
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                wait_readable(listener, ACCEPT_POLL);
                 continue;
             }
             Err(error) => {

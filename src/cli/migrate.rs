@@ -120,6 +120,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
                 target: Duration::from_millis(25),
                 min: Duration::from_millis(25),
                 max_pause: Duration::from_secs(1),
+                idle: Duration::ZERO,
             },
             codec: arguments.codec,
             heartbeat: arguments.heartbeat.policy()?,

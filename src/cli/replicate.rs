@@ -109,6 +109,11 @@ pub struct PrimaryArguments {
     /// Shorten epochs while a checkpoint pauses the guest for longer than this.
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     max_pause: Duration,
+    /// While the guest is idle (checkpoints of at most 64 dirty pages), let
+    /// epochs double up to this long; the first busier checkpoint, or output
+    /// (with --output-epoch), brings them back (0ms: never stretch).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    idle_epoch: Duration,
     /// With a network: take the checkpoint early once the guest has sent
     /// output and at least this long has passed since the last one, so a
     /// reply waits about this long instead of a whole epoch (0ms: off, the
@@ -333,6 +338,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
                     .unwrap_or(arguments.epoch / 5)
                     .max(Duration::from_millis(1)),
                 max_pause: arguments.max_pause,
+                idle: arguments.idle_epoch,
             },
             codec: arguments.codec,
             heartbeat: arguments.heartbeat.policy()?,
@@ -359,6 +365,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
             json!({"event": "policy", "epoch_ms": arguments.epoch.as_secs_f64() * 1e3,
                    "min_epoch_ms": policy.epoch.min.as_secs_f64() * 1e3,
                    "max_pause_us": policy.epoch.max_pause.as_secs_f64() * 1e6,
+                   "idle_epoch_ms": policy.epoch.idle.as_secs_f64() * 1e3,
                    "codec": policy.codec.to_string()})
         );
     } else {
