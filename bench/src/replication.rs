@@ -1,9 +1,10 @@
 //! The replication benchmark, run by `understudy bench replication`: a
 //! primary and a secondary in one process over loopback TCP.
 //!
-//! - Guest pause per checkpoint at dirty sets of about 100, 1,000 and 10,000
-//!   pages (a `memtouch` rate and epoch length chosen for each; the epoch is
-//!   fixed, not adapted, so the dirty set stays put).
+//! - Guest pause per checkpoint at dirty sets of about 250, 1,000 and 10,000
+//!   pages of a 1 GiB guest (a `memtouch` rate and epoch length chosen for
+//!   each; the epoch is fixed, not adapted, so the dirty set stays put), with
+//!   the median of each phase of the pause.
 //! - Guest slowdown under protection: `memtouch` throughput with checkpoints
 //!   every 25 ms divided by the same guest's throughput unprotected, for a
 //!   light (50 MB/s) and a heavy (as fast as it can) dirty rate.
@@ -16,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use understudy_checkpoint::channel::{KeyPair, Keyring, Security};
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
-use understudy_primary::{EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions};
+use understudy_primary::{
+    CheckpointPhases, EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions,
+};
 use understudy_secondary::{Failover, SecondaryError, SecondaryOptions};
 use understudy_vm::VmConfig;
 use understudy_vm::progress::ProgressSample;
@@ -34,6 +37,10 @@ pub struct PauseRow {
     pub dirty_pages: f64,
     /// Guest pause per checkpoint.
     pub pause: Micros,
+    /// The longest pause, µs.
+    pub pause_max: f64,
+    /// Median of each phase (stop, harvest, copy, state, other, resume), µs.
+    pub phases_p50: [f64; 6],
     /// Checkpoint to acknowledgement.
     pub ack: Micros,
     /// Mean bytes on the wire per epoch.
@@ -62,6 +69,7 @@ pub struct ReplicationReport {
 
 pub(crate) struct Protected {
     pub pauses: Vec<Duration>,
+    pub phases: Vec<CheckpointPhases>,
     pub acks: Vec<Duration>,
     pub dirty_pages: Vec<usize>,
     pub wire_bytes: Vec<u64>,
@@ -179,6 +187,7 @@ pub(crate) fn protected(
     };
     let mut result = Protected {
         pauses: Vec::new(),
+        phases: Vec::new(),
         acks: Vec::new(),
         dirty_pages: Vec::new(),
         wire_bytes: Vec::new(),
@@ -194,6 +203,7 @@ pub(crate) fn protected(
         // Epoch 0 is the initial copy: steady state starts after it.
         PrimaryEvent::Checkpointed(metrics) if metrics.epoch > 0 => {
             result.pauses.push(metrics.pause);
+            result.phases.push(metrics.phases);
             result.dirty_pages.push(metrics.dirty_pages);
             first.get_or_insert_with(|| metrics.progress.clone());
             last = Some(metrics.progress);
@@ -260,11 +270,11 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
     let mut report = ReplicationReport::default();
     let pause_cases = [
         (
-            "memtouch:rate=16MB/s,wss=64M,pattern=seq",
+            "memtouch:rate=40MB/s,wss=64M,pattern=seq",
             Duration::from_millis(25),
         ),
         (
-            "memtouch:rate=82MB/s,wss=64M,pattern=seq",
+            "memtouch:rate=80MB/s,wss=64M,pattern=seq",
             Duration::from_millis(50),
         ),
         (
@@ -274,12 +284,15 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
     ];
     for (workload, epoch) in pause_cases {
         let run = protected(
-            512 << 20,
+            1 << 30,
             workload,
             epoch,
             seconds.max(epoch.as_secs_f64() * 10.0),
             Wire::Plain,
         )?;
+        let phase = |pick: fn(&CheckpointPhases) -> Duration| {
+            Micros::of(run.phases.iter().map(pick).collect()).p50
+        };
         report.pauses.push(PauseRow {
             workload: workload.to_owned(),
             epoch,
@@ -289,6 +302,19 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
                     .map(|p| *p as f64)
                     .collect::<Vec<_>>(),
             ),
+            pause_max: run
+                .pauses
+                .iter()
+                .max()
+                .map_or(0.0, |pause| pause.as_secs_f64() * 1e6),
+            phases_p50: [
+                phase(|phases| phases.stop),
+                phase(|phases| phases.harvest),
+                phase(|phases| phases.copy),
+                phase(|phases| phases.state),
+                phase(|phases| phases.other),
+                phase(|phases| phases.resume),
+            ],
             pause: Micros::of(run.pauses),
             ack: Micros::of(run.acks),
             wire_bytes: mean(&run.wire_bytes.iter().map(|b| *b as f64).collect::<Vec<_>>()),
@@ -323,20 +349,34 @@ impl fmt::Display for ReplicationReport {
         )?;
         writeln!(
             f,
-            "  {:<46} {:>7} {:>10} {:>10} {:>10} {:>11} {:>11}",
-            "workload", "epoch", "dirty pg", "pause p50", "pause p99", "ack p50", "KB/epoch"
+            "  {:<44} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "workload",
+            "epoch",
+            "dirty pg",
+            "pause p50",
+            "pause p99",
+            "pause max",
+            "ack p50",
+            "KB/epoch"
         )?;
         for row in &self.pauses {
             writeln!(
                 f,
-                "  {:<46} {:>5}ms {:>10.0} {:>8.0}µs {:>8.0}µs {:>9.0}µs {:>11.1}",
+                "  {:<44} {:>4}ms {:>8.0} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>9.1}",
                 row.workload,
                 row.epoch.as_millis(),
                 row.dirty_pages,
                 row.pause.p50,
                 row.pause.p99,
+                row.pause_max,
                 row.ack.p50,
                 row.wire_bytes / 1e3
+            )?;
+            let [stop, harvest, copy, state, other, resume] = row.phases_p50;
+            writeln!(
+                f,
+                "  {:<44} phases p50: stop {stop:.0}µs, harvest {harvest:.0}µs, copy {copy:.0}µs, state {state:.0}µs, other {other:.0}µs, resume {resume:.0}µs",
+                ""
             )?;
         }
         writeln!(f, "guest slowdown with checkpoints every 25 ms")?;

@@ -159,6 +159,8 @@ pub struct EpochMetrics {
     pub epoch_length: Duration,
     /// How long the guest was paused.
     pub pause: Duration,
+    /// Where the pause went.
+    pub phases: CheckpointPhases,
     /// Dirty pages in the checkpoint.
     pub dirty_pages: usize,
     /// Bytes of page contents.
@@ -177,6 +179,24 @@ pub struct EpochMetrics {
     /// end or output waiting), or in COLO mode `periodic` or the compare
     /// proxy's cause (`mismatch-tcp-payload`, `timeout`, …).
     pub cause: &'static str,
+}
+
+/// Where a checkpoint's pause went, phase by phase (they add up to the
+/// pause, give or take the timer reads).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointPhases {
+    /// Stopping the vCPUs (kick, wait until each is out of the guest).
+    pub stop: Duration,
+    /// Reading and clearing the dirty log (KVM's and the VMM's).
+    pub harvest: Duration,
+    /// Copying the dirty pages out of guest memory.
+    pub copy: Duration,
+    /// Capturing and encoding the vCPU and device state.
+    pub state: Duration,
+    /// The output gate, the memory hash (with `verify`), the progress slots.
+    pub other: Duration,
+    /// Letting the vCPUs run again.
+    pub resume: Duration,
 }
 
 /// What the primary reports.

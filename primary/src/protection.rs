@@ -33,7 +33,7 @@ use crate::output::{InputLog, OutputCommit};
 use crate::pages::{read_nonzero_pages, read_pages};
 use crate::sender::{Work, send_loop};
 use crate::shared::{Progress, Shared, WaitFailed};
-use crate::{EpochMetrics, Identity, PrimaryError, PrimaryEvent, PrimaryOptions};
+use crate::{CheckpointPhases, EpochMetrics, Identity, PrimaryError, PrimaryEvent, PrimaryOptions};
 
 /// Pages read per batch during pre-copy.
 const PRECOPY_CHUNK_PAGES: usize = 16384;
@@ -445,10 +445,20 @@ impl Protection {
         resume: bool,
         cause: &'static str,
     ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
+        let mut phases = CheckpointPhases::default();
         let paused = Instant::now();
         vm.pause()?;
+        phases.stop = paused.elapsed();
         let taken = (|| -> Result<_, PrimaryError> {
+            let mut phase = Instant::now();
+            let mut lap = || {
+                let now = Instant::now();
+                let took = now - phase;
+                phase = now;
+                took
+            };
             let dirty = vm.harvest_dirty()?;
+            phases.harvest = lap();
             let addresses: Vec<u64> = dirty.page_addresses().collect();
             let batch = match read_pages(vm, &addresses, self.shared.spare_batch()) {
                 Ok(batch) => batch,
@@ -458,7 +468,9 @@ impl Protection {
                     return Err(error.into());
                 }
             };
+            phases.copy = lap();
             let state = vm.capture_state()?.encode();
+            phases.state = lap();
             if let Some(gate) = self.shared.output.get() {
                 // Still paused: every frame from here on is the next epoch's.
                 gate.checkpointed(epoch);
@@ -468,10 +480,14 @@ impl Protection {
             } else {
                 None
             };
-            Ok((batch, state, memory_hash, ProgressSample::read(vm)?))
+            let progress = ProgressSample::read(vm)?;
+            phases.other = lap();
+            Ok((batch, state, memory_hash, progress))
         })();
         if resume || taken.is_err() {
+            let resuming = Instant::now();
             vm.resume()?;
+            phases.resume = resuming.elapsed();
         }
         let pause = paused.elapsed();
         let (batch, state, memory_hash, progress) = taken?;
@@ -480,6 +496,7 @@ impl Protection {
             epoch,
             epoch_length: now - self.last_checkpoint,
             pause,
+            phases,
             dirty_pages: batch.len(),
             raw_bytes: batch.content_bytes() as u64,
             wire_bytes: 0,

@@ -209,6 +209,11 @@ fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
     )
 }
 
+/// A duration in microseconds, for JSON.
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
 /// What an epoch holds, printed before any of it is sent.
 fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
     if as_json {
@@ -218,6 +223,14 @@ fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
                 "event": "checkpoint",
                 "epoch": metrics.epoch,
                 "pause_us": metrics.pause.as_secs_f64() * 1e6,
+                "phases_us": {
+                    "stop": micros(metrics.phases.stop),
+                    "harvest": micros(metrics.phases.harvest),
+                    "copy": micros(metrics.phases.copy),
+                    "state": micros(metrics.phases.state),
+                    "other": micros(metrics.phases.other),
+                    "resume": micros(metrics.phases.resume),
+                },
                 "dirty_pages": metrics.dirty_pages,
                 "memory_hash": metrics.memory_hash,
                 "cause": metrics.cause,
