@@ -176,6 +176,9 @@ pub struct Encoder {
     transform: TransformEncoder,
     records_compressor: Compressor,
     literals_compressor: Compressor,
+    /// Whether each section has been compressing lately.
+    records_payoff: Payoff,
+    literals_payoff: Payoff,
     auto: Option<AutoPolicy>,
     sequence: u64,
     records: Vec<u8>,
@@ -191,6 +194,8 @@ impl Encoder {
             transform: TransformEncoder::new(spec.transform, spec.cache_pages(), spec.samples),
             records_compressor: Compressor::new(spec.compressor),
             literals_compressor: Compressor::new(spec.literal_compressor()),
+            records_payoff: Payoff::default(),
+            literals_payoff: Payoff::default(),
             auto: spec.auto_link_mbit.map(AutoPolicy::new),
             sequence: 0,
             records: Vec::new(),
@@ -259,22 +264,30 @@ impl Encoder {
         out.resize(start + HEADER_LEN, 0);
         let (records_id, literals_id, compressor, records_end) = match &mut self.auto {
             None => {
-                self.records_compressor
-                    .compress(&self.records, out)
-                    .map_err(|source| CodecError::Compress {
-                        section: "records",
-                        source,
-                    })?;
+                let records_id = compress_if_it_pays(
+                    &mut self.records_compressor,
+                    &mut self.records_payoff,
+                    &self.records,
+                    out,
+                )
+                .map_err(|source| CodecError::Compress {
+                    section: "records",
+                    source,
+                })?;
                 let records_end = out.len();
-                self.literals_compressor
-                    .compress(literal_bytes, out)
-                    .map_err(|source| CodecError::Compress {
-                        section: "literal",
-                        source,
-                    })?;
+                let literals_id = compress_if_it_pays(
+                    &mut self.literals_compressor,
+                    &mut self.literals_payoff,
+                    literal_bytes,
+                    out,
+                )
+                .map_err(|source| CodecError::Compress {
+                    section: "literal",
+                    source,
+                })?;
                 (
-                    self.records_compressor.spec().id(),
-                    self.literals_compressor.spec().id(),
+                    records_id,
+                    literals_id,
                     self.records_compressor.spec(),
                     records_end,
                 )
@@ -314,6 +327,68 @@ impl Encoder {
             compressor,
         })
     }
+}
+
+/// A section that shrank by less than this share (percent of its input)
+/// did not pay for its compression.
+const INCOMPRESSIBLE_PERCENT: usize = 97;
+/// Sections smaller than this are not judged (their output is overhead).
+const MIN_JUDGED_BYTES: usize = 16 << 10;
+/// Most batches a section goes stored before it is tried again.
+const MAX_STORED_RUN: u32 = 64;
+
+/// Learns per batch whether a section compresses: after a batch whose
+/// section shrank by less than 3 %, the next 1, 2, 4, … 64 batches store it
+/// (the frame says `none` for it) before one is compressed again to check;
+/// a batch that compresses resets the run. Random or encrypted memory then
+/// costs no compression after the first batches, and memory that becomes
+/// compressible again is noticed within 64 batches.
+#[derive(Debug, Default)]
+struct Payoff {
+    stored_left: u32,
+    run: u32,
+}
+
+impl Payoff {
+    /// Whether to compress this batch's section.
+    fn try_now(&mut self) -> bool {
+        if self.stored_left == 0 {
+            return true;
+        }
+        self.stored_left -= 1;
+        false
+    }
+
+    /// A compressed section of `input` bytes came out as `output`.
+    fn judge(&mut self, input: usize, output: usize) {
+        if input < MIN_JUDGED_BYTES {
+            return;
+        }
+        if output * 100 >= input * INCOMPRESSIBLE_PERCENT {
+            self.run = (self.run * 2).clamp(1, MAX_STORED_RUN);
+            self.stored_left = self.run;
+        } else {
+            self.run = 0;
+        }
+    }
+}
+
+/// Appends `input` to `out` compressed by `compressor`, or stored when
+/// compression has not been paying ([`Payoff`]); returns how it went.
+fn compress_if_it_pays(
+    compressor: &mut Compressor,
+    payoff: &mut Payoff,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<CompressorId, CompressorError> {
+    if compressor.spec() == CompressorSpec::None || !payoff.try_now() {
+        out.extend_from_slice(input);
+        return Ok(CompressorId::None);
+    }
+    let before = out.len();
+    compressor.compress(input, out)?;
+    payoff.judge(input.len(), out.len() - before);
+    Ok(compressor.spec().id())
 }
 
 /// Largest version store an unbounded decoder ([`Decoder::new`]) accepts

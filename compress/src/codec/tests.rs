@@ -435,3 +435,63 @@ mod properties {
         }
     }
 }
+
+/// `pages` pages of pseudo-random bytes (incompressible), numbered from `first`.
+fn random_batch(first: u64, pages: u64, seed: u64) -> PageBatch {
+    let mut state = seed | 1;
+    let mut batch = PageBatch::new();
+    for page_number in first..first + pages {
+        let page = batch.push_zeroed(page_number);
+        for chunk in page.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+    }
+    batch
+}
+
+/// `pages` pages of one repeated byte (compressible), numbered from `first`.
+fn plain_batch(first: u64, pages: u64) -> PageBatch {
+    let mut batch = PageBatch::new();
+    for page_number in first..first + pages {
+        batch.push_zeroed(page_number).fill(0x5a);
+    }
+    batch
+}
+
+/// The literal section's compressor byte of each frame.
+fn literal_compressors(frames: &[Vec<u8>]) -> Vec<u8> {
+    frames.iter().map(|frame| frame[6]).collect()
+}
+
+#[test]
+fn incompressible_literals_are_stored_after_the_first_batch_and_still_round_trip() {
+    let spec: CodecSpec = "zstd:level=1".parse().expect("valid spec");
+    let batches: Vec<PageBatch> = (0..4).map(|i| random_batch(i * 16, 16, i + 1)).collect();
+
+    let frames = frames(&spec, &batches);
+    let round_trip = round_trip(&spec, &batches);
+
+    let zstd = CompressorId::Zstd as u8;
+    let none = CompressorId::None as u8;
+    assert_eq!(literal_compressors(&frames), vec![zstd, none, zstd, none]);
+    assert!(round_trip.is_ok());
+}
+
+#[test]
+fn a_section_that_compresses_again_is_compressed_again() {
+    let spec: CodecSpec = "zstd:level=1".parse().expect("valid spec");
+    let mut batches: Vec<PageBatch> = (0..8).map(|i| random_batch(i * 16, 16, i + 1)).collect();
+    batches.extend((0..70).map(|i| plain_batch(i * 16, 16)));
+
+    let frames = frames(&spec, &batches);
+
+    let last = frames.last().expect("frames");
+    assert_eq!(
+        literal_compressors(&[last.clone()]),
+        vec![CompressorId::Zstd as u8]
+    );
+    assert!(last.len() < PAGE_BYTES, "{} bytes", last.len());
+}
