@@ -490,7 +490,7 @@ fn a_section_that_compresses_again_is_compressed_again() {
 
     let last = frames.last().expect("frames");
     assert_eq!(
-        literal_compressors(&[last.clone()]),
+        literal_compressors(std::slice::from_ref(last)),
         vec![CompressorId::Zstd as u8]
     );
     assert!(last.len() < PAGE_BYTES, "{} bytes", last.len());
