@@ -41,6 +41,8 @@ pub struct PauseRow {
     pub pause_max: f64,
     /// Median of each phase (stop, harvest, copy, state, other, resume), µs.
     pub phases_p50: [f64; 6],
+    /// 99th percentile of each phase, µs.
+    pub phases_p99: [f64; 6],
     /// Checkpoint to acknowledgement.
     pub ack: Micros,
     /// Mean bytes on the wire per epoch.
@@ -291,8 +293,16 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
             Wire::Plain,
         )?;
         let phase = |pick: fn(&CheckpointPhases) -> Duration| {
-            Micros::of(run.phases.iter().map(pick).collect()).p50
+            Micros::of(run.phases.iter().map(pick).collect())
         };
+        let picks: [fn(&CheckpointPhases) -> Duration; 6] = [
+            |phases| phases.stop,
+            |phases| phases.harvest,
+            |phases| phases.copy,
+            |phases| phases.state,
+            |phases| phases.other,
+            |phases| phases.resume,
+        ];
         report.pauses.push(PauseRow {
             workload: workload.to_owned(),
             epoch,
@@ -307,14 +317,8 @@ pub fn replication(seconds: f64) -> Result<ReplicationReport, BenchError> {
                 .iter()
                 .max()
                 .map_or(0.0, |pause| pause.as_secs_f64() * 1e6),
-            phases_p50: [
-                phase(|phases| phases.stop),
-                phase(|phases| phases.harvest),
-                phase(|phases| phases.copy),
-                phase(|phases| phases.state),
-                phase(|phases| phases.other),
-                phase(|phases| phases.resume),
-            ],
+            phases_p50: picks.map(|pick| phase(pick).p50),
+            phases_p99: picks.map(|pick| phase(pick).p99),
             pause: Micros::of(run.pauses),
             ack: Micros::of(run.acks),
             wire_bytes: mean(&run.wire_bytes.iter().map(|b| *b as f64).collect::<Vec<_>>()),
@@ -372,12 +376,14 @@ impl fmt::Display for ReplicationReport {
                 row.ack.p50,
                 row.wire_bytes / 1e3
             )?;
-            let [stop, harvest, copy, state, other, resume] = row.phases_p50;
-            writeln!(
-                f,
-                "  {:<44} phases p50: stop {stop:.0}µs, harvest {harvest:.0}µs, copy {copy:.0}µs, state {state:.0}µs, other {other:.0}µs, resume {resume:.0}µs",
-                ""
-            )?;
+            for (quantile, phases) in [("p50", row.phases_p50), ("p99", row.phases_p99)] {
+                let [stop, harvest, copy, state, other, resume] = phases;
+                writeln!(
+                    f,
+                    "  {:<44} phases {quantile}: stop {stop:.0}µs, harvest {harvest:.0}µs, copy {copy:.0}µs, state {state:.0}µs, other {other:.0}µs, resume {resume:.0}µs",
+                    ""
+                )?;
+            }
         }
         writeln!(f, "guest slowdown with checkpoints every 25 ms")?;
         for row in &self.slowdown {
