@@ -1,6 +1,7 @@
 //! Live migration between two processes on loopback: a guest that can be
 //! caught converges and runs on at the target; one that dirties memory
-//! faster than the bandwidth limit gets the non-convergence policy.
+//! faster than the bandwidth limit gets the non-convergence policy; in
+//! post-copy the guest runs on the target before its memory arrives.
 
 mod common;
 
@@ -84,6 +85,88 @@ fn a_counter_guest_migrates_and_continues_exactly_on_the_target() {
     let stopped = event(&lines, "stopped");
     assert_eq!(resumed["migrated"], true);
     assert_counter_chains_continue(&resumed["vcpus"], &stopped["vcpus"], 2);
+}
+
+#[test]
+fn a_counter_guest_runs_on_the_target_before_its_memory_arrives_and_continues_exactly() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange and act: a post-copy of a 2-vCPU counter guest.
+    let (source, target) = migrate(
+        "500ms",
+        &[
+            "--mode",
+            "postcopy",
+            "--workload",
+            "counter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64M",
+            "--after",
+            "300ms",
+        ],
+    );
+
+    // Assert: no pre-copy round; the guest ran on at the target along its
+    // counters' chains.
+    assert!(
+        source.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    assert!(
+        target.status.success(),
+        "target failed: {}",
+        String::from_utf8_lossy(&target.stderr)
+    );
+    let migrated = event(&json_lines(&source), "migrated");
+    assert_eq!(u64_of(&migrated["rounds"]), 0);
+    let lines = json_lines(&target);
+    let resumed = event(&lines, "resumed");
+    let stopped = event(&lines, "stopped");
+    assert_eq!(resumed["migrated"], true);
+    assert_counter_chains_continue(&resumed["vcpus"], &stopped["vcpus"], 2);
+}
+
+#[test]
+fn a_memtouch_guest_faults_its_pages_in_after_a_post_copy_and_keeps_dirtying() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange and act: a post-copy of a guest writing a 32 MiB working set
+    // at random: it touches pages that are not there yet at once.
+    let (source, target) = migrate(
+        "1500ms",
+        &[
+            "--mode",
+            "postcopy",
+            "--workload",
+            "memtouch:rate=50MB/s,wss=32M,pattern=random",
+            "--memory",
+            "256M",
+            "--after",
+            "300ms",
+        ],
+    );
+
+    // Assert
+    assert!(
+        source.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    let target_lines = json_lines(&target);
+    assert_eq!(event(&target_lines, "resumed")["migrated"], true);
+    let dirtying = target_lines
+        .iter()
+        .filter_map(|line| line["guest_dirtied_mb_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        dirtying > 10.0,
+        "the guest does not dirty memory on the target ({dirtying} MB/s)"
+    );
 }
 
 #[test]

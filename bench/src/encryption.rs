@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use understudy_checkpoint::channel::Channel;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
-use understudy_primary::migrate::{MigrationOptions, NoConvergence, migrate};
+use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
 use understudy_vm::{VmConfig, memory};
 
@@ -132,6 +132,7 @@ fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
     // Let the secondary listen.
     std::thread::sleep(Duration::from_millis(200));
     let options = MigrationOptions {
+        mode: MigrationMode::Precopy,
         link: PrimaryOptions {
             secondary: address,
             epoch: EpochPolicy {

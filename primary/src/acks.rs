@@ -82,6 +82,7 @@ pub(crate) fn ack_loop(
                     return;
                 }
             }
+            Message::PageRequest(page_number) => shared.request_page(page_number),
             Message::Heartbeat(_) => {}
             Message::Synced(token) => shared.synced(token),
             Message::Goodbye(reason) => {

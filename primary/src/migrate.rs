@@ -31,9 +31,24 @@ pub enum NoConvergence {
     Abort,
 }
 
+/// How memory moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MigrationMode {
+    /// Copy memory while the guest runs here, then stop it briefly.
+    #[default]
+    Precopy,
+    /// Stop the guest here at once, send its state, run it there; its
+    /// memory follows, pages it faults on first. While pages are missing
+    /// the guest lives on two hosts: losing either loses it (this side
+    /// keeps its paused copy until the target has every page).
+    Postcopy,
+}
+
 /// How a migration runs.
 #[derive(Clone, Debug)]
 pub struct MigrationOptions {
+    /// Pre-copy or post-copy.
+    pub mode: MigrationMode,
     /// Connection, codec, bandwidth limit.
     pub link: PrimaryOptions,
     /// Stop-and-copy once the estimated downtime is under this.
@@ -116,14 +131,21 @@ pub fn migrate(
         owner: vm_id,
         generation: 0,
     };
+    let purpose = match options.mode {
+        MigrationMode::Precopy => Purpose::Migrate,
+        MigrationMode::Postcopy => Purpose::MigratePostcopy,
+    };
     let mut link = Protection::connect(
         vm,
         options.link.clone(),
         identity,
-        Purpose::Migrate,
+        purpose,
         options.link.epoch.target,
     )?;
-    let result = run(vm, &mut link, options, started, &mut progress);
+    let result = match options.mode {
+        MigrationMode::Precopy => run(vm, &mut link, options, started, &mut progress),
+        MigrationMode::Postcopy => run_postcopy(vm, &mut link, started),
+    };
     link.close(match &result {
         Ok(_) => "migration complete",
         Err(_) => "migration aborted",
@@ -222,6 +244,29 @@ fn run(
         pages: total_pages,
         wire_bytes: link.wire_bytes(),
         throttle: highest_throttle,
+    })
+}
+
+/// Post-copy: the state first (the downtime: pause to acknowledgement),
+/// then every page, until the target acknowledges the page epoch.
+fn run_postcopy(
+    vm: &mut Vm,
+    link: &mut Protection,
+    started: Instant,
+) -> Result<MigrationSummary, MigrationError> {
+    let paused = Instant::now();
+    link.send_state_only(vm)?;
+    link.wait_acknowledged(0)?;
+    let downtime = paused.elapsed();
+    let pages = link.push_postcopy(vm)?;
+    link.wait_acknowledged(1)?;
+    Ok(MigrationSummary {
+        total: started.elapsed(),
+        downtime,
+        rounds: 0,
+        pages,
+        wire_bytes: link.wire_bytes(),
+        throttle: 0.0,
     })
 }
 

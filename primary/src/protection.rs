@@ -26,7 +26,7 @@ use understudy_checkpoint::protocol::{
 use understudy_compress::PageBatch;
 use understudy_vm::memory;
 use understudy_vm::progress::ProgressSample;
-use understudy_vm::{PAGE_SIZE, Vm};
+use understudy_vm::{PAGE_SIZE, Vm, usize_from};
 
 use crate::acks::ack_loop;
 use crate::output::{InputLog, OutputCommit};
@@ -98,7 +98,14 @@ pub struct Protection {
     last_checkpoint: Instant,
     epoch_length: Duration,
     next_sync: u64,
+    /// Post-copy: the state sent at the switchover, sent again to end the
+    /// page epoch.
+    postcopy_state: Option<(Vec<u8>, EpochMetrics)>,
 }
+
+/// Pages per background push of post-copy: small, so that a page the
+/// target faults on waits behind little.
+const POSTCOPY_CHUNK_PAGES: u64 = 256;
 
 impl Protection {
     /// Connects to a secondary or migration target and greets it.
@@ -215,6 +222,7 @@ impl Protection {
             last_checkpoint: Instant::now(),
             epoch_length: options.epoch.target,
             next_sync: 0,
+            postcopy_state: None,
             options,
         })
     }
@@ -428,6 +436,136 @@ impl Protection {
         })?;
         self.next_epoch = 1;
         Ok(metrics)
+    }
+
+    /// Post-copy's switchover: pauses the guest for good and sends epoch 0
+    /// with its state and no pages (the target runs it at once and asks
+    /// for pages as it faults).
+    pub(crate) fn send_state_only(&mut self, vm: &mut Vm) -> Result<(), PrimaryError> {
+        self.submit(Work::Begin(0))?;
+        let paused = Instant::now();
+        vm.pause()?;
+        let state = vm.capture_state()?.encode();
+        let now = Instant::now();
+        let metrics = EpochMetrics {
+            epoch: 0,
+            epoch_length: now - self.last_checkpoint,
+            pause: paused.elapsed(),
+            phases: CheckpointPhases::default(),
+            dirty_pages: 0,
+            raw_bytes: 0,
+            wire_bytes: 0,
+            encode: Duration::ZERO,
+            send: Duration::ZERO,
+            memory_hash: None,
+            progress: ProgressSample::read(vm)?,
+            cause: "postcopy",
+        };
+        self.submit(Work::End {
+            epoch: 0,
+            state: state.clone(),
+            output: Vec::new(),
+            metrics: Box::new(metrics.clone()),
+            checkpointed: now,
+        })?;
+        self.next_epoch = 1;
+        self.postcopy_state = Some((state, metrics));
+        Ok(())
+    }
+
+    /// Post-copy's epoch 1: every page the target lacks, those it asks for
+    /// first (`PageRequest`), the rest in order from just after the last
+    /// one asked for (pages near a fault are likely next); zero pages are
+    /// not pushed (the target's untouched pages are zero), only sent when
+    /// asked for. The guest stays paused here. Returns the pages sent.
+    pub(crate) fn push_postcopy(&mut self, vm: &mut Vm) -> Result<u64, PrimaryError> {
+        let Some((state, metrics)) = self.postcopy_state.take() else {
+            return Err(PrimaryError::SecondaryLost(
+                "post-copy pages without a switchover".to_owned(),
+            ));
+        };
+        self.submit(Work::Begin(1))?;
+        let total = memory::size(vm.memory()) / PAGE_SIZE;
+        let pages = usize::try_from(total).expect("guest pages fit in memory");
+        let mut sent = vec![false; pages];
+        let mut covered = vec![false; pages];
+        let mut covered_count = 0usize;
+        let mut cursor = 0u64;
+        let mut sent_count = 0u64;
+        loop {
+            let wanted: Vec<u64> = self
+                .shared
+                .take_page_requests()
+                .into_iter()
+                .filter(|page| *page < total && !sent[usize_from(*page)])
+                .collect();
+            if !wanted.is_empty() {
+                let mut addresses = Vec::with_capacity(wanted.len());
+                for page in &wanted {
+                    let index = usize_from(*page);
+                    if !sent[index] {
+                        sent[index] = true;
+                        addresses.push(page * PAGE_SIZE);
+                    }
+                }
+                let batch = read_pages(vm, &addresses, self.shared.spare_batch())?;
+                sent_count += batch.len() as u64;
+                self.submit(Work::Pages(1, batch))?;
+                cursor = wanted.last().map_or(cursor, |page| page + 1) / POSTCOPY_CHUNK_PAGES
+                    * POSTCOPY_CHUNK_PAGES;
+                continue;
+            }
+            if covered_count == pages {
+                break;
+            }
+            if cursor >= total {
+                cursor = 0;
+            }
+            let end = (cursor + POSTCOPY_CHUNK_PAGES).min(total);
+            let first = usize_from(cursor);
+            let last = usize_from(end);
+            if covered[first..last].iter().all(|done| *done) {
+                cursor = end;
+                continue;
+            }
+            let mut chunk = self.shared.spare_batch();
+            read_nonzero_pages(vm, cursor * PAGE_SIZE..end * PAGE_SIZE, &mut chunk)?;
+            let mut batch = self.shared.spare_batch();
+            for (page_number, page) in chunk.iter() {
+                let index = usize_from(page_number);
+                if !sent[index] {
+                    sent[index] = true;
+                    batch.push(page_number, page);
+                }
+            }
+            self.shared.recycle(chunk);
+            for done in &mut covered[first..last] {
+                if !*done {
+                    *done = true;
+                    covered_count += 1;
+                }
+            }
+            cursor = end;
+            if !batch.is_empty() {
+                sent_count += batch.len() as u64;
+                self.submit(Work::Pages(1, batch))?;
+            } else {
+                self.shared.recycle(batch);
+            }
+        }
+        self.submit(Work::End {
+            epoch: 1,
+            state,
+            output: Vec::new(),
+            metrics: Box::new(EpochMetrics {
+                epoch: 1,
+                dirty_pages: usize::try_from(sent_count).unwrap_or(usize::MAX),
+                ..metrics
+            }),
+            checkpointed: Instant::now(),
+        })?;
+        self.next_epoch = 2;
+        Ok(sent_count)
     }
 
     /// Waits until `epoch` is acknowledged.

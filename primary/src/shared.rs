@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     spare_batches: Mutex<Vec<PageBatch>>,
     /// The output-commit gate, when the guest has a network.
     pub output: OnceLock<Arc<OutputCommit>>,
+    /// Post-copy: pages the target's guest faulted on, in the order asked.
+    page_requests: Mutex<Vec<u64>>,
 }
 
 impl Shared {
@@ -81,7 +83,26 @@ impl Shared {
             wire_bytes: AtomicU64::new(0),
             spare_batches: Mutex::new(Vec::new()),
             output: OnceLock::new(),
+            page_requests: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Post-copy: the target asks for `page_number` now.
+    pub fn request_page(&self, page_number: u64) {
+        self.page_requests
+            .lock()
+            .expect("no panics under this lock")
+            .push(page_number);
+    }
+
+    /// Post-copy: the pages asked for since the last call, in order.
+    pub fn take_page_requests(&self) -> Vec<u64> {
+        std::mem::take(
+            &mut *self
+                .page_requests
+                .lock()
+                .expect("no panics under this lock"),
+        )
     }
 
     fn progress(&self) -> MutexGuard<'_, Progress> {

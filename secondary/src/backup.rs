@@ -186,6 +186,8 @@ pub(crate) struct Backup {
     /// COLO: frames the primary's guest received in epochs this one does
     /// not run yet, in order.
     waiting_input: VecDeque<(u64, Vec<u8>)>,
+    /// The guest runs already (post-copy): a takeover hands it over as is.
+    running: bool,
 }
 
 impl Backup {
@@ -204,7 +206,41 @@ impl Backup {
             colo: hello.purpose == Purpose::Colo,
             lockstep: None,
             waiting_input: VecDeque::new(),
+            running: false,
         })
+    }
+
+    /// The backup VM's memory.
+    pub fn memory(&self) -> &memory::GuestMemory {
+        self.vm.memory()
+    }
+
+    /// Runs the guest now from its committed state, on `tap` (post-copy:
+    /// before its memory is all here).
+    pub fn run_now(&mut self, tap: Option<&Arc<Tap>>) -> Result<(), SecondaryError> {
+        let Some((_, state)) = &self.committed else {
+            return Err(SecondaryError::Vm(understudy_vm::VmError::NotPaused(
+                "run a guest that has no committed state",
+            )));
+        };
+        if state.net.is_some() {
+            self.vm.attach_guest_tap(tap.cloned())?;
+        }
+        self.vm.restore_state(state)?;
+        if let (Some(net), Some(_)) = (self.vm.net(), tap) {
+            net.announce(self.vm.boot_info()?.net_ipv4);
+        }
+        self.vm.resume()?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops a running guest (a post-copy that broke).
+    pub fn stop_guest(&mut self) {
+        if let Err(error) = self.vm.pause() {
+            tracing::warn!(%error, "the guest could not be stopped");
+        }
+        self.running = false;
     }
 
     /// Memory as of the last committed epoch: the VM's own, except in COLO
@@ -383,6 +419,19 @@ impl Backup {
         if self.lockstep.is_some() {
             return self.run_on_alone(last_heard, reason, tap).map(Ok);
         }
+        if self.running {
+            let progress = ProgressSample::read(&self.vm)?;
+            return Ok(Ok(Failover {
+                epoch: self.committed_epoch().unwrap_or(0),
+                vm: self.vm,
+                replayed_frames: 0,
+                memory_hash: None,
+                progress,
+                since_last_heartbeat: last_heard.elapsed(),
+                reason,
+                migrated: false,
+            }));
+        }
         let Backup {
             mut vm,
             synced_with,
@@ -392,6 +441,7 @@ impl Backup {
             colo,
             lockstep,
             waiting_input,
+            running,
         } = self;
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
@@ -403,6 +453,7 @@ impl Backup {
                 colo,
                 lockstep,
                 waiting_input,
+                running,
             }));
         };
         let resumed = (|| -> Result<_, SecondaryError> {

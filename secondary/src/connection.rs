@@ -32,12 +32,15 @@ use understudy_checkpoint::protocol::{
     ProtocolError, Purpose, Receiver, read_message_within,
 };
 use understudy_compress::{Decoder, PageBatch};
+use understudy_vm::postcopy::FaultHandler;
 use understudy_vm::state::VmState;
+use understudy_vm::tap::Tap;
 use understudy_vm::{PAGE_SIZE, memory, usize_from};
 
 use understudy_checkpoint::witness::Witness;
 
 use crate::backup::{Backup, Staging};
+use crate::postcopy::{Arrivals, Requester, receive_pages};
 use crate::{ConnectionError, SecondaryEvent, SecondaryOptions, anyhow_chain};
 
 pub(crate) enum Ended {
@@ -104,6 +107,7 @@ pub(crate) fn serve_connection(
     greeted: Greeted,
     udp: &UdpSocket,
     options: &SecondaryOptions,
+    tap: Option<&Arc<Tap>>,
     backup: &mut Option<Backup>,
     stop: &AtomicBool,
     report: &mut impl FnMut(&SecondaryEvent),
@@ -131,6 +135,7 @@ pub(crate) fn serve_connection(
         ack_delay: options.ack_delay,
         witness: options.witness.as_ref(),
         colo: options.colo,
+        tap,
         stop,
     };
     let result = receive(&mut link, &mut receiver, hello, backup, report);
@@ -170,6 +175,8 @@ struct Connection<'a> {
     witness: Option<&'a Witness>,
     /// Whether COLO primaries are served (else Remus ones).
     colo: bool,
+    /// The tap a migrated guest's network uses.
+    tap: Option<&'a Arc<Tap>>,
     /// Set by SIGTERM/SIGINT: the secondary says goodbye and stops.
     stop: &'a AtomicBool,
 }
@@ -288,6 +295,9 @@ fn receive_epochs(
                 if purpose == Purpose::Migrate {
                     return Ok(Ended::MigratedIn);
                 }
+                if purpose == Purpose::MigratePostcopy {
+                    return run_postcopy(link, receiver, backup, &mut decoder);
+                }
                 // COLO: after the Ack, so that the primary compares the
                 // guest's next output with the epoch it belongs to.
                 backup.run_on()?;
@@ -300,6 +310,60 @@ fn receive_epochs(
             }
         }
     }
+}
+
+/// Post-copy after its epoch 0 (see [`crate::postcopy`]): the guest runs
+/// here now while its pages arrive; returns once every page is here.
+fn run_postcopy(
+    link: &mut Connection<'_>,
+    receiver: &mut Receiver,
+    backup: &mut Backup,
+    decoder: &mut Decoder,
+) -> Result<Ended, ConnectionError> {
+    let arrivals = Arc::new(Arrivals::new(backup.guest_pages()));
+    let handler = FaultHandler::start(
+        backup.memory(),
+        Requester {
+            link: link.sender.clone(),
+            arrivals: arrivals.clone(),
+        },
+    )?;
+    let installer = handler.installer();
+    let (reader, sender, tap, stop) = (&mut *link.reader, link.sender, link.tap, link.stop);
+    let (resumed, pages) = std::thread::scope(|scope| {
+        let pages = scope.spawn(|| {
+            receive_pages(
+                reader, receiver, decoder, &installer, &arrivals, sender, stop,
+            )
+        });
+        let resumed = backup.run_now(tap);
+        if resumed.is_err() {
+            // Wakes the page reader: nothing more to wait for.
+            sender.shutdown();
+        }
+        let pages = pages.join().unwrap_or_else(|_| {
+            Err(ConnectionError::Postcopy(
+                "the page reader panicked".to_owned(),
+            ))
+        });
+        (resumed, pages)
+    });
+    arrivals.end(pages.as_ref().err().map(|error| anyhow_chain(error)));
+    if resumed.is_err() || pages.is_err() {
+        // Its missing pages will never come: the guest must not run on.
+        backup.stop_guest();
+    }
+    let counts = handler.finish();
+    resumed?;
+    let pages = pages?;
+    let counts = counts?;
+    tracing::info!(
+        pages,
+        faults = counts.faults,
+        zero_pages = counts.zero_pages,
+        "post-copy complete: every page is here"
+    );
+    Ok(Ended::MigratedIn)
 }
 
 /// With a witness: the primary must be the VM's owner, proposing the next

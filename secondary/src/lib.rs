@@ -64,6 +64,7 @@ mod backup;
 mod colo;
 mod connection;
 mod fence;
+mod postcopy;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -222,6 +223,13 @@ pub enum ConnectionError {
     /// The backup VM or memory failed.
     #[error("the backup failed")]
     Secondary(#[from] SecondaryError),
+    /// Post-copy memory failed.
+    #[error("post-copy memory failed")]
+    PostcopyMemory(#[from] understudy_vm::postcopy::PostcopyError),
+    /// A post-copy broke before every page arrived: the guest could not go
+    /// on here.
+    #[error("the post-copy broke before every page arrived; the guest was stopped here: {0}")]
+    Postcopy(String),
 }
 
 /// What the secondary reports as it goes.
@@ -461,7 +469,7 @@ fn serve_greeted(
         // state committed by an earlier connection is never resumed (that
         // primary may have run on unprotected since).
         let mut backup: Option<Backup> = None;
-        match serve_connection(greeting, udp, options, &mut backup, stop, report) {
+        match serve_connection(greeting, udp, options, tap, &mut backup, stop, report) {
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
                     && let Verdict::Stale(why) =

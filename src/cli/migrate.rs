@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use understudy_compress::CodecSpec;
-use understudy_primary::migrate::{MigrationOptions, NoConvergence, Round, migrate};
+use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence, Round, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
 use understudy_vm::PAGE_SIZE;
 use understudy_vm::workload::parse_rate;
@@ -40,6 +40,12 @@ pub struct MigrateArguments {
     /// Page codec.
     #[arg(long, default_value = "delta+zstd:level=1")]
     codec: CodecSpec,
+    /// precopy: copy memory while the guest runs here, then stop it
+    /// briefly; postcopy: stop it here at once and run it there while its
+    /// memory follows (pages it touches first). During a post-copy the
+    /// guest lives on both hosts: losing either loses it.
+    #[arg(long, value_enum, default_value_t = ModeArgument::Precopy)]
+    mode: ModeArgument,
     /// Print progress and the summary as JSON lines.
     #[arg(long)]
     json: bool,
@@ -49,6 +55,15 @@ pub struct MigrateArguments {
     channel: super::ChannelOptions,
     #[command(flatten)]
     vm: VmOptions,
+}
+
+/// `--mode` of `understudy migrate`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArgument {
+    /// Pre-copy.
+    Precopy,
+    /// Post-copy.
+    Postcopy,
 }
 
 fn parse_bandwidth(value: &str) -> Result<u64, String> {
@@ -113,7 +128,17 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
     wait_until_running(&vm, Duration::from_secs(10))?;
     std::thread::sleep(arguments.after);
     check_events(&vm)?;
+    if arguments.mode == ModeArgument::Postcopy {
+        eprintln!(
+            "post-copy: from the switchover until every page has arrived, the guest needs both hosts; \
+             this process keeps the paused copy until then"
+        );
+    }
     let options = MigrationOptions {
+        mode: match arguments.mode {
+            ModeArgument::Precopy => MigrationMode::Precopy,
+            ModeArgument::Postcopy => MigrationMode::Postcopy,
+        },
         link: PrimaryOptions {
             secondary: arguments.to,
             epoch: EpochPolicy {
@@ -140,6 +165,24 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
     });
     let summary = match summary {
         Ok(summary) => summary,
+        Err(error) if options.mode == MigrationMode::Postcopy => {
+            // The guest stopped here at the switchover and may be running
+            // on the target, without its memory: keep this copy on disk.
+            vm.pause()?;
+            let path = std::path::PathBuf::from(format!("understudy-postcopy-{vm_id:x}.snap"));
+            let saved = understudy_checkpoint::snapshot::write(&vm, &path);
+            vm.shutdown();
+            return Err(match saved {
+                Ok(_) => anyhow::Error::new(error).context(format!(
+                    "the post-copy did not finish; the guest as it was at the switchover is saved in {} (if the target is gone, `understudy restore {}` resumes it)",
+                    path.display(),
+                    path.display()
+                )),
+                Err(saving) => anyhow::Error::new(error).context(format!(
+                    "the post-copy did not finish, and saving the guest here failed too ({saving})"
+                )),
+            });
+        }
         Err(error) => {
             vm.pause()?;
             vm.shutdown();

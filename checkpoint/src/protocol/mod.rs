@@ -167,6 +167,10 @@ pub enum Purpose {
     Replicate,
     /// Live migration: the target runs the guest after the last epoch.
     Migrate,
+    /// Post-copy migration: epoch 0 carries the state only; the target
+    /// resumes the guest at once and its memory arrives in epoch 1, pages
+    /// it faults on first (`PageRequest`), the rest pushed behind them.
+    MigratePostcopy,
     /// COLO replication: the secondary runs its copy of the guest from
     /// epoch 0 on, fed the primary's input; its output goes back to the
     /// primary's compare proxy (`SecondaryOutput`), and epochs are taken on
@@ -256,6 +260,8 @@ pub enum Message {
     /// a takeover sends it again, in case the primary died before
     /// releasing it.
     Output(Vec<u8>),
+    /// Post-copy, target to source: the guest needs this page now.
+    PageRequest(u64),
     /// COLO, secondary to primary: a network frame the secondary's guest
     /// sent while running the epoch after the envelope's (the last one it
     /// loaded), for the primary's compare proxy; never sent out.
@@ -299,7 +305,11 @@ macro_rules! message_kinds {
                     Self::Hello => std::mem::size_of::<HelloPayload>(),
                     Self::Welcome | Self::Ack => 0,
                     Self::Refuse | Self::Goodbye => MAX_TEXT,
-                    Self::EpochBegin | Self::Heartbeat | Self::Sync | Self::Synced => 8,
+                    Self::EpochBegin
+                    | Self::Heartbeat
+                    | Self::Sync
+                    | Self::Synced
+                    | Self::PageRequest => 8,
                     Self::EpochEnd => std::mem::size_of::<EpochEndPayload>(),
                     Self::Pages => MAX_PAYLOAD,
                     Self::State => MAX_STATE,
@@ -326,6 +336,7 @@ message_kinds! {
     Input = 13,
     Output = 14,
     SecondaryOutput = 15,
+    PageRequest = 16,
 }
 
 /// `Hello`'s payload, little-endian.
@@ -363,6 +374,7 @@ impl Purpose {
             Purpose::Replicate => 0,
             Purpose::Migrate => 1,
             Purpose::Colo => 2,
+            Purpose::MigratePostcopy => 3,
         }
     }
 
@@ -371,6 +383,7 @@ impl Purpose {
             0 => Some(Purpose::Replicate),
             1 => Some(Purpose::Migrate),
             2 => Some(Purpose::Colo),
+            3 => Some(Purpose::MigratePostcopy),
             _ => None,
         }
     }
@@ -395,6 +408,7 @@ impl Message {
             Self::Input(_) => MessageKind::Input,
             Self::Output(_) => MessageKind::Output,
             Self::SecondaryOutput(_) => MessageKind::SecondaryOutput,
+            Self::PageRequest(_) => MessageKind::PageRequest,
         }
     }
 
@@ -445,7 +459,8 @@ impl Message {
             Self::Heartbeat(clock)
             | Self::Sync(clock)
             | Self::Synced(clock)
-            | Self::EpochBegin(clock) => U64::new(*clock).as_bytes().to_vec(),
+            | Self::EpochBegin(clock)
+            | Self::PageRequest(clock) => U64::new(*clock).as_bytes().to_vec(),
         })
     }
 
@@ -530,6 +545,7 @@ impl Message {
             MessageKind::Input => Self::Input(frame(payload)?),
             MessageKind::Output => Self::Output(frame(payload)?),
             MessageKind::SecondaryOutput => Self::SecondaryOutput(frame(payload)?),
+            MessageKind::PageRequest => Self::PageRequest(clock()?),
         })
     }
 }

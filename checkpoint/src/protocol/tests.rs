@@ -100,6 +100,7 @@ fn every_message_round_trips() {
         (3, Message::Input(vec![0xff; 60])),
         (3, Message::Output(vec![0xee; 60])),
         (4, Message::SecondaryOutput(vec![0xdd; 60])),
+        (1, Message::PageRequest(12_345)),
     ];
 
     let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();

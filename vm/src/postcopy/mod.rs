@@ -78,11 +78,22 @@ pub enum PostcopyError {
     Thread(#[source] std::io::Error),
 }
 
+/// What a [`PageSource`] did for a faulted page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// The page is in the buffer: install it.
+    Page,
+    /// The page is all zeroes: install a zero page.
+    Zero,
+    /// The page was installed meanwhile (through an [`Installer`]).
+    Installed,
+}
+
 /// Where faulted pages come from.
 pub trait PageSource: Send + 'static {
-    /// Fills `page` with page `page_number` and returns true, or returns
-    /// false when the page is all zeroes (installed without a copy).
-    fn fetch(&mut self, page_number: u64, page: &mut [u8; PAGE_BYTES]) -> Result<bool, String>;
+    /// Provides page `page_number`: in `page`, as a zero page, or by
+    /// having it installed before returning.
+    fn fetch(&mut self, page_number: u64, page: &mut [u8; PAGE_BYTES]) -> Result<Fetched, String>;
 }
 
 /// One region of guest memory, as the handler maps addresses.
@@ -120,6 +131,19 @@ impl Installer {
             })
             .map(|mapping| {
                 (mapping.guest_start + (host_address - mapping.host_start) as u64) / PAGE_SIZE
+            })
+    }
+
+    /// Wakes whoever waits for page `page_number` (installed already).
+    pub fn wake(&self, page_number: u64) -> Result<(), PostcopyError> {
+        let host = self.host_address(page_number).ok_or_else(|| {
+            PostcopyError::Unexpected(format!("page {page_number} is outside guest memory"))
+        })?;
+        self.uffd
+            .wake(host, PAGE_BYTES)
+            .map_err(|source| PostcopyError::Install {
+                page_number,
+                source,
             })
     }
 
@@ -235,6 +259,24 @@ impl FaultHandler {
         self.counters.snapshot()
     }
 
+    /// Every page that will ever come has come: unregisters guest memory
+    /// (pages never installed fill with zeroes on access, without a fault
+    /// event), stops the handler thread, and returns its counts or why it
+    /// failed.
+    pub fn finish(self) -> Result<FaultCounts, PostcopyError> {
+        let installer = self.installer.clone();
+        let counts = self.stop();
+        // After the handler: a thread that faulted meanwhile is woken by
+        // the unregistration and finds a zero page.
+        for mapping in installer.mappings.iter() {
+            installer
+                .uffd
+                .unregister(mapping.host_start, usize_from(mapping.len))
+                .map_err(PostcopyError::Userfaultfd)?;
+        }
+        counts
+    }
+
     /// Stops the handler thread; returns its counts, or why it failed.
     pub fn stop(self) -> Result<FaultCounts, PostcopyError> {
         let _ = self.stop.write(1);
@@ -288,18 +330,24 @@ fn serve_faults(
             let page_number = installer.page_number(host).ok_or_else(|| {
                 PostcopyError::Unexpected(format!("a fault at {host:#x}, outside guest memory"))
             })?;
-            let filled =
+            let fetched =
                 source
                     .fetch(page_number, &mut page)
                     .map_err(|reason| PostcopyError::Source {
                         page_number,
                         reason,
                     })?;
-            installer.install(page_number, filled.then_some(&page))?;
-            counters.faults.fetch_add(1, Ordering::Relaxed);
-            if !filled {
-                counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+            match fetched {
+                Fetched::Page => {
+                    installer.install(page_number, Some(&page))?;
+                }
+                Fetched::Zero => {
+                    installer.install(page_number, None)?;
+                    counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+                }
+                Fetched::Installed => installer.wake(page_number)?,
             }
+            counters.faults.fetch_add(1, Ordering::Relaxed);
             let micros = started.elapsed().as_micros();
             let bucket = usize::try_from(128 - micros.leading_zeros())
                 .unwrap_or(usize::MAX)
@@ -324,14 +372,22 @@ mod tests {
     }
 
     impl PageSource for CopiedMemory {
-        fn fetch(&mut self, page_number: u64, page: &mut [u8; PAGE_BYTES]) -> Result<bool, String> {
+        fn fetch(
+            &mut self,
+            page_number: u64,
+            page: &mut [u8; PAGE_BYTES],
+        ) -> Result<Fetched, String> {
             let start = usize_from(page_number * PAGE_SIZE);
             let bytes = self
                 .pages
                 .get(start..start + PAGE_BYTES)
                 .ok_or_else(|| format!("no page {page_number}"))?;
             page.copy_from_slice(bytes);
-            Ok(bytes.iter().any(|byte| *byte != 0))
+            Ok(if bytes.iter().any(|byte| *byte != 0) {
+                Fetched::Page
+            } else {
+                Fetched::Zero
+            })
         }
     }
 

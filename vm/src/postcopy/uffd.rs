@@ -146,6 +146,16 @@ impl Userfaultfd {
         self.ioctl(request::<Register>(0x00), &mut register)
     }
 
+    /// Unregisters `[start, start + len)`: its missing pages fill with
+    /// zeroes on access from now on, like any anonymous memory.
+    pub fn unregister(&self, start: usize, len: usize) -> std::io::Result<()> {
+        let mut range = Range {
+            start: start as u64,
+            len: len as u64,
+        };
+        self.ioctl(request_read::<Range>(0x01), &mut range)
+    }
+
     /// Installs `len` bytes from `source` at `destination` (page aligned,
     /// registered) and wakes the threads waiting on it.
     ///
