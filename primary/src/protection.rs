@@ -105,7 +105,7 @@ pub struct Protection {
 
 /// Pages per background push of post-copy: small, so that a page the
 /// target faults on waits behind little.
-const POSTCOPY_CHUNK_PAGES: u64 = 256;
+const POSTCOPY_CHUNK_PAGES: u64 = 64;
 
 impl Protection {
     /// Connects to a secondary or migration target and greets it.

@@ -361,6 +361,8 @@ fn run_postcopy(
         pages,
         faults = counts.faults,
         zero_pages = counts.zero_pages,
+        fault_p50_us_at_most = counts.latency_quantile_micros(0.5),
+        fault_p99_us_at_most = counts.latency_quantile_micros(0.99),
         "post-copy complete: every page is here"
     );
     Ok(Ended::MigratedIn)

@@ -184,6 +184,25 @@ pub struct FaultCounts {
     pub latency_micros_log2: [u64; 24],
 }
 
+impl FaultCounts {
+    /// The `quantile` (0 to 1) of the fault latency, as the upper bound of
+    /// its log2 bucket in microseconds (none without faults).
+    pub fn latency_quantile_micros(&self, quantile: f64) -> Option<u64> {
+        let total: u64 = self.latency_micros_log2.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut seen = 0u64;
+        for (bucket, count) in self.latency_micros_log2.iter().enumerate() {
+            seen += count;
+            if seen as f64 >= quantile.clamp(0.0, 1.0) * total as f64 {
+                return Some(1u64 << bucket);
+            }
+        }
+        Some(1u64 << (self.latency_micros_log2.len() - 1))
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     faults: AtomicU64,
