@@ -446,6 +446,43 @@ mod tests {
         (before, after, counts)
     }
 
+    /// A source that must never be asked (the pages come by push).
+    struct NeverAsked;
+
+    impl PageSource for NeverAsked {
+        fn fetch(&mut self, page_number: u64, _: &mut [u8; PAGE_BYTES]) -> Result<Fetched, String> {
+            Err(format!("page {page_number} was asked for"))
+        }
+    }
+
+    #[test]
+    fn a_page_installed_twice_is_ignored_and_one_outside_memory_is_refused() {
+        // Root (or CAP_SYS_PTRACE) is needed for a userfaultfd that takes
+        // kernel faults, as for the KVM tests.
+        if !require_kvm() {
+            return;
+        }
+        let memory = memory::create(memory::MIN_MEMORY).expect("memory");
+        let handler = FaultHandler::start(&memory, NeverAsked).expect("userfaultfd");
+        let installer = handler.installer();
+        let page = [7u8; PAGE_BYTES];
+        let beyond = memory::size(&memory) / PAGE_SIZE;
+
+        let first = installer.install(5, Some(&page)).expect("installed");
+        let second = installer
+            .install(5, Some(&[9u8; PAGE_BYTES]))
+            .expect("ignored");
+        let outside = installer.install(beyond, Some(&page));
+        let mut read = [0u8; PAGE_BYTES];
+        memory::read(&memory, 5 * PAGE_SIZE, &mut read).expect("read the page");
+        handler.finish().expect("finished");
+
+        assert!(first);
+        assert!(!second);
+        assert!(matches!(outside, Err(PostcopyError::Unexpected(_))));
+        assert_eq!(read, page);
+    }
+
     #[test]
     fn a_guest_runs_on_memory_that_arrives_on_demand() {
         if !require_kvm() {
