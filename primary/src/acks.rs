@@ -16,12 +16,17 @@ use understudy_checkpoint::protocol::{Message, ProtocolError};
 use crate::PrimaryEvent;
 use crate::shared::Shared;
 
+/// Reads what the secondary sends until the connection ends. With
+/// `distrust_gaps` (replication: a takeover is possible), a message that
+/// comes after a silence of the heartbeat timeout ends the connection; a
+/// migration source (no takeover, its guest's output not held) reads on.
 pub(crate) fn ack_loop(
     reader: &mut LivenessReader,
     link: &LinkSender,
     shared: &Shared,
     events: &Sender<PrimaryEvent>,
     stop: &AtomicBool,
+    distrust_gaps: bool,
 ) {
     let lose = |reason: String| shared.lose_link(link, reason);
     let mut last_message = Instant::now();
@@ -42,7 +47,7 @@ pub(crate) fn ack_loop(
         // over meanwhile. Nothing read now may release output.
         let gap = last_message.elapsed();
         last_message = Instant::now();
-        if gap >= reader.timeout() {
+        if distrust_gaps && gap >= reader.timeout() {
             lose(format!(
                 "this primary heard nothing for {gap:?} (it was stopped or starved): the secondary may have taken over"
             ));

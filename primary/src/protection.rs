@@ -198,12 +198,22 @@ impl Protection {
                 send_loop(&link, generation, &codec, limit, &work, &shared, &events);
             })
         };
+        // A migration target never takes over: a late message is no sign
+        // that it did (a busy source's reader may go unscheduled a while).
+        let distrust_gaps = !matches!(purpose, Purpose::Migrate | Purpose::MigratePostcopy);
         let acks = {
             let shared = shared.clone();
             let stop = stop.clone();
             let link = link.clone();
             Worker::spawn("acks", move || {
-                ack_loop(&mut reader, &link, &shared, &events_sender, &stop);
+                ack_loop(
+                    &mut reader,
+                    &link,
+                    &shared,
+                    &events_sender,
+                    &stop,
+                    distrust_gaps,
+                );
             })
         };
         Ok(Self {
