@@ -45,8 +45,9 @@ pub(crate) fn ack_loop(
         // message that still comes after such a gap was waiting while this
         // process was stopped (or starved): the secondary may have taken
         // over meanwhile. Nothing read now may release output.
-        let gap = last_message.elapsed();
-        last_message = Instant::now();
+        let read_at = Instant::now();
+        let gap = read_at - last_message;
+        last_message = read_at;
         if distrust_gaps && gap >= reader.timeout() {
             lose(format!(
                 "this primary heard nothing for {gap:?} (it was stopped or starved): the secondary may have taken over"
@@ -56,7 +57,9 @@ pub(crate) fn ack_loop(
         if let Some(gate) = shared.output.get() {
             // COLO's lease: half the timeout, so that it ends before the
             // secondary could give this primary up.
-            gate.secondary_heard(reader.timeout() / 2);
+            // From when the message was read, not from now: a primary
+            // stopped between the two must not find a fresh lease.
+            gate.secondary_heard(read_at, reader.timeout() / 2);
         }
         match envelope.message {
             Message::Ack => {

@@ -95,12 +95,13 @@ impl ColoCompare {
         }
     }
 
-    /// The secondary was heard at `now` (a message read, past the gap
-    /// check): frames may go out until `now + lease`. Returns those that
-    /// waited for it.
-    pub fn heard(&mut self, now: Instant, lease: Duration) -> Vec<Vec<u8>> {
-        self.lease = Some(now + lease);
-        std::mem::take(&mut self.unleased)
+    /// The secondary was heard at `at` (a message read, past the gap
+    /// check): frames may go out until `at + lease`. Returns those that
+    /// waited for it, if that is still ahead of `now`.
+    pub fn heard(&mut self, at: Instant, lease: Duration, now: Instant) -> Vec<Vec<u8>> {
+        self.lease = Some(at + lease);
+        let waiting = std::mem::take(&mut self.unleased);
+        self.out(waiting, now)
     }
 
     /// Frames the comparer let go: out now while the lease runs, else kept
@@ -170,8 +171,8 @@ impl ColoCompare {
     /// from the primary's state. Returns the frames to send out: all those
     /// held, then those of the new epoch the comparer lets pass at once.
     pub fn acknowledged(&mut self, epoch: u64, now: Instant) -> Vec<Vec<u8>> {
-        // An acknowledgement is a message from the secondary: the lease
-        // runs (the caller renewed it), and what waited for it goes first.
+        // What waited for the lease goes first, all of it under the lease
+        // the caller renewed from when the acknowledgement was read.
         let mut released = std::mem::take(&mut self.unleased);
         let checkpointed = self.comparer.checkpointed();
         self.metrics.released_by_checkpoint += checkpointed.len() as u64;
@@ -187,7 +188,7 @@ impl ColoCompare {
             let actions = self.comparer.primary(frame, now);
             released.extend(self.take(actions));
         }
-        released
+        self.out(released, now)
     }
 
     /// Looks for held frames that waited too long; asks for a checkpoint if
@@ -271,7 +272,7 @@ mod tests {
     fn synchronised() -> (ColoCompare, Instant) {
         let mut colo = ColoCompare::new(CompareConfig::default());
         let now = Instant::now();
-        colo.heard(now, LEASE);
+        colo.heard(now, LEASE, now);
         colo.acknowledged(0, now);
         (colo, now)
     }
@@ -280,6 +281,7 @@ mod tests {
     fn output_of_the_initial_synchronisation_waits_for_its_acknowledgement() {
         let mut colo = ColoCompare::new(CompareConfig::default());
         let now = Instant::now();
+        colo.heard(now, LEASE, now);
 
         let at_once = colo.primary(0, udp(b"early"), now);
         let acknowledged = colo.acknowledged(0, now);
@@ -369,17 +371,32 @@ mod tests {
     fn matching_output_waits_while_the_secondary_was_not_heard_within_the_lease() {
         let mut colo = ColoCompare::new(CompareConfig::default());
         let start = Instant::now();
-        colo.heard(start, Duration::from_millis(25));
+        colo.heard(start, Duration::from_millis(25), start);
         colo.acknowledged(0, start);
         let stalled = start + Duration::from_secs(1);
         colo.primary(1, udp(b"late"), stalled);
 
         let while_stalled = colo.secondary(1, &udp(b"late"), stalled);
-        let when_heard = colo.heard(stalled, Duration::from_millis(25));
+        let when_heard = colo.heard(stalled, Duration::from_millis(25), stalled);
 
         assert!(while_stalled.is_empty());
         assert_eq!(when_heard, vec![udp(b"late")]);
         assert_eq!(colo.metrics().unleased, 1);
+    }
+
+    #[test]
+    fn a_message_read_before_a_stall_renews_no_lease_after_it() {
+        let mut colo = ColoCompare::new(CompareConfig::default());
+        let read = Instant::now();
+        let resumed = read + Duration::from_secs(1);
+        colo.acknowledged(0, read);
+        colo.primary(1, udp(b"zombie"), resumed);
+
+        let at_heard = colo.heard(read, Duration::from_millis(25), resumed);
+        let matched = colo.secondary(1, &udp(b"zombie"), resumed);
+
+        assert!(at_heard.is_empty());
+        assert!(matched.is_empty());
     }
 
     #[test]

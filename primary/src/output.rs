@@ -170,13 +170,14 @@ impl OutputCommit {
         }
     }
 
-    /// COLO: a message from the secondary was just read (the link is
-    /// fresh): compared frames may go out for `lease` from now (see
-    /// [`crate::colo`]); those that waited for it go now.
-    pub fn secondary_heard(&self, lease: Duration) {
+    /// COLO: a message from the secondary was read at `at` (the link is
+    /// fresh): compared frames may go out until `at + lease` (see
+    /// [`crate::colo`]); those that waited for it go now if that is still
+    /// ahead.
+    pub fn secondary_heard(&self, at: Instant, lease: Duration) {
         let mut gate = self.lock();
         if let Holding::Compare(colo) = &mut gate.holding {
-            let released = colo.heard(Instant::now(), lease);
+            let released = colo.heard(at, lease, Instant::now());
             self.send_frames(released);
         }
     }
