@@ -519,8 +519,8 @@ impl Comparer {
         self.held_frames -= 1;
         self.held_bytes -= held.frame.len();
         let micros = now.saturating_duration_since(held.arrived).as_micros();
-        let bucket = index(128 - micros.leading_zeros());
-        self.metrics.latency_micros_log2[bucket.min(15)] += 1;
+        let latency = &mut self.metrics.latency_micros_log2;
+        latency[crate::log2_bucket(micros, latency.len())] += 1;
         actions.push(Action::Release(held.frame));
     }
 

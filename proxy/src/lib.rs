@@ -151,9 +151,8 @@ impl Metrics {
     }
 
     fn record_held(&mut self, held_for: Duration) {
-        let micros = held_for.as_micros().max(1);
-        let bucket = (128 - micros.leading_zeros()) as usize;
-        self.held_histogram[bucket.min(self.held_histogram.len() - 1)] += 1;
+        let bucket = log2_bucket(held_for.as_micros().max(1), self.held_histogram.len());
+        self.held_histogram[bucket] += 1;
     }
 }
 
@@ -284,6 +283,13 @@ impl OutputBuffer {
     clippy::cast_sign_loss,
     reason = "the product is within 1..=total, and float-to-int `as` saturates"
 )]
+/// The bucket of a log2 histogram of `buckets` buckets that `micros` falls
+/// in: bucket `i` holds values below `2^i` (the last: the rest).
+pub(crate) fn log2_bucket(micros: u128, buckets: usize) -> usize {
+    let bits = usize::try_from(128 - micros.leading_zeros()).expect("at most 128");
+    bits.min(buckets - 1)
+}
+
 fn rank(total: u64, quantile: f64) -> u64 {
     ((total as f64) * quantile.clamp(0.0, 1.0)).ceil().max(1.0) as u64
 }

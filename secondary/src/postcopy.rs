@@ -32,6 +32,7 @@ use std::time::Duration;
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{Action, Message, Receiver};
 use understudy_compress::{Decoder, PageBatch};
+use understudy_vm::dirty::DirtyBitmap;
 use understudy_vm::postcopy::{Fetched, Installer, PageSource};
 use understudy_vm::{PAGE_BYTES, usize_from};
 
@@ -49,30 +50,26 @@ enum Progress {
 
 /// Which pages arrived, shared by the page reader and the fault handler.
 pub(crate) struct Arrivals {
-    state: Mutex<(Vec<u64>, Progress)>,
+    state: Mutex<(DirtyBitmap, Progress)>,
     changed: Condvar,
 }
 
 impl Arrivals {
     pub fn new(pages: u64) -> Self {
         Self {
-            state: Mutex::new((vec![0; usize_from(pages.div_ceil(64))], Progress::Moving)),
+            state: Mutex::new((DirtyBitmap::new(usize_from(pages)), Progress::Moving)),
             changed: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<u64>, Progress)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (DirtyBitmap, Progress)> {
         self.state
             .lock()
             .expect("no panics while arrivals are held")
     }
 
     fn arrived(&self, page_number: u64) {
-        let mut state = self.lock();
-        if let Some(word) = state.0.get_mut(usize_from(page_number / 64)) {
-            *word |= 1 << (page_number % 64);
-        }
-        drop(state);
+        self.lock().0.set(usize_from(page_number));
         self.changed.notify_all();
     }
 
@@ -86,11 +83,7 @@ impl Arrivals {
     fn wait(&self, page_number: u64) -> Result<Fetched, String> {
         let mut state = self.lock();
         loop {
-            let here = state
-                .0
-                .get(usize_from(page_number / 64))
-                .is_some_and(|word| word & (1 << (page_number % 64)) != 0);
-            if here {
+            if state.0.is_set(usize_from(page_number)) {
                 return Ok(Fetched::Installed);
             }
             match &state.1 {
