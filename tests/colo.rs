@@ -122,8 +122,14 @@ fn matching_replies_need_no_checkpoint_and_a_divergent_one_costs_one() {
     // connection is opened and warmed before counting.
     let namespace = test_namespace("colocmp");
     namespace.add_client_tap().expect("a client tap");
-    let (secondary, primary, lines) =
-        start_pair(&namespace, 7110, &[], &["--colo-interval", "10m"]);
+    let (secondary, primary, lines) = start_pair(
+        &namespace,
+        7110,
+        &[],
+        // No periodic checkpoint, and no compare timeout even on a busy
+        // machine where the secondary lags: only a mismatch may count.
+        &["--colo-interval", "10m", "--colo-timeout", "5s"],
+    );
     let _guards = (Killed(secondary), Killed(primary));
     let (warm, namespace) =
         with_client(namespace, |client| client.command(&["PING"]).expect("PING"));
