@@ -277,12 +277,6 @@ impl OutputBuffer {
     }
 }
 
-/// The 1-based rank of the `quantile` (clamped to 0..=1) among `total` values.
-#[expect(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    reason = "the product is within 1..=total, and float-to-int `as` saturates"
-)]
 /// The bucket of a log2 histogram of `buckets` buckets that `micros` falls
 /// in: bucket `i` holds values below `2^i` (the last: the rest).
 pub(crate) fn log2_bucket(micros: u128, buckets: usize) -> usize {
@@ -290,6 +284,12 @@ pub(crate) fn log2_bucket(micros: u128, buckets: usize) -> usize {
     bits.min(buckets - 1)
 }
 
+/// The 1-based rank of the `quantile` (clamped to 0..=1) among `total` values.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the product is within 1..=total, and float-to-int `as` saturates"
+)]
 fn rank(total: u64, quantile: f64) -> u64 {
     ((total as f64) * quantile.clamp(0.0, 1.0)).ceil().max(1.0) as u64
 }
