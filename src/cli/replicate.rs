@@ -110,8 +110,9 @@ pub struct PrimaryArguments {
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     max_pause: Duration,
     /// While the guest is idle (checkpoints of at most 64 dirty pages), let
-    /// epochs double up to this long; the first busier checkpoint, or output
-    /// (with --output-epoch), brings them back (0ms: never stretch).
+    /// epochs double up to this long; the first busier checkpoint brings
+    /// them back (0ms: never stretch). Guests with a network (--tap) never
+    /// stretch for now.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     idle_epoch: Duration,
     /// With a network: take the checkpoint early once the guest has sent
