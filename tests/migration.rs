@@ -106,24 +106,42 @@ fn a_counter_guest_runs_on_the_target_before_its_memory_arrives_and_continues_ex
     assert_eq!(u64_of(&migrated["rounds"]), 0);
 }
 
+#[test]
+fn a_hybrid_migration_pre_copies_then_continues_exactly_on_the_target() {
+    if !require_kvm() {
+        return;
+    }
+
+    let migrated = migrate_a_counter_guest("hybrid");
+
+    assert!(u64_of(&migrated["rounds"]) >= 1, "{migrated}");
+    // Pre-copy sent memory before the switchover: post-copy had less.
+    assert!(
+        u64_of(&migrated["postcopy_pages"]) < 64 << 20 >> 12,
+        "{migrated}"
+    );
+}
+
 /// Migrates a guest writing a 32 MiB working set at random (50 MB/s) in
 /// `mode`, the target running it 2.5 s; checks that the source succeeded and the target resumed it;
 /// returns the source's and the target's lines.
-fn migrate_a_memtouch_guest(mode: &str) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+fn migrate_a_memtouch_guest(
+    mode: &str,
+    extra: &[&str],
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     // Long enough for two of the target's once-a-second progress lines.
-    let (source, target) = migrate(
-        "2500ms",
-        &[
-            "--mode",
-            mode,
-            "--workload",
-            "memtouch:rate=50MB/s,wss=32M,pattern=random",
-            "--memory",
-            "256M",
-            "--after",
-            "300ms",
-        ],
-    );
+    let mut arguments = extra.to_vec();
+    arguments.extend_from_slice(&[
+        "--mode",
+        mode,
+        "--workload",
+        "memtouch:rate=50MB/s,wss=32M,pattern=random",
+        "--memory",
+        "256M",
+        "--after",
+        "300ms",
+    ]);
+    let (source, target) = migrate("2500ms", &arguments);
     assert!(
         source.status.success(),
         "migration failed: {}",
@@ -141,7 +159,7 @@ fn a_memtouch_guest_faults_its_pages_in_after_a_post_copy_and_keeps_dirtying() {
     }
 
     // It touches pages that are not there yet at once.
-    let (_, target_lines) = migrate_a_memtouch_guest("postcopy");
+    let (_, target_lines) = migrate_a_memtouch_guest("postcopy", &["--verify"]);
 
     // The guest went on writing pages on the target.
     let written: Vec<u64> = target_lines
@@ -152,6 +170,15 @@ fn a_memtouch_guest_faults_its_pages_in_after_a_post_copy_and_keeps_dirtying() {
         written.len() >= 2 && written.last() > written.first(),
         "the guest wrote no pages on the target: {written:?}"
     );
+    // Every page it did not write there is the source's; it faulted some
+    // in, and pages never written were not sent whole.
+    let complete = event(&target_lines, "postcopy_complete");
+    assert!(u64_of(&complete["verified_pages"]) > 0, "{complete}");
+    assert!(u64_of(&complete["faults"]) > 0, "{complete}");
+    assert!(
+        u64_of(&complete["pages"]) < 256 << 20 >> 12,
+        "zero pages were pushed: {complete}"
+    );
 }
 
 #[test]
@@ -160,7 +187,7 @@ fn a_memtouch_guest_converges_and_keeps_dirtying_on_the_target() {
         return;
     }
 
-    let (lines, target_lines) = migrate_a_memtouch_guest("precopy");
+    let (lines, target_lines) = migrate_a_memtouch_guest("precopy", &[]);
 
     // Assert: it converged within a few rounds and the guest runs there.
     let migrated = event(&lines, "migrated");
@@ -215,5 +242,158 @@ fn a_guest_faster_than_the_link_is_refused_rather_than_chased_forever() {
             .iter()
             .all(|line| line["event"] != "resumed"),
         "the target resumed a guest from an aborted migration"
+    );
+}
+
+/// A TCP relay from the source to the target that breaks its first
+/// connection once `cut_after` bytes went from the source through it, and
+/// then runs `on_cut`; later connections are relayed whole.
+fn start_relay(target: String, cut_after: u64, on_cut: impl FnOnce() + Send + 'static) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let address = listener.local_addr().expect("relay address").to_string();
+    let on_cut = std::sync::Mutex::new(Some(on_cut));
+    let on_cut = std::sync::Arc::new(on_cut);
+    std::thread::spawn(move || {
+        for (index, source) in listener.incoming().enumerate() {
+            let Ok(source) = source else { continue };
+            let Ok(target) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let _ = (source.set_nodelay(true), target.set_nodelay(true));
+            let (mut source_in, mut target_out) = (
+                source.try_clone().expect("clone"),
+                target.try_clone().expect("clone"),
+            );
+            let (mut target_in, mut source_out) = (target, source);
+            let on_cut = on_cut.clone();
+            let cut_here = index == 0;
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; 64 << 10];
+                let mut relayed = 0u64;
+                while let Ok(read) = source_in.read(&mut buffer) {
+                    if read == 0 || target_out.write_all(&buffer[..read]).is_err() {
+                        break;
+                    }
+                    relayed += read as u64;
+                    if cut_here && relayed >= cut_after {
+                        let _ = source_in.shutdown(Shutdown::Both);
+                        let _ = target_out.shutdown(Shutdown::Both);
+                        if let Some(on_cut) = on_cut.lock().expect("cut once").take() {
+                            on_cut();
+                        }
+                        break;
+                    }
+                }
+                let _ = target_out.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut target_in, &mut source_out);
+                let _ = source_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    address
+}
+
+/// Post-copies a guest writing 64 MiB at random (more than the relay lets
+/// through before it cuts) through a relay that breaks the connection
+/// after 4 MiB, in the page epoch; `kill_target` also kills the target
+/// then. The source runs in `directory`. Returns (source, target) outputs.
+fn post_copy_through_a_broken_link(
+    kill_target: bool,
+    recovery: &str,
+    directory: &std::path::Path,
+) -> (Output, Output) {
+    let address = free_address();
+    let target = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["secondary", "--listen", &address, "--duration", "1500ms"])
+        .args(["--json"])
+        .args(channel_arguments("secondary"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the target");
+    let target_pid = target.id().cast_signed();
+    let relay = start_relay(address, 4 << 20, move || {
+        if kill_target {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(target_pid, libc::SIGKILL) };
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let source = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .current_dir(directory)
+        .args(["migrate", "--to", &relay, "--json", "--mode", "postcopy"])
+        .args(["--verify", "--postcopy-recovery", recovery])
+        .args(["--workload", "memtouch:rate=100MB/s,wss=64M,pattern=random"])
+        .args(["--memory", "256M", "--after", "800ms"])
+        .args(channel_arguments("primary"))
+        .output()
+        .expect("run the source");
+    if !source.status.success() && !kill_target {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(target_pid, libc::SIGTERM) };
+    }
+    let target = target.wait_with_output().expect("the target exits");
+    (source, target)
+}
+
+#[test]
+fn a_post_copy_cut_half_way_resumes_and_ends_with_the_sources_memory() {
+    if !require_kvm() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("a directory");
+
+    let (source, target) = post_copy_through_a_broken_link(false, "20s", directory.path());
+
+    assert!(
+        source.status.success(),
+        "the post-copy did not resume: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    let migrated = event(&json_lines(&source), "migrated");
+    assert_eq!(u64_of(&migrated["reconnections"]), 1);
+    let target_lines = json_lines(&target);
+    let complete = event(&target_lines, "postcopy_complete");
+    assert_eq!(u64_of(&complete["reconnections"]), 1);
+    // Every page the guest did not write there since is the source's.
+    assert!(u64_of(&complete["verified_pages"]) > 0, "{complete}");
+    assert_eq!(event(&target_lines, "resumed")["migrated"], true);
+}
+
+#[test]
+fn a_post_copy_whose_target_dies_leaves_the_source_a_copy_that_runs() {
+    if !require_kvm() {
+        return;
+    }
+    let directory = tempfile::tempdir().expect("a directory");
+
+    let (source, _) = post_copy_through_a_broken_link(true, "1s", directory.path());
+
+    assert!(
+        !source.status.success(),
+        "the post-copy cannot have finished"
+    );
+    let stderr = String::from_utf8_lossy(&source.stderr);
+    assert!(stderr.contains("is saved in"), "unclear error: {stderr}");
+    let saved: Vec<std::path::PathBuf> = std::fs::read_dir(directory.path())
+        .expect("list the directory")
+        .map(|entry| entry.expect("an entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "snap"))
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let restored = understudy(&[
+        "restore",
+        &saved[0].display().to_string(),
+        "--duration",
+        "300ms",
+    ]);
+    assert!(
+        restored.status.success(),
+        "the saved copy does not run: {}",
+        String::from_utf8_lossy(&restored.stderr)
     );
 }

@@ -364,3 +364,68 @@ fn a_secondary_that_acknowledges_an_epoch_never_sent_is_dropped_with_a_goodbye()
     );
     assert!(goodbye.contains("acknowledged epoch 3"), "{goodbye}");
 }
+
+#[test]
+fn a_post_copy_target_asking_for_pages_outside_guest_memory_is_ignored() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a scripted target that, once the guest's state arrived, asks
+    // for pages beyond guest memory (and one page twice), then acknowledges
+    // the page epoch.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let target = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the source connects");
+        let mut sender = Sender::new();
+        let mut answer = |stream: &mut TcpStream, epoch, message: &Message| {
+            let bytes = sender.encode(epoch, message).expect("encodes");
+            stream.write_all(&bytes).expect("answer the source");
+        };
+        let mut pages_in_epoch_1 = 0usize;
+        loop {
+            let envelope = read_message(&mut stream).expect("a message from the source");
+            match (envelope.epoch, envelope.message) {
+                (_, Message::Hello(_)) => answer(&mut stream, 0, &Message::Welcome),
+                (0, Message::EpochEnd(_)) => {
+                    answer(&mut stream, 0, &Message::Ack);
+                    for page in [u64::MAX, MEMORY / PAGE_SIZE + 5, 3, 3] {
+                        answer(&mut stream, 1, &Message::PageRequest(page));
+                    }
+                }
+                (1, Message::Pages(_)) => pages_in_epoch_1 += 1,
+                (1, Message::EpochEnd(_)) => answer(&mut stream, 1, &Message::Ack),
+                (_, Message::Goodbye(reason)) => return (reason, pages_in_epoch_1),
+                _ => {}
+            }
+        }
+    });
+
+    // Act
+    let output = common::understudy(&[
+        "migrate",
+        "--plaintext",
+        "--to",
+        &address,
+        "--mode",
+        "postcopy",
+        "--workload",
+        "counter",
+        "--memory",
+        "64M",
+        "--after",
+        "200ms",
+        // The scripted target sends no heartbeats.
+        "--heartbeat-misses",
+        "300",
+    ]);
+
+    // Assert: the migration completed, the requests outside memory were
+    // ignored with a warning, and pages did move.
+    let (goodbye, frames) = target.join().expect("the scripted target");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("outside guest memory; ignored"), "{stderr}");
+    assert_eq!(goodbye, "migration complete");
+    assert!(frames > 0);
+}

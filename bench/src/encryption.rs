@@ -151,6 +151,7 @@ fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
         max_downtime: Duration::from_millis(300),
         deadline: Duration::from_secs(120),
         on_no_convergence: NoConvergence::Abort,
+        postcopy_recovery: Duration::ZERO,
     };
     let summary = migrate(&mut vm, &options, 99, |_| {}).map_err(|error| {
         BenchError::Replication(format!("migration failed: {:#}", anyhow::Error::new(error)))

@@ -99,6 +99,7 @@ pub(crate) fn spawn_secondary(
                 security,
                 rescue_dir: std::env::temp_dir(),
                 colo: false,
+                postcopy_recovery: Duration::ZERO,
             },
             &stop,
             |_| {},

@@ -15,9 +15,10 @@
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::protocol::Purpose;
+use understudy_vm::dirty::DirtyBitmap;
 use understudy_vm::{PAGE_SIZE, Vm};
 
-use crate::protection::Protection;
+use crate::protection::{Protection, Switchover};
 use crate::{Identity, PrimaryError, PrimaryOptions};
 
 /// What to do when pre-copy does not converge.
@@ -42,6 +43,11 @@ pub enum MigrationMode {
     /// the guest lives on two hosts: losing either loses it (this side
     /// keeps its paused copy until the target has every page).
     Postcopy,
+    /// Pre-copy rounds while they pay (the dirty set shrinks), then
+    /// post-copy for what is left: the pages dirtied since they were sent
+    /// are dropped on the target and follow on demand. Total time bounded
+    /// like post-copy's, far fewer faults.
+    Hybrid,
 }
 
 /// How a migration runs.
@@ -57,6 +63,10 @@ pub struct MigrationOptions {
     pub deadline: Duration,
     /// What to do when rounds stop shrinking.
     pub on_no_convergence: NoConvergence,
+    /// Post-copy: how long to keep reconnecting to a target whose
+    /// connection broke (it keeps the guest running and resumes the page
+    /// epoch); zero gives up at once.
+    pub postcopy_recovery: Duration,
 }
 
 /// One pre-copy round, for progress reports.
@@ -91,6 +101,14 @@ pub struct MigrationSummary {
     pub wire_bytes: u64,
     /// Highest throttle used.
     pub throttle: f64,
+    /// Post-copy: pages the target lacked at the switchover.
+    pub postcopy_pages: u64,
+    /// Post-copy: pages the target asked for (its faults that reached
+    /// this side); the background push brought the rest before they were
+    /// touched.
+    pub requested_pages: u64,
+    /// Post-copy: connections that broke and were resumed.
+    pub reconnections: u32,
 }
 
 /// Why a migration stopped without switching over.
@@ -99,6 +117,17 @@ pub enum MigrationError {
     /// The link failed.
     #[error("migration failed")]
     Link(#[from] PrimaryError),
+    /// A post-copy's connection broke and could not be resumed.
+    #[error(
+        "the post-copy's connection broke and the target could not be reached again within {window:?}"
+    )]
+    PostcopyBroken {
+        /// The recovery window.
+        window: Duration,
+        /// The last failure.
+        #[source]
+        source: PrimaryError,
+    },
     /// Pre-copy did not converge and the policy gave up.
     #[error(
         "the guest dirties memory faster than the link carries it ({left} pages left after round {round}, estimated downtime {estimated:?} over the {target:?} target); migration aborted; the guest was never stopped here. Try --on-no-convergence throttle, a higher --max-bandwidth or a longer --max-downtime"
@@ -133,7 +162,7 @@ pub fn migrate(
     };
     let purpose = match options.mode {
         MigrationMode::Precopy => Purpose::Migrate,
-        MigrationMode::Postcopy => Purpose::MigratePostcopy,
+        MigrationMode::Postcopy | MigrationMode::Hybrid => Purpose::MigratePostcopy,
     };
     let mut link = Protection::connect(
         vm,
@@ -142,16 +171,94 @@ pub fn migrate(
         purpose,
         options.link.epoch.target,
     )?;
-    let result = match options.mode {
-        MigrationMode::Precopy => run(vm, &mut link, options, started, &mut progress),
-        MigrationMode::Postcopy => run_postcopy(vm, &mut link, started),
+    if options.mode == MigrationMode::Precopy {
+        let result = run(vm, &mut link, options, started, &mut progress);
+        link.close(match &result {
+            Ok(_) => "migration complete",
+            Err(_) => "migration aborted",
+        });
+        return result;
+    }
+    let hybrid = options.mode == MigrationMode::Hybrid;
+    let switched = switch_over(vm, &mut link, options, hybrid, started, &mut progress);
+    let (switchover, mut summary) = match switched {
+        Ok(switched) => switched,
+        Err(error) => {
+            link.close("migration aborted");
+            return Err(error);
+        }
     };
-    link.close(match &result {
-        Ok(_) => "migration complete",
-        Err(_) => "migration aborted",
-    });
-    result
+    // From here the guest runs on the target; this side holds its pages.
+    let mut held = None;
+    loop {
+        let pushed = link.push_postcopy(vm, &switchover, held.as_ref());
+        let pushed = pushed.and_then(|pushed| link.wait_acknowledged(1).map(|()| pushed));
+        match pushed {
+            Ok(pushed) => {
+                summary.wire_bytes += link.wire_bytes();
+                link.close("migration complete");
+                summary.pages += pushed.sent;
+                summary.requested_pages += pushed.requested;
+                summary.total = started.elapsed();
+                return Ok(summary);
+            }
+            Err(error) => {
+                summary.wire_bytes += link.wire_bytes();
+                link.close("post-copy interrupted");
+                tracing::warn!(%error, "the post-copy's connection broke; reconnecting to resume it");
+                let (resumed, pages_held) = reconnect(vm, options, identity, error)?;
+                link = resumed;
+                held = Some(pages_held);
+                summary.reconnections += 1;
+            }
+        }
+    }
 }
+
+/// Reconnects to a post-copy's target whose connection broke, for up to
+/// the recovery window: returns the new connection and the pages the
+/// target holds. `broke` is the failure reported if the window passes.
+fn reconnect(
+    vm: &Vm,
+    options: &MigrationOptions,
+    identity: Identity,
+    broke: PrimaryError,
+) -> Result<(Protection, DirtyBitmap), MigrationError> {
+    let deadline = Instant::now() + options.postcopy_recovery;
+    let mut last = broke;
+    while Instant::now() < deadline {
+        std::thread::sleep(RECONNECT_INTERVAL.min(deadline - Instant::now()));
+        match Protection::connect(
+            vm,
+            options.link.clone(),
+            identity,
+            Purpose::PostcopyResume,
+            options.link.epoch.target,
+        ) {
+            Ok(mut link) => {
+                let held = link.take_pages_held().ok_or_else(|| {
+                    PrimaryError::Refused("the target did not say which pages it holds".to_owned())
+                })?;
+                tracing::info!(
+                    held = held.count(),
+                    "reconnected to the post-copy's target; resuming"
+                );
+                return Ok((link, held));
+            }
+            // The target is there but will not resume this migration (it
+            // gave the guest up): no point trying again.
+            Err(error @ PrimaryError::Refused(_)) => return Err(error.into()),
+            Err(error) => last = error,
+        }
+    }
+    Err(MigrationError::PostcopyBroken {
+        window: options.postcopy_recovery,
+        source: last,
+    })
+}
+
+/// How often a broken post-copy tries to reconnect.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(200);
 
 fn run(
     vm: &mut Vm,
@@ -244,31 +351,81 @@ fn run(
         pages: total_pages,
         wire_bytes: link.wire_bytes(),
         throttle: highest_throttle,
+        postcopy_pages: 0,
+        requested_pages: 0,
+        reconnections: 0,
     })
 }
 
-/// Post-copy: the state first (the downtime: pause to acknowledgement),
-/// then every page, until the target acknowledges the page epoch.
-fn run_postcopy(
+/// Until the target runs the guest: in a hybrid migration, pre-copy
+/// rounds while the dirty set shrinks (at most [`HYBRID_MAX_ROUNDS`], and
+/// until the estimated downtime is under the target, or half the deadline
+/// passed); then the switchover (pause, `Discard` of the stale pages, the
+/// state), acknowledged. Returns the switchover and the summary so far
+/// (the downtime: pause to acknowledgement).
+fn switch_over(
     vm: &mut Vm,
     link: &mut Protection,
+    options: &MigrationOptions,
+    hybrid: bool,
     started: Instant,
-) -> Result<MigrationSummary, MigrationError> {
+    progress: &mut impl FnMut(&Round),
+) -> Result<(Switchover, MigrationSummary), MigrationError> {
+    link.begin_initial_copy(vm)?;
+    let mut rounds = 0u32;
+    let mut pages = 0u64;
+    let mut previous_left = usize::MAX;
+    while hybrid && rounds < HYBRID_MAX_ROUNDS {
+        rounds += 1;
+        let round_started = Instant::now();
+        let sent = if rounds == 1 {
+            link.send_all_pages(vm, |_| Ok(()))?
+        } else {
+            link.send_dirty_pages(vm, |_| Ok(()))?
+        };
+        link.drain()?;
+        pages += sent as u64;
+        let seconds = round_started.elapsed().as_secs_f64().max(1e-6);
+        let bytes_per_second = (sent.max(1) as f64 * PAGE_BYTES) / seconds;
+        let left = vm_dirty_count(vm)?;
+        let estimated = Duration::from_secs_f64(left as f64 * PAGE_BYTES / bytes_per_second);
+        progress(&Round {
+            round: rounds,
+            pages: sent,
+            pages_left: left,
+            bytes_per_second,
+            estimated_downtime: estimated,
+            throttle: 0.0,
+        });
+        let shrinking = (left as f64) < previous_left as f64 * 0.5;
+        if estimated <= options.max_downtime
+            || !shrinking
+            || started.elapsed() >= options.deadline / 2
+        {
+            break;
+        }
+        previous_left = left;
+    }
     let paused = Instant::now();
-    link.send_state_only(vm)?;
+    let switchover = link.switch_to_postcopy(vm, hybrid)?;
     link.wait_acknowledged(0)?;
     let downtime = paused.elapsed();
-    let pages = link.push_postcopy(vm)?;
-    link.wait_acknowledged(1)?;
-    Ok(MigrationSummary {
+    let summary = MigrationSummary {
         total: started.elapsed(),
         downtime,
-        rounds: 0,
+        rounds,
         pages,
-        wire_bytes: link.wire_bytes(),
+        wire_bytes: 0,
         throttle: 0.0,
-    })
+        postcopy_pages: switchover.missing_pages() as u64,
+        requested_pages: 0,
+        reconnections: 0,
+    };
+    Ok((switchover, summary))
 }
+
+/// Most pre-copy rounds of a hybrid migration before it switches.
+const HYBRID_MAX_ROUNDS: u32 = 5;
 
 /// Pages dirty right now, without taking them: harvest, count, put back.
 fn vm_dirty_count(vm: &Vm) -> Result<usize, PrimaryError> {

@@ -20,13 +20,15 @@ use understudy_checkpoint::channel::{Channel, HANDSHAKE_DEADLINE};
 use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
-    Hello, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME, MAX_UNACKNOWLEDGED_EPOCHS, Message,
-    PROTOCOL_VERSION, ProtocolError, Purpose,
+    Hello, MAX_DISCARD_PAGES, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME, MAX_UNACKNOWLEDGED_EPOCHS,
+    Message, PROTOCOL_VERSION, ProtocolError, Purpose,
 };
 use understudy_compress::PageBatch;
+use understudy_compress::batch::is_zero_page;
+use understudy_vm::dirty::DirtyBitmap;
 use understudy_vm::memory;
 use understudy_vm::progress::ProgressSample;
-use understudy_vm::{PAGE_SIZE, Vm, usize_from};
+use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, usize_from};
 
 use crate::acks::ack_loop;
 use crate::output::{InputLog, OutputCommit};
@@ -98,9 +100,64 @@ pub struct Protection {
     last_checkpoint: Instant,
     epoch_length: Duration,
     next_sync: u64,
-    /// Post-copy: the state sent at the switchover, sent again to end the
-    /// page epoch.
-    postcopy_state: Option<(Vec<u8>, EpochMetrics)>,
+    /// A resumed post-copy: the pages the target holds.
+    pages_held: Option<DirtyBitmap>,
+}
+
+/// What a post-copy's page epoch sent.
+pub(crate) struct Pushed {
+    /// Pages sent.
+    pub sent: u64,
+    /// Pages the target asked for.
+    pub requested: u64,
+}
+
+/// What a post-copy's switchover leaves for the page epoch.
+pub(crate) struct Switchover {
+    /// The state the target resumed (sent again to end the page epoch).
+    state: Vec<u8>,
+    metrics: EpochMetrics,
+    /// Per page: whether the target lacks it (every page in a post-copy;
+    /// in a hybrid migration, those that went stale after pre-copy sent
+    /// them).
+    missing: Vec<bool>,
+}
+
+impl Switchover {
+    /// Pages the target lacked at the switchover.
+    pub(crate) fn missing_pages(&self) -> usize {
+        self.missing.iter().filter(|missing| **missing).count()
+    }
+}
+
+/// A resumed post-copy's first message from the target: the pages it holds
+/// (heartbeats before it are skipped), checked against the guest's size.
+fn read_pages_held(reader: &mut LivenessReader, pages: u64) -> Result<DirtyBitmap, PrimaryError> {
+    loop {
+        match reader.receive()?.message {
+            Message::PagesHeld(bytes) => {
+                let words: Vec<u64> = bytes
+                    .chunks_exact(8)
+                    .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
+                    .collect();
+                if words.len() as u64 != pages.div_ceil(64) {
+                    return Err(PrimaryError::Refused(format!(
+                        "the target reported {} pages held for a guest of {pages} pages",
+                        words.len() * 64
+                    )));
+                }
+                return Ok(DirtyBitmap::from_words(words, usize_from(pages)));
+            }
+            Message::Heartbeat(_) => {}
+            Message::Goodbye(reason) => return Err(PrimaryError::Refused(reason)),
+            other => {
+                return Err(PrimaryError::Refused(format!(
+                    "a resumed post-copy's target sent {} where the pages it holds were due",
+                    other.name()
+                )));
+            }
+        }
+    }
 }
 
 /// Pages per background push of post-copy: small, so that a page the
@@ -172,6 +229,14 @@ impl Protection {
             }
         }
         reader.limit_payload(MAX_PAYLOAD);
+        let pages_held = if purpose == Purpose::PostcopyResume {
+            Some(read_pages_held(
+                &mut reader,
+                config.memory_bytes / PAGE_SIZE,
+            )?)
+        } else {
+            None
+        };
         let local_ip = link.local_addr().map_err(connect_error)?.ip();
         let udp = Heartbeats::to_secondary(
             local_ip,
@@ -184,6 +249,10 @@ impl Protection {
         reader.hear(udp.heard());
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::new());
+        if purpose == Purpose::PostcopyResume {
+            // Epoch 0 was acknowledged on the connection that broke.
+            shared.acknowledged_earlier(0);
+        }
         let (work_sender, work) = sync_channel::<Work>(QUEUED_CHECKPOINTS);
         let (events_sender, events) = std::sync::mpsc::channel();
         let heartbeat = link.start_heartbeats(options.heartbeat, stop.clone());
@@ -232,7 +301,7 @@ impl Protection {
             last_checkpoint: Instant::now(),
             epoch_length: options.epoch.target,
             next_sync: 0,
-            postcopy_state: None,
+            pages_held,
             options,
         })
     }
@@ -448,13 +517,37 @@ impl Protection {
         Ok(metrics)
     }
 
-    /// Post-copy's switchover: pauses the guest for good and sends epoch 0
-    /// with its state and no pages (the target runs it at once and asks
-    /// for pages as it faults).
-    pub(crate) fn send_state_only(&mut self, vm: &mut Vm) -> Result<(), PrimaryError> {
-        self.submit(Work::Begin(0))?;
+    /// Post-copy's switchover (after [`Protection::begin_initial_copy`] and,
+    /// in a hybrid migration, pre-copy rounds): pauses the guest for good,
+    /// tells the target which pre-copied pages went stale since they were
+    /// sent (`Discard`), and ends epoch 0 with the state. The target runs the
+    /// guest from its commit and asks for pages as it faults.
+    pub(crate) fn switch_to_postcopy(
+        &mut self,
+        vm: &mut Vm,
+        hybrid: bool,
+    ) -> Result<Switchover, PrimaryError> {
         let paused = Instant::now();
         vm.pause()?;
+        let pages = usize_from(memory::size(vm.memory()) / PAGE_SIZE);
+        let missing = if hybrid {
+            let stale = vm.harvest_dirty()?;
+            let mut missing = vec![false; pages];
+            let mut discard = Vec::new();
+            for address in stale.page_addresses() {
+                let page_number = address / PAGE_SIZE;
+                if let Some(slot) = missing.get_mut(usize_from(page_number)) {
+                    *slot = true;
+                }
+                discard.push(page_number);
+            }
+            for chunk in discard.chunks(MAX_DISCARD_PAGES) {
+                self.submit(Work::Message(0, Message::Discard(chunk.to_vec())))?;
+            }
+            missing
+        } else {
+            vec![true; pages]
+        };
         let state = vm.capture_state()?.encode();
         let now = Instant::now();
         let metrics = EpochMetrics {
@@ -479,43 +572,64 @@ impl Protection {
             checkpointed: now,
         })?;
         self.next_epoch = 1;
-        self.postcopy_state = Some((state, metrics));
-        Ok(())
+        Ok(Switchover {
+            state,
+            metrics,
+            missing,
+        })
     }
 
-    /// Post-copy's epoch 1: every page the target lacks, those it asks for
-    /// first (`PageRequest`), the rest in order from just after the last
-    /// one asked for (pages near a fault are likely next); zero pages are
-    /// not pushed (the target's untouched pages are zero), only sent when
-    /// asked for. The guest stays paused here. Returns the pages sent.
-    pub(crate) fn push_postcopy(&mut self, vm: &mut Vm) -> Result<u64, PrimaryError> {
-        let Some((state, metrics)) = self.postcopy_state.take() else {
-            return Err(PrimaryError::SecondaryLost(
-                "post-copy pages without a switchover".to_owned(),
-            ));
-        };
+    /// Post-copy's epoch 1: every page the target lacks (missing at the
+    /// switchover and not among `held`, the pages a resumed target reports),
+    /// those it asks for first (`PageRequest`), the rest in order from just
+    /// after the last one asked for (pages near a fault are likely next);
+    /// zero pages are not pushed (the target's untouched pages are zero),
+    /// only sent when asked for. With `verify`, the hash of every page
+    /// follows. The guest stays paused here. Returns the pages sent.
+    pub(crate) fn push_postcopy(
+        &mut self,
+        vm: &mut Vm,
+        switchover: &Switchover,
+        held: Option<&DirtyBitmap>,
+    ) -> Result<Pushed, PrimaryError> {
         self.submit(Work::Begin(1))?;
-        let total = memory::size(vm.memory()) / PAGE_SIZE;
-        let pages = usize::try_from(total).expect("guest pages fit in memory");
-        let mut sent = vec![false; pages];
-        let mut covered = vec![false; pages];
-        let mut covered_count = 0usize;
+        let total = switchover.missing.len() as u64;
+        let held_here = |index: usize| held.is_some_and(|held| held.is_set(index));
+        // Pages this connection sent, or never needs to.
+        let mut sent: Vec<bool> = (0..switchover.missing.len())
+            .map(|index| !switchover.missing[index] || held_here(index))
+            .collect();
+        let mut unsent = sent.iter().filter(|done| !**done).count();
         let mut cursor = 0u64;
         let mut sent_count = 0u64;
+        let mut requested = 0u64;
+        let mut page = [0u8; PAGE_BYTES];
         loop {
-            let wanted: Vec<u64> = self
+            let (wanted, outside): (Vec<u64>, Vec<u64>) = self
                 .shared
                 .take_page_requests()
                 .into_iter()
-                .filter(|page| *page < total && !sent[usize_from(*page)])
-                .collect();
+                .partition(|page| *page < total);
+            if let Some(page_number) = outside.first() {
+                // A confused target: nothing to send, nothing to fail.
+                tracing::warn!(
+                    page_number,
+                    count = outside.len(),
+                    "the target asked for pages outside guest memory; ignored"
+                );
+            }
+            requested += wanted.len() as u64;
             if !wanted.is_empty() {
-                let mut addresses = Vec::with_capacity(wanted.len());
-                for page in &wanted {
-                    let index = usize_from(*page);
+                // Asked for: sent even if this connection sent it already
+                // (asked again after a reconnection), zero or not.
+                let mut addresses: Vec<u64> = wanted.iter().map(|page| page * PAGE_SIZE).collect();
+                addresses.sort_unstable();
+                addresses.dedup();
+                for page_number in &wanted {
+                    let index = usize_from(*page_number);
                     if !sent[index] {
                         sent[index] = true;
-                        addresses.push(page * PAGE_SIZE);
+                        unsent -= 1;
                     }
                 }
                 let batch = read_pages(vm, &addresses, self.shared.spare_batch())?;
@@ -525,57 +639,60 @@ impl Protection {
                     * POSTCOPY_CHUNK_PAGES;
                 continue;
             }
-            if covered_count == pages {
+            if unsent == 0 {
                 break;
             }
             if cursor >= total {
                 cursor = 0;
             }
             let end = (cursor + POSTCOPY_CHUNK_PAGES).min(total);
-            let first = usize_from(cursor);
-            let last = usize_from(end);
-            if covered[first..last].iter().all(|done| *done) {
-                cursor = end;
-                continue;
-            }
-            let mut chunk = self.shared.spare_batch();
-            read_nonzero_pages(vm, cursor * PAGE_SIZE..end * PAGE_SIZE, &mut chunk)?;
             let mut batch = self.shared.spare_batch();
-            for (page_number, page) in chunk.iter() {
+            for page_number in cursor..end {
                 let index = usize_from(page_number);
-                if !sent[index] {
-                    sent[index] = true;
-                    batch.push(page_number, page);
+                if sent[index] {
+                    continue;
                 }
-            }
-            self.shared.recycle(chunk);
-            for done in &mut covered[first..last] {
-                if !*done {
-                    *done = true;
-                    covered_count += 1;
+                sent[index] = true;
+                unsent -= 1;
+                memory::read(vm.memory(), page_number * PAGE_SIZE, &mut page)?;
+                if !is_zero_page(&page) {
+                    batch.push(page_number, &page);
                 }
             }
             cursor = end;
-            if !batch.is_empty() {
+            if batch.is_empty() {
+                self.shared.recycle(batch);
+            } else {
                 sent_count += batch.len() as u64;
                 self.submit(Work::Pages(1, batch))?;
-            } else {
-                self.shared.recycle(batch);
             }
+        }
+        if self.options.verify {
+            let hashes = memory::page_hashes(vm.memory())?;
+            self.submit(Work::Message(1, Message::PageHashes(hashes)))?;
         }
         self.submit(Work::End {
             epoch: 1,
-            state,
+            state: switchover.state.clone(),
             output: Vec::new(),
             metrics: Box::new(EpochMetrics {
                 epoch: 1,
                 dirty_pages: usize::try_from(sent_count).unwrap_or(usize::MAX),
-                ..metrics
+                ..switchover.metrics.clone()
             }),
             checkpointed: Instant::now(),
         })?;
         self.next_epoch = 2;
-        Ok(sent_count)
+        Ok(Pushed {
+            sent: sent_count,
+            requested,
+        })
+    }
+
+    /// A resumed post-copy's connection: the pages the target said it
+    /// holds (`PagesHeld`, read right after `Welcome`).
+    pub(crate) fn take_pages_held(&mut self) -> Option<DirtyBitmap> {
+        self.pages_held.take()
     }
 
     /// Waits until `epoch` is acknowledged.

@@ -21,6 +21,9 @@ pub(crate) enum Work {
     Begin(u64),
     /// Pages of an epoch.
     Pages(u64, PageBatch),
+    /// Any other message of an epoch, in its place (a hybrid migration's
+    /// `Discard`, a post-copy's `PageHashes`).
+    Message(u64, Message),
     /// An epoch ends with its state and output.
     End {
         epoch: u64,
@@ -89,6 +92,7 @@ pub(crate) fn send_loop(
             sender.cost = EpochCost::default();
             Ok(link.send(epoch, &Message::EpochBegin(generation))?)
         }
+        Work::Message(epoch, message) => Ok(link.send(epoch, &message)?),
         Work::Pages(epoch, batch) => {
             sender.pages(epoch, batch)?;
             if epoch == 0 {

@@ -161,6 +161,12 @@ impl Shared {
         Ok(checkpointed)
     }
 
+    /// A resumed connection: `epoch` was acknowledged on an earlier one, so
+    /// the next acknowledgement due is the one after.
+    pub fn acknowledged_earlier(&self, epoch: u64) {
+        self.update(|progress| progress.acknowledged = Some(epoch));
+    }
+
     /// Records that the secondary processed everything before `token`.
     pub fn synced(&self, token: u64) {
         self.update(|progress| {

@@ -235,6 +235,64 @@ impl Backup {
         Ok(())
     }
 
+    /// Hybrid migration: drops pre-copied pages that went stale on the
+    /// source after they were sent (they fault in again).
+    pub fn discard(&self, page_numbers: &[u64]) -> Result<(), ConnectionError> {
+        understudy_vm::postcopy::discard(self.vm.memory(), page_numbers)?;
+        Ok(())
+    }
+
+    /// Forgets the writes into guest memory so far (the received pages):
+    /// from now on the dirty log shows what is written here.
+    pub fn forget_writes(&self) -> Result<(), SecondaryError> {
+        self.vm.harvest_dirty()?;
+        Ok(())
+    }
+
+    /// A verified post-copy, once every page is here: pauses the guest,
+    /// checks every page not written here since [`Self::forget_writes`]
+    /// against the source's `hashes` (xxh3 per page, in address order),
+    /// and resumes it. Returns the pages checked and the pages written here.
+    pub fn verify_pages(&mut self, hashes: &[u64]) -> Result<(u64, u64), ConnectionError> {
+        self.vm.pause().map_err(SecondaryError::Vm)?;
+        let checked = (|| {
+            let written = self.vm.harvest_dirty().map_err(SecondaryError::Vm)?;
+            let here = memory::page_hashes(self.vm.memory()).map_err(SecondaryError::Memory)?;
+            if here.len() != hashes.len() {
+                return Err(ConnectionError::Postcopy(format!(
+                    "the source hashed {} pages, this guest has {}",
+                    hashes.len(),
+                    here.len()
+                )));
+            }
+            let written_here: Vec<bool> = written
+                .regions
+                .iter()
+                .flat_map(|(_, bitmap)| (0..bitmap.len()).map(|page| bitmap.is_set(page)))
+                .collect();
+            let mut pages = 0u64;
+            for (index, (ours, theirs)) in here.iter().zip(hashes).enumerate() {
+                if written_here.get(index).copied().unwrap_or(false) {
+                    continue;
+                }
+                if ours != theirs {
+                    return Err(ConnectionError::PageDiffers {
+                        page_number: index as u64,
+                        pages,
+                    });
+                }
+                pages += 1;
+            }
+            Ok((pages, written.count() as u64))
+        })();
+        if checked.is_ok() {
+            self.vm.resume().map_err(SecondaryError::Vm)?;
+        } else {
+            self.running = false;
+        }
+        checked
+    }
+
     /// Stops a running guest (a post-copy that broke).
     pub fn stop_guest(&mut self) {
         if let Err(error) = self.vm.pause() {

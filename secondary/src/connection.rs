@@ -41,7 +41,7 @@ use understudy_checkpoint::witness::Witness;
 
 use crate::backup::{Backup, Staging};
 use crate::postcopy::{Arrivals, Requester, receive_pages};
-use crate::{ConnectionError, SecondaryEvent, SecondaryOptions, anyhow_chain};
+use crate::{ConnectionError, PostcopyReport, SecondaryEvent, SecondaryOptions, anyhow_chain};
 
 pub(crate) enum Ended {
     /// A migration's last epoch was applied: the guest runs here now.
@@ -103,9 +103,20 @@ pub(crate) fn greet(
     }
 }
 
+/// Greeted connections waiting for the main loop (a broken post-copy takes
+/// its resumption from here).
+pub(crate) type Pending = std::sync::mpsc::Receiver<(SocketAddr, Result<Greeted, ConnectionError>)>;
+
+/// Where connections come from: greeted ones waiting (a broken post-copy
+/// takes its resumption from here) and the heartbeat socket.
+pub(crate) struct Endpoints<'a> {
+    pub pending: &'a Pending,
+    pub udp: &'a UdpSocket,
+}
+
 pub(crate) fn serve_connection(
     greeted: Greeted,
-    udp: &UdpSocket,
+    Endpoints { pending, udp }: Endpoints<'_>,
     options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
     backup: &mut Option<Backup>,
@@ -137,6 +148,8 @@ pub(crate) fn serve_connection(
         colo: options.colo,
         tap,
         stop,
+        pending,
+        postcopy_recovery: options.postcopy_recovery,
     };
     let result = receive(&mut link, &mut receiver, hello, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
@@ -179,6 +192,10 @@ struct Connection<'a> {
     tap: Option<&'a Arc<Tap>>,
     /// Set by SIGTERM/SIGINT: the secondary says goodbye and stops.
     stop: &'a AtomicBool,
+    /// Connections greeted meanwhile (a resumed post-copy).
+    pending: &'a Pending,
+    /// How long a broken post-copy waits to be resumed.
+    postcopy_recovery: Duration,
 }
 
 fn receive(
@@ -194,6 +211,14 @@ fn receive(
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the primary: {reason}")));
     }
+    if hello.purpose == Purpose::PostcopyResume {
+        let reason = format!(
+            "no broken post-copy of VM {:#x} waits here to be resumed",
+            hello.vm_id
+        );
+        link.sender.send(0, &Message::Refuse(reason.clone()))?;
+        return Ok(Ended::Closed(format!("refused the source: {reason}")));
+    }
     let backup = slot.insert(Backup::create(&hello)?);
     let udp_heartbeats = Heartbeats::to_primary(
         link.udp,
@@ -207,7 +232,7 @@ fn receive(
     link.udp_heartbeats = Some(udp_heartbeats);
     link.sender.send(0, &Message::Welcome)?;
     link.reader.limit_payload(MAX_PAYLOAD);
-    let purpose = hello.purpose;
+    let hello_copy = hello.clone();
     let store_pages = hello.store_pages;
     let checkpoint_interval = hello.checkpoint_interval;
     report(&SecondaryEvent::Connected {
@@ -220,7 +245,7 @@ fn receive(
         receiver,
         backup,
         decoder,
-        (purpose, checkpoint_interval),
+        (&hello_copy, checkpoint_interval),
         report,
     )
 }
@@ -232,9 +257,10 @@ fn receive_epochs(
     receiver: &mut Receiver,
     backup: &mut Backup,
     mut decoder: Decoder,
-    (purpose, checkpoint_interval): (Purpose, Duration),
+    (hello, checkpoint_interval): (&Hello, Duration),
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
+    let purpose = hello.purpose;
     let sender = link.sender;
     let mut staging = Staging::default();
     let mut decoded = PageBatch::new();
@@ -278,6 +304,17 @@ fn receive_epochs(
             Action::StageState(bytes) => {
                 staging.state = Some(check_state(&bytes, epoch, backup)?);
             }
+            Action::Discard(pages) if purpose == Purpose::MigratePostcopy && epoch == 0 => {
+                backup.discard(&pages)?;
+            }
+            action @ (Action::Discard(_) | Action::VerifyPages(_)) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: action.name(),
+                    epoch,
+                    state: "outside a post-copy's switchover".to_owned(),
+                }
+                .into());
+            }
             Action::Commit { epoch, end } => {
                 backup.commit(epoch, end, &mut staging)?;
                 backup.start_lockstep(sender)?;
@@ -296,7 +333,7 @@ fn receive_epochs(
                     return Ok(Ended::MigratedIn);
                 }
                 if purpose == Purpose::MigratePostcopy {
-                    return run_postcopy(link, receiver, backup, &mut decoder);
+                    return run_postcopy(link, receiver, backup, &mut decoder, hello, report);
                 }
                 // COLO: after the Ack, so that the primary compares the
                 // guest's next output with the epoch it belongs to.
@@ -313,33 +350,43 @@ fn receive_epochs(
 }
 
 /// Post-copy after its epoch 0 (see [`crate::postcopy`]): the guest runs
-/// here now while its pages arrive; returns once every page is here.
+/// here now while its pages arrive; returns once every page is here (and,
+/// with the source's hashes, checked).
 fn run_postcopy(
     link: &mut Connection<'_>,
     receiver: &mut Receiver,
     backup: &mut Backup,
     decoder: &mut Decoder,
+    hello: &Hello,
+    report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
-    let arrivals = Arc::new(Arrivals::new(backup.guest_pages()));
+    let arrivals = Arc::new(Arrivals::new(backup.guest_pages(), link.sender.clone()));
+    backup.forget_writes()?;
     let handler = FaultHandler::start(
         backup.memory(),
         Requester {
-            link: link.sender.clone(),
             arrivals: arrivals.clone(),
         },
     )?;
     let installer = handler.installer();
-    let (reader, sender, tap, stop) = (&mut *link.reader, link.sender, link.tap, link.stop);
-    let (resumed, pages) = std::thread::scope(|scope| {
+    let guest_pages = backup.guest_pages();
+    let (resumed, first) = std::thread::scope(|scope| {
+        // Reads pages while the guest's state is restored (which faults).
         let pages = scope.spawn(|| {
             receive_pages(
-                reader, receiver, decoder, &installer, &arrivals, sender, stop,
+                link.reader,
+                receiver,
+                decoder,
+                &installer,
+                &arrivals,
+                link.sender,
+                link.stop,
             )
         });
-        let resumed = backup.run_now(tap);
+        let resumed = backup.run_now(link.tap);
         if resumed.is_err() {
             // Wakes the page reader: nothing more to wait for.
-            sender.shutdown();
+            link.sender.shutdown();
         }
         let pages = pages.join().unwrap_or_else(|_| {
             Err(ConnectionError::Postcopy(
@@ -348,6 +395,43 @@ fn run_postcopy(
         });
         (resumed, pages)
     });
+    // A broken connection: the guest runs on while the source comes back.
+    let mut reconnections = 0u32;
+    let mut current: Option<ResumedLink> = None;
+    let mut result = first;
+    let pages = loop {
+        let error = match result {
+            Ok(received) => break Ok(received),
+            Err(error) if resumed.is_err() || !resumable(&error) => break Err(error),
+            Err(error) => error,
+        };
+        tracing::warn!(
+            reason = %anyhow_chain(&error),
+            window = ?link.postcopy_recovery,
+            "the post-copy's connection broke; the guest runs on and waits for the source to resume it"
+        );
+        if let Some(broken) = current.take() {
+            broken.close();
+        }
+        let mut next = match wait_for_resume(link, hello, &arrivals, &error) {
+            Ok(next) => next,
+            Err(error) => break Err(error),
+        };
+        arrivals.replace_link(next.sender.clone());
+        reconnections += 1;
+        let mut decoder = Decoder::bounded(usize_from(u64::from(next.store_pages)), guest_pages);
+        result = receive_pages(
+            &mut next.reader,
+            &mut next.receiver,
+            &mut decoder,
+            &installer,
+            &arrivals,
+            &next.sender,
+            link.stop,
+        );
+        current = Some(next);
+    };
+    let pages = pages.map(|received| (received, current));
     arrivals.end(pages.as_ref().err().map(|error| anyhow_chain(error)));
     if resumed.is_err() || pages.is_err() {
         // Its missing pages will never come: the guest must not run on.
@@ -355,17 +439,197 @@ fn run_postcopy(
     }
     let counts = handler.finish();
     resumed?;
-    let pages = pages?;
+    let (received, resumed_link) = pages?;
     let counts = counts?;
-    tracing::info!(
-        pages,
-        faults = counts.faults,
-        zero_pages = counts.zero_pages,
-        fault_p50_us_at_most = counts.latency_quantile_micros(0.5),
-        fault_p99_us_at_most = counts.latency_quantile_micros(0.99),
-        "post-copy complete: every page is here"
-    );
+    let (verified_pages, written_here) = match &received.hashes {
+        Some(hashes) => {
+            let (verified, written) = backup.verify_pages(hashes)?;
+            (Some(verified), written)
+        }
+        None => (None, 0),
+    };
+    let sender = resumed_link
+        .as_ref()
+        .map_or(link.sender, |resumed| &resumed.sender);
+    answer(sender, 1, &Message::Ack);
+    let summary = PostcopyReport {
+        pages: received.pages,
+        faults: counts.faults,
+        zero_pages: counts.zero_pages,
+        fault_p50_us: counts.latency_quantile_micros(0.5),
+        fault_p99_us: counts.latency_quantile_micros(0.99),
+        reconnections,
+        verified_pages,
+        written_here,
+    };
+    tracing::info!(?summary, "post-copy complete: every page is here");
+    report(&SecondaryEvent::PostcopyComplete(summary));
+    if let Some(resumed) = resumed_link {
+        // The source closes once it has the acknowledgement.
+        resumed.close();
+    }
     Ok(Ended::MigratedIn)
+}
+
+/// Whether a broken page epoch may be resumed on a new connection: the
+/// link failed, stalled or was closed; not when this side failed or was
+/// told to stop.
+fn resumable(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::Protocol(_) | ConnectionError::NoProgress(_) => true,
+        ConnectionError::Postcopy(_) => !error.to_string().contains("stopped on request"),
+        _ => false,
+    }
+}
+
+/// A resumed post-copy's connection, owned by the page reader.
+struct ResumedLink {
+    sender: LinkSender,
+    reader: LivenessReader,
+    receiver: Receiver,
+    store_pages: u32,
+    stop_heartbeats: Arc<AtomicBool>,
+    _heartbeats: std::thread::JoinHandle<()>,
+    _udp_heartbeats: Heartbeats,
+}
+
+impl ResumedLink {
+    fn close(self) {}
+}
+
+impl Drop for ResumedLink {
+    fn drop(&mut self) {
+        // The heartbeat threads notice within an interval; nobody waits.
+        self.stop_heartbeats
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sender.shutdown();
+    }
+}
+
+/// Waits, for the recovery window, for the source of `hello`'s VM to
+/// resume the post-copy on a new connection (other connections are
+/// refused meanwhile); tells it the pages here.
+fn wait_for_resume(
+    link: &Connection<'_>,
+    hello: &Hello,
+    arrivals: &Arrivals,
+    broke: &ConnectionError,
+) -> Result<ResumedLink, ConnectionError> {
+    let deadline = Instant::now() + link.postcopy_recovery;
+    loop {
+        if link.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ConnectionError::Postcopy(
+                "stopped on request while waiting for the source".to_owned(),
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnectionError::Postcopy(format!(
+                "the connection broke ({}) and the source did not resume within {:?}",
+                anyhow_chain(broke),
+                link.postcopy_recovery
+            )));
+        }
+        match link
+            .pending
+            .recv_timeout(left.min(Duration::from_millis(100)))
+        {
+            Ok((_, Ok(greeted))) => match resume_on(greeted, link, hello, arrivals) {
+                Ok(resumed) => return Ok(resumed),
+                Err(error) => {
+                    tracing::warn!(reason = %anyhow_chain(&error), "a connection did not resume the post-copy");
+                }
+            },
+            Ok((peer, Err(error))) => {
+                tracing::warn!(%peer, reason = %anyhow_chain(&error), "connection refused");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(ConnectionError::Postcopy(
+                    "no more connections can be accepted".to_owned(),
+                ));
+            }
+        }
+    }
+}
+
+/// Takes `greeted` as the resumption of `hello`'s post-copy: the same VM
+/// and shape, purpose `PostcopyResume`; anything else is refused.
+fn resume_on(
+    greeted: Greeted,
+    link: &Connection<'_>,
+    hello: &Hello,
+    arrivals: &Arrivals,
+) -> Result<ResumedLink, ConnectionError> {
+    let Greeted {
+        channel,
+        mut receiver,
+        hello: offered,
+        peer,
+    } = greeted;
+    let heartbeat = link.heartbeat;
+    let sender = LinkSender::new(channel.writer, heartbeat.progress).map_err(ProtocolError::Io)?;
+    let same_vm = offered.purpose == Purpose::PostcopyResume
+        && offered.vm_id == hello.vm_id
+        && offered.memory_bytes == hello.memory_bytes
+        && offered.vcpus == hello.vcpus;
+    let checked = if same_vm {
+        check_hello(&offered, &heartbeat, link.colo)
+    } else {
+        Err(format!(
+            "this target is in the middle of a post-copy of VM {:#x}; only its source may connect (to resume it)",
+            hello.vm_id
+        ))
+    };
+    if let Err(reason) = checked {
+        let _ = sender.send(0, &Message::Refuse(reason.clone()));
+        sender.shutdown();
+        return Err(ConnectionError::Postcopy(reason));
+    }
+    let mut reader = LivenessReader::new(channel.reader, heartbeat).map_err(ProtocolError::Io)?;
+    let stop_heartbeats = Arc::new(AtomicBool::new(false));
+    let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
+    let udp_heartbeats = Heartbeats::to_primary(
+        link.udp,
+        peer.ip(),
+        offered.vm_id,
+        heartbeat,
+        channel.heartbeat_keys,
+    )
+    .map_err(ProtocolError::Io)?;
+    reader.hear(udp_heartbeats.heard());
+    let resumed = ResumedLink {
+        sender,
+        reader,
+        receiver: {
+            // Epoch 0 was committed on the connection that broke.
+            receiver.resume_after(0);
+            receiver
+        },
+        store_pages: offered.store_pages,
+        stop_heartbeats,
+        _heartbeats: heartbeats,
+        _udp_heartbeats: udp_heartbeats,
+    };
+    let greeted = (|| {
+        resumed.sender.send(0, &Message::Welcome)?;
+        resumed
+            .sender
+            .send(0, &Message::PagesHeld(arrivals.held()))?;
+        Ok::<(), ProtocolError>(())
+    })();
+    match greeted {
+        Ok(()) => {
+            let mut resumed = resumed;
+            resumed.reader.limit_payload(MAX_PAYLOAD);
+            tracing::info!(%peer, "the source resumed the post-copy");
+            Ok(resumed)
+        }
+        Err(error) => {
+            resumed.close();
+            Err(error.into())
+        }
+    }
 }
 
 /// With a witness: the primary must be the VM's owner, proposing the next

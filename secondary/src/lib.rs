@@ -83,7 +83,7 @@ use understudy_vm::{Vm, VmError};
 
 use backup::Backup;
 pub use backup::{MAX_OUTPUT_BYTES_PER_EPOCH, Staging};
-use connection::{Ended, Greeted, greet, serve_connection};
+use connection::{Ended, Endpoints, Greeted, greet, serve_connection};
 use fence::{SyncedWith, Verdict, may_take_over};
 use understudy_checkpoint::channel::{ChannelError, HANDSHAKE_DEADLINE, Security};
 use understudy_checkpoint::witness::Witness;
@@ -230,6 +230,16 @@ pub enum ConnectionError {
     /// on here.
     #[error("the post-copy broke before every page arrived; the guest was stopped here: {0}")]
     Postcopy(String),
+    /// A page differs from the source's after a verified post-copy.
+    #[error(
+        "after the post-copy, guest page {page_number} differs from the source's ({pages} pages checked before it); the guest was stopped here"
+    )]
+    PageDiffers {
+        /// The first page that differs.
+        page_number: u64,
+        /// Pages that matched before it.
+        pages: u64,
+    },
 }
 
 /// What the secondary reports as it goes.
@@ -261,12 +271,36 @@ pub enum SecondaryEvent {
         /// Why.
         reason: String,
     },
+    /// Every page of a post-copy is here.
+    PostcopyComplete(PostcopyReport),
     /// The witness could not decide whether this side may take over; the
     /// guest stays paused while it is asked again.
     WitnessWaiting {
         /// Why.
         reason: String,
     },
+}
+
+/// How a post-copy went, on the target.
+#[derive(Clone, Debug)]
+pub struct PostcopyReport {
+    /// Pages that arrived in the page epoch.
+    pub pages: u64,
+    /// Faults the guest (or the VMM) took on missing pages.
+    pub faults: u64,
+    /// Of them, resolved with a zero page.
+    pub zero_pages: u64,
+    /// Fault latency quantiles (upper bounds of log2 buckets), microseconds.
+    pub fault_p50_us: Option<u64>,
+    /// See `fault_p50_us`.
+    pub fault_p99_us: Option<u64>,
+    /// Connections that broke and were resumed.
+    pub reconnections: u32,
+    /// With `--verify` on the source: pages found equal to the source's
+    /// (every page the guest did not write here since it resumed).
+    pub verified_pages: Option<u64>,
+    /// Pages the guest wrote here during the post-copy (not comparable).
+    pub written_here: u64,
 }
 
 /// A guest resumed after its primary was lost.
@@ -319,6 +353,9 @@ pub struct SecondaryOptions {
     /// memory twice) rather than Remus ones; a primary of the other mode
     /// is refused. Migrations are accepted either way.
     pub colo: bool,
+    /// How long a post-copy whose connection broke waits for its source to
+    /// resume it before the guest is stopped here.
+    pub postcopy_recovery: Duration,
 }
 
 /// How long the acceptor waits for a connection before it looks at the
@@ -469,7 +506,11 @@ fn serve_greeted(
         // state committed by an earlier connection is never resumed (that
         // primary may have run on unprotected since).
         let mut backup: Option<Backup> = None;
-        match serve_connection(greeting, udp, options, tap, &mut backup, stop, report) {
+        let endpoints = Endpoints {
+            pending: greeted,
+            udp,
+        };
+        match serve_connection(greeting, endpoints, options, tap, &mut backup, stop, report) {
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
                     && let Verdict::Stale(why) =

@@ -42,10 +42,22 @@ pub struct MigrateArguments {
     codec: CodecSpec,
     /// precopy: copy memory while the guest runs here, then stop it
     /// briefly; postcopy: stop it here at once and run it there while its
-    /// memory follows (pages it touches first). During a post-copy the
-    /// guest lives on both hosts: losing either loses it.
+    /// memory follows (pages it touches first); hybrid: pre-copy rounds
+    /// while they shrink what is left, then post-copy for the rest. During
+    /// a post-copy the guest lives on both hosts: losing either loses it.
     #[arg(long, value_enum, default_value_t = ModeArgument::Precopy)]
     mode: ModeArgument,
+    /// Post-copy and hybrid: when the connection breaks, keep reconnecting
+    /// this long to resume it (the target keeps the guest running); 0 gives
+    /// up at once. Either way this side keeps its paused copy until the
+    /// target holds every page, and saves it if the migration fails.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    postcopy_recovery: Duration,
+    /// Post-copy and hybrid: send the hash of every page, and have the
+    /// target check each page the guest did not write there meanwhile
+    /// before it acknowledges (costs a pass over memory on both sides).
+    #[arg(long)]
+    verify: bool,
     /// Print progress and the summary as JSON lines.
     #[arg(long)]
     json: bool,
@@ -64,6 +76,8 @@ pub enum ModeArgument {
     Precopy,
     /// Post-copy.
     Postcopy,
+    /// Pre-copy rounds, then post-copy.
+    Hybrid,
 }
 
 fn parse_bandwidth(value: &str) -> Result<u64, String> {
@@ -128,16 +142,19 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
     wait_until_running(&vm, Duration::from_secs(10))?;
     std::thread::sleep(arguments.after);
     check_events(&vm)?;
-    if arguments.mode == ModeArgument::Postcopy {
+    if arguments.mode != ModeArgument::Precopy {
         eprintln!(
-            "post-copy: from the switchover until every page has arrived, the guest needs both hosts; \
-             this process keeps the paused copy until then"
+            "post-copy: from the switchover until every page has arrived, the guest needs both hosts \
+             (losing either loses it); this process keeps the paused copy until then, and a broken \
+             connection is resumed for up to {:?}",
+            arguments.postcopy_recovery
         );
     }
     let options = MigrationOptions {
         mode: match arguments.mode {
             ModeArgument::Precopy => MigrationMode::Precopy,
             ModeArgument::Postcopy => MigrationMode::Postcopy,
+            ModeArgument::Hybrid => MigrationMode::Hybrid,
         },
         link: PrimaryOptions {
             secondary: arguments.to,
@@ -149,7 +166,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             },
             codec: arguments.codec,
             heartbeat: arguments.heartbeat.policy()?,
-            verify: false,
+            verify: arguments.verify,
             precopy_rounds: u32::MAX,
             max_bandwidth: arguments.max_bandwidth.map(|rate| rate as f64),
             security: arguments.channel.security()?,
@@ -157,6 +174,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
         max_downtime: arguments.max_downtime,
         deadline: arguments.deadline,
         on_no_convergence: arguments.on_no_convergence,
+        postcopy_recovery: arguments.postcopy_recovery,
     };
     let vm_id = super::new_vm_id();
     let as_json = arguments.json;
@@ -165,7 +183,7 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
     });
     let summary = match summary {
         Ok(summary) => summary,
-        Err(error) if options.mode == MigrationMode::Postcopy => {
+        Err(error) if options.mode != MigrationMode::Precopy => {
             // The guest stopped here at the switchover and may be running
             // on the target, without its memory: keep this copy on disk.
             vm.pause()?;
@@ -202,6 +220,9 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
                 "raw_bytes": raw_bytes,
                 "wire_bytes": summary.wire_bytes,
                 "throttle": summary.throttle,
+                "postcopy_pages": summary.postcopy_pages,
+                "requested_pages": summary.requested_pages,
+                "reconnections": summary.reconnections,
             })
         );
     } else {
@@ -215,8 +236,13 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             summary.wire_bytes as f64 / f64::from(1 << 20),
             if summary.throttle > 0.0 {
                 format!(", guest throttled up to {:.0} %", summary.throttle * 100.0)
-            } else {
+            } else if options.mode == MigrationMode::Precopy {
                 String::new()
+            } else {
+                format!(
+                    "; post-copy: {} pages missing at the switchover, {} asked for by the target, {} reconnection(s)",
+                    summary.postcopy_pages, summary.requested_pages, summary.reconnections
+                )
             }
         );
     }

@@ -196,6 +196,11 @@ pub struct SecondaryArguments {
     /// COLO (it runs here in lockstep and holds its memory twice).
     #[arg(long, value_enum, default_value_t = Mode::Remus)]
     mode: Mode,
+    /// A post-copy whose connection breaks: how long the guest runs on
+    /// here (waiting on pages it lacks) for its source to resume it, before
+    /// it is stopped. Longer than the source's own window.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    postcopy_recovery: Duration,
     #[command(flatten)]
     channel: super::ChannelOptions,
 }
@@ -473,6 +478,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         security: arguments.channel.security()?,
         rescue_dir: arguments.rescue_dir.clone(),
         colo: arguments.mode == Mode::Colo,
+        postcopy_recovery: arguments.postcopy_recovery,
     };
     let failover = understudy_secondary::serve(options, &stop, |event| match event {
         SecondaryEvent::Listening { address } => {
@@ -510,6 +516,32 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                     "{}",
                     json!({"event": "committed", "epoch": epoch, "pages": pages,
                            "receive_us": receive.as_secs_f64() * 1e6})
+                );
+            }
+        }
+        SecondaryEvent::PostcopyComplete(done) => {
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "postcopy_complete", "pages": done.pages,
+                           "faults": done.faults, "zero_page_faults": done.zero_pages,
+                           "fault_p50_us_at_most": done.fault_p50_us,
+                           "fault_p99_us_at_most": done.fault_p99_us,
+                           "reconnections": done.reconnections,
+                           "verified_pages": done.verified_pages,
+                           "written_here": done.written_here})
+                );
+            } else {
+                crate::say!(
+                    "post-copy complete: {} pages arrived, {} faults (p99 <= {} us), {} reconnection(s){}",
+                    done.pages,
+                    done.faults,
+                    done.fault_p99_us.unwrap_or(0),
+                    done.reconnections,
+                    done.verified_pages.map_or_else(String::new, |pages| format!(
+                        ", {pages} pages verified equal to the source's ({} written here meanwhile)",
+                        done.written_here
+                    ))
                 );
             }
         }

@@ -143,6 +143,21 @@ pub fn hash_overlaid(
     Ok(hasher.digest())
 }
 
+/// xxh3-64 of each page of guest memory, region by region in address
+/// order (a post-copy's target checks every page against them).
+pub fn page_hashes(memory: &GuestMemory) -> Result<Vec<u64>, MemoryError> {
+    let mut hashes = Vec::with_capacity(usize_from(size(memory) / crate::PAGE_SIZE));
+    for_each_chunk(memory, |_, chunk| {
+        hashes.extend(
+            chunk
+                .chunks(crate::PAGE_BYTES)
+                .map(xxhash_rust::xxh3::xxh3_64),
+        );
+        Ok(())
+    })?;
+    Ok(hashes)
+}
+
 /// Reads all of `memory` chunk by chunk, in address order, and hands each
 /// chunk (its guest address and bytes) to `visit`.
 fn for_each_chunk(

@@ -153,7 +153,11 @@ impl Session {
                 }
                 self.committed = Some(epoch);
             }
-            Action::Heartbeat(_) | Action::Sync(_) | Action::LogInput { .. } => {}
+            Action::Heartbeat(_)
+            | Action::Sync(_)
+            | Action::LogInput { .. }
+            | Action::Discard(_)
+            | Action::VerifyPages(_) => {}
             Action::Close(_) => return Err(()),
         }
         Ok(())

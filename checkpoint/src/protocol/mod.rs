@@ -36,6 +36,19 @@
 //!   replaces its state
 //!                                           <- SecondaryOutput {frame} (epoch n:
 //!                                              the secondary runs epoch n + 1)
+//!
+//!   Post-copy (purpose `MigratePostcopy`): epoch 0 holds the state and,
+//!   after pre-copy rounds (hybrid), the pages sent so far; the target runs
+//!   the guest from its commit, and epoch 1 brings every page it lacks
+//!   Discard {page numbers}     (epoch 0)    ->   before State: pages that
+//!                                              changed since they were
+//!                                              sent; the target drops them
+//!                                           <- PageRequest {page} (a fault)
+//!   PageHashes {xxh3 per page} (epoch 1)    ->   before State, with --verify
+//!   A broken post-copy resumes on a new connection (purpose
+//!   `PostcopyResume`, the same VM): after Welcome
+//!                                           <- PagesHeld {bitmap}
+//!   EpochBegin (1), Pages*, State, EpochEnd (1) ->  the pages it lacks
 //! ```
 //!
 //! # Framing
@@ -73,7 +86,7 @@ pub use receiver::{Action, Receiver, ReceiverState};
 pub use wire::{Envelope, Header, Sender, read_message, read_message_within};
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Most epochs a primary has sent without their acknowledgement before it
 /// waits: a slow secondary lengthens the epochs instead of letting held
 /// output and queued checkpoints grow without bound. A secondary keeps the
@@ -92,6 +105,10 @@ const MAX_TEXT: usize = 4096;
 /// Largest encoded VM state: vCPU registers and devices are a few KiB per
 /// vCPU; this leaves room for hundreds.
 pub const MAX_STATE: usize = 16 << 20;
+/// Most page numbers in one `Discard`.
+pub const MAX_DISCARD_PAGES: usize = 1 << 20;
+/// Largest `PagesHeld` bitmap: one bit per page of a 2 TiB guest.
+pub const MAX_HELD_BITMAP: usize = 64 << 20;
 /// Largest payload a peer may send before its `Hello` was accepted.
 pub const MAX_PAYLOAD_BEFORE_WELCOME: usize = MAX_TEXT;
 
@@ -176,6 +193,10 @@ pub enum Purpose {
     /// primary's compare proxy (`SecondaryOutput`), and epochs are taken on
     /// demand (a mismatch, a compare timeout, the periodic interval).
     Colo,
+    /// Resumes a post-copy whose connection broke: the target (still
+    /// running the guest of the same `vm_id`) answers `Welcome` with the
+    /// pages it holds (`PagesHeld`) and epoch 1 starts again with the rest.
+    PostcopyResume,
 }
 
 /// What the two sides must agree on before any memory moves.
@@ -266,6 +287,17 @@ pub enum Message {
     /// sent while running the epoch after the envelope's (the last one it
     /// loaded), for the primary's compare proxy; never sent out.
     SecondaryOutput(Vec<u8>),
+    /// Hybrid migration, in epoch 0 before its State: pages that changed
+    /// since they were sent; the target drops its stale copies, and they
+    /// fault in again.
+    Discard(Vec<u64>),
+    /// A resumed post-copy, target to source: one bit per guest page (bit
+    /// `p % 64` of little-endian word `p / 64`), set for the pages the
+    /// target holds.
+    PagesHeld(Vec<u8>),
+    /// Post-copy with verification, in epoch 1 before its State: the xxh3
+    /// of every guest page, in page order, as the source holds them.
+    PageHashes(Vec<u64>),
 }
 
 /// Declares [`MessageKind`] from one table: each kind's wire value, and its
@@ -314,6 +346,9 @@ macro_rules! message_kinds {
                     Self::Pages => MAX_PAYLOAD,
                     Self::State => MAX_STATE,
                     Self::Input | Self::Output | Self::SecondaryOutput => MAX_INPUT_FRAME,
+                    Self::Discard => MAX_DISCARD_PAGES * 8,
+                    Self::PagesHeld => MAX_HELD_BITMAP,
+                    Self::PageHashes => MAX_PAYLOAD,
                 }
             }
         }
@@ -337,6 +372,9 @@ message_kinds! {
     Output = 14,
     SecondaryOutput = 15,
     PageRequest = 16,
+    Discard = 17,
+    PagesHeld = 18,
+    PageHashes = 19,
 }
 
 /// `Hello`'s payload, little-endian.
@@ -375,6 +413,7 @@ impl Purpose {
             Purpose::Migrate => 1,
             Purpose::Colo => 2,
             Purpose::MigratePostcopy => 3,
+            Purpose::PostcopyResume => 4,
         }
     }
 
@@ -384,6 +423,7 @@ impl Purpose {
             1 => Some(Purpose::Migrate),
             2 => Some(Purpose::Colo),
             3 => Some(Purpose::MigratePostcopy),
+            4 => Some(Purpose::PostcopyResume),
             _ => None,
         }
     }
@@ -409,6 +449,9 @@ impl Message {
             Self::Output(_) => MessageKind::Output,
             Self::SecondaryOutput(_) => MessageKind::SecondaryOutput,
             Self::PageRequest(_) => MessageKind::PageRequest,
+            Self::Discard(_) => MessageKind::Discard,
+            Self::PagesHeld(_) => MessageKind::PagesHeld,
+            Self::PageHashes(_) => MessageKind::PageHashes,
         }
     }
 
@@ -446,8 +489,12 @@ impl Message {
             | Self::State(bytes)
             | Self::Input(bytes)
             | Self::Output(bytes)
-            | Self::SecondaryOutput(bytes) => {
+            | Self::SecondaryOutput(bytes)
+            | Self::PagesHeld(bytes) => {
                 return Cow::Borrowed(bytes);
+            }
+            Self::Discard(words) | Self::PageHashes(words) => {
+                words.iter().flat_map(|word| word.to_le_bytes()).collect()
             }
             Self::EpochEnd(end) => EpochEndPayload {
                 pages: end.pages.into(),
@@ -486,6 +533,15 @@ impl Message {
                 return Err(malformed("text too long"));
             }
             String::from_utf8(payload).map_err(|_| malformed("text is not UTF-8"))
+        };
+        let words = |payload: Vec<u8>| {
+            if payload.is_empty() || !payload.len().is_multiple_of(8) {
+                return Err(malformed("a list of one or more 64-bit numbers"));
+            }
+            Ok(payload
+                .chunks_exact(8)
+                .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
+                .collect::<Vec<u64>>())
         };
         let frame = |payload: Vec<u8>| {
             if payload.is_empty() || payload.len() > MAX_INPUT_FRAME {
@@ -546,6 +602,14 @@ impl Message {
             MessageKind::Output => Self::Output(frame(payload)?),
             MessageKind::SecondaryOutput => Self::SecondaryOutput(frame(payload)?),
             MessageKind::PageRequest => Self::PageRequest(clock()?),
+            MessageKind::Discard => Self::Discard(words(payload)?),
+            MessageKind::PagesHeld => {
+                if payload.is_empty() || !payload.len().is_multiple_of(8) {
+                    return Err(malformed("a bitmap is whole 64-bit words"));
+                }
+                Self::PagesHeld(payload)
+            }
+            MessageKind::PageHashes => Self::PageHashes(words(payload)?),
         })
     }
 }

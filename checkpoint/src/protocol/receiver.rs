@@ -52,6 +52,10 @@ pub enum Action {
     StageState(Vec<u8>),
     /// Stage this frame the guest sent during the epoch.
     StageOutput(Vec<u8>),
+    /// Hybrid migration: drop these pages (changed since they were sent).
+    Discard(Vec<u64>),
+    /// Post-copy with verification: the source's hash of every page.
+    VerifyPages(Vec<u64>),
     /// Everything of the epoch arrived: verify and apply it atomically, then
     /// acknowledge.
     Commit {
@@ -84,6 +88,8 @@ impl Action {
             Action::StagePages(_) => "Pages",
             Action::StageState(_) => "State",
             Action::StageOutput(_) => "Output",
+            Action::Discard(_) => "Discard",
+            Action::VerifyPages(_) => "PageHashes",
             Action::Commit { .. } => "EpochEnd",
             Action::Heartbeat(_) => "Heartbeat",
             Action::Sync(_) => "Sync",
@@ -130,6 +136,19 @@ impl Receiver {
             ReceiverState::InEpoch { epoch, .. } => epoch.checked_sub(1),
             _ => None,
         }
+    }
+
+    /// A resumed post-copy: epoch `committed` was committed on an earlier
+    /// connection, so the next epoch this one accepts is the one after.
+    /// Only right after `Hello`; refused (false) anywhere else.
+    pub fn resume_after(&mut self, committed: u64) -> bool {
+        if self.state != (ReceiverState::BetweenEpochs { committed: None }) {
+            return false;
+        }
+        self.state = ReceiverState::BetweenEpochs {
+            committed: Some(committed),
+        };
+        true
     }
 
     /// Checks `envelope` against the sequence and the state, moves the state
@@ -219,6 +238,22 @@ impl Receiver {
                 },
                 Action::StageState(state),
             ),
+            (
+                ReceiverState::InEpoch {
+                    epoch: current,
+                    state_received: false,
+                    ..
+                },
+                Message::Discard(pages),
+            ) if epoch == current => (self.state, Action::Discard(pages)),
+            (
+                ReceiverState::InEpoch {
+                    epoch: current,
+                    state_received: false,
+                    ..
+                },
+                Message::PageHashes(hashes),
+            ) if epoch == current => (self.state, Action::VerifyPages(hashes)),
             (
                 ReceiverState::InEpoch {
                     epoch: current,

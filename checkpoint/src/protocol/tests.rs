@@ -101,6 +101,9 @@ fn every_message_round_trips() {
         (3, Message::Output(vec![0xee; 60])),
         (4, Message::SecondaryOutput(vec![0xdd; 60])),
         (1, Message::PageRequest(12_345)),
+        (0, Message::Discard(vec![3, 4, 1 << 40])),
+        (1, Message::PagesHeld(vec![0b1011, 0, 0, 0, 0, 0, 0, 0])),
+        (1, Message::PageHashes(vec![u64::MAX, 0, 7])),
     ];
 
     let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();
@@ -441,4 +444,82 @@ fn a_heartbeat_announcing_a_large_payload_is_refused() {
         result,
         Err(ProtocolError::PayloadTooLarge(1_048_576))
     ));
+}
+
+#[test]
+fn a_discard_after_the_state_is_refused() {
+    let messages = vec![
+        (0, Message::Hello(hello())),
+        (0, Message::EpochBegin(0)),
+        (0, Message::State(vec![1])),
+        (0, Message::Discard(vec![5])),
+    ];
+    let mut receiver = Receiver::new();
+    let envelopes = wire(&messages);
+    for envelope in &envelopes[..3] {
+        receiver.accept(envelope.clone()).expect("in order");
+    }
+
+    let result = receiver.accept(envelopes[3].clone());
+
+    assert!(matches!(result, Err(ProtocolError::Unexpected { .. })));
+}
+
+#[test]
+fn a_discard_before_the_state_is_passed_on() {
+    let messages = vec![
+        (0, Message::Hello(hello())),
+        (0, Message::EpochBegin(0)),
+        (0, Message::Discard(vec![5, 9])),
+    ];
+    let mut receiver = Receiver::new();
+    let envelopes = wire(&messages);
+    for envelope in &envelopes[..2] {
+        receiver.accept(envelope.clone()).expect("in order");
+    }
+
+    let action = receiver.accept(envelopes[2].clone()).expect("discard");
+
+    assert_eq!(action, Action::Discard(vec![5, 9]));
+}
+
+#[test]
+fn an_empty_discard_is_malformed() {
+    let mut sender = Sender::new();
+    let mut bytes = Vec::new();
+    sender
+        .send(&mut bytes, 0, &Message::Discard(Vec::new()))
+        .expect("write to a Vec");
+
+    let result = read_message(&mut bytes.as_slice());
+
+    assert!(matches!(result, Err(ProtocolError::Malformed { .. })));
+}
+
+#[test]
+fn a_resumed_post_copy_accepts_epoch_one_first() {
+    let messages = vec![(0, Message::Hello(hello())), (1, Message::EpochBegin(0))];
+    let mut receiver = Receiver::new();
+    let envelopes = wire(&messages);
+    receiver.accept(envelopes[0].clone()).expect("hello");
+
+    let resumed = receiver.resume_after(0);
+    let action = receiver.accept(envelopes[1].clone()).expect("epoch 1");
+
+    assert!(resumed);
+    assert_eq!(action, Action::BeginEpoch(1));
+}
+
+#[test]
+fn a_receiver_inside_an_epoch_cannot_be_resumed() {
+    let messages = vec![(0, Message::Hello(hello())), (0, Message::EpochBegin(0))];
+    let mut receiver = Receiver::new();
+    for envelope in wire(&messages) {
+        receiver.accept(envelope).expect("in order");
+    }
+
+    let resumed = receiver.resume_after(0);
+
+    assert!(!resumed);
+    assert_eq!(receiver.committed(), None);
 }

@@ -76,6 +76,12 @@ pub enum PostcopyError {
     /// The handler thread failed.
     #[error("the fault handler thread failed")]
     Thread(#[source] std::io::Error),
+    /// A page number beyond guest memory.
+    #[error("page {0} is outside guest memory")]
+    OutsideMemory(u64),
+    /// Stale pages could not be dropped.
+    #[error("cannot drop stale guest pages")]
+    Discard(#[source] std::io::Error),
 }
 
 /// What a [`PageSource`] did for a faulted page.
@@ -170,6 +176,51 @@ impl Installer {
         })?;
         Ok(resolved == Resolved::Installed)
     }
+}
+
+/// Drops pages of guest memory (`page_numbers`, each inside it): their
+/// next access finds them missing (a fault, once memory is registered) or
+/// zero. A hybrid migration's target drops the pre-copied pages that changed
+/// since they were sent. Nothing is dropped unless every page is inside
+/// guest memory.
+pub fn discard(memory: &GuestMemory, page_numbers: &[u64]) -> Result<(), PostcopyError> {
+    let mut hosts = Vec::with_capacity(page_numbers.len());
+    for page_number in page_numbers {
+        let host = page_number
+            .checked_mul(PAGE_SIZE)
+            .and_then(|address| {
+                memory
+                    .get_host_address(vm_memory::GuestAddress(address))
+                    .ok()
+            })
+            .ok_or(PostcopyError::OutsideMemory(*page_number))?;
+        hosts.push(host as usize);
+    }
+    hosts.sort_unstable();
+    hosts.dedup();
+    let mut index = 0;
+    while index < hosts.len() {
+        // One call per run of adjacent pages (within one region: a region's
+        // host mapping is contiguous, two regions' need not be adjacent).
+        let start = hosts[index];
+        let mut len = PAGE_BYTES;
+        while index + 1 < hosts.len() && hosts[index + 1] == start + len {
+            len += PAGE_BYTES;
+            index += 1;
+        }
+        index += 1;
+        // SAFETY: [start, start + len) is whole pages of guest memory's
+        // anonymous private mappings (checked above); dropping them only
+        // makes their next read return zeroes or fault into the handler.
+        // Nothing in this process holds a reference into guest memory
+        // across this call (the guest is not running yet).
+        let dropped =
+            unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if dropped != 0 {
+            return Err(PostcopyError::Discard(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// What the handler did so far.
@@ -514,5 +565,39 @@ mod tests {
 
         assert!(counts.zero_pages > 0, "{counts:?}");
         assert!(counts.faults > counts.zero_pages, "{counts:?}");
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zero_and_their_neighbours_keep_their_bytes() {
+        let memory = memory::create(memory::MIN_MEMORY).expect("memory");
+        for page_number in 3..8u64 {
+            memory::write(&memory, page_number * PAGE_SIZE, &[0xab; PAGE_BYTES]).expect("write");
+        }
+
+        discard(&memory, &[5, 4, 6]).expect("discarded");
+        let read = |page_number: u64| {
+            let mut page = [0u8; PAGE_BYTES];
+            memory::read(&memory, page_number * PAGE_SIZE, &mut page).expect("read");
+            page
+        };
+
+        assert_eq!(read(4), [0; PAGE_BYTES]);
+        assert_eq!(read(6), [0; PAGE_BYTES]);
+        assert_eq!(read(3), [0xab; PAGE_BYTES]);
+        assert_eq!(read(7), [0xab; PAGE_BYTES]);
+    }
+
+    #[test]
+    fn a_discard_reaching_beyond_memory_drops_nothing() {
+        let memory = memory::create(memory::MIN_MEMORY).expect("memory");
+        memory::write(&memory, 2 * PAGE_SIZE, &[1; PAGE_BYTES]).expect("write");
+        let beyond = memory::size(&memory) / PAGE_SIZE;
+
+        let result = discard(&memory, &[2, beyond]);
+        let mut page = [0u8; PAGE_BYTES];
+        memory::read(&memory, 2 * PAGE_SIZE, &mut page).expect("read");
+
+        assert!(matches!(result, Err(PostcopyError::OutsideMemory(found)) if found == beyond));
+        assert_eq!(page, [1; PAGE_BYTES]);
     }
 }
