@@ -47,7 +47,7 @@ pub struct EncryptionReport {
 }
 
 /// Bytes that do not compress: xxh3 of a counter, 8 bytes at a time.
-fn incompressible(buffer: &mut [u8], seed: u64) {
+pub(crate) fn incompressible(buffer: &mut [u8], seed: u64) {
     for (index, chunk) in buffer.chunks_mut(8).enumerate() {
         let value = xxhash_rust::xxh3::xxh3_64(&(seed ^ index as u64).to_le_bytes());
         chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);

@@ -14,6 +14,7 @@
 
 pub mod compress;
 pub mod encryption;
+pub mod migration;
 pub mod replication;
 mod svg;
 

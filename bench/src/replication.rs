@@ -86,6 +86,17 @@ pub(crate) fn spawn_secondary(
     heartbeat: HeartbeatPolicy,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Result<Option<Failover>, SecondaryError>> {
+    spawn_secondary_reporting(address, security, heartbeat, stop, |_| {})
+}
+
+/// [`spawn_secondary`], with its events handed to `report`.
+pub(crate) fn spawn_secondary_reporting(
+    address: SocketAddr,
+    security: Security,
+    heartbeat: HeartbeatPolicy,
+    stop: Arc<AtomicBool>,
+    report: impl FnMut(&understudy_secondary::SecondaryEvent) + Send + 'static,
+) -> std::thread::JoinHandle<Result<Option<Failover>, SecondaryError>> {
     std::thread::spawn(move || {
         understudy_secondary::serve(
             SecondaryOptions {
@@ -102,7 +113,7 @@ pub(crate) fn spawn_secondary(
                 postcopy_recovery: Duration::ZERO,
             },
             &stop,
-            |_| {},
+            report,
         )
     })
 }

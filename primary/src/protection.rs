@@ -163,6 +163,8 @@ fn read_pages_held(reader: &mut LivenessReader, pages: u64) -> Result<DirtyBitma
 /// Pages per background push of post-copy: small, so that a page the
 /// target faults on waits behind little.
 const POSTCOPY_CHUNK_PAGES: u64 = 64;
+/// Push chunks the target may not have processed yet (1 MiB).
+const POSTCOPY_WINDOW_CHUNKS: usize = 4;
 
 impl Protection {
     /// Connects to a secondary or migration target and greets it.
@@ -600,6 +602,11 @@ impl Protection {
             .map(|index| !switchover.missing[index] || held_here(index))
             .collect();
         let mut unsent = sent.iter().filter(|done| !**done).count();
+        // Sync tokens after the chunks in flight: the push keeps at most
+        // POSTCOPY_WINDOW_CHUNKS of them unprocessed by the target, so that
+        // a page it asks for waits behind little (the socket buffers of a
+        // fast link would otherwise hold megabytes).
+        let mut in_flight = std::collections::VecDeque::new();
         let mut cursor = 0u64;
         let mut sent_count = 0u64;
         let mut requested = 0u64;
@@ -642,6 +649,19 @@ impl Protection {
             if unsent == 0 {
                 break;
             }
+            if in_flight.len() >= POSTCOPY_WINDOW_CHUNKS {
+                let oldest = in_flight[0];
+                self.wait(|progress| {
+                    progress.synced >= oldest || !progress.page_requests.is_empty()
+                })?;
+                while in_flight
+                    .front()
+                    .is_some_and(|token| *token <= self.shared.last_synced())
+                {
+                    in_flight.pop_front();
+                }
+                continue;
+            }
             if cursor >= total {
                 cursor = 0;
             }
@@ -665,6 +685,9 @@ impl Protection {
             } else {
                 sent_count += batch.len() as u64;
                 self.submit(Work::Pages(1, batch))?;
+                self.next_sync += 1;
+                self.submit(Work::Sync(self.next_sync))?;
+                in_flight.push_back(self.next_sync);
             }
         }
         if self.options.verify {

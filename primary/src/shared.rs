@@ -35,6 +35,8 @@ pub(crate) struct Progress {
     /// The last sign that the secondary works: an acknowledgement, a sync
     /// answer, or a message it took from the link.
     pub progressed: Instant,
+    /// Post-copy: pages the target's guest faulted on, in the order asked.
+    pub page_requests: Vec<u64>,
 }
 
 impl Progress {
@@ -50,6 +52,7 @@ impl Progress {
             synced: 0,
             lost: None,
             progressed: Instant::now(),
+            page_requests: Vec::new(),
         }
     }
 }
@@ -70,8 +73,6 @@ pub(crate) struct Shared {
     spare_batches: Mutex<Vec<PageBatch>>,
     /// The output-commit gate, when the guest has a network.
     pub output: OnceLock<Arc<OutputCommit>>,
-    /// Post-copy: pages the target's guest faulted on, in the order asked.
-    page_requests: Mutex<Vec<u64>>,
 }
 
 impl Shared {
@@ -83,26 +84,18 @@ impl Shared {
             wire_bytes: AtomicU64::new(0),
             spare_batches: Mutex::new(Vec::new()),
             output: OnceLock::new(),
-            page_requests: Mutex::new(Vec::new()),
         }
     }
 
-    /// Post-copy: the target asks for `page_number` now.
+    /// Post-copy: the target asks for `page_number` now (wakes a push
+    /// waiting for its window).
     pub fn request_page(&self, page_number: u64) {
-        self.page_requests
-            .lock()
-            .expect("no panics under this lock")
-            .push(page_number);
+        self.update(|progress| progress.page_requests.push(page_number));
     }
 
     /// Post-copy: the pages asked for since the last call, in order.
     pub fn take_page_requests(&self) -> Vec<u64> {
-        std::mem::take(
-            &mut *self
-                .page_requests
-                .lock()
-                .expect("no panics under this lock"),
-        )
+        std::mem::take(&mut self.progress().page_requests)
     }
 
     fn progress(&self) -> MutexGuard<'_, Progress> {
@@ -173,6 +166,11 @@ impl Shared {
             progress.synced = progress.synced.max(token);
             progress.progressed = Instant::now();
         });
+    }
+
+    /// The last `Synced` token received.
+    pub fn last_synced(&self) -> u64 {
+        self.progress().synced
     }
 
     /// Records that the secondary took a message from the link.

@@ -238,7 +238,13 @@ impl Backup {
     /// Hybrid migration: drops pre-copied pages that went stale on the
     /// source after they were sent (they fault in again).
     pub fn discard(&self, page_numbers: &[u64]) -> Result<(), ConnectionError> {
+        let started = Instant::now();
         understudy_vm::postcopy::discard(self.vm.memory(), page_numbers)?;
+        tracing::info!(
+            pages = page_numbers.len(),
+            micros = started.elapsed().as_micros(),
+            "dropped stale pages"
+        );
         Ok(())
     }
 

@@ -34,6 +34,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Migrate 1 GiB of incompressible memory (an idle guest and one
+    /// dirtying 100 MB/s) in every mode, side by side; with --qemu, QEMU's
+    /// pre-copy of the same bytes too (needs qemu-system-x86).
+    Migration {
+        /// Runs of each mode.
+        #[arg(long, default_value_t = 2)]
+        repeat: usize,
+        /// Also migrate with QEMU.
+        #[arg(long)]
+        qemu: bool,
+    },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
     /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
@@ -86,6 +97,11 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Encryption { seconds } => {
             let report = understudy_bench::encryption::encryption(seconds)?;
+            print!("{report}");
+            Ok(())
+        }
+        BenchCommand::Migration { repeat, qemu } => {
+            let report = understudy_bench::migration::migration(repeat, qemu)?;
             print!("{report}");
             Ok(())
         }
