@@ -76,6 +76,8 @@ pub struct MigrationReport {
     pub rows: Vec<MigrationRow>,
     /// Why QEMU was not run, if it was not.
     pub qemu_skipped: Option<String>,
+    /// How our migrations were carried.
+    pub wire: &'static str,
 }
 
 /// The modes compared, with their codec.
@@ -90,9 +92,22 @@ fn modes() -> [(MigrationMode, &'static str); 6] {
     ]
 }
 
-/// Runs every mode `repeat` times on each guest, then QEMU (if `qemu`).
-pub fn migration(repeat: usize, qemu: bool) -> Result<MigrationReport, BenchError> {
-    let mut report = MigrationReport::default();
+/// Runs every mode `repeat` times on each guest over `wire` (Noise, or
+/// plain text as QEMU's own migration stream is), then QEMU (if `qemu`).
+pub fn migration(
+    repeat: usize,
+    qemu: bool,
+    plaintext: bool,
+) -> Result<MigrationReport, BenchError> {
+    let wire = if plaintext { Wire::Plain } else { Wire::Noise };
+    let mut report = MigrationReport {
+        wire: if plaintext {
+            "plain text"
+        } else {
+            "Noise channel"
+        },
+        ..MigrationReport::default()
+    };
     for (guest, workload) in [
         ("idle", "idle"),
         ("dirtying", "memtouch:rate=100MB/s,wss=1008M,pattern=random"),
@@ -101,7 +116,7 @@ pub fn migration(repeat: usize, qemu: bool) -> Result<MigrationReport, BenchErro
             for (mode, codec) in modes() {
                 report
                     .rows
-                    .push(one_migration(guest, workload, mode, codec)?);
+                    .push(one_migration(wire, guest, workload, mode, codec)?);
             }
         }
     }
@@ -138,12 +153,13 @@ fn filled_guest(workload: &str) -> Result<Vm, BenchError> {
 }
 
 fn one_migration(
+    wire: Wire,
     guest: &'static str,
     workload: &str,
     mode: MigrationMode,
     codec: &str,
 ) -> Result<MigrationRow, BenchError> {
-    let (primary_security, secondary_security) = Wire::Noise.pair();
+    let (primary_security, secondary_security) = wire.pair();
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
     // Both ends share this machine's two cores: a generous heartbeat
@@ -337,7 +353,11 @@ fn qemu_migration() -> Result<MigrationRow, QemuError> {
             "{QEMU} is not installed (apt-get install qemu-system-x86)"
         )));
     }
-    let directory = tempfile::tempdir().map_err(|error| failed(error.to_string()))?;
+    // In memory: a file on disk would be written back while QEMU reads it.
+    let directory = tempfile::Builder::new()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .map_err(|error| failed(error.to_string()))?;
     let memory_file = directory.path().join("memory");
     {
         let mut file =
@@ -434,7 +454,8 @@ impl fmt::Display for MigrationReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "1 GiB guests, memory above 64 MiB incompressible, loopback, Noise channel"
+            "1 GiB guests, memory above 64 MiB incompressible, loopback, {} (QEMU: plain text)",
+            self.wire
         )?;
         writeln!(
             f,

@@ -11,6 +11,20 @@
 //! deadline, throttle the guest (pause its vCPUs for a growing share of each
 //! chunk's time, as QEMU's auto-converge does), or abort with the guest
 //! still running here.
+//!
+//! Post-copy stops the guest at once and sends only its state; hybrid runs
+//! pre-copy rounds first and names the pages that went stale (`Discard`).
+//! Either way the target runs the guest and epoch 1 brings the pages it
+//! lacks (see `Protection::push_postcopy`).
+//!
+//! Failure model of post-copy: the guest lives on both hosts until the
+//! target acknowledges epoch 1. This side keeps its paused copy until then.
+//! A connection that breaks (or a target that stops making progress) is
+//! resumed: this side reconnects with `PostcopyResume` for the recovery
+//! window, learns which pages the target holds and sends the rest. When the
+//! window passes, the migration fails and the caller keeps the copy (the
+//! CLI saves it as a snapshot): if the target is gone, that copy runs; if
+//! it is not, it stops its guest when its own window passes.
 
 use std::time::{Duration, Instant};
 

@@ -130,6 +130,53 @@ impl Switchover {
     }
 }
 
+/// The checkpoint thread at real-time priority (`SCHED_FIFO` 1) while the
+/// guest is paused, back to its policy after: on a host whose cores are
+/// busy (the sender encoding the last epoch, the secondary, other guests)
+/// a checkpoint preempted mid-pause stretches the guest's pause. Needs
+/// `CAP_SYS_NICE` (root); without it nothing changes. The pause is bounded
+/// (the copy of the dirty set), so the boost cannot starve the host.
+/// `UNDERSTUDY_PAUSE_BOOST=0` turns it off.
+struct PauseBoost(Option<(libc::c_int, libc::sched_param)>);
+
+/// Whether [`PauseBoost`] is on (read once).
+fn pause_boost_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED
+        .get_or_init(|| std::env::var("UNDERSTUDY_PAUSE_BOOST").map_or(true, |value| value != "0"))
+}
+
+impl PauseBoost {
+    fn new() -> Self {
+        if !pause_boost_enabled() {
+            return Self(None);
+        }
+        let mut previous = libc::sched_param { sched_priority: 0 };
+        // SAFETY: 0 is the calling thread; `previous` is a valid out-pointer.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        // SAFETY: as above.
+        if policy < 0 || unsafe { libc::sched_getparam(0, &mut previous) } != 0 {
+            return Self(None);
+        }
+        let boosted = libc::sched_param { sched_priority: 1 };
+        // SAFETY: 0 is the calling thread; `boosted` is a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &boosted) } != 0 {
+            return Self(None);
+        }
+        Self(Some((policy, previous)))
+    }
+}
+
+impl Drop for PauseBoost {
+    fn drop(&mut self) {
+        if let Some((policy, previous)) = self.0 {
+            // SAFETY: 0 is the calling thread; `previous` is the parameter
+            // read before the boost.
+            unsafe { libc::sched_setscheduler(0, policy, &previous) };
+        }
+    }
+}
+
 /// A resumed post-copy's first message from the target: the pages it holds
 /// (heartbeats before it are skipped), checked against the guest's size.
 fn read_pages_held(reader: &mut LivenessReader, pages: u64) -> Result<DirtyBitmap, PrimaryError> {
@@ -734,6 +781,7 @@ impl Protection {
         cause: &'static str,
     ) -> Result<(PageBatch, Vec<u8>, EpochMetrics), PrimaryError> {
         let mut phases = CheckpointPhases::default();
+        let _boost = PauseBoost::new();
         let paused = Instant::now();
         vm.pause()?;
         phases.stop = paused.elapsed();

@@ -44,6 +44,9 @@ pub enum BenchCommand {
         /// Also migrate with QEMU.
         #[arg(long)]
         qemu: bool,
+        /// Carry ours in plain text, as QEMU's stream is (default: Noise).
+        #[arg(long)]
+        plaintext: bool,
     },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
@@ -100,8 +103,12 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
-        BenchCommand::Migration { repeat, qemu } => {
-            let report = understudy_bench::migration::migration(repeat, qemu)?;
+        BenchCommand::Migration {
+            repeat,
+            qemu,
+            plaintext,
+        } => {
+            let report = understudy_bench::migration::migration(repeat, qemu, plaintext)?;
             print!("{report}");
             Ok(())
         }
