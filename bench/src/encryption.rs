@@ -21,10 +21,9 @@ use understudy_checkpoint::channel::Channel;
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
 use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence, migrate};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
-use understudy_vm::{VmConfig, memory};
 
 use crate::replication::{Wire, free_address, protected, spawn_secondary};
-use crate::{BenchError, Micros, start};
+use crate::{BenchError, Micros};
 
 /// One measurement, plain and encrypted.
 #[derive(Clone, Debug)]
@@ -107,7 +106,6 @@ fn io(error: std::io::Error) -> BenchError {
 
 /// Migrates a 1 GiB guest of incompressible memory; (seconds, MB/s).
 fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
-    const MEMORY: u64 = 1 << 30;
     let (primary_security, secondary_security) = wire.pair();
     let address = free_address()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -119,16 +117,7 @@ fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
         ..HeartbeatPolicy::default()
     };
     let target = spawn_secondary(address, secondary_security, heartbeat, stop.clone());
-    let mut vm = start(VmConfig::new(MEMORY, 1), "idle")?;
-    // The idle guest lives in the first megabytes: fill the rest.
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut address_in_guest = 64u64 << 20;
-    while address_in_guest < MEMORY {
-        incompressible(&mut chunk, address_in_guest);
-        memory::write(vm.memory(), address_in_guest, &chunk)
-            .map_err(|error| BenchError::Replication(error.to_string()))?;
-        address_in_guest += chunk.len() as u64;
-    }
+    let mut vm = crate::migration::filled_guest("idle")?;
     // Let the secondary listen.
     std::thread::sleep(Duration::from_millis(200));
     let options = MigrationOptions {

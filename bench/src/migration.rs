@@ -139,7 +139,7 @@ pub fn migration(
 
 /// A guest of 1 GiB whose memory above the guest's own is incompressible,
 /// running `workload`.
-fn filled_guest(workload: &str) -> Result<Vm, BenchError> {
+pub(crate) fn filled_guest(workload: &str) -> Result<Vm, BenchError> {
     let vm = start(VmConfig::new(MEMORY, 1), workload)?;
     let mut chunk = vec![0u8; 1 << 20];
     let mut address = FILL_FROM;

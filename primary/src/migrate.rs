@@ -301,25 +301,15 @@ fn run(
             }
             Ok(())
         };
-        let pages = if round == 1 {
-            link.send_all_pages(vm, &mut throttled)?
-        } else {
-            link.send_dirty_pages(vm, &mut throttled)?
-        };
-        link.drain()?;
-        total_pages += pages as u64;
-        let seconds = round_started.elapsed().as_secs_f64().max(1e-6);
-        let bytes_per_second = (pages.max(1) as f64 * PAGE_BYTES) / seconds;
-        let left = vm_dirty_count(vm)?;
-        let estimated = Duration::from_secs_f64(left as f64 * PAGE_BYTES / bytes_per_second);
-        progress(&Round {
-            round,
+        let done = precopy_round(vm, link, round, throttle, &mut throttled)?;
+        progress(&done);
+        let Round {
             pages,
             pages_left: left,
-            bytes_per_second,
             estimated_downtime: estimated,
-            throttle,
-        });
+            ..
+        } = done;
+        total_pages += pages as u64;
         if estimated <= options.max_downtime {
             break;
         }
@@ -391,26 +381,10 @@ fn switch_over(
     let mut previous_left = usize::MAX;
     while hybrid && rounds < HYBRID_MAX_ROUNDS {
         rounds += 1;
-        let round_started = Instant::now();
-        let sent = if rounds == 1 {
-            link.send_all_pages(vm, |_| Ok(()))?
-        } else {
-            link.send_dirty_pages(vm, |_| Ok(()))?
-        };
-        link.drain()?;
-        pages += sent as u64;
-        let seconds = round_started.elapsed().as_secs_f64().max(1e-6);
-        let bytes_per_second = (sent.max(1) as f64 * PAGE_BYTES) / seconds;
-        let left = vm_dirty_count(vm)?;
-        let estimated = Duration::from_secs_f64(left as f64 * PAGE_BYTES / bytes_per_second);
-        progress(&Round {
-            round: rounds,
-            pages: sent,
-            pages_left: left,
-            bytes_per_second,
-            estimated_downtime: estimated,
-            throttle: 0.0,
-        });
+        let done = precopy_round(vm, link, rounds, 0.0, |_| Ok(()))?;
+        progress(&done);
+        pages += done.pages as u64;
+        let (left, estimated) = (done.pages_left, done.estimated_downtime);
         let shrinking = (left as f64) < previous_left as f64 * 0.5;
         if estimated <= options.max_downtime
             || !shrinking
@@ -440,6 +414,36 @@ fn switch_over(
 
 /// Most pre-copy rounds of a hybrid migration before it switches.
 const HYBRID_MAX_ROUNDS: u32 = 5;
+
+/// One pre-copy round: all of memory (round 1) or the pages dirtied since
+/// the last, drained end to end (`Sync`); what it achieved and what
+/// stopping now would cost. `between_chunks` runs after each chunk.
+fn precopy_round(
+    vm: &mut Vm,
+    link: &mut Protection,
+    round: u32,
+    throttle: f64,
+    between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+) -> Result<Round, PrimaryError> {
+    let started = Instant::now();
+    let pages = if round == 1 {
+        link.send_all_pages(vm, between_chunks)?
+    } else {
+        link.send_dirty_pages(vm, between_chunks)?
+    };
+    link.drain()?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    let bytes_per_second = (pages.max(1) as f64 * PAGE_BYTES) / seconds;
+    let left = vm_dirty_count(vm)?;
+    Ok(Round {
+        round,
+        pages,
+        pages_left: left,
+        bytes_per_second,
+        estimated_downtime: Duration::from_secs_f64(left as f64 * PAGE_BYTES / bytes_per_second),
+        throttle,
+    })
+}
 
 /// Pages dirty right now, without taking them: harvest, count, put back.
 fn vm_dirty_count(vm: &Vm) -> Result<usize, PrimaryError> {
