@@ -300,15 +300,18 @@ fn output_after_the_state_is_staged() {
     assert_eq!(action, Action::StageOutput(vec![2; 60]));
 }
 
+/// `message` written alone and read back.
+fn sent_and_read(message: &Message) -> Result<Envelope, ProtocolError> {
+    let mut bytes = Vec::new();
+    Sender::new()
+        .send(&mut bytes, 0, message)
+        .expect("write to a Vec");
+    read_message(&mut bytes.as_slice())
+}
+
 #[test]
 fn an_empty_input_frame_is_malformed() {
-    let mut sender = Sender::new();
-    let mut bytes = Vec::new();
-    sender
-        .send(&mut bytes, 0, &Message::Input(Vec::new()))
-        .expect("write to a Vec");
-
-    let result = read_message(&mut bytes.as_slice());
+    let result = sent_and_read(&Message::Input(Vec::new()));
 
     assert!(matches!(result, Err(ProtocolError::Malformed { .. })));
 }
@@ -485,13 +488,14 @@ fn a_discard_before_the_state_is_passed_on() {
 
 #[test]
 fn an_empty_discard_is_malformed() {
-    let mut sender = Sender::new();
-    let mut bytes = Vec::new();
-    sender
-        .send(&mut bytes, 0, &Message::Discard(Vec::new()))
-        .expect("write to a Vec");
+    let result = sent_and_read(&Message::Discard(Vec::new()));
 
-    let result = read_message(&mut bytes.as_slice());
+    assert!(matches!(result, Err(ProtocolError::Malformed { .. })));
+}
+
+#[test]
+fn a_bitmap_of_a_partial_word_is_malformed() {
+    let result = sent_and_read(&Message::PagesHeld(vec![0xff; 5]));
 
     assert!(matches!(result, Err(ProtocolError::Malformed { .. })));
 }
