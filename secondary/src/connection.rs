@@ -402,7 +402,14 @@ fn run_postcopy(
     let pages = loop {
         let error = match result {
             Ok(received) => break Ok(received),
-            Err(error) if resumed.is_err() || !resumable(&error) => break Err(error),
+            // Told to stop: the guest stops here (the source keeps its copy).
+            Err(error)
+                if resumed.is_err()
+                    || link.stop.load(std::sync::atomic::Ordering::Relaxed)
+                    || !resumable(&error) =>
+            {
+                break Err(error);
+            }
             Err(error) => error,
         };
         tracing::warn!(
@@ -472,14 +479,15 @@ fn run_postcopy(
 }
 
 /// Whether a broken page epoch may be resumed on a new connection: the
-/// link failed, stalled or was closed; not when this side failed or was
-/// told to stop.
+/// link failed, stalled or was closed by the source; not when this side
+/// failed (a page it could not install) or the peer sent what it must not.
 fn resumable(error: &ConnectionError) -> bool {
-    match error {
-        ConnectionError::Protocol(_) | ConnectionError::NoProgress(_) => true,
-        ConnectionError::Postcopy(_) => !error.to_string().contains("stopped on request"),
-        _ => false,
-    }
+    matches!(
+        error,
+        ConnectionError::Protocol(_)
+            | ConnectionError::NoProgress(_)
+            | ConnectionError::Postcopy(_)
+    )
 }
 
 /// A resumed post-copy's connection, owned by the page reader.
