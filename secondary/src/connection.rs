@@ -130,18 +130,15 @@ pub(crate) fn serve_connection(
         hello,
         peer,
     } = greeted;
-    let sender = LinkSender::new(channel.writer, heartbeat.progress).map_err(ProtocolError::Io)?;
-    let mut reader = LivenessReader::new(channel.reader, heartbeat).map_err(ProtocolError::Io)?;
-    reader.limit_payload(MAX_PAYLOAD_BEFORE_WELCOME);
-    let stop_heartbeats = Arc::new(AtomicBool::new(false));
-    let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
+    let heartbeat_keys = channel.heartbeat_keys;
+    let mut opened = Link::open(channel, heartbeat)?;
     let mut link = Connection {
-        reader: &mut reader,
-        sender: &sender,
+        reader: &mut opened.reader,
+        sender: &opened.sender,
         peer,
         udp,
         heartbeat,
-        heartbeat_keys: channel.heartbeat_keys,
+        heartbeat_keys,
         udp_heartbeats: None,
         ack_delay: options.ack_delay,
         witness: options.witness.as_ref(),
@@ -155,24 +152,83 @@ pub(crate) fn serve_connection(
     // The heartbeat threads notice their stop flags within an interval;
     // nobody waits for them, so a takeover starts at once.
     drop(link.udp_heartbeats.take());
-    stop_heartbeats.store(true, std::sync::atomic::Ordering::Relaxed);
+    opened.stop_heartbeats();
     if let Err(error) = &result {
         // Tell a live primary why it is being dropped.
-        let _ = sender.send(0, &Message::Goodbye(anyhow_chain(error)));
+        let _ = opened
+            .sender
+            .send(0, &Message::Goodbye(anyhow_chain(error)));
     }
-    sender.shutdown();
-    drop(heartbeats);
+    opened.sender.shutdown();
     match result {
         Err(ConnectionError::Protocol(error)) if is_peer_lost(&error) => Ok(Ended::Lost {
-            last_heard: reader.last_progress(),
+            last_heard: opened.reader.last_progress(),
             reason: anyhow_chain(&error),
         }),
         Err(error @ ConnectionError::NoProgress(_)) => Ok(Ended::Lost {
-            last_heard: reader.last_progress(),
+            last_heard: opened.reader.last_progress(),
             reason: anyhow_chain(&error),
         }),
         other => other,
     }
+}
+
+/// A greeted connection's two halves, its TCP heartbeats running; dropping
+/// it stops them and shuts the socket down.
+struct Link {
+    sender: LinkSender,
+    reader: LivenessReader,
+    stop_heartbeats: Arc<AtomicBool>,
+    _heartbeats: std::thread::JoinHandle<()>,
+}
+
+impl Link {
+    /// Opens `channel`'s halves and starts heartbeats on it; the reader
+    /// takes nothing larger than a `Hello` until its owner sends `Welcome`.
+    fn open(channel: Channel, heartbeat: HeartbeatPolicy) -> Result<Self, ConnectionError> {
+        let sender =
+            LinkSender::new(channel.writer, heartbeat.progress).map_err(ProtocolError::Io)?;
+        let mut reader =
+            LivenessReader::new(channel.reader, heartbeat).map_err(ProtocolError::Io)?;
+        reader.limit_payload(MAX_PAYLOAD_BEFORE_WELCOME);
+        let stop_heartbeats = Arc::new(AtomicBool::new(false));
+        let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
+        Ok(Self {
+            sender,
+            reader,
+            stop_heartbeats,
+            _heartbeats: heartbeats,
+        })
+    }
+
+    /// Stops the heartbeats (the thread notices within an interval).
+    fn stop_heartbeats(&self) {
+        self.stop_heartbeats
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop_heartbeats();
+        self.sender.shutdown();
+    }
+}
+
+/// Starts UDP heartbeats with the peer at `peer_ip` for `vm_id`, and lets
+/// `reader` count them as signs of life.
+fn udp_heartbeats(
+    udp: &UdpSocket,
+    reader: &mut LivenessReader,
+    peer_ip: std::net::IpAddr,
+    vm_id: u64,
+    heartbeat: HeartbeatPolicy,
+    keys: Option<HeartbeatKeys>,
+) -> Result<Heartbeats, ConnectionError> {
+    let heartbeats =
+        Heartbeats::to_primary(udp, peer_ip, vm_id, heartbeat, keys).map_err(ProtocolError::Io)?;
+    reader.hear(heartbeats.heard());
+    Ok(heartbeats)
 }
 
 /// One primary's connection, as `receive` uses it.
@@ -220,34 +276,25 @@ fn receive(
         return Ok(Ended::Closed(format!("refused the source: {reason}")));
     }
     let backup = slot.insert(Backup::create(&hello)?);
-    let udp_heartbeats = Heartbeats::to_primary(
+    link.udp_heartbeats = Some(udp_heartbeats(
         link.udp,
+        link.reader,
         link.peer.ip(),
         hello.vm_id,
         link.heartbeat,
         link.heartbeat_keys,
-    )
-    .map_err(ProtocolError::Io)?;
-    link.reader.hear(udp_heartbeats.heard());
-    link.udp_heartbeats = Some(udp_heartbeats);
+    )?);
     link.sender.send(0, &Message::Welcome)?;
     link.reader.limit_payload(MAX_PAYLOAD);
-    let hello_copy = hello.clone();
-    let store_pages = hello.store_pages;
-    let checkpoint_interval = hello.checkpoint_interval;
     report(&SecondaryEvent::Connected {
         peer: link.peer,
-        hello,
+        hello: hello.clone(),
     });
-    let decoder = Decoder::bounded(usize_from(u64::from(store_pages)), backup.guest_pages());
-    receive_epochs(
-        link,
-        receiver,
-        backup,
-        decoder,
-        (&hello_copy, checkpoint_interval),
-        report,
-    )
+    let decoder = Decoder::bounded(
+        usize_from(u64::from(hello.store_pages)),
+        backup.guest_pages(),
+    );
+    receive_epochs(link, receiver, backup, decoder, &hello, report)
 }
 
 /// After `Hello`: epochs until the primary leaves or is lost, or a migration
@@ -257,10 +304,10 @@ fn receive_epochs(
     receiver: &mut Receiver,
     backup: &mut Backup,
     mut decoder: Decoder,
-    (hello, checkpoint_interval): (&Hello, Duration),
+    hello: &Hello,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
-    let purpose = hello.purpose;
+    let (purpose, checkpoint_interval) = (hello.purpose, hello.checkpoint_interval);
     let sender = link.sender;
     let mut staging = Staging::default();
     let mut decoded = PageBatch::new();
@@ -360,7 +407,8 @@ fn run_postcopy(
     hello: &Hello,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Ended, ConnectionError> {
-    let arrivals = Arc::new(Arrivals::new(backup.guest_pages(), link.sender.clone()));
+    let guest_pages = backup.guest_pages();
+    let arrivals = Arc::new(Arrivals::new(guest_pages, link.sender.clone()));
     backup.forget_writes()?;
     let handler = FaultHandler::start(
         backup.memory(),
@@ -369,8 +417,7 @@ fn run_postcopy(
         },
     )?;
     let installer = handler.installer();
-    let guest_pages = backup.guest_pages();
-    let (resumed, first) = std::thread::scope(|scope| {
+    let (running, first) = std::thread::scope(|scope| {
         // Reads pages while the guest's state is restored (which faults).
         let pages = scope.spawn(|| {
             receive_pages(
@@ -383,8 +430,8 @@ fn run_postcopy(
                 link.stop,
             )
         });
-        let resumed = backup.run_now(link.tap);
-        if resumed.is_err() {
+        let running = backup.run_now(link.tap);
+        if running.is_err() {
             // Wakes the page reader: nothing more to wait for.
             link.sender.shutdown();
         }
@@ -393,7 +440,7 @@ fn run_postcopy(
                 "the page reader panicked".to_owned(),
             ))
         });
-        (resumed, pages)
+        (running, pages)
     });
     // A broken connection: the guest runs on while the source comes back.
     let mut reconnections = 0u32;
@@ -402,9 +449,11 @@ fn run_postcopy(
     let pages = loop {
         let error = match result {
             Ok(received) => break Ok(received),
-            // Told to stop: the guest stops here (the source keeps its copy).
+            // The guest did not run, this target was told to stop, or the
+            // failure was its own: the guest stops here (the source keeps
+            // its copy).
             Err(error)
-                if resumed.is_err()
+                if running.is_err()
                     || link.stop.load(std::sync::atomic::Ordering::Relaxed)
                     || !resumable(&error) =>
             {
@@ -417,35 +466,34 @@ fn run_postcopy(
             window = ?link.postcopy_recovery,
             "the post-copy's connection broke; the guest runs on and waits for the source to resume it"
         );
-        if let Some(broken) = current.take() {
-            broken.close();
-        }
+        // The broken connection's heartbeats stop, its socket closes.
+        drop(current.take());
         let mut next = match wait_for_resume(link, hello, &arrivals, &error) {
             Ok(next) => next,
             Err(error) => break Err(error),
         };
-        arrivals.replace_link(next.sender.clone());
+        arrivals.replace_link(next.link.sender.clone());
         reconnections += 1;
         let mut decoder = Decoder::bounded(usize_from(u64::from(next.store_pages)), guest_pages);
         result = receive_pages(
-            &mut next.reader,
+            &mut next.link.reader,
             &mut next.receiver,
             &mut decoder,
             &installer,
             &arrivals,
-            &next.sender,
+            &next.link.sender,
             link.stop,
         );
         current = Some(next);
     };
     let pages = pages.map(|received| (received, current));
     arrivals.end(pages.as_ref().err().map(|error| anyhow_chain(error)));
-    if resumed.is_err() || pages.is_err() {
+    if running.is_err() || pages.is_err() {
         // Its missing pages will never come: the guest must not run on.
         backup.stop_guest();
     }
     let counts = handler.finish();
-    resumed?;
+    running?;
     let (received, resumed_link) = pages?;
     let counts = counts?;
     let (verified_pages, written_here) = match &received.hashes {
@@ -457,7 +505,7 @@ fn run_postcopy(
     };
     let sender = resumed_link
         .as_ref()
-        .map_or(link.sender, |resumed| &resumed.sender);
+        .map_or(link.sender, |resumed| &resumed.link.sender);
     answer(sender, 1, &Message::Ack);
     let summary = PostcopyReport {
         pages: received.pages,
@@ -471,10 +519,9 @@ fn run_postcopy(
     };
     tracing::info!(?summary, "post-copy complete: every page is here");
     report(&SecondaryEvent::PostcopyComplete(summary));
-    if let Some(resumed) = resumed_link {
-        // The source closes once it has the acknowledgement.
-        resumed.close();
-    }
+    // A resumed connection closes here (the source closes once it has the
+    // acknowledgement).
+    drop(resumed_link);
     Ok(Ended::MigratedIn)
 }
 
@@ -490,28 +537,12 @@ fn resumable(error: &ConnectionError) -> bool {
     )
 }
 
-/// A resumed post-copy's connection, owned by the page reader.
+/// A resumed post-copy's connection.
 struct ResumedLink {
-    sender: LinkSender,
-    reader: LivenessReader,
+    link: Link,
     receiver: Receiver,
     store_pages: u32,
-    stop_heartbeats: Arc<AtomicBool>,
-    _heartbeats: std::thread::JoinHandle<()>,
     _udp_heartbeats: Heartbeats,
-}
-
-impl ResumedLink {
-    fn close(self) {}
-}
-
-impl Drop for ResumedLink {
-    fn drop(&mut self) {
-        // The heartbeat threads notice within an interval; nobody waits.
-        self.stop_heartbeats
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.sender.shutdown();
-    }
 }
 
 /// Waits, for the recovery window, for the source of `hello`'s VM to
@@ -576,7 +607,8 @@ fn resume_on(
         peer,
     } = greeted;
     let heartbeat = link.heartbeat;
-    let sender = LinkSender::new(channel.writer, heartbeat.progress).map_err(ProtocolError::Io)?;
+    let heartbeat_keys = channel.heartbeat_keys;
+    let mut opened = Link::open(channel, heartbeat)?;
     let same_vm = offered.purpose == Purpose::PostcopyResume
         && offered.vm_id == hello.vm_id
         && offered.memory_bytes == hello.memory_bytes
@@ -590,54 +622,31 @@ fn resume_on(
         ))
     };
     if let Err(reason) = checked {
-        let _ = sender.send(0, &Message::Refuse(reason.clone()));
-        sender.shutdown();
+        let _ = opened.sender.send(0, &Message::Refuse(reason.clone()));
         return Err(ConnectionError::Postcopy(reason));
     }
-    let mut reader = LivenessReader::new(channel.reader, heartbeat).map_err(ProtocolError::Io)?;
-    let stop_heartbeats = Arc::new(AtomicBool::new(false));
-    let heartbeats = sender.start_heartbeats(heartbeat, stop_heartbeats.clone());
-    let udp_heartbeats = Heartbeats::to_primary(
+    let udp_heartbeats = udp_heartbeats(
         link.udp,
+        &mut opened.reader,
         peer.ip(),
         offered.vm_id,
         heartbeat,
-        channel.heartbeat_keys,
-    )
-    .map_err(ProtocolError::Io)?;
-    reader.hear(udp_heartbeats.heard());
-    let resumed = ResumedLink {
-        sender,
-        reader,
-        receiver: {
-            // Epoch 0 was committed on the connection that broke.
-            receiver.resume_after(0);
-            receiver
-        },
+        heartbeat_keys,
+    )?;
+    opened.sender.send(0, &Message::Welcome)?;
+    opened
+        .sender
+        .send(0, &Message::PagesHeld(arrivals.held()))?;
+    opened.reader.limit_payload(MAX_PAYLOAD);
+    // Epoch 0 was committed on the connection that broke.
+    receiver.resume_after(0);
+    tracing::info!(%peer, "the source resumed the post-copy");
+    Ok(ResumedLink {
+        link: opened,
+        receiver,
         store_pages: offered.store_pages,
-        stop_heartbeats,
-        _heartbeats: heartbeats,
         _udp_heartbeats: udp_heartbeats,
-    };
-    let greeted = (|| {
-        resumed.sender.send(0, &Message::Welcome)?;
-        resumed
-            .sender
-            .send(0, &Message::PagesHeld(arrivals.held()))?;
-        Ok::<(), ProtocolError>(())
-    })();
-    match greeted {
-        Ok(()) => {
-            let mut resumed = resumed;
-            resumed.reader.limit_payload(MAX_PAYLOAD);
-            tracing::info!(%peer, "the source resumed the post-copy");
-            Ok(resumed)
-        }
-        Err(error) => {
-            resumed.close();
-            Err(error.into())
-        }
-    }
+    })
 }
 
 /// With a witness: the primary must be the VM's owner, proposing the next
