@@ -183,17 +183,12 @@ fn read_pages_held(reader: &mut LivenessReader, pages: u64) -> Result<DirtyBitma
     loop {
         match reader.receive()?.message {
             Message::PagesHeld(bytes) => {
-                let words: Vec<u64> = bytes
-                    .chunks_exact(8)
-                    .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
-                    .collect();
-                if words.len() as u64 != pages.div_ceil(64) {
-                    return Err(PrimaryError::Refused(format!(
+                return DirtyBitmap::from_le_bytes(&bytes, usize_from(pages)).ok_or_else(|| {
+                    PrimaryError::Refused(format!(
                         "the target reported {} pages held for a guest of {pages} pages",
-                        words.len() * 64
-                    )));
-                }
-                return Ok(DirtyBitmap::from_words(words, usize_from(pages)));
+                        bytes.len() * 8
+                    ))
+                });
             }
             Message::Heartbeat(_) => {}
             Message::Goodbye(reason) => return Err(PrimaryError::Refused(reason)),

@@ -91,12 +91,7 @@ impl Arrivals {
 
     /// The pages here, as `PagesHeld` carries them.
     pub fn held(&self) -> Vec<u8> {
-        self.lock()
-            .0
-            .words()
-            .iter()
-            .flat_map(|word| word.to_le_bytes())
-            .collect()
+        self.lock().0.to_le_bytes()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (DirtyBitmap, Progress)> {

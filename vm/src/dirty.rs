@@ -78,6 +78,28 @@ impl DirtyBitmap {
         Self { words, pages }
     }
 
+    /// The words as little-endian bytes (how the replication protocol
+    /// carries a bitmap).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect()
+    }
+
+    /// A bitmap for `pages` pages from [`Self::to_le_bytes`]'s bytes, if
+    /// they are exactly its words.
+    pub fn from_le_bytes(bytes: &[u8], pages: usize) -> Option<Self> {
+        if bytes.len() != pages.div_ceil(64) * 8 {
+            return None;
+        }
+        let words = bytes
+            .chunks_exact(8)
+            .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
+            .collect();
+        Some(Self::from_words(words, pages))
+    }
+
     /// Number of pages the bitmap covers.
     pub fn len(&self) -> usize {
         self.pages
@@ -296,6 +318,18 @@ mod tests {
     fn from_words_masks_bits_past_the_end() {
         let bitmap = DirtyBitmap::from_words(vec![u64::MAX], 10);
         assert_eq!(bitmap.count(), 10);
+    }
+
+    #[test]
+    fn a_bitmap_survives_its_bytes_and_refuses_a_wrong_length() {
+        let mut bitmap = DirtyBitmap::new(130);
+        bitmap.set(0);
+        bitmap.set(129);
+
+        let bytes = bitmap.to_le_bytes();
+
+        assert_eq!(DirtyBitmap::from_le_bytes(&bytes, 130), Some(bitmap));
+        assert_eq!(DirtyBitmap::from_le_bytes(&bytes, 200), None);
     }
 
     #[test]
