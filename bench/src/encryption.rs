@@ -13,16 +13,12 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::channel::Channel;
-use understudy_checkpoint::heartbeat::HeartbeatPolicy;
-use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence, migrate};
-use understudy_primary::{EpochPolicy, PrimaryOptions};
+use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence};
 
-use crate::replication::{Wire, free_address, protected, spawn_secondary};
+use crate::replication::{Wire, protected};
 use crate::{BenchError, Micros};
 
 /// One measurement, plain and encrypted.
@@ -106,56 +102,20 @@ fn io(error: std::io::Error) -> BenchError {
 
 /// Migrates a 1 GiB guest of incompressible memory; (seconds, MB/s).
 fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
-    let (primary_security, secondary_security) = wire.pair();
-    let address = free_address()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Both ends of a full-speed migration share this machine's two cores:
-    // a generous heartbeat timeout keeps a starved heartbeat from ending
-    // the measurement (failure detection is not what is measured here).
-    let heartbeat = HeartbeatPolicy {
-        misses: 40,
-        ..HeartbeatPolicy::default()
-    };
-    let target = spawn_secondary(address, secondary_security, heartbeat, stop.clone());
-    let mut vm = crate::migration::filled_guest("idle")?;
+    let vm = crate::migration::filled_guest("idle")?;
     // Let the secondary listen.
-    std::thread::sleep(Duration::from_millis(200));
-    let options = MigrationOptions {
-        mode: MigrationMode::Precopy,
-        link: PrimaryOptions {
-            secondary: address,
-            epoch: EpochPolicy {
-                target: Duration::from_millis(25),
-                min: Duration::from_millis(25),
-                max_pause: Duration::from_secs(1),
-                idle: Duration::ZERO,
-            },
-            codec: "raw".parse().expect("a valid codec"),
-            heartbeat,
-            verify: false,
-            precopy_rounds: u32::MAX,
-            max_bandwidth: None,
-            security: primary_security,
-        },
-        max_downtime: Duration::from_millis(300),
-        deadline: Duration::from_secs(120),
-        on_no_convergence: NoConvergence::Abort,
-        postcopy_recovery: Duration::ZERO,
-    };
-    let summary = migrate(&mut vm, &options, 99, |_| {}).map_err(|error| {
-        BenchError::Replication(format!("migration failed: {:#}", anyhow::Error::new(error)))
-    })?;
-    stop.store(true, Ordering::Relaxed);
-    let arrived = target
-        .join()
-        .map_err(|_| BenchError::Replication("the target panicked".to_owned()))?
-        .map_err(|error| BenchError::Replication(error.to_string()))?
-        .map(|arrived| arrived.migrated);
-    if arrived != Some(true) {
-        return Err(BenchError::Replication(
-            "the guest did not arrive on the target".to_owned(),
-        ));
-    }
+    let raw = "raw".parse().expect("a valid codec");
+    let (summary, _) =
+        crate::migration::migrate_in_process(wire, vm, Duration::from_millis(200), raw, |link| {
+            MigrationOptions {
+                mode: MigrationMode::Precopy,
+                link,
+                max_downtime: Duration::from_millis(300),
+                deadline: Duration::from_secs(120),
+                on_no_convergence: NoConvergence::Abort,
+                postcopy_recovery: Duration::ZERO,
+            }
+        })?;
     let seconds = summary.total.as_secs_f64();
     Ok((seconds, summary.wire_bytes as f64 / seconds / 1e6))
 }

@@ -26,7 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::heartbeat::HeartbeatPolicy;
-use understudy_primary::migrate::{MigrationMode, MigrationOptions, NoConvergence, migrate};
+use understudy_compress::CodecSpec;
+use understudy_primary::migrate::{
+    MigrationMode, MigrationOptions, MigrationSummary, NoConvergence, migrate,
+};
 use understudy_primary::{EpochPolicy, PrimaryOptions};
 use understudy_secondary::{PostcopyReport, SecondaryEvent};
 use understudy_vm::{Vm, VmConfig, memory};
@@ -159,83 +162,28 @@ fn one_migration(
     mode: MigrationMode,
     codec: &str,
 ) -> Result<MigrationRow, BenchError> {
-    let (primary_security, secondary_security) = wire.pair();
-    let address = free_address()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Both ends share this machine's two cores: a generous heartbeat
-    // timeout keeps a starved heartbeat from ending the measurement.
-    let heartbeat = HeartbeatPolicy {
-        misses: 40,
-        ..HeartbeatPolicy::default()
-    };
-    let postcopy_report = Arc::new(Mutex::new(None));
-    let target = {
-        let postcopy_report = postcopy_report.clone();
-        spawn_secondary_reporting(
-            address,
-            secondary_security,
-            heartbeat,
-            stop.clone(),
-            move |event| {
-                if let SecondaryEvent::PostcopyComplete(done) = event
-                    && let Ok(mut slot) = postcopy_report.lock()
-                {
-                    *slot = Some(done.clone());
-                }
-            },
-        )
-    };
-    let mut vm = filled_guest(workload)?;
+    let spec = codec
+        .parse()
+        .map_err(|error| BenchError::Replication(format!("{codec}: {error}")))?;
+    let vm = filled_guest(workload)?;
     // Let the guest get going (and the target listen).
-    std::thread::sleep(Duration::from_secs(1));
-    let options = MigrationOptions {
-        mode,
-        link: PrimaryOptions {
-            secondary: address,
-            epoch: EpochPolicy {
-                target: Duration::from_millis(25),
-                min: Duration::from_millis(25),
-                max_pause: Duration::from_secs(1),
-                idle: Duration::ZERO,
-            },
-            codec: codec
-                .parse()
-                .map_err(|error| BenchError::Replication(format!("{codec}: {error}")))?,
-            heartbeat,
-            verify: false,
-            precopy_rounds: u32::MAX,
-            max_bandwidth: None,
-            security: primary_security,
-        },
-        max_downtime: Duration::from_millis(30),
-        deadline: Duration::from_secs(120),
-        on_no_convergence: NoConvergence::Throttle,
-        postcopy_recovery: Duration::ZERO,
-    };
-    let summary = migrate(&mut vm, &options, 99, |_| {}).map_err(|error| {
-        BenchError::Replication(format!("migration failed: {:#}", anyhow::Error::new(error)))
-    });
-    stop.store(true, Ordering::Relaxed);
-    let arrived = target
-        .join()
-        .map_err(|_| BenchError::Replication("the target panicked".to_owned()))?
-        .map_err(|error| BenchError::Replication(error.to_string()))?;
-    let summary = summary?;
-    if arrived.is_none_or(|arrived| !arrived.migrated) {
-        return Err(BenchError::Replication(
-            "the guest did not arrive on the target".to_owned(),
-        ));
-    }
+    let (summary, postcopy_report) =
+        migrate_in_process(wire, vm, Duration::from_secs(1), spec, |link| {
+            MigrationOptions {
+                mode,
+                link,
+                max_downtime: Duration::from_millis(30),
+                deadline: Duration::from_secs(120),
+                on_no_convergence: NoConvergence::Throttle,
+                postcopy_recovery: Duration::ZERO,
+            }
+        })?;
     let postcopy = match mode {
         MigrationMode::Precopy => None,
         MigrationMode::Postcopy | MigrationMode::Hybrid => {
-            let target = postcopy_report
-                .lock()
-                .ok()
-                .and_then(|mut slot| slot.take())
-                .ok_or_else(|| {
-                    BenchError::Replication("the target reported no post-copy".to_owned())
-                })?;
+            let target = postcopy_report.ok_or_else(|| {
+                BenchError::Replication("the target reported no post-copy".to_owned())
+            })?;
             Some(PostcopyNumbers {
                 missing: summary.postcopy_pages,
                 requested: summary.requested_pages,
@@ -259,6 +207,76 @@ fn one_migration(
         rounds: summary.rounds,
         postcopy,
     })
+}
+
+/// Migrates `vm` to a target in this process over `wire` with `codec`,
+/// `settle` after the target started; `options` wraps the link's settings
+/// (address, security, heartbeats with a generous timeout: both ends share
+/// this machine's cores, and failure detection is not what is measured).
+/// Returns the summary and the target's post-copy report, if any.
+pub(crate) fn migrate_in_process(
+    wire: Wire,
+    mut vm: Vm,
+    settle: Duration,
+    codec: CodecSpec,
+    options: impl FnOnce(PrimaryOptions) -> MigrationOptions,
+) -> Result<(MigrationSummary, Option<PostcopyReport>), BenchError> {
+    let (primary_security, secondary_security) = wire.pair();
+    let address = free_address()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = HeartbeatPolicy {
+        misses: 40,
+        ..HeartbeatPolicy::default()
+    };
+    let postcopy_report = Arc::new(Mutex::new(None));
+    let target = {
+        let postcopy_report = postcopy_report.clone();
+        spawn_secondary_reporting(
+            address,
+            secondary_security,
+            heartbeat,
+            stop.clone(),
+            move |event| {
+                if let SecondaryEvent::PostcopyComplete(done) = event
+                    && let Ok(mut slot) = postcopy_report.lock()
+                {
+                    *slot = Some(done.clone());
+                }
+            },
+        )
+    };
+    std::thread::sleep(settle);
+    let options = options(PrimaryOptions {
+        secondary: address,
+        epoch: EpochPolicy {
+            target: Duration::from_millis(25),
+            min: Duration::from_millis(25),
+            max_pause: Duration::from_secs(1),
+            idle: Duration::ZERO,
+        },
+        codec,
+        heartbeat,
+        verify: false,
+        precopy_rounds: u32::MAX,
+        max_bandwidth: None,
+        security: primary_security,
+    });
+    let summary = migrate(&mut vm, &options, 99, |_| {}).map_err(|error| {
+        BenchError::Replication(format!("migration failed: {:#}", anyhow::Error::new(error)))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let arrived = target
+        .join()
+        .map_err(|_| BenchError::Replication("the target panicked".to_owned()))?
+        .map_err(|error| BenchError::Replication(error.to_string()))?;
+    let summary = summary?;
+    if arrived.is_none_or(|arrived| !arrived.migrated) {
+        return Err(BenchError::Replication(
+            "the guest did not arrive on the target".to_owned(),
+        ));
+    }
+    let report = postcopy_report.lock().ok().and_then(|mut slot| slot.take());
+    Ok((summary, report))
 }
 
 /// Why QEMU could not be measured.
