@@ -6,6 +6,7 @@
 //! their whole chain of causes.
 
 mod cli;
+mod control;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,9 @@ enum Command {
     /// Failover drill: a real Redis client on a protected `kv` guest, the primary killed with
     /// SIGKILL at a random moment; checks no reset, no lost acknowledged write, no early output.
     Drill(cli::drill::DrillArguments),
+    /// Ask a running process (its `--control` socket): status, set, migrate, switchover, stop,
+    /// subscribe.
+    Ctl(cli::ctl::CtlArguments),
     /// Make a key pair for authenticated, encrypted replication (`--key`, `--peer-key`).
     Keygen(cli::keygen::KeygenArguments),
     /// Record memory traces from processes or the built-in guest, and summarise them.
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Secondary(arguments) => cli::replicate::secondary(arguments),
         Command::Migrate(arguments) => cli::migrate::run_migration(arguments),
         Command::Drill(arguments) => cli::drill::drill(arguments),
+        Command::Ctl(arguments) => cli::ctl::ctl(arguments),
         Command::Keygen(arguments) => cli::keygen::keygen(arguments),
         Command::Trace(command) => cli::trace::trace(command),
         Command::Bench(command) => cli::bench::bench(command),

@@ -57,12 +57,16 @@ struct ScriptedPrimary {
 
 impl ScriptedPrimary {
     fn connect(address: &str, vm_id: u64) -> Self {
+        Self::connect_with(address, scripted_hello(vm_id, MEMORY))
+    }
+
+    fn connect_with(address: &str, hello: understudy_checkpoint::protocol::Hello) -> Self {
         let mut primary = Self {
             stream: TcpStream::connect(address).expect("connect to the secondary"),
             sender: Sender::new(),
             encoder: Encoder::new(&"raw".parse::<CodecSpec>().expect("spec")),
         };
-        primary.send(0, &Message::Hello(scripted_hello(vm_id, MEMORY)));
+        primary.send(0, &Message::Hello(hello));
         assert_eq!(primary.receive(), Message::Welcome);
         primary
     }
@@ -252,6 +256,67 @@ fn spawn_listening_secondary(address: &str) -> (Child, Receiver<serde_json::Valu
         "--heartbeat-misses",
         "300",
     ])
+}
+
+/// A scripted migration source whose epoch 0 was acknowledged.
+fn migration_acknowledged(address: &str) -> ScriptedPrimary {
+    let (vm, state) = guest();
+    let mut hello = scripted_hello(9, MEMORY);
+    hello.purpose = understudy_checkpoint::protocol::Purpose::Migrate;
+    let mut source = ScriptedPrimary::connect_with(address, hello);
+    source.epoch(0, &non_zero_pages(&vm), &state, None);
+    source
+}
+
+#[test]
+fn a_migration_whose_source_vanishes_before_the_handover_is_not_resumed() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a migration's epoch 0, applied and acknowledged.
+    let address = free_address();
+    let (mut target, lines) = spawn_listening_secondary(&address);
+    next_event(&lines, "listening");
+    let source = migration_acknowledged(&address);
+
+    // Act: the source vanishes without handing the guest over (it runs on
+    // there: the target must not start a second copy).
+    drop(source);
+
+    // Assert: the connection ends, nothing is resumed.
+    let reasons = disconnects_without_takeover(&lines, 1, Duration::from_secs(1));
+    let _ = target.kill();
+    assert!(
+        reasons[0].contains("before its source handed the guest over"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_migration_handed_over_is_confirmed_and_resumed() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a migration's epoch 0, applied and acknowledged.
+    let address = free_address();
+    let (mut target, lines) = spawn_listening_secondary(&address);
+    next_event(&lines, "listening");
+    let mut source = migration_acknowledged(&address);
+
+    // Act: the handover.
+    source.send(
+        0,
+        &Message::Handover(understudy_checkpoint::protocol::Handover {
+            kept_image: 0,
+            protect_to: String::new(),
+        }),
+    );
+
+    // Assert: confirmed, and the guest resumed as a migration.
+    assert_eq!(source.receive(), Message::TookOver);
+    let resumed = next_event(&lines, "resumed");
+    let _ = target.kill();
+    assert_eq!(resumed["migrated"], true);
 }
 
 #[test]

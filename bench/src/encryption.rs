@@ -114,6 +114,8 @@ fn migration(wire: Wire) -> Result<(f64, f64), BenchError> {
                 deadline: Duration::from_secs(120),
                 on_no_convergence: NoConvergence::Abort,
                 postcopy_recovery: Duration::ZERO,
+                keep_image: false,
+                base_image: 0,
             }
         })?;
     let seconds = summary.total.as_secs_f64();

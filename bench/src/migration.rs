@@ -176,6 +176,8 @@ fn one_migration(
                 deadline: Duration::from_secs(120),
                 on_no_convergence: NoConvergence::Throttle,
                 postcopy_recovery: Duration::ZERO,
+                keep_image: false,
+                base_image: 0,
             }
         })?;
     let postcopy = match mode {

@@ -198,6 +198,7 @@ pub(crate) fn protected(
         // The secondary may take a moment to listen.
         connect_patience: Duration::from_secs(5),
         colo: None,
+        controls: None,
     };
     let mut result = Protected {
         pauses: Vec::new(),

@@ -93,6 +93,7 @@ pub(crate) fn ack_loop(
             Message::PageRequest(page_number) => shared.request_page(page_number),
             Message::Heartbeat(_) => {}
             Message::Synced(token) => shared.synced(token),
+            Message::TookOver => shared.took_over(),
             Message::Goodbye(reason) => {
                 lose(format!("the secondary left: {reason}"));
                 return;

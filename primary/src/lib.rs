@@ -70,7 +70,7 @@ use understudy_vm::progress::ProgressSample;
 pub use fence::FenceError;
 pub use pages::{read_nonzero_pages, read_pages};
 pub use policy::EpochPolicy;
-pub use run::{ColoOptions, RunEnd, RunOptions, run};
+pub use run::{ColoOptions, Controls, Retune, RunEnd, RunOptions, run};
 
 /// A primary that cannot go on protecting.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,9 @@ pub enum PrimaryError {
     /// The secondary was lost (the guest runs on, unprotected).
     #[error("the secondary was lost: {0}")]
     SecondaryLost(String),
+    /// The connection must start again (a new codec): not a failure.
+    #[error("protection restarts: {0}")]
+    Resynchronise(String),
     /// The witness does not let this copy run the guest.
     #[error("fenced")]
     Fenced(#[from] FenceError),

@@ -81,6 +81,15 @@ pub struct MigrationOptions {
     /// connection broke (it keeps the guest running and resumes the page
     /// epoch); zero gives up at once.
     pub postcopy_recovery: Duration,
+    /// Pre-copy: keep this side's memory as an image after the guest left
+    /// (tagged; the summary says with which tag), so that migrating it back
+    /// sends only the pages changed meanwhile. The caller holds on to the
+    /// VM, paused, for as long as it keeps the image.
+    pub keep_image: bool,
+    /// The tag of an image of this guest the target kept (0: none): when
+    /// the target still holds it unchanged, only the pages written here
+    /// since it arrived are sent.
+    pub base_image: u64,
 }
 
 /// One pre-copy round, for progress reports.
@@ -123,6 +132,11 @@ pub struct MigrationSummary {
     pub requested_pages: u64,
     /// Post-copy: connections that broke and were resumed.
     pub reconnections: u32,
+    /// The tag of the image this side keeps (with `keep_image`).
+    pub kept_image: Option<u64>,
+    /// The target built on its kept image (`base_image`): only changed
+    /// pages were sent.
+    pub used_base: bool,
 }
 
 /// Why a migration stopped without switching over.
@@ -142,6 +156,12 @@ pub enum MigrationError {
         #[source]
         source: PrimaryError,
     },
+    /// The handover went out but the target never confirmed it: it may run
+    /// the guest, or not. The guest stays paused here (never two copies).
+    #[error(
+        "the target did not confirm that it took the guest over: it may be running it; the guest stays paused here"
+    )]
+    HandoverUnconfirmed(#[source] PrimaryError),
     /// Pre-copy did not converge and the policy gave up.
     #[error(
         "the guest dirties memory faster than the link carries it ({left} pages left after round {round}, estimated downtime {estimated:?} over the {target:?} target); migration aborted; the guest was never stopped here. Try --on-no-convergence throttle, a higher --max-bandwidth or a longer --max-downtime"
@@ -161,7 +181,12 @@ pub enum MigrationError {
 const PAGE_BYTES: f64 = PAGE_SIZE as f64;
 
 /// Migrates `vm` to the target in `options`; the guest stays paused here on
-/// success (the caller shuts it down) and runs on when the migration fails.
+/// success (the caller shuts it down, or keeps it as the image) and runs on
+/// when the migration fails before the handover: whatever failed (the
+/// target, the link, the deadline, a refusal), the guest is resumed here
+/// and the target never runs it. Only a handover the target did not
+/// confirm ([`MigrationError::HandoverUnconfirmed`]) and a broken post-copy
+/// leave it paused.
 pub fn migrate(
     vm: &mut Vm,
     options: &MigrationOptions,
@@ -184,9 +209,19 @@ pub fn migrate(
         identity,
         purpose,
         options.link.epoch.target,
+        if options.mode == MigrationMode::Precopy {
+            options.base_image
+        } else {
+            0
+        },
     )?;
     if options.mode == MigrationMode::Precopy {
         let result = run(vm, &mut link, options, started, &mut progress);
+        if !matches!(result, Ok(_) | Err(MigrationError::HandoverUnconfirmed(_))) {
+            // Never handed over: the guest is this side's, whatever failed.
+            vm.forget_mark();
+            vm.resume().map_err(PrimaryError::from)?;
+        }
         link.close(match &result {
             Ok(_) => "migration complete",
             Err(_) => "migration aborted",
@@ -199,6 +234,10 @@ pub fn migrate(
         Ok(switched) => switched,
         Err(error) => {
             link.close("migration aborted");
+            if !matches!(error, MigrationError::HandoverUnconfirmed(_)) {
+                // Pre-copy rounds of a hybrid: the guest never left.
+                vm.resume().map_err(PrimaryError::from)?;
+            }
             return Err(error);
         }
     };
@@ -248,6 +287,7 @@ fn reconnect(
             identity,
             Purpose::PostcopyResume,
             options.link.epoch.target,
+            0,
         ) {
             Ok(mut link) => {
                 let held = link.take_pages_held().ok_or_else(|| {
@@ -347,6 +387,19 @@ fn run(
     let metrics = link.finish_initial_copy(vm, false, |_| {})?;
     total_pages += metrics.dirty_pages as u64;
     link.wait_acknowledged(0)?;
+    // The commit: until the target reads the handover it never runs the
+    // guest, so any failure up to here resumes it on this side.
+    let kept_image = if options.keep_image {
+        // Counted from now: anything that writes this memory while it is
+        // kept (a device) makes the image unusable.
+        vm.mark_image().map_err(PrimaryError::from)?;
+        Some(image_tag())
+    } else {
+        None
+    };
+    link.send_handover(kept_image.unwrap_or(0), String::new())?;
+    link.wait_took_over()
+        .map_err(MigrationError::HandoverUnconfirmed)?;
     let downtime = paused.elapsed();
     Ok(MigrationSummary {
         total: started.elapsed(),
@@ -358,7 +411,24 @@ fn run(
         postcopy_pages: 0,
         requested_pages: 0,
         reconnections: 0,
+        kept_image,
+        used_base: link.builds_on_base(),
     })
+}
+
+/// A fresh tag for a kept image: never 0, unlikely to repeat.
+fn image_tag() -> u64 {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let mixed = xxhash_rust::xxh3::xxh3_64(
+        &[
+            clock.to_le_bytes().as_slice(),
+            &std::process::id().to_le_bytes(),
+        ]
+        .concat(),
+    );
+    mixed.max(1)
 }
 
 /// Until the target runs the guest: in a hybrid migration, pre-copy
@@ -395,8 +465,13 @@ fn switch_over(
         previous_left = left;
     }
     let paused = Instant::now();
-    let switchover = link.switch_to_postcopy(vm, hybrid)?;
-    link.wait_acknowledged(0)?;
+    // From here the target may run the guest as soon as epoch 0 commits:
+    // a failure leaves it paused here (never two copies running).
+    let switchover = link
+        .switch_to_postcopy(vm, hybrid)
+        .map_err(MigrationError::HandoverUnconfirmed)?;
+    link.wait_acknowledged(0)
+        .map_err(MigrationError::HandoverUnconfirmed)?;
     let downtime = paused.elapsed();
     let summary = MigrationSummary {
         total: started.elapsed(),
@@ -408,6 +483,8 @@ fn switch_over(
         postcopy_pages: switchover.missing_pages() as u64,
         requested_pages: 0,
         reconnections: 0,
+        kept_image: None,
+        used_base: false,
     };
     Ok((switchover, summary))
 }

@@ -20,8 +20,8 @@ use understudy_checkpoint::channel::{Channel, HANDSHAKE_DEADLINE};
 use understudy_checkpoint::heartbeat::Heartbeats;
 use understudy_checkpoint::link::{LinkSender, LivenessReader};
 use understudy_checkpoint::protocol::{
-    Hello, MAX_DISCARD_PAGES, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME, MAX_UNACKNOWLEDGED_EPOCHS,
-    Message, PROTOCOL_VERSION, ProtocolError, Purpose,
+    Handover, Hello, MAX_DISCARD_PAGES, MAX_PAYLOAD, MAX_PAYLOAD_BEFORE_WELCOME,
+    MAX_UNACKNOWLEDGED_EPOCHS, Message, PROTOCOL_VERSION, ProtocolError, Purpose,
 };
 use understudy_compress::PageBatch;
 use understudy_compress::batch::is_zero_page;
@@ -102,6 +102,8 @@ pub struct Protection {
     next_sync: u64,
     /// A resumed post-copy: the pages the target holds.
     pages_held: Option<DirtyBitmap>,
+    /// The image the receiver keeps and builds on (0: none, a full copy).
+    base_image: u64,
 }
 
 /// What a post-copy's page epoch sent.
@@ -202,6 +204,24 @@ fn read_pages_held(reader: &mut LivenessReader, pages: u64) -> Result<DirtyBitma
     }
 }
 
+/// The receiver's answer to a `Hello` that named a base image: the tag it
+/// builds on, or 0 (heartbeats before it are skipped).
+fn read_base_image(reader: &mut LivenessReader) -> Result<u64, PrimaryError> {
+    loop {
+        match reader.receive()?.message {
+            Message::BaseImage(tag) => return Ok(tag),
+            Message::Heartbeat(_) => {}
+            Message::Goodbye(reason) => return Err(PrimaryError::Refused(reason)),
+            other => {
+                return Err(PrimaryError::Refused(format!(
+                    "the receiver sent {} where its answer about the base image was due",
+                    other.name()
+                )));
+            }
+        }
+    }
+}
+
 /// Pages per background push of post-copy: small, so that a page the
 /// target faults on waits behind little.
 const POSTCOPY_CHUNK_PAGES: u64 = 64;
@@ -216,6 +236,7 @@ impl Protection {
         identity: Identity,
         purpose: Purpose,
         checkpoint_interval: Duration,
+        base_image: u64,
     ) -> Result<Self, PrimaryError> {
         // A version store larger than the guest holds nothing more, and the
         // secondary refuses one: both ends keep at most the guest's pages.
@@ -255,6 +276,7 @@ impl Protection {
                 heartbeat_interval: options.heartbeat.interval,
                 heartbeat_timeout: options.heartbeat.timeout(),
                 checkpoint_interval,
+                base_image,
             }),
         )?;
         loop {
@@ -273,6 +295,11 @@ impl Protection {
             }
         }
         reader.limit_payload(MAX_PAYLOAD);
+        let base_image = if base_image == 0 {
+            0
+        } else {
+            read_base_image(&mut reader)?
+        };
         let pages_held = if purpose == Purpose::PostcopyResume {
             Some(read_pages_held(
                 &mut reader,
@@ -346,6 +373,7 @@ impl Protection {
             epoch_length: options.epoch.target,
             next_sync: 0,
             pages_held,
+            base_image,
             options,
         })
     }
@@ -457,6 +485,9 @@ impl Protection {
         vm: &mut Vm,
         mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
     ) -> Result<usize, PrimaryError> {
+        if self.base_image != 0 {
+            return self.send_changed_since_base(vm, between_chunks);
+        }
         let size = memory::size(vm.memory());
         let chunk_bytes = PRECOPY_CHUNK_PAGES as u64 * PAGE_SIZE;
         let mut pages = 0;
@@ -471,6 +502,53 @@ impl Protection {
             start = end;
         }
         Ok(pages)
+    }
+
+    /// Round 1 when the receiver builds on a kept image of this memory:
+    /// only the pages written since that image ([`Vm::mark_image`]).
+    fn send_changed_since_base(
+        &mut self,
+        vm: &mut Vm,
+        mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
+    ) -> Result<usize, PrimaryError> {
+        let changed = vm.dirty_since_mark()?.ok_or_else(|| {
+            PrimaryError::Refused(
+                "the receiver builds on a kept image, but this VM did not count its writes since"
+                    .to_owned(),
+            )
+        })?;
+        let addresses: Vec<u64> = changed.page_addresses().collect();
+        for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
+            let batch = read_pages(vm, chunk, self.shared.spare_batch())?;
+            self.submit(Work::Pages(0, batch))?;
+            between_chunks(vm)?;
+        }
+        Ok(addresses.len())
+    }
+
+    /// Whether the receiver builds on a kept image (only changed pages go).
+    pub(crate) fn builds_on_base(&self) -> bool {
+        self.base_image != 0
+    }
+
+    /// A pre-copy migration's commit, after epoch 0 was acknowledged: the
+    /// target resumes the guest once it reads this (`kept`: the tag of the
+    /// image this side keeps, 0: none). Fails only if it certainly was not
+    /// sent (the target then never resumes the guest).
+    pub(crate) fn send_handover(&self, kept: u64, protect_to: String) -> Result<(), PrimaryError> {
+        let epoch = self.next_epoch.saturating_sub(1);
+        self.submit(Work::Message(
+            epoch,
+            Message::Handover(Handover {
+                kept_image: kept,
+                protect_to,
+            }),
+        ))
+    }
+
+    /// Waits for the target's `TookOver`.
+    pub(crate) fn wait_took_over(&self) -> Result<(), PrimaryError> {
+        self.wait(|progress| progress.took_over)
     }
 
     /// A later pre-copy round: queues the pages dirtied since the last
@@ -892,6 +970,15 @@ impl Protection {
     }
 
     /// The length of the next epoch (see [`EpochPolicy`](crate::EpochPolicy)).
+    /// Takes a new epoch policy from the next checkpoint on (the current
+    /// epoch length is brought inside its bounds at once).
+    pub(crate) fn set_epoch_policy(&mut self, policy: crate::EpochPolicy) {
+        self.epoch_length = self
+            .epoch_length
+            .clamp(policy.min, policy.target.max(policy.idle));
+        self.options.epoch = policy;
+    }
+
     pub(crate) fn epoch_length(&self) -> Duration {
         self.epoch_length
     }

@@ -16,8 +16,8 @@
 //! periodic interval, takes it, and waits for its acknowledgement before
 //! looking again: one checkpoint in flight at a time.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use understudy_checkpoint::protocol::Purpose;
@@ -25,7 +25,7 @@ use understudy_vm::Vm;
 use understudy_vm::progress;
 
 use crate::output::OutputCommit;
-use crate::policy::wait_for_epoch;
+use crate::policy::{EpochPolicy, wait_for_epoch};
 use crate::protection::Protection;
 use understudy_checkpoint::witness::Witness;
 
@@ -62,6 +62,80 @@ pub struct RunOptions {
     /// COLO mode: the secondary runs its copy of the guest and `gate`
     /// compares (built with `OutputCommit::colo`); none: Remus.
     pub colo: Option<ColoOptions>,
+    /// Live control (the control API): settings changed while running, and
+    /// a request to hand the guest back to the caller.
+    pub controls: Option<Arc<Controls>>,
+}
+
+/// Live control of a running protection, shared with the control API.
+#[derive(Debug, Default)]
+pub struct Controls {
+    retune: Mutex<Option<Retune>>,
+    /// Set: [`run`] closes the protection cleanly at the next epoch
+    /// boundary (or stops waiting for a lost secondary) and returns
+    /// [`RunEnd::Interrupted`], the guest running.
+    pub interrupt: Arc<AtomicBool>,
+}
+
+/// Settings to change while protecting; `None` keeps the current one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Retune {
+    /// The target epoch (the minimum follows at a fifth of it).
+    pub epoch: Option<Duration>,
+    /// The pause budget of the adaptive policy.
+    pub max_pause: Option<Duration>,
+    /// The page codec: applied by a new connection (a full
+    /// resynchronisation), since both ends' codec state starts afresh.
+    pub codec: Option<understudy_compress::CodecSpec>,
+}
+
+impl Controls {
+    /// Controls whose interrupt is `interrupt`.
+    pub fn new(interrupt: Arc<AtomicBool>) -> Self {
+        Self {
+            retune: Mutex::new(None),
+            interrupt,
+        }
+    }
+
+    /// Asks for new settings (merged with any not applied yet).
+    pub fn retune(&self, retune: Retune) {
+        let mut pending = self.retune.lock().expect("controls lock poisoned");
+        let merged = pending.take().unwrap_or_default();
+        *pending = Some(Retune {
+            epoch: retune.epoch.or(merged.epoch),
+            max_pause: retune.max_pause.or(merged.max_pause),
+            codec: retune.codec.or(merged.codec),
+        });
+    }
+
+    /// The codec asked for and not applied yet (taken).
+    fn take_codec(&self) -> Option<understudy_compress::CodecSpec> {
+        let mut pending = self.retune.lock().expect("controls lock poisoned");
+        let codec = pending.as_mut().and_then(|retune| retune.codec.take());
+        codec
+    }
+
+    fn take_retune(&self) -> Option<Retune> {
+        self.retune.lock().expect("controls lock poisoned").take()
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt.load(Ordering::Relaxed)
+    }
+}
+
+impl Retune {
+    /// `policy` with these settings.
+    fn apply_to(&self, policy: &mut EpochPolicy) {
+        if let Some(epoch) = self.epoch {
+            policy.target = epoch;
+            policy.min = (epoch / 5).max(Duration::from_millis(1));
+        }
+        if let Some(max_pause) = self.max_pause {
+            policy.max_pause = max_pause;
+        }
+    }
 }
 
 /// How COLO mode checkpoints.
@@ -93,6 +167,9 @@ pub enum RunEnd {
     Stopped,
     /// The guest stopped by itself (exited, panicked, or a vCPU failed).
     GuestStopped(String),
+    /// [`Controls::interrupt`] was set: protection was closed cleanly (the
+    /// secondary stands down), the guest is running.
+    Interrupted,
 }
 
 /// Protects `vm` (running) until `stop`, the duration, or the guest ends.
@@ -108,8 +185,17 @@ pub fn run(
 ) -> Result<RunEnd, PrimaryError> {
     let started = Instant::now();
     let deadline = options.duration.map(|duration| started + duration);
-    let finished =
-        || stop.load(Ordering::Relaxed) || deadline.is_some_and(|end| Instant::now() >= end);
+    let interrupted = || {
+        options
+            .controls
+            .as_ref()
+            .is_some_and(|controls| controls.interrupted())
+    };
+    let finished = || {
+        stop.load(Ordering::Relaxed)
+            || deadline.is_some_and(|end| Instant::now() >= end)
+            || interrupted()
+    };
     let mut fence = match &options.witness {
         Some(witness) => Some(Fence::claim(
             witness.clone(),
@@ -150,6 +236,7 @@ pub fn run(
                 .map_or(primary.epoch.target.max(primary.epoch.idle), |colo| {
                     colo.interval
                 }),
+            0,
         ) {
             Ok(protection) => protection,
             Err(error) if protected_before || started.elapsed() < options.connect_patience => {
@@ -191,7 +278,15 @@ pub fn run(
                         deadline,
                         &mut on_event,
                     ),
-                    None => protect(vm, &mut protection, options, stop, deadline, &mut on_event),
+                    None => protect(
+                        vm,
+                        &mut protection,
+                        options,
+                        &mut primary.epoch,
+                        stop,
+                        deadline,
+                        &mut on_event,
+                    ),
                 }
             });
         for event in protection.events() {
@@ -203,7 +298,11 @@ pub fn run(
                 // With a witness, held output goes out only once this side
                 // owns the VM alone: a secondary that missed the goodbye
                 // could otherwise take over from an older epoch.
-                let held = protection.close_holding("the primary is stopping");
+                let held = protection.close_holding(if end == RunEnd::Interrupted {
+                    "the primary pauses protection for a control request"
+                } else {
+                    "the primary is stopping"
+                });
                 if let Some(fence) = &mut fence {
                     fence.go_solo(stop, &mut on_event)?;
                 }
@@ -225,6 +324,17 @@ pub fn run(
                 }
                 held.open();
             }
+            Err(PrimaryError::Resynchronise(why)) => {
+                tracing::info!("resynchronising protection: {why}");
+                protection.close(&why);
+                if let Some(codec) = options
+                    .controls
+                    .as_ref()
+                    .and_then(|controls| controls.take_codec())
+                {
+                    primary.codec = codec;
+                }
+            }
             Err(error @ PrimaryError::Fenced(_)) => {
                 // Never release what is held: another copy runs the guest.
                 drop(protection.close_holding("this copy is fenced off"));
@@ -236,7 +346,40 @@ pub fn run(
             }
         }
     }
+    if interrupted() && !stop.load(Ordering::Relaxed) {
+        return Ok(RunEnd::Interrupted);
+    }
     Ok(RunEnd::Stopped)
+}
+
+/// Applies what the controls ask for at an epoch boundary: new epoch
+/// settings at once; a new codec by a new connection
+/// ([`PrimaryError::Resynchronise`]); an interrupt ends the protection.
+fn apply_controls(
+    protection: &mut Protection,
+    options: &RunOptions,
+    policy: &mut EpochPolicy,
+) -> Result<Option<RunEnd>, PrimaryError> {
+    let Some(controls) = &options.controls else {
+        return Ok(None);
+    };
+    if let Some(retune) = controls.take_retune() {
+        retune.apply_to(policy);
+        protection.set_epoch_policy(*policy);
+        if let Some(codec) = retune.codec {
+            controls.retune(Retune {
+                codec: Some(codec),
+                ..Retune::default()
+            });
+            return Err(PrimaryError::Resynchronise(format!(
+                "the codec changes to {codec}"
+            )));
+        }
+    }
+    if controls.interrupted() {
+        return Ok(Some(RunEnd::Interrupted));
+    }
+    Ok(None)
 }
 
 /// Checkpoints every epoch until `stop`, `deadline` or the guest stops.
@@ -244,12 +387,16 @@ fn protect(
     vm: &mut Vm,
     protection: &mut Protection,
     options: &RunOptions,
+    policy: &mut EpochPolicy,
     stop: &AtomicBool,
     deadline: Option<Instant>,
     on_event: &mut impl FnMut(PrimaryEvent),
 ) -> Result<RunEnd, PrimaryError> {
     let mut next = Instant::now();
     loop {
+        if let Some(end) = apply_controls(protection, options, policy)? {
+            return Ok(end);
+        }
         next += protection.epoch_length();
         let early = options
             .gate

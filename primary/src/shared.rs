@@ -37,6 +37,8 @@ pub(crate) struct Progress {
     pub progressed: Instant,
     /// Post-copy: pages the target's guest faulted on, in the order asked.
     pub page_requests: Vec<u64>,
+    /// A migration's target took the guest over (`TookOver`).
+    pub took_over: bool,
 }
 
 impl Progress {
@@ -53,6 +55,7 @@ impl Progress {
             lost: None,
             progressed: Instant::now(),
             page_requests: Vec::new(),
+            took_over: false,
         }
     }
 }
@@ -164,6 +167,14 @@ impl Shared {
     pub fn synced(&self, token: u64) {
         self.update(|progress| {
             progress.synced = progress.synced.max(token);
+            progress.progressed = Instant::now();
+        });
+    }
+
+    /// Records that a migration's target took the guest over.
+    pub fn took_over(&self) {
+        self.update(|progress| {
+            progress.took_over = true;
             progress.progressed = Instant::now();
         });
     }

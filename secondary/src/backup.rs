@@ -188,6 +188,11 @@ pub(crate) struct Backup {
     waiting_input: VecDeque<(u64, Vec<u8>)>,
     /// The guest runs already (post-copy): a takeover hands it over as is.
     running: bool,
+    /// A pre-copy migration: resumed only once its source hands it over.
+    migration: bool,
+    /// The source handed the guest over, keeping an image with this tag
+    /// (0: none).
+    handed_over: Option<u64>,
 }
 
 impl Backup {
@@ -207,7 +212,43 @@ impl Backup {
             lockstep: None,
             waiting_input: VecDeque::new(),
             running: false,
+            migration: hello.purpose == Purpose::Migrate,
+            handed_over: None,
         })
+    }
+
+    /// A backup on an image of the guest kept here (`vm`, paused, its
+    /// writes counted since it was kept and found none): epoch 0 brings
+    /// only the pages changed since.
+    pub fn from_kept(vm: Vm, hello: &Hello) -> Self {
+        Self {
+            vm,
+            synced_with: SyncedWith {
+                vm_id: hello.vm_id,
+                owner: hello.owner,
+                generation: hello.generation,
+            },
+            committed: None,
+            input_log: InputLog::default(),
+            recent_output: VecDeque::new(),
+            colo: hello.purpose == Purpose::Colo,
+            lockstep: None,
+            waiting_input: VecDeque::new(),
+            running: false,
+            migration: hello.purpose == Purpose::Migrate,
+            handed_over: None,
+        }
+    }
+
+    /// Whether this is a pre-copy migration's target whose source has not
+    /// handed the guest over: it must not be resumed (the source runs it).
+    pub fn awaits_handover(&self) -> bool {
+        self.migration && self.handed_over.is_none()
+    }
+
+    /// The source handed the guest over (keeping the image `kept`, 0: none).
+    pub fn hand_over(&mut self, kept: u64) {
+        self.handed_over = Some(kept);
     }
 
     /// The backup VM's memory.
@@ -486,6 +527,7 @@ impl Backup {
         if self.running {
             let progress = ProgressSample::read(&self.vm)?;
             return Ok(Ok(Failover {
+                vm_id: self.synced_with.vm_id,
                 epoch: self.committed_epoch().unwrap_or(0),
                 vm: self.vm,
                 replayed_frames: 0,
@@ -494,6 +536,7 @@ impl Backup {
                 since_last_heartbeat: last_heard.elapsed(),
                 reason,
                 migrated: false,
+                source_image: None,
             }));
         }
         let Backup {
@@ -506,6 +549,8 @@ impl Backup {
             lockstep,
             waiting_input,
             running,
+            migration,
+            handed_over,
         } = self;
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
@@ -518,6 +563,8 @@ impl Backup {
                 lockstep,
                 waiting_input,
                 running,
+                migration,
+                handed_over,
             }));
         };
         let resumed = (|| -> Result<_, SecondaryError> {
@@ -552,6 +599,10 @@ impl Backup {
                     }
                 }
             }
+            // From here every page the guest (or a device) writes is
+            // remembered: a return trip to a source that kept its image
+            // sends only those.
+            vm.mark_image()?;
             vm.resume()?;
             Ok((memory_hash, progress, replayed))
         })();
@@ -576,6 +627,7 @@ impl Backup {
         };
         Ok(Ok(Failover {
             vm,
+            vm_id: synced_with.vm_id,
             epoch,
             replayed_frames: replayed,
             memory_hash,
@@ -583,6 +635,9 @@ impl Backup {
             since_last_heartbeat: last_heard.elapsed(),
             reason,
             migrated: false,
+            source_image: handed_over
+                .filter(|tag| *tag != 0)
+                .map(|tag| (synced_with.vm_id, tag)),
         }))
     }
 }
@@ -602,6 +657,7 @@ impl Backup {
             committed,
             lockstep,
             waiting_input,
+            synced_with,
             ..
         } = self;
         let lockstep = lockstep.expect("called with a running guest");
@@ -621,6 +677,7 @@ impl Backup {
         let progress = ProgressSample::read(&vm)?;
         Ok(Failover {
             vm,
+            vm_id: synced_with.vm_id,
             epoch,
             replayed_frames: replayed,
             memory_hash: None,
@@ -628,6 +685,7 @@ impl Backup {
             since_last_heartbeat: last_heard.elapsed(),
             reason,
             migrated: false,
+            source_image: None,
         })
     }
 }
@@ -653,6 +711,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(10),
             heartbeat_timeout: Duration::from_millis(50),
             checkpoint_interval: Duration::from_millis(25),
+            base_image: 0,
         }
     }
 

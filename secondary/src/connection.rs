@@ -112,11 +112,13 @@ pub(crate) type Pending = std::sync::mpsc::Receiver<(SocketAddr, Result<Greeted,
 pub(crate) struct Endpoints<'a> {
     pub pending: &'a Pending,
     pub udp: &'a UdpSocket,
+    /// An image of a guest this host kept (it migrated away from here).
+    pub kept: &'a std::sync::Mutex<Option<crate::KeptImage>>,
 }
 
 pub(crate) fn serve_connection(
     greeted: Greeted,
-    Endpoints { pending, udp }: Endpoints<'_>,
+    Endpoints { pending, udp, kept }: Endpoints<'_>,
     options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
     backup: &mut Option<Backup>,
@@ -147,6 +149,7 @@ pub(crate) fn serve_connection(
         stop,
         pending,
         postcopy_recovery: options.postcopy_recovery,
+        kept,
     };
     let result = receive(&mut link, &mut receiver, hello, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
@@ -252,6 +255,8 @@ struct Connection<'a> {
     pending: &'a Pending,
     /// How long a broken post-copy waits to be resumed.
     postcopy_recovery: Duration,
+    /// An image kept here that a return trip may build on.
+    kept: &'a std::sync::Mutex<Option<crate::KeptImage>>,
 }
 
 fn receive(
@@ -275,7 +280,11 @@ fn receive(
         link.sender.send(0, &Message::Refuse(reason.clone()))?;
         return Ok(Ended::Closed(format!("refused the source: {reason}")));
     }
-    let backup = slot.insert(Backup::create(&hello)?);
+    let (backup, base) = match crate::take_kept_image(link.kept, &hello) {
+        Some(vm) => (Backup::from_kept(vm, &hello), hello.base_image),
+        None => (Backup::create(&hello)?, 0),
+    };
+    let backup = slot.insert(backup);
     link.udp_heartbeats = Some(udp_heartbeats(
         link.udp,
         link.reader,
@@ -285,6 +294,9 @@ fn receive(
         link.heartbeat_keys,
     )?);
     link.sender.send(0, &Message::Welcome)?;
+    if hello.base_image != 0 {
+        link.sender.send(0, &Message::BaseImage(base))?;
+    }
     link.reader.limit_payload(MAX_PAYLOAD);
     report(&SecondaryEvent::Connected {
         peer: link.peer,
@@ -377,7 +389,8 @@ fn receive_epochs(
                 }
                 answer(sender, epoch, &Message::Ack);
                 if purpose == Purpose::Migrate {
-                    return Ok(Ended::MigratedIn);
+                    // The guest is the source's until its Handover.
+                    continue;
                 }
                 if purpose == Purpose::MigratePostcopy {
                     return run_postcopy(link, receiver, backup, &mut decoder, hello, report);
@@ -385,6 +398,19 @@ fn receive_epochs(
                 // COLO: after the Ack, so that the primary compares the
                 // guest's next output with the epoch it belongs to.
                 backup.run_on()?;
+            }
+            Action::Handover(handover) if purpose == Purpose::Migrate => {
+                backup.hand_over(handover.kept_image);
+                answer(sender, epoch, &Message::TookOver);
+                return Ok(Ended::MigratedIn);
+            }
+            action @ Action::Handover(_) => {
+                return Err(ProtocolError::Unexpected {
+                    kind: action.name(),
+                    epoch,
+                    state: "outside a pre-copy migration".to_owned(),
+                }
+                .into());
             }
             Action::Heartbeat(_) => {}
             Action::Sync(token) => answer(sender, epoch, &Message::Synced(token)),
@@ -775,6 +801,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(10),
             heartbeat_timeout: Duration::from_millis(50),
             checkpoint_interval: Duration::from_millis(25),
+            base_image: 0,
         }
     }
 

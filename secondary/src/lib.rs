@@ -307,6 +307,8 @@ pub struct PostcopyReport {
 pub struct Failover {
     /// The resumed VM (running).
     pub vm: Vm,
+    /// The guest's VM id (it keeps it wherever it runs).
+    pub vm_id: u64,
     /// The epoch it resumed from.
     pub epoch: u64,
     /// Memory hash of the backup at that epoch, before the guest ran (with
@@ -323,6 +325,10 @@ pub struct Failover {
     pub migrated: bool,
     /// Received frames of uncommitted epochs replayed into the guest.
     pub replayed_frames: usize,
+    /// A migration whose source kept its image: the VM id and the image's
+    /// tag. Migrating the guest back there sends only the pages written
+    /// here since it arrived.
+    pub source_image: Option<(u64, u64)>,
 }
 
 /// How the secondary runs.
@@ -358,6 +364,76 @@ pub struct SecondaryOptions {
     pub postcopy_recovery: Duration,
 }
 
+/// An image of a guest that migrated away from this host, kept so that a
+/// return trip sends only the pages changed meanwhile (BFMig). The VM is
+/// the one the guest ran in, paused; every write to its memory since the
+/// handover is counted ([`Vm::mark_image`]), so a changed image is never
+/// built on. Memory: the guest's own (nothing is copied); time: until
+/// `until`, then it is dropped.
+pub struct KeptImage {
+    /// The VM, paused, its memory the image.
+    pub vm: Vm,
+    /// The guest's VM id.
+    pub vm_id: u64,
+    /// The tag the target was told (`Handover`).
+    pub tag: u64,
+    /// When the image is dropped.
+    pub until: Instant,
+}
+
+/// The kept image `hello` names, if it is the one kept here, unchanged and
+/// of the same shape; taken (it becomes the backup). Otherwise none (a
+/// full copy), with the reason logged.
+pub(crate) fn take_kept_image(
+    kept: &std::sync::Mutex<Option<KeptImage>>,
+    hello: &Hello,
+) -> Option<Vm> {
+    if hello.base_image == 0 {
+        return None;
+    }
+    let mut kept = kept.lock().expect("kept image lock poisoned");
+    let image = kept.as_ref()?;
+    let config = image.vm.config();
+    let unchanged = image
+        .vm
+        .dirty_since_mark()
+        .ok()
+        .flatten()
+        .map(|changed| changed.count());
+    let why_not = if image.vm_id != hello.vm_id {
+        Some(format!(
+            "it is of VM {:#x}, not {:#x}",
+            image.vm_id, hello.vm_id
+        ))
+    } else if image.tag != hello.base_image {
+        Some(format!(
+            "it is image {:#x}, the source builds on {:#x} (a stale image: the guest went elsewhere since)",
+            image.tag, hello.base_image
+        ))
+    } else if config.memory_bytes != hello.memory_bytes || config.vcpus != hello.vcpus {
+        Some("its shape differs".to_owned())
+    } else if Instant::now() >= image.until {
+        Some("it expired".to_owned())
+    } else if unchanged != Some(0) {
+        Some(format!(
+            "{unchanged:?} of its pages changed since it was kept"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        tracing::warn!("the kept image is not used ({why}): the guest is copied whole");
+        return None;
+    }
+    kept.take().map(|image| image.vm)
+}
+
+/// What [`serve_with_image`] holds between connections.
+struct Held<'a> {
+    kept: &'a std::sync::Mutex<Option<KeptImage>>,
+    until: Option<Instant>,
+}
+
 /// How long the acceptor waits for a connection before it looks at the
 /// stop flags again (an idle secondary wakes this often, no more).
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
@@ -383,8 +459,22 @@ const MAX_PENDING_HANDSHAKES: usize = 32;
 pub fn serve(
     options: SecondaryOptions,
     stop: &AtomicBool,
+    report: impl FnMut(&SecondaryEvent),
+) -> Result<Option<Failover>, SecondaryError> {
+    serve_with_image(options, None, stop, report)
+}
+
+/// [`serve`], holding an image of a guest that migrated away from here: a
+/// migration of it back that names the image sends only what changed. With
+/// an image, serving ends (`Ok(None)`) when the image expires.
+pub fn serve_with_image(
+    options: SecondaryOptions,
+    kept: Option<KeptImage>,
+    stop: &AtomicBool,
     mut report: impl FnMut(&SecondaryEvent),
 ) -> Result<Option<Failover>, SecondaryError> {
+    let until = kept.as_ref().map(|image| image.until);
+    let kept = std::sync::Mutex::new(kept);
     let listener = TcpListener::bind(options.listen).map_err(|source| SecondaryError::Listen {
         address: options.listen,
         source,
@@ -422,7 +512,18 @@ pub fn serve(
                 source,
             });
         let result = match acceptor {
-            Ok(_) => serve_greeted(&greeted, &udp, &options, tap.as_ref(), stop, &mut report),
+            Ok(_) => {
+                let held = Held { kept: &kept, until };
+                serve_greeted(
+                    &greeted,
+                    &udp,
+                    &options,
+                    tap.as_ref(),
+                    held,
+                    stop,
+                    &mut report,
+                )
+            }
             Err(error) => Err(error),
         };
         done.store(true, Ordering::Relaxed);
@@ -487,10 +588,17 @@ fn serve_greeted(
     udp: &UdpSocket,
     options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
+    Held { kept, until }: Held<'_>,
     stop: &AtomicBool,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Option<Failover>, SecondaryError> {
     while !stop.load(Ordering::Relaxed) {
+        if until.is_some_and(|until| Instant::now() >= until) {
+            report(&SecondaryEvent::Disconnected {
+                reason: "the kept image expired".to_owned(),
+            });
+            return Ok(None);
+        }
         let greeting = match greeted.recv_timeout(Duration::from_millis(20)) {
             Ok((_, Ok(greeting))) => greeting,
             Ok((peer, Err(error))) => {
@@ -509,8 +617,15 @@ fn serve_greeted(
         let endpoints = Endpoints {
             pending: greeted,
             udp,
+            kept,
         };
         match serve_connection(greeting, endpoints, options, tap, &mut backup, stop, report) {
+            Ok(Ended::Lost { .. }) if backup.as_ref().is_some_and(Backup::awaits_handover) => {
+                report(&SecondaryEvent::Disconnected {
+                    reason: "the migration broke before its source handed the guest over: the source runs it on; nothing resumed here"
+                        .to_owned(),
+                });
+            }
             Ok(Ended::Lost { last_heard, reason }) => {
                 if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
                     && let Verdict::Stale(why) =

@@ -228,6 +228,11 @@ pub(crate) fn receive_pages(
                 )));
             }
             Action::Greet(_) => return Err(ConnectionError::BeforeHello("a second Hello")),
+            Action::Handover(_) => {
+                return Err(ConnectionError::Postcopy(
+                    "the source sent a pre-copy migration's Handover during post-copy".to_owned(),
+                ));
+            }
             Action::BeginEpoch(_)
             | Action::StageState(_)
             | Action::StageOutput(_)

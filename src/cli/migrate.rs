@@ -11,8 +11,11 @@ use understudy_primary::{EpochPolicy, PrimaryOptions};
 use understudy_vm::PAGE_SIZE;
 use understudy_vm::workload::parse_rate;
 
+use super::host::{Guest, Reach, StandaloneOptions, standalone};
 use super::replicate::HeartbeatOptions;
 use super::{VmOptions, check_events, parse_duration, wait_until_running};
+use crate::control::Role;
+use understudy_primary::migrate::MigrationError;
 
 /// Arguments of `understudy migrate`.
 #[derive(clap::Args, Debug)]
@@ -58,9 +61,24 @@ pub struct MigrateArguments {
     /// before it acknowledges (costs a pass over memory on both sides).
     #[arg(long)]
     verify: bool,
+    /// Pre-copy: after the guest left, keep its memory here this long
+    /// (with --listen) so that migrating it back sends only the pages it
+    /// wrote over there; the image is tagged, and a return that names
+    /// another image (the guest went elsewhere since) is copied whole.
+    #[arg(long, value_parser = parse_duration, requires = "listen")]
+    keep_image: Option<Duration>,
+    /// With --keep-image: where to listen for the guest's return.
+    #[arg(long, requires = "keep_image")]
+    listen: Option<SocketAddr>,
+    /// When the migration fails and the guest runs on here (or once it came
+    /// back): run it this long (default: until Ctrl-C or `ctl stop`).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
     /// Print progress and the summary as JSON lines.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    control: super::host::ControlOptions,
     #[command(flatten)]
     heartbeat: HeartbeatOptions,
     #[command(flatten)]
@@ -137,6 +155,8 @@ fn print_round(round: &Round, as_json: bool) {
 
 /// Runs the guest, migrates it, and reports.
 pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
+    let stop = super::stop_flag()?;
+    let host = arguments.control.start(Role::Standalone, stop)?;
     let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
@@ -175,15 +195,24 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
         deadline: arguments.deadline,
         on_no_convergence: arguments.on_no_convergence,
         postcopy_recovery: arguments.postcopy_recovery,
+        keep_image: arguments.keep_image.is_some(),
+        base_image: 0,
     };
     let vm_id = super::new_vm_id();
     let as_json = arguments.json;
+    let reach = Reach {
+        security: Some(options.link.security.clone()),
+        heartbeat: options.link.heartbeat,
+    };
     let summary = migrate(&mut vm, &options, vm_id, |round| {
         print_round(round, as_json)
     });
     let summary = match summary {
         Ok(summary) => summary,
-        Err(error) if options.mode != MigrationMode::Precopy => {
+        Err(
+            error
+            @ (MigrationError::PostcopyBroken { .. } | MigrationError::HandoverUnconfirmed(_)),
+        ) if options.mode != MigrationMode::Precopy => {
             // The guest stopped here at the switchover and may be running
             // on the target, without its memory: keep this copy on disk.
             vm.pause()?;
@@ -201,10 +230,38 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
                 )),
             });
         }
-        Err(error) => {
+        Err(error @ MigrationError::HandoverUnconfirmed(_)) => {
             vm.pause()?;
+            let path = std::path::PathBuf::from(format!("understudy-migration-{vm_id:x}.snap"));
+            let saved = understudy_checkpoint::snapshot::write(&vm, &path);
             vm.shutdown();
-            return Err(error.into());
+            return Err(match saved {
+                Ok(_) => anyhow::Error::new(error).context(format!(
+                    "the guest as it was at the handover is saved in {} (if the target does not run it, `understudy restore {}` does)",
+                    path.display(),
+                    path.display()
+                )),
+                Err(saving) => anyhow::Error::new(error)
+                    .context(format!("saving the guest here failed too ({saving})")),
+            });
+        }
+        Err(error) => {
+            // Never handed over: the guest runs on here.
+            let message = format!("{:#}", anyhow::Error::new(error));
+            eprintln!("migration failed: {message}; the guest keeps running here, unharmed");
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "migration_failed", "reason": message, "guest": "running here"})
+                );
+            }
+            let guest = Guest {
+                vm,
+                vm_id,
+                source_image: None,
+            };
+            run_here(guest, &host, &arguments, reach)?;
+            anyhow::bail!("the migration failed ({message}); the guest ran on here until stopped");
         }
     };
     let raw_bytes = summary.pages * PAGE_SIZE;
@@ -246,6 +303,39 @@ pub fn run_migration(arguments: MigrateArguments) -> anyhow::Result<()> {
             }
         );
     }
+    if let (Some(tag), Some(keep), Some(listen)) =
+        (summary.kept_image, arguments.keep_image, arguments.listen)
+    {
+        let guest = Guest {
+            vm,
+            vm_id,
+            source_image: None,
+        };
+        if let Some(back) = super::host::await_return(guest, tag, keep, listen, &host, &reach)? {
+            run_here(back, &host, &arguments, reach)?;
+        }
+        return Ok(());
+    }
     vm.shutdown();
+    Ok(())
+}
+
+/// Runs the guest here (a failed migration, a return) until stopped.
+fn run_here(
+    guest: Guest,
+    host: &super::host::Host,
+    arguments: &MigrateArguments,
+    reach: Reach,
+) -> anyhow::Result<()> {
+    let options = StandaloneOptions {
+        duration: arguments.duration,
+        json: arguments.json,
+        harvest_interval: Duration::from_secs(1),
+        reach,
+    };
+    if let super::host::Ended::Stopped(mut guest) = standalone(guest, host, &options)? {
+        guest.vm.pause()?;
+        guest.vm.shutdown();
+    }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! loop, and Ctrl-C handling.
 
 pub mod bench;
+pub mod ctl;
 pub mod demo;
 pub mod drill;
+pub mod host;
 pub mod keygen;
 pub mod kvbench;
 pub mod migrate;
@@ -53,6 +55,17 @@ pub struct ChannelOptions {
 }
 
 impl ChannelOptions {
+    /// The security asked for, or none when neither --key nor --plaintext
+    /// was given (a command that connects only on request).
+    pub fn security_if_given(
+        &self,
+    ) -> anyhow::Result<Option<understudy_checkpoint::channel::Security>> {
+        if self.key.is_none() && !self.plaintext {
+            return Ok(None);
+        }
+        self.security().map(Some)
+    }
+
     /// The security these options ask for; says so on stderr when plain.
     pub fn security(&self) -> anyhow::Result<understudy_checkpoint::channel::Security> {
         use understudy_checkpoint::channel::{Keyring, Security};
@@ -218,7 +231,7 @@ pub fn monitor(vm: &Vm, options: MonitorOptions, stop: &AtomicBool) -> anyhow::R
     Ok(())
 }
 
-fn print_stats(stats: &Stats, as_json: bool) {
+pub(crate) fn print_stats(stats: &Stats, as_json: bool) {
     if as_json {
         crate::say!(
             "{}",

@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{MonitorOptions, VmOptions, monitor, stop_flag, wait_until_running};
+use super::host::{Ended, Guest, Reach, StandaloneOptions, standalone};
+use super::{MonitorOptions, VmOptions, stop_flag, wait_until_running};
+use crate::control::Role;
 
 /// Arguments of `understudy run`.
 #[derive(clap::Args, Debug)]
@@ -13,12 +15,24 @@ pub struct RunArguments {
     vm: VmOptions,
     #[command(flatten)]
     monitor: MonitorOptions,
+    #[command(flatten)]
+    control: super::host::ControlOptions,
+    /// How `ctl migrate` reaches its target (none: migrations are refused).
+    #[command(flatten)]
+    channel: super::ChannelOptions,
+    #[command(flatten)]
+    heartbeat: super::replicate::HeartbeatOptions,
 }
 
 /// Runs the VM until the duration passes or Ctrl-C.
 pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop = stop_flag()?;
+    let host = arguments.control.start(Role::Standalone, stop)?;
+    let reach = Reach {
+        security: arguments.channel.security_if_given()?,
+        heartbeat: arguments.heartbeat.policy()?,
+    };
     let mut vm = arguments.vm.boot()?;
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
@@ -43,9 +57,26 @@ pub fn run(arguments: RunArguments) -> anyhow::Result<()> {
             first_progress.as_secs_f64() * 1e3
         );
     }
-    monitor(&vm, arguments.monitor, &stop)?;
-    vm.pause()?;
-    vm.shutdown();
+    host.telemetry.set_state(
+        "running",
+        false,
+        Some("no secondary: `understudy run` is unprotected".to_owned()),
+    );
+    let guest = Guest {
+        vm,
+        vm_id: super::new_vm_id(),
+        source_image: None,
+    };
+    let options = StandaloneOptions {
+        duration: arguments.monitor.duration,
+        json: arguments.monitor.json,
+        harvest_interval: arguments.monitor.harvest_interval,
+        reach,
+    };
+    if let Ended::Stopped(mut guest) = standalone(guest, &host, &options)? {
+        guest.vm.pause()?;
+        guest.vm.shutdown();
+    }
     if !arguments.monitor.json {
         crate::say!("stopped after {:.1} s", started.elapsed().as_secs_f64());
     }

@@ -232,5 +232,62 @@ pub fn scripted_hello(vm_id: u64, memory_bytes: u64) -> understudy_checkpoint::p
         heartbeat_interval: std::time::Duration::from_millis(10),
         heartbeat_timeout: std::time::Duration::from_millis(50),
         checkpoint_interval: std::time::Duration::from_millis(25),
+        base_image: 0,
     }
+}
+
+/// A TCP relay from the source to the target that breaks its first
+/// connection once `cut_after` bytes went from the source through it, and
+/// then runs `on_cut`; later connections are relayed whole.
+pub fn cutting_relay(
+    target: String,
+    cut_after: u64,
+    on_cut: impl FnOnce() + Send + 'static,
+) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let address = listener.local_addr().expect("relay address").to_string();
+    let on_cut = std::sync::Mutex::new(Some(on_cut));
+    let on_cut = std::sync::Arc::new(on_cut);
+    std::thread::spawn(move || {
+        for (index, source) in listener.incoming().enumerate() {
+            let Ok(source) = source else { continue };
+            let Ok(target) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let _ = (source.set_nodelay(true), target.set_nodelay(true));
+            let (mut source_in, mut target_out) = (
+                source.try_clone().expect("clone"),
+                target.try_clone().expect("clone"),
+            );
+            let (mut target_in, mut source_out) = (target, source);
+            let on_cut = on_cut.clone();
+            let cut_here = index == 0;
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; 64 << 10];
+                let mut relayed = 0u64;
+                while let Ok(read) = source_in.read(&mut buffer) {
+                    if read == 0 || target_out.write_all(&buffer[..read]).is_err() {
+                        break;
+                    }
+                    relayed += read as u64;
+                    if cut_here && relayed >= cut_after {
+                        let _ = source_in.shutdown(Shutdown::Both);
+                        let _ = target_out.shutdown(Shutdown::Both);
+                        if let Some(on_cut) = on_cut.lock().expect("cut once").take() {
+                            on_cut();
+                        }
+                        break;
+                    }
+                }
+                let _ = target_out.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut target_in, &mut source_out);
+                let _ = source_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    address
 }

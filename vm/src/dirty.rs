@@ -241,6 +241,9 @@ pub struct DirtyTracker {
     /// Pages taken from KVM or the VMM bitmap but not consumed: returned by a
     /// failed harvest or consumer, added to the next harvest.
     put_back: Mutex<Vec<DirtyBitmap>>,
+    /// Every page harvested since [`DirtyTracker::mark`], when marked: what
+    /// changed since an image of this memory was kept elsewhere.
+    since_mark: Mutex<Option<Vec<DirtyBitmap>>>,
 }
 
 impl DirtyTracker {
@@ -252,7 +255,39 @@ impl DirtyTracker {
             .collect();
         Self {
             put_back: Mutex::new(put_back),
+            since_mark: Mutex::new(None),
         }
+    }
+
+    /// From now on, remembers every page harvested (whoever harvests) until
+    /// [`DirtyTracker::forget_mark`]: the memory as it is now is the image
+    /// the pages are counted against. What was dirty before is dropped.
+    pub fn mark(&self, vm: &VmFd, memory: &GuestMemory) -> Result<(), DirtyLogError> {
+        self.harvest(vm, memory)?;
+        let empty = memory
+            .iter()
+            .map(|region| DirtyBitmap::new(usize_from(region.len() / PAGE_SIZE)))
+            .collect();
+        *self.since_mark.lock().expect("dirty tracker lock poisoned") = Some(empty);
+        Ok(())
+    }
+
+    /// The pages harvested since the mark (harvest first to include the
+    /// latest writes), if there is a mark.
+    pub fn since_mark(&self, memory: &GuestMemory) -> Option<DirtySet> {
+        let since_mark = self.since_mark.lock().expect("dirty tracker lock poisoned");
+        since_mark.as_ref().map(|bitmaps| DirtySet {
+            regions: memory
+                .iter()
+                .zip(bitmaps)
+                .map(|(region, bitmap)| (region.start_addr().0, bitmap.clone()))
+                .collect(),
+        })
+    }
+
+    /// Stops remembering pages since the mark.
+    pub fn forget_mark(&self) {
+        *self.since_mark.lock().expect("dirty tracker lock poisoned") = None;
     }
 
     /// Reads and clears the dirty set since the previous harvest.
@@ -284,6 +319,16 @@ impl DirtyTracker {
             bitmap.union_with(&put_back[slot])?;
             put_back[slot].clear();
             regions.push((region.start_addr().0, bitmap));
+        }
+        if let Some(since_mark) = self
+            .since_mark
+            .lock()
+            .expect("dirty tracker lock poisoned")
+            .as_mut()
+        {
+            for (remembered, (_, bitmap)) in since_mark.iter_mut().zip(&regions) {
+                remembered.union_with(bitmap)?;
+            }
         }
         Ok(DirtySet { regions })
     }

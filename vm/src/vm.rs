@@ -488,6 +488,30 @@ impl Vm {
         Ok(self.dirty.harvest(&self.fd, &self.memory)?)
     }
 
+    /// Counts every page written from now on (by the guest or the VMM)
+    /// until [`Vm::forget_mark`], whoever harvests the dirty log: the
+    /// memory as it is now is an image kept elsewhere (a migration's
+    /// source, a switchover's old primary), and a later copy there needs
+    /// only the pages changed since.
+    pub fn mark_image(&self) -> Result<(), VmError> {
+        Ok(self.dirty.mark(&self.fd, &self.memory)?)
+    }
+
+    /// Every page written since [`Vm::mark_image`] (with a fresh harvest
+    /// included), or `None` without a mark.
+    pub fn dirty_since_mark(&self) -> Result<Option<DirtySet>, VmError> {
+        let latest = self.harvest_dirty()?;
+        // The harvest joined the mark's count; the caller's next harvest
+        // must still see these pages.
+        self.put_back_dirty(&latest)?;
+        Ok(self.dirty.since_mark(&self.memory))
+    }
+
+    /// Stops counting pages since a mark.
+    pub fn forget_mark(&self) {
+        self.dirty.forget_mark();
+    }
+
     /// Gives back a harvested dirty set whose consumer failed.
     pub fn put_back_dirty(&self, set: &DirtySet) -> Result<(), VmError> {
         Ok(self.dirty.put_back(set)?)

@@ -45,6 +45,7 @@ fn preamble() -> &'static (Vec<u8>, Sender) {
             heartbeat_interval: std::time::Duration::from_millis(10),
             heartbeat_timeout: std::time::Duration::from_millis(50),
             checkpoint_interval: std::time::Duration::from_millis(25),
+            base_image: 0,
         };
         let mut batch = PageBatch::new();
         batch.push(3, &[7u8; PAGE]);
@@ -157,7 +158,8 @@ impl Session {
             | Action::Sync(_)
             | Action::LogInput { .. }
             | Action::Discard(_)
-            | Action::VerifyPages(_) => {}
+            | Action::VerifyPages(_)
+            | Action::Handover(_) => {}
             Action::Close(_) => return Err(()),
         }
         Ok(())

@@ -49,6 +49,23 @@
 //!   `PostcopyResume`, the same VM): after Welcome
 //!                                           <- PagesHeld {bitmap}
 //!   EpochBegin (1), Pages*, State, EpochEnd (1) ->  the pages it lacks
+//!
+//!   Pre-copy migration (purpose `Migrate`): epoch 0, then a commit; the
+//!   target resumes the guest only on `Handover`, so a migration that
+//!   fails before it leaves the guest running on the source
+//!   Handover {kept image tag or 0, ""}      ->   after Ack (0)
+//!                                           <- TookOver
+//!   Planned switchover (purpose `Replicate`): the primary's guest paused
+//!   at its last checkpoint n, acknowledged; the secondary resumes it and
+//!   protects it by the old primary, now waiting at the address given
+//!   Handover {kept image tag, address}      ->   after Ack (n)
+//!                                           <- TookOver
+//!
+//!   A Hello naming a base image (the tag of an image the receiver kept
+//!   of this VM: a return trip, a switchover's reverse protection): after
+//!   Welcome
+//!                                           <- BaseImage {tag, or 0: not held}
+//!   and epoch 0 then carries only the pages changed since that image
 //! ```
 //!
 //! # Framing
@@ -86,7 +103,7 @@ pub use receiver::{Action, Receiver, ReceiverState};
 pub use wire::{Envelope, Header, Sender, read_message, read_message_within};
 
 /// Protocol version of this build.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Most epochs a primary has sent without their acknowledgement before it
 /// waits: a slow secondary lengthens the epochs instead of letting held
 /// output and queued checkpoints grow without bound. A secondary keeps the
@@ -233,7 +250,27 @@ pub struct Hello {
     /// COLO mode): the secondary allows that much more than its progress
     /// deadline before it calls a primary that commits nothing lost.
     pub checkpoint_interval: std::time::Duration,
+    /// The kept image of this VM the sender believes the receiver holds
+    /// (a tag from an earlier `Handover`), whose pages it need not send
+    /// again: only those changed since. 0: none, a full copy.
+    pub base_image: u64,
 }
+
+/// What a `Handover` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    /// The tag of the image the sender keeps of the guest (its memory as
+    /// handed over; 0: none): a later copy back names it and sends only
+    /// what changed.
+    pub kept_image: u64,
+    /// A planned switchover: where the sender now waits, as a secondary,
+    /// for the receiver to protect the guest (empty: a migration, no
+    /// reverse protection).
+    pub protect_to: String,
+}
+
+/// Longest `Handover` address.
+pub const MAX_HANDOVER_ADDRESS: usize = 128;
 
 /// The end of an epoch: what the receiver should now hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,6 +335,16 @@ pub enum Message {
     /// Post-copy with verification, in epoch 1 before its State: the xxh3
     /// of every guest page, in page order, as the source holds them.
     PageHashes(Vec<u64>),
+    /// The guest is the receiver's now (it resumes it): a pre-copy
+    /// migration's commit after `Ack` of epoch 0, or a planned switchover
+    /// after `Ack` of the last epoch (the sender's guest paused at it).
+    Handover(Handover),
+    /// The target took the guest over (answers `Handover`).
+    TookOver,
+    /// Answers a `Hello` that names a base image, right after `Welcome`:
+    /// the tag if the receiver holds that image unchanged (only pages
+    /// changed since are sent), 0 if not (a full copy).
+    BaseImage(u64),
 }
 
 /// Declares [`MessageKind`] from one table: each kind's wire value, and its
@@ -335,13 +382,15 @@ macro_rules! message_kinds {
             pub fn max_payload(self) -> usize {
                 match self {
                     Self::Hello => std::mem::size_of::<HelloPayload>(),
-                    Self::Welcome | Self::Ack => 0,
+                    Self::Welcome | Self::Ack | Self::TookOver => 0,
                     Self::Refuse | Self::Goodbye => MAX_TEXT,
                     Self::EpochBegin
                     | Self::Heartbeat
                     | Self::Sync
                     | Self::Synced
-                    | Self::PageRequest => 8,
+                    | Self::PageRequest
+                    | Self::BaseImage => 8,
+                    Self::Handover => 8 + MAX_HANDOVER_ADDRESS,
                     Self::EpochEnd => std::mem::size_of::<EpochEndPayload>(),
                     Self::Pages => MAX_PAYLOAD,
                     Self::State => MAX_STATE,
@@ -375,6 +424,9 @@ message_kinds! {
     Discard = 17,
     PagesHeld = 18,
     PageHashes = 19,
+    Handover = 20,
+    TookOver = 21,
+    BaseImage = 22,
 }
 
 /// `Hello`'s payload, little-endian.
@@ -394,6 +446,7 @@ struct HelloPayload {
     heartbeat_interval_micros: U32,
     heartbeat_timeout_micros: U32,
     checkpoint_interval_micros: U64,
+    base_image: U64,
 }
 
 /// `EpochEnd`'s payload, little-endian.
@@ -452,6 +505,9 @@ impl Message {
             Self::Discard(_) => MessageKind::Discard,
             Self::PagesHeld(_) => MessageKind::PagesHeld,
             Self::PageHashes(_) => MessageKind::PageHashes,
+            Self::Handover(_) => MessageKind::Handover,
+            Self::TookOver => MessageKind::TookOver,
+            Self::BaseImage(_) => MessageKind::BaseImage,
         }
     }
 
@@ -480,10 +536,11 @@ impl Message {
                 checkpoint_interval_micros: u64::try_from(hello.checkpoint_interval.as_micros())
                     .unwrap_or(u64::MAX)
                     .into(),
+                base_image: hello.base_image.into(),
             }
             .as_bytes()
             .to_vec(),
-            Self::Welcome | Self::Ack => Vec::new(),
+            Self::Welcome | Self::Ack | Self::TookOver => Vec::new(),
             Self::Refuse(text) | Self::Goodbye(text) => truncated_text(text).as_bytes().to_vec(),
             Self::Pages(bytes)
             | Self::State(bytes)
@@ -507,7 +564,13 @@ impl Message {
             | Self::Sync(clock)
             | Self::Synced(clock)
             | Self::EpochBegin(clock)
-            | Self::PageRequest(clock) => U64::new(*clock).as_bytes().to_vec(),
+            | Self::PageRequest(clock)
+            | Self::BaseImage(clock) => U64::new(*clock).as_bytes().to_vec(),
+            Self::Handover(handover) => {
+                let mut bytes = handover.kept_image.to_le_bytes().to_vec();
+                bytes.extend_from_slice(handover.protect_to.as_bytes());
+                bytes
+            }
         })
     }
 
@@ -573,6 +636,7 @@ impl Message {
                     checkpoint_interval: std::time::Duration::from_micros(
                         hello.checkpoint_interval_micros.get(),
                     ),
+                    base_image: hello.base_image.get(),
                 })
             }
             MessageKind::Welcome => empty(Self::Welcome)?,
@@ -610,6 +674,19 @@ impl Message {
                 Self::PagesHeld(payload)
             }
             MessageKind::PageHashes => Self::PageHashes(words(payload)?),
+            MessageKind::Handover => {
+                if payload.len() < 8 || payload.len() > 8 + MAX_HANDOVER_ADDRESS {
+                    return Err(malformed("a tag and an address of at most 128 bytes"));
+                }
+                let (tag, address) = payload.split_at(8);
+                Self::Handover(Handover {
+                    kept_image: u64::from_le_bytes(tag.try_into().expect("8 bytes")),
+                    protect_to: String::from_utf8(address.to_vec())
+                        .map_err(|_| malformed("the address is not UTF-8"))?,
+                })
+            }
+            MessageKind::TookOver => empty(Self::TookOver)?,
+            MessageKind::BaseImage => Self::BaseImage(clock()?),
         })
     }
 }

@@ -75,6 +75,9 @@ pub enum Action {
         /// The frame.
         frame: Vec<u8>,
     },
+    /// The guest is handed over: resume it (a migration's commit, or a
+    /// planned switchover).
+    Handover(super::Handover),
     /// The peer is leaving.
     Close(String),
 }
@@ -94,6 +97,7 @@ impl Action {
             Action::Heartbeat(_) => "Heartbeat",
             Action::Sync(_) => "Sync",
             Action::LogInput { .. } => "Input",
+            Action::Handover(_) => "Handover",
             Action::Close(_) => "Goodbye",
         }
     }
@@ -180,6 +184,9 @@ impl Receiver {
             ) => (self.state, Action::LogInput { epoch, frame }),
             (state, Message::Goodbye(reason)) if state != ReceiverState::Closed => {
                 (ReceiverState::Closed, Action::Close(reason))
+            }
+            (ReceiverState::BetweenEpochs { committed: Some(_) }, Message::Handover(handover)) => {
+                (ReceiverState::Closed, Action::Handover(handover))
             }
             (ReceiverState::AwaitingHello, Message::Hello(hello)) => {
                 self.generation = hello.generation;

@@ -18,6 +18,7 @@ fn hello() -> Hello {
         heartbeat_interval: std::time::Duration::from_millis(10),
         heartbeat_timeout: std::time::Duration::from_millis(50),
         checkpoint_interval: std::time::Duration::from_millis(25),
+        base_image: 0,
     }
 }
 
@@ -104,6 +105,15 @@ fn every_message_round_trips() {
         (0, Message::Discard(vec![3, 4, 1 << 40])),
         (1, Message::PagesHeld(vec![0b1011, 0, 0, 0, 0, 0, 0, 0])),
         (1, Message::PageHashes(vec![u64::MAX, 0, 7])),
+        (
+            0,
+            Message::Handover(Handover {
+                kept_image: 0xfeed,
+                protect_to: "10.0.0.1:7000".to_owned(),
+            }),
+        ),
+        (0, Message::TookOver),
+        (0, Message::BaseImage(42)),
     ];
 
     let received: Vec<Message> = wire(&messages).into_iter().map(|e| e.message).collect();
@@ -526,4 +536,65 @@ fn a_receiver_inside_an_epoch_cannot_be_resumed() {
 
     assert!(!resumed);
     assert_eq!(receiver.committed(), None);
+}
+
+#[test]
+fn a_handover_before_any_commit_is_refused() {
+    let messages = vec![
+        (0, Message::Hello(hello())),
+        (
+            0,
+            Message::Handover(Handover {
+                kept_image: 0,
+                protect_to: String::new(),
+            }),
+        ),
+    ];
+    let mut receiver = Receiver::new();
+    let mut envelopes = wire(&messages).into_iter();
+    receiver
+        .accept(envelopes.next().expect("hello"))
+        .expect("hello accepted");
+
+    let result = receiver.accept(envelopes.next().expect("handover"));
+
+    assert!(
+        matches!(result, Err(ProtocolError::Unexpected { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_handover_after_a_commit_closes_the_receiver() {
+    let mut messages = vec![(0, Message::Hello(hello()))];
+    messages.extend(one_epoch(0));
+    messages.push((
+        0,
+        Message::Handover(Handover {
+            kept_image: 5,
+            protect_to: String::new(),
+        }),
+    ));
+    let mut receiver = Receiver::new();
+
+    let last = wire(&messages)
+        .into_iter()
+        .map(|envelope| receiver.accept(envelope).expect("in order"))
+        .last();
+
+    assert!(matches!(
+        last,
+        Some(Action::Handover(Handover { kept_image: 5, .. }))
+    ));
+    assert_eq!(receiver.state(), ReceiverState::Closed);
+}
+
+#[test]
+fn a_handover_with_an_overlong_address_is_malformed() {
+    let result = sent_and_read(&Message::Handover(Handover {
+        kept_image: 1,
+        protect_to: "x".repeat(MAX_HANDOVER_ADDRESS + 1),
+    }));
+
+    assert!(result.is_err());
 }
