@@ -199,6 +199,7 @@ pub(crate) fn protected(
         connect_patience: Duration::from_secs(5),
         colo: None,
         controls: None,
+        base_image: 0,
     };
     let mut result = Protected {
         pauses: Vec::new(),

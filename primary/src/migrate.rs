@@ -389,14 +389,9 @@ fn run(
     link.wait_acknowledged(0)?;
     // The commit: until the target reads the handover it never runs the
     // guest, so any failure up to here resumes it on this side.
-    let kept_image = if options.keep_image {
-        // Counted from now: anything that writes this memory while it is
-        // kept (a device) makes the image unusable.
-        vm.mark_image().map_err(PrimaryError::from)?;
-        Some(image_tag())
-    } else {
-        None
-    };
+    // The final checkpoint marked the image: anything that writes this
+    // memory while it is kept (a device) makes it unusable.
+    let kept_image = options.keep_image.then(image_tag);
     link.send_handover(kept_image.unwrap_or(0), String::new())?;
     link.wait_took_over()
         .map_err(MigrationError::HandoverUnconfirmed)?;
@@ -417,7 +412,7 @@ fn run(
 }
 
 /// A fresh tag for a kept image: never 0, unlikely to repeat.
-fn image_tag() -> u64 {
+pub(crate) fn image_tag() -> u64 {
     let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos());

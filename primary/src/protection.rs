@@ -867,6 +867,13 @@ impl Protection {
                 took
             };
             let dirty = vm.harvest_dirty()?;
+            if !resume {
+                // The guest stops here for good (a migration's switchover,
+                // a planned switchover): its memory as of this checkpoint
+                // may be kept as an image; anything written from now on
+                // (a device) is counted against it.
+                vm.mark_image_as_of_last_harvest();
+            }
             phases.harvest = lap();
             let addresses: Vec<u64> = dirty.page_addresses().collect();
             let batch = match read_pages(vm, &addresses, self.shared.spare_batch()) {
@@ -953,6 +960,47 @@ impl Protection {
         })?;
         self.next_epoch += 1;
         Ok(epoch)
+    }
+
+    /// A planned switchover: a last checkpoint with the guest paused for
+    /// good, acknowledged, then `Handover` (this side keeps the image,
+    /// tagged, and waits at `protect_to`). Returns the tag and whether the
+    /// secondary confirmed. A failure before the handover went out resumes
+    /// the guest here (the secondary was lost, as any other time).
+    pub(crate) fn hand_over(
+        &mut self,
+        vm: &mut Vm,
+        protect_to: String,
+        checkpointed: impl FnOnce(&EpochMetrics),
+    ) -> Result<(u64, bool), PrimaryError> {
+        let epoch = self.next_epoch;
+        let (batch, state, metrics) = self.checkpoint(vm, epoch, false, "switchover")?;
+        checkpointed(&metrics);
+        let sent = (|| {
+            self.submit(Work::Begin(epoch))?;
+            self.submit(Work::Pages(epoch, batch))?;
+            self.submit(Work::End {
+                epoch,
+                state,
+                output: self.output_of(epoch),
+                metrics: Box::new(metrics),
+                checkpointed: Instant::now(),
+            })?;
+            self.next_epoch += 1;
+            self.wait_acknowledged(epoch)
+        })();
+        if let Err(error) = sent {
+            vm.forget_mark();
+            vm.resume()?;
+            return Err(error);
+        }
+        let tag = crate::migrate::image_tag();
+        // From here the secondary takes over whatever happens to this
+        // connection (its last epoch is committed): the guest stays paused.
+        if self.send_handover(tag, protect_to).is_err() {
+            return Ok((tag, false));
+        }
+        Ok((tag, self.wait_took_over().is_ok()))
     }
 
     /// When the last checkpoint's pause ended.

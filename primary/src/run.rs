@@ -65,12 +65,19 @@ pub struct RunOptions {
     /// Live control (the control API): settings changed while running, and
     /// a request to hand the guest back to the caller.
     pub controls: Option<Arc<Controls>>,
+    /// The tag of an image of this guest the secondary keeps (after a
+    /// planned switchover, the old primary): the first synchronisation
+    /// sends only the pages written since, if it still holds it. 0: none.
+    pub base_image: u64,
 }
 
 /// Live control of a running protection, shared with the control API.
 #[derive(Debug, Default)]
 pub struct Controls {
     retune: Mutex<Option<Retune>>,
+    /// A planned switchover asked for: where this side then waits, as the
+    /// secondary, for the new primary's protection.
+    switchover: Mutex<Option<String>>,
     /// Set: [`run`] closes the protection cleanly at the next epoch
     /// boundary (or stops waiting for a lost secondary) and returns
     /// [`RunEnd::Interrupted`], the guest running.
@@ -94,8 +101,27 @@ impl Controls {
     pub fn new(interrupt: Arc<AtomicBool>) -> Self {
         Self {
             retune: Mutex::new(None),
+            switchover: Mutex::new(None),
             interrupt,
         }
+    }
+
+    /// Asks for a planned switchover at the next epoch boundary: the
+    /// secondary takes the guest over and protects it by this side, which
+    /// then waits at `protect_to` (see [`RunEnd::HandedOver`]).
+    pub fn request_switchover(&self, protect_to: String) {
+        *self.switchover.lock().expect("controls lock poisoned") = Some(protect_to);
+        self.interrupt.store(true, Ordering::Relaxed);
+    }
+
+    /// Withdraws a switchover asked for (protection ended before it could
+    /// happen).
+    pub fn cancel_switchover(&self) -> bool {
+        self.take_switchover().is_some()
+    }
+
+    fn take_switchover(&self) -> Option<String> {
+        self.switchover.lock().expect("controls lock poisoned").take()
     }
 
     /// Asks for new settings (merged with any not applied yet).
@@ -170,6 +196,18 @@ pub enum RunEnd {
     /// [`Controls::interrupt`] was set: protection was closed cleanly (the
     /// secondary stands down), the guest is running.
     Interrupted,
+    /// A planned switchover: the secondary took the guest over from the
+    /// last checkpoint; the guest stays paused here, its memory the image
+    /// `kept_image` (the new primary builds on it). `confirmed` is false
+    /// when the secondary's `TookOver` never came: it takes over anyway
+    /// (the handover, or the connection's loss after a committed epoch),
+    /// unless it died too.
+    HandedOver {
+        /// The image's tag.
+        kept_image: u64,
+        /// The secondary confirmed.
+        confirmed: bool,
+    },
 }
 
 /// Protects `vm` (running) until `stop`, the duration, or the guest ends.
@@ -236,7 +274,7 @@ pub fn run(
                 .map_or(primary.epoch.target.max(primary.epoch.idle), |colo| {
                     colo.interval
                 }),
-            0,
+            options.base_image,
         ) {
             Ok(protection) => protection,
             Err(error) if protected_before || started.elapsed() < options.connect_patience => {
@@ -293,6 +331,12 @@ pub fn run(
             on_event(event);
         }
         match outcome {
+            Ok(end @ RunEnd::HandedOver { .. }) => {
+                // The guest is the secondary's now: nothing of it may run
+                // here, and the witness is the new primary's to claim.
+                drop(protection.close_holding("the guest was handed over"));
+                return Ok(end);
+            }
             Ok(end) => {
                 // A clean stop: the secondary hears Goodbye and stands down.
                 // With a witness, held output goes out only once this side
@@ -394,6 +438,22 @@ fn protect(
 ) -> Result<RunEnd, PrimaryError> {
     let mut next = Instant::now();
     loop {
+        if let Some(protect_to) = options
+            .controls
+            .as_ref()
+            .and_then(|controls| controls.take_switchover())
+        {
+            let (kept_image, confirmed) = protection.hand_over(vm, protect_to, |metrics| {
+                on_event(PrimaryEvent::Checkpointed(metrics.clone()));
+            })?;
+            for event in protection.events() {
+                on_event(event);
+            }
+            return Ok(RunEnd::HandedOver {
+                kept_image,
+                confirmed,
+            });
+        }
         if let Some(end) = apply_controls(protection, options, policy)? {
             return Ok(end);
         }

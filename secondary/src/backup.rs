@@ -518,9 +518,10 @@ impl Backup {
         last_heard: Instant,
         reason: String,
         verify: bool,
-        tap: Option<&Arc<Tap>>,
+        network: crate::Network<'_>,
         rescue_dir: &std::path::Path,
     ) -> Result<Result<Failover, Backup>, SecondaryError> {
+        let tap = network.tap;
         if self.lockstep.is_some() {
             return self.run_on_alone(last_heard, reason, tap).map(Ok);
         }
@@ -537,6 +538,7 @@ impl Backup {
                 reason,
                 migrated: false,
                 source_image: None,
+                protect_to: None,
             }));
         }
         let Backup {
@@ -573,13 +575,23 @@ impl Backup {
             } else {
                 None
             };
-            if state.net.is_some() {
+            // A kept image's VM has its network device already (it ran
+            // here before): it is restored with the state, on its tap.
+            if state.net.is_some() && vm.net().is_none() {
                 if tap.is_none() {
                     tracing::warn!(
                         "the guest has a network interface but this secondary has no --tap: it resumes unreachable"
                     );
                 }
-                vm.attach_guest_tap(tap.cloned())?;
+                match (network.sinks, tap) {
+                    (Some(sinks), Some(tap)) => {
+                        let (output, observer) = sinks(tap.clone());
+                        vm.attach_guest_net(Some(tap.clone()), output, observer)?;
+                    }
+                    _ => {
+                        vm.attach_guest_tap(tap.cloned())?;
+                    }
+                }
             }
             vm.restore_state(&state)?;
             let progress = ProgressSample::read(&vm)?;
@@ -638,6 +650,7 @@ impl Backup {
             source_image: handed_over
                 .filter(|tag| *tag != 0)
                 .map(|tag| (synced_with.vm_id, tag)),
+            protect_to: None,
         }))
     }
 }
@@ -686,6 +699,7 @@ impl Backup {
             reason,
             migrated: false,
             source_image: None,
+            protect_to: None,
         })
     }
 }

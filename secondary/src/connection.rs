@@ -46,6 +46,15 @@ use crate::{ConnectionError, PostcopyReport, SecondaryEvent, SecondaryOptions, a
 pub(crate) enum Ended {
     /// A migration's last epoch was applied: the guest runs here now.
     MigratedIn,
+    /// A planned switchover: the primary's guest is paused at the last
+    /// committed epoch; this side takes it over and protects it by the old
+    /// primary at `protect_to`, which keeps the image `kept_image`.
+    HandedOver {
+        /// The old primary's image tag.
+        kept_image: u64,
+        /// Where the old primary waits as the secondary.
+        protect_to: String,
+    },
     /// The primary went silent or the connection broke.
     Lost { last_heard: Instant, reason: String },
     /// The primary said goodbye.
@@ -404,11 +413,18 @@ fn receive_epochs(
                 answer(sender, epoch, &Message::TookOver);
                 return Ok(Ended::MigratedIn);
             }
+            Action::Handover(handover) if purpose == Purpose::Replicate => {
+                answer(sender, epoch, &Message::TookOver);
+                return Ok(Ended::HandedOver {
+                    kept_image: handover.kept_image,
+                    protect_to: handover.protect_to,
+                });
+            }
             action @ Action::Handover(_) => {
                 return Err(ProtocolError::Unexpected {
                     kind: action.name(),
                     epoch,
-                    state: "outside a pre-copy migration".to_owned(),
+                    state: "a COLO connection (a planned switchover needs Remus)".to_owned(),
                 }
                 .into());
             }

@@ -79,6 +79,7 @@ use understudy_vm::memory::MemoryError;
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::state::StateError;
 use understudy_vm::tap::{Tap, TapError};
+use understudy_vm::virtio_net::FrameSink;
 use understudy_vm::{Vm, VmError};
 
 use backup::Backup;
@@ -325,6 +326,10 @@ pub struct Failover {
     pub migrated: bool,
     /// Received frames of uncommitted epochs replayed into the guest.
     pub replayed_frames: usize,
+    /// A planned switchover: protect the guest by the old primary, which
+    /// waits at this address and keeps an image of the guest with this tag
+    /// (the first synchronisation sends only what changed since).
+    pub protect_to: Option<(SocketAddr, u64)>,
     /// A migration whose source kept its image: the VM id and the image's
     /// tag. Migrating the guest back there sends only the pages written
     /// here since it arrived.
@@ -428,10 +433,38 @@ pub(crate) fn take_kept_image(
     kept.take().map(|image| image.vm)
 }
 
-/// What [`serve_with_image`] holds between connections.
+/// What [`serve_with`] holds between connections.
 struct Held<'a> {
     kept: &'a std::sync::Mutex<Option<KeptImage>>,
     until: Option<Instant>,
+    net_sinks: Option<&'a NetSinks>,
+}
+
+/// Makes, from the tap, where a resumed guest's frames go and who hears of
+/// the frames it receives (the new primary's output-commit gate after a
+/// planned switchover); without it they go straight to the tap.
+pub type NetSinks = dyn Fn(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>) + Send + Sync;
+
+/// What else a secondary may hold: an image of a guest that left (with
+/// when serving ends, if it should), and how a resumed guest's network is
+/// wired.
+#[derive(Default)]
+pub struct Extras<'a> {
+    /// A kept image a return trip or a switchover's protection builds on.
+    pub kept: Option<KeptImage>,
+    /// Serving ends then (`Ok(None)`), if set.
+    pub until: Option<Instant>,
+    /// See [`NetSinks`].
+    pub net_sinks: Option<&'a NetSinks>,
+    /// The tap, already open (a process that opened it once for all the
+    /// parts it plays); without it, `SecondaryOptions::tap` is opened.
+    pub tap: Option<Arc<Tap>>,
+}
+
+/// A resumed guest's network: the tap, and what sits in front of it.
+pub(crate) struct Network<'a> {
+    pub tap: Option<&'a Arc<Tap>>,
+    pub sinks: Option<&'a NetSinks>,
 }
 
 /// How long the acceptor waits for a connection before it looks at the
@@ -461,19 +494,25 @@ pub fn serve(
     stop: &AtomicBool,
     report: impl FnMut(&SecondaryEvent),
 ) -> Result<Option<Failover>, SecondaryError> {
-    serve_with_image(options, None, stop, report)
+    serve_with(options, Extras::default(), stop, report)
 }
 
-/// [`serve`], holding an image of a guest that migrated away from here: a
-/// migration of it back that names the image sends only what changed. With
-/// an image, serving ends (`Ok(None)`) when the image expires.
-pub fn serve_with_image(
+/// [`serve`], holding [`Extras`]: an image of a guest that left (a
+/// migration of it back, or a switchover's protection, that names the
+/// image sends only what changed), when to stop serving, and the network
+/// wiring of a resumed guest.
+pub fn serve_with(
     options: SecondaryOptions,
-    kept: Option<KeptImage>,
+    extras: Extras<'_>,
     stop: &AtomicBool,
     mut report: impl FnMut(&SecondaryEvent),
 ) -> Result<Option<Failover>, SecondaryError> {
-    let until = kept.as_ref().map(|image| image.until);
+    let Extras {
+        kept,
+        until,
+        net_sinks,
+        tap: open_tap,
+    } = extras;
     let kept = std::sync::Mutex::new(kept);
     let listener = TcpListener::bind(options.listen).map_err(|source| SecondaryError::Listen {
         address: options.listen,
@@ -490,12 +529,15 @@ pub fn serve_with_image(
             source,
         })?;
     // Opened now, so a bad name fails before any primary is accepted.
-    let tap = options
-        .tap
-        .as_deref()
-        .map(Tap::open)
-        .transpose()?
-        .map(Arc::new);
+    let tap = match open_tap {
+        Some(tap) => Some(tap),
+        None => options
+            .tap
+            .as_deref()
+            .map(Tap::open)
+            .transpose()?
+            .map(Arc::new),
+    };
     report(&SecondaryEvent::Listening {
         address: options.listen,
     });
@@ -513,7 +555,11 @@ pub fn serve_with_image(
             });
         let result = match acceptor {
             Ok(_) => {
-                let held = Held { kept: &kept, until };
+                let held = Held {
+                    kept: &kept,
+                    until,
+                    net_sinks,
+                };
                 serve_greeted(
                     &greeted,
                     &udp,
@@ -588,7 +634,11 @@ fn serve_greeted(
     udp: &UdpSocket,
     options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
-    Held { kept, until }: Held<'_>,
+    Held {
+        kept,
+        until,
+        net_sinks,
+    }: Held<'_>,
     stop: &AtomicBool,
     report: &mut impl FnMut(&SecondaryEvent),
 ) -> Result<Option<Failover>, SecondaryError> {
@@ -634,13 +684,49 @@ fn serve_greeted(
                     report(&SecondaryEvent::Disconnected { reason: why });
                     continue;
                 }
-                if let Some(failover) = take_over(&mut backup, last_heard, reason, options, tap)? {
+                if let Some(failover) =
+                    take_over(&mut backup, last_heard, reason, options, tap, net_sinks)?
+                {
                     return Ok(Some(failover));
                 }
                 report(&SecondaryEvent::Disconnected {
                     reason: "the connection was lost before it committed an epoch: nothing of it to resume"
                         .to_owned(),
                 });
+            }
+            Ok(Ended::HandedOver {
+                kept_image,
+                protect_to,
+            }) => {
+                if let (Some(witness), Some(synced)) = (&options.witness, in_sync(&backup))
+                    && let Verdict::Stale(why) =
+                        may_take_over(witness, synced, options.instance, stop, report)
+                {
+                    report(&SecondaryEvent::Disconnected { reason: why });
+                    continue;
+                }
+                let protect_to = match protect_to.parse::<SocketAddr>() {
+                    Ok(address) => Some((address, kept_image)),
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            "the old primary gave no usable address ({protect_to:?}): the guest runs here unprotected"
+                        );
+                        None
+                    }
+                };
+                let resumed = take_over(
+                    &mut backup,
+                    Instant::now(),
+                    "a planned switchover".to_owned(),
+                    options,
+                    tap,
+                    net_sinks,
+                )?;
+                if let Some(mut failover) = resumed {
+                    failover.protect_to = protect_to;
+                    return Ok(Some(failover));
+                }
             }
             Ok(Ended::MigratedIn) => {
                 let mut arrived = take_over(
@@ -649,6 +735,7 @@ fn serve_greeted(
                     "migrated in".to_owned(),
                     options,
                     tap,
+                    net_sinks,
                 )?;
                 if let Some(arrived) = &mut arrived {
                     arrived.migrated = true;
@@ -692,11 +779,13 @@ fn take_over(
     reason: String,
     options: &SecondaryOptions,
     tap: Option<&Arc<Tap>>,
+    net_sinks: Option<&NetSinks>,
 ) -> Result<Option<Failover>, SecondaryError> {
     let Some(backup) = slot.take() else {
         return Ok(None);
     };
-    match backup.take_over(last_heard, reason, options.verify, tap, &options.rescue_dir)? {
+    let network = Network { tap, sinks: net_sinks };
+    match backup.take_over(last_heard, reason, options.verify, network, &options.rescue_dir)? {
         Ok(failover) => Ok(Some(failover)),
         Err(backup) => {
             *slot = Some(backup);

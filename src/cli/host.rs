@@ -26,7 +26,7 @@ use understudy_primary::migrate::{
     MigrationError, MigrationMode, MigrationOptions, MigrationSummary, NoConvergence, migrate,
 };
 use understudy_primary::{EpochPolicy, PrimaryOptions};
-use understudy_secondary::{KeptImage, SecondaryEvent, SecondaryOptions};
+use understudy_secondary::{Extras, KeptImage, SecondaryEvent, SecondaryOptions};
 use understudy_vm::Vm;
 
 use crate::control::{Control, ControlError, Pending, Request, Role, Telemetry, duration_argument};
@@ -471,11 +471,12 @@ pub fn await_return(
         )),
     );
     host.accept(&[]);
+    let until = Instant::now() + keep;
     let kept = KeptImage {
         vm_id: guest.vm_id,
         vm: guest.vm,
         tag,
-        until: Instant::now() + keep,
+        until,
     };
     let options = SecondaryOptions {
         listen,
@@ -491,7 +492,7 @@ pub fn await_return(
         postcopy_recovery: Duration::from_secs(60),
     };
     let returned =
-        understudy_secondary::serve_with_image(options, Some(kept), &host.stop, |event| {
+        understudy_secondary::serve_with(options, Extras { kept: Some(kept), until: Some(until), net_sinks: None, tap: None }, &host.stop, |event| {
             if let SecondaryEvent::Connected { peer, hello } = event {
                 crate::say!(
                     "{}",

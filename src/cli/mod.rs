@@ -9,6 +9,7 @@ pub mod host;
 pub mod keygen;
 pub mod kvbench;
 pub mod migrate;
+pub mod pair;
 pub mod replicate;
 pub mod run;
 pub mod snapshot;

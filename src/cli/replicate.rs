@@ -13,7 +13,7 @@ use understudy_compress::CodecSpec;
 use understudy_primary::colo::ColoMetrics;
 use understudy_primary::output::{InputRecorder, OutputCommit};
 use understudy_primary::{
-    ColoOptions, EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions, RunEnd, RunOptions,
+    ColoOptions, EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions,
 };
 use understudy_proxy::compare::CompareConfig;
 use understudy_proxy::{Limits, Metrics};
@@ -21,13 +21,10 @@ use understudy_secondary::{SecondaryEvent, SecondaryOptions};
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::virtio_net::FrameSink;
 
-use super::host::{
-    ControlOptions, Departure, Guest, Host, MigrateRequest, Reach, StandaloneOptions, standalone,
-    summary_json,
-};
-use super::{VmOptions, check_events, parse_duration, stop_flag, wait_until_running};
-use crate::control::{ControlError, Request, Role, Settings};
-use understudy_primary::{Controls, Retune};
+use super::host::{ControlOptions, Reach};
+use super::pair::{LeadPart, Pair, Part, UnderstudyPart, perform};
+use super::{VmOptions, parse_duration, stop_flag, wait_until_running};
+use crate::control::Role;
 
 /// How a pair replicates.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +148,11 @@ pub struct PrimaryArguments {
     /// Stop after this long (default: until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Where this host waits as the secondary after a planned switchover
+    /// (`ctl switchover`), reachable from the secondary's host; without it
+    /// there is no switchover.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -213,7 +215,7 @@ pub struct SecondaryArguments {
     control: ControlOptions,
 }
 
-fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
+pub(crate) fn vcpus_json(sample: &ProgressSample) -> serde_json::Value {
     json!(
         sample
             .vcpus
@@ -254,7 +256,7 @@ fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
     }
 }
 
-fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAddr) {
+pub(crate) fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAddr) {
     match event {
         PrimaryEvent::Checkpointed(metrics) => print_checkpoint(metrics, as_json),
         PrimaryEvent::Synchronised {
@@ -335,6 +337,7 @@ fn print_primary_event(event: &PrimaryEvent, as_json: bool, secondary: SocketAdd
 pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let mut gate = None;
+    let mut opened_tap = None;
     if arguments.colo_timeout.is_zero() || arguments.colo_interval.is_zero() {
         bail!("--colo-timeout and --colo-interval must be longer than 0");
     }
@@ -344,6 +347,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         ..CompareConfig::default()
     };
     let mut vm = arguments.vm.boot_with_output(|tap| {
+        opened_tap = Some(tap.clone());
         let commit = Arc::new(if colo {
             OutputCommit::colo(tap, compare)
         } else {
@@ -356,328 +360,86 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
     vm.resume()?;
     wait_until_running(&vm, Duration::from_secs(10))?;
     let host = arguments.control.start(Role::Primary, stop.clone())?;
-    let controls = Arc::new(Controls::new(host.interrupt.clone()));
-    let vm_id = super::new_vm_id();
-    let mut options = RunOptions {
-        primary: PrimaryOptions {
-            secondary: arguments.secondary,
-            epoch: EpochPolicy {
-                target: arguments.epoch,
-                min: arguments
-                    .min_epoch
-                    .unwrap_or(arguments.epoch / 5)
-                    .max(Duration::from_millis(1)),
-                max_pause: arguments.max_pause,
-                idle: arguments.idle_epoch,
-            },
-            codec: arguments.codec,
-            heartbeat: arguments.heartbeat.policy()?,
-            verify: arguments.verify,
-            precopy_rounds: arguments.precopy_rounds.max(1),
-            max_bandwidth: None,
-            security: arguments.channel.security()?,
+    let primary = PrimaryOptions {
+        secondary: arguments.secondary,
+        epoch: EpochPolicy {
+            target: arguments.epoch,
+            min: arguments
+                .min_epoch
+                .unwrap_or(arguments.epoch / 5)
+                .max(Duration::from_millis(1)),
+            max_pause: arguments.max_pause,
+            idle: arguments.idle_epoch,
         },
-        vm_id,
-        owner: super::new_vm_id(),
-        witness: arguments.witness.witness(),
-        gate: gate.clone(),
-        output_epoch: arguments.output_epoch,
-        duration: arguments.duration,
-        connect_patience: Duration::ZERO,
-        colo: colo.then_some(ColoOptions {
-            interval: arguments.colo_interval,
-        }),
-        controls: Some(controls.clone()),
+        codec: arguments.codec,
+        heartbeat: arguments.heartbeat.policy()?,
+        verify: arguments.verify,
+        precopy_rounds: arguments.precopy_rounds.max(1),
+        max_bandwidth: None,
+        security: arguments.channel.security()?,
     };
-    let policy = &options.primary;
     if arguments.json {
         crate::say!(
             "{}",
             json!({"event": "policy", "epoch_ms": arguments.epoch.as_secs_f64() * 1e3,
-                   "min_epoch_ms": policy.epoch.min.as_secs_f64() * 1e3,
-                   "max_pause_us": policy.epoch.max_pause.as_secs_f64() * 1e6,
-                   "idle_epoch_ms": policy.epoch.idle.as_secs_f64() * 1e3,
-                   "codec": policy.codec.to_string()})
+                   "min_epoch_ms": primary.epoch.min.as_secs_f64() * 1e3,
+                   "max_pause_us": primary.epoch.max_pause.as_secs_f64() * 1e6,
+                   "idle_epoch_ms": primary.epoch.idle.as_secs_f64() * 1e3,
+                   "codec": primary.codec.to_string()})
         );
     } else {
         crate::say!(
             "protecting with {} and codec {}",
-            policy.epoch,
-            policy.codec
+            primary.epoch,
+            primary.codec
         );
     }
-    host.telemetry
-        .set_guest(vm_id, vm.config().memory_bytes, vm.config().vcpus);
-    host.telemetry
-        .set_peer(Some(arguments.secondary.to_string()));
-    let settings = LiveSettings::new(&options.primary);
-    settings.show(&host.telemetry);
-    if let Some(control) = &host.control {
-        let telemetry = host.telemetry.clone();
-        let controls = controls.clone();
-        control.on_set(Some(Box::new(move |asked: &Settings| {
-            settings.set(asked, &controls, &telemetry)
-        })));
-    }
-    host.accept(&["migrate"]);
+    let witness = arguments.witness.witness();
+    let owner = super::new_vm_id();
+    let understudy = arguments.listen.map(|listen| SecondaryOptions {
+        listen,
+        heartbeat: primary.heartbeat,
+        verify: arguments.verify,
+        tap: None,
+        ack_delay: Duration::ZERO,
+        witness: witness.clone(),
+        instance: owner,
+        security: primary.security.clone(),
+        rescue_dir: std::path::PathBuf::from("."),
+        colo,
+        postcopy_recovery: Duration::from_secs(60),
+    });
     let reach = Reach {
-        security: Some(options.primary.security.clone()),
-        heartbeat: options.primary.heartbeat,
+        security: Some(primary.security.clone()),
+        heartbeat: primary.heartbeat,
     };
-    let end = loop {
-        let end = understudy_primary::run(&mut vm, &options, &stop, |event| {
-            print_primary_event(&event, arguments.json, arguments.secondary);
-            record_primary_event(&host, &event, gate.as_deref());
-        })?;
-        if end != RunEnd::Interrupted {
-            break end;
-        }
-        let Some(pending) = host.take_request() else {
-            continue;
-        };
-        vm = match serve_request(vm, vm_id, pending, &host, &reach)? {
-            Moved::Stayed(vm) => vm,
-            Moved::Away => return Ok(()),
-            Moved::Back(guest) => guest.vm,
-        };
-        // Protection resumes: a new secondary connection, synchronised
-        // whole (the old secondary dropped its backup when told goodbye).
-        options.duration = arguments.duration;
+    let pair = Pair {
+        primary,
+        witness,
+        owner,
+        output_epoch: arguments.output_epoch,
+        lead_duration: arguments.duration,
+        colo: colo.then_some(ColoOptions {
+            interval: arguments.colo_interval,
+        }),
+        understudy,
+        tap: opened_tap,
+        standalone_duration: None,
+        json: arguments.json,
+        reach,
     };
-    if let Some(gate) = &gate {
-        match gate.colo_metrics() {
-            Some(metrics) => print_colo(&metrics, arguments.json),
-            None => print_output_commit(&gate.metrics(), arguments.json),
-        }
-    }
-    vm.pause()?;
-    vm.shutdown();
-    match end {
-        RunEnd::Stopped | RunEnd::Interrupted => Ok(()),
-        RunEnd::GuestStopped(reason) => bail!("{reason}"),
-    }
-}
-
-/// Where a migration asked for on the control socket left the guest.
-enum Moved {
-    /// It stayed here (the migration failed, or was not possible).
-    Stayed(understudy_vm::Vm),
-    /// It runs elsewhere now.
-    Away,
-    /// It left and came back (a kept image).
-    Back(Guest),
-}
-
-/// Carries out a control request in a primary, its protection closed
-/// (it resumes when the guest stays here).
-fn serve_request(
-    mut vm: understudy_vm::Vm,
-    vm_id: u64,
-    pending: crate::control::Pending,
-    host: &Host,
-    reach: &Reach,
-) -> anyhow::Result<Moved> {
-    let request = match &pending.request {
-        Request::Migrate(arguments) => MigrateRequest::parse(arguments),
-        Request::Switchover => Err(ControlError::new(
-            "not_supported",
-            "switchover is not built yet: migrate the guest instead",
-        )),
+    let lead = LeadPart {
+        vm,
+        vm_id: super::new_vm_id(),
+        secondary: arguments.secondary,
+        base_image: 0,
+        gate,
     };
-    let request = match request {
-        Ok(request) => request,
-        Err(error) => {
-            host.finished(pending, Err(error));
-            return Ok(Moved::Stayed(vm));
-        }
-    };
-    host.telemetry.set_state(
-        "migrating",
-        false,
-        Some("protection is paused for a migration".to_owned()),
-    );
-    host.publish(json!({"event": "migration_started", "to": request.to.to_string()}));
-    match super::host::migrate_from_here(&mut vm, &request, reach, vm_id, 0, |_| {}) {
-        Departure::Left(summary) => {
-            let reply = summary_json(&summary);
-            crate::say!("{}", json!({"event": "migrated", "summary": reply}));
-            host.publish(json!({"event": "migrated", "summary": reply}));
-            host.finished(pending, Ok(reply));
-            let (Some(tag), Some((keep, listen))) = (summary.kept_image, request.keep_image) else {
-                vm.shutdown();
-                return Ok(Moved::Away);
-            };
-            let guest = Guest {
-                vm,
-                vm_id,
-                source_image: None,
-            };
-            Ok(
-                super::host::await_return(guest, tag, keep, listen, host, reach)?
-                    .map_or(Moved::Away, Moved::Back),
-            )
-        }
-        Departure::Stayed(error) => {
-            let message = format!(
-                "{error:#}; the guest keeps running here, unharmed, and protection resumes"
-            );
-            eprintln!("migration failed: {message}");
-            host.publish(
-                json!({"event": "migration_failed", "reason": message, "guest": "running here"}),
-            );
-            host.finished(pending, Err(ControlError::new("failed", message)));
-            host.telemetry.set_state(
-                "synchronising",
-                false,
-                Some("protection resumes after a failed migration".to_owned()),
-            );
-            Ok(Moved::Stayed(vm))
-        }
-        Departure::Unsure(error) => {
-            let message = format!("{error:#}");
-            host.publish(
-                json!({"event": "migration_failed", "reason": message, "guest": "stopped here"}),
-            );
-            host.finished(pending, Err(ControlError::new("failed", message.clone())));
-            bail!("{message}")
-        }
-    }
-}
-
-/// The settings `set` may change, as they are now.
-struct LiveSettings {
-    now: std::sync::Mutex<(EpochPolicy, understudy_compress::CodecSpec)>,
-}
-
-impl LiveSettings {
-    fn new(primary: &PrimaryOptions) -> Self {
-        Self {
-            now: std::sync::Mutex::new((primary.epoch, primary.codec)),
-        }
-    }
-
-    fn show(&self, telemetry: &crate::control::Telemetry) {
-        let (policy, codec) = *self.now.lock().expect("settings lock poisoned");
-        telemetry.set_settings(
-            &codec.to_string(),
-            policy.target,
-            json!({"epoch_ms": policy.target.as_secs_f64() * 1e3,
-                   "min_epoch_ms": policy.min.as_secs_f64() * 1e3,
-                   "max_pause_us": policy.max_pause.as_secs_f64() * 1e6,
-                   "idle_epoch_ms": policy.idle.as_secs_f64() * 1e3,
-                   "codec": codec.to_string()}),
-        );
-    }
-
-    /// `set`: checks every setting before changing any.
-    fn set(
-        &self,
-        asked: &Settings,
-        controls: &Controls,
-        telemetry: &crate::control::Telemetry,
-    ) -> Result<serde_json::Value, ControlError> {
-        if let Some(unknown) = asked
-            .keys()
-            .find(|key| !matches!(key.as_str(), "epoch" | "max_pause" | "codec"))
-        {
-            return Err(ControlError::new(
-                "bad_argument",
-                format!("{unknown:?} cannot be set: epoch, max_pause or codec"),
-            ));
-        }
-        let epoch = crate::control::duration_argument(asked, "epoch")?;
-        let max_pause = crate::control::duration_argument(asked, "max_pause")?;
-        if epoch.is_some_and(|epoch| epoch < Duration::from_millis(1))
-            || max_pause.is_some_and(|pause| pause.is_zero())
-        {
-            return Err(ControlError::new(
-                "bad_argument",
-                "epoch must be at least 1ms and max_pause more than 0",
-            ));
-        }
-        let codec = match asked.get("codec") {
-            None => None,
-            Some(serde_json::Value::String(text)) => Some(text.parse().map_err(
-                |error: understudy_compress::SpecError| {
-                    ControlError::new("bad_argument", format!("codec: {error}"))
-                },
-            )?),
-            Some(other) => {
-                return Err(ControlError::new(
-                    "bad_argument",
-                    format!("codec: expected a codec such as \"raw\", got {other}"),
-                ));
-            }
-        };
-        if epoch.is_none() && max_pause.is_none() && codec.is_none() {
-            return Err(ControlError::new(
-                "bad_argument",
-                "set what? epoch, max_pause or codec",
-            ));
-        }
-        let retune = Retune {
-            epoch,
-            max_pause,
-            codec,
-        };
-        {
-            let mut now = self.now.lock().expect("settings lock poisoned");
-            if let Some(epoch) = epoch {
-                now.0.target = epoch;
-                now.0.min = (epoch / 5).max(Duration::from_millis(1));
-            }
-            if let Some(max_pause) = max_pause {
-                now.0.max_pause = max_pause;
-            }
-            if let Some(codec) = codec {
-                now.1 = codec;
-            }
-        }
-        controls.retune(retune);
-        self.show(telemetry);
-        Ok(json!({
-            "applied": if codec.is_some() {
-                "epoch settings at the next checkpoint; the codec by a new connection to the secondary (a full resynchronisation, started now)"
-            } else {
-                "at the next checkpoint"
-            },
-        }))
-    }
-}
-
-/// Keeps the telemetry and the control subscribers up to date.
-fn record_primary_event(host: &Host, event: &PrimaryEvent, gate: Option<&OutputCommit>) {
-    let telemetry = &host.telemetry;
-    match event {
-        PrimaryEvent::Checkpointed(metrics) => {
-            telemetry.checkpointed(metrics.epoch, metrics.pause);
-            if let Some(gate) = gate.filter(|gate| !gate.compares()) {
-                telemetry.output_held(gate.metrics().frames_held as u64);
-            }
-        }
-        PrimaryEvent::Sent(metrics) => telemetry.sent(metrics.raw_bytes, metrics.wire_bytes),
-        PrimaryEvent::Acknowledged { epoch, latency } => telemetry.acknowledged(*epoch, *latency),
-        PrimaryEvent::Synchronised { pages, total, .. } => {
-            telemetry.protection_started();
-            host.publish(json!({"event": "protection_resumed", "pages": pages,
-                                "total_ms": total.as_secs_f64() * 1e3}));
-        }
-        PrimaryEvent::SecondaryLost { reason } => {
-            telemetry.secondary_lost(reason);
-            host.publish(json!({"event": "secondary_lost", "reason": reason}));
-        }
-        PrimaryEvent::Witness { state, generation } => {
-            telemetry.set_generation(*generation);
-            host.publish(json!({"event": "witness", "state": state, "generation": generation}));
-        }
-        PrimaryEvent::WitnessWaiting { reason } => {
-            host.publish(json!({"event": "witness_waiting", "reason": reason}));
-        }
-    }
+    perform(&pair, &host, &stop, Part::Lead(lead))
 }
 
 /// What COLO's compare proxy did.
-fn print_colo(metrics: &ColoMetrics, as_json: bool) {
+pub(crate) fn print_colo(metrics: &ColoMetrics, as_json: bool) {
     let compare = &metrics.compare;
     let mismatches: std::collections::BTreeMap<&str, u64> = compare
         .checkpoints
@@ -708,7 +470,7 @@ fn print_colo(metrics: &ColoMetrics, as_json: bool) {
 }
 
 /// What output commit did: frames released and how long they were held.
-fn print_output_commit(metrics: &Metrics, as_json: bool) {
+pub(crate) fn print_output_commit(metrics: &Metrics, as_json: bool) {
     let quantile = |q| metrics.held_quantile(q).map(|d| d.as_secs_f64() * 1e3);
     if as_json {
         crate::say!(
@@ -728,88 +490,122 @@ fn print_output_commit(metrics: &Metrics, as_json: bool) {
     }
 }
 
-/// Waits for a primary, and takes over its guest when it is lost.
+/// Waits for a primary, and takes over its guest when it is lost (or
+/// leads, after a planned switchover).
 pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
-    let as_json = arguments.json;
+    let witness = arguments.witness.witness();
+    let instance = super::new_vm_id();
     let options = SecondaryOptions {
         listen: arguments.listen,
         heartbeat: arguments.heartbeat.policy()?,
         verify: arguments.verify,
-        tap: arguments.tap.clone(),
+        tap: None,
         ack_delay: arguments.ack_delay,
-        witness: arguments.witness.witness(),
-        instance: super::new_vm_id(),
+        witness: witness.clone(),
+        instance,
         security: arguments.channel.security()?,
         rescue_dir: arguments.rescue_dir.clone(),
         colo: arguments.mode == Mode::Colo,
         postcopy_recovery: arguments.postcopy_recovery,
     };
+    // Opened once: the guest's network device holds it whichever part
+    // this process plays.
+    let tap = arguments.tap.as_deref().map(super::open_tap).transpose()?;
     let host = arguments.control.start(Role::Secondary, stop.clone())?;
     let reach = Reach {
         security: Some(options.security.clone()),
         heartbeat: options.heartbeat,
     };
-    host.telemetry.set_state(
-        "waiting",
-        false,
-        Some("no primary has synchronised with this secondary".to_owned()),
-    );
-    let failover = understudy_secondary::serve(options, &stop, |event| {
-        record_secondary_event(&host, event);
-        match event {
-            SecondaryEvent::Listening { address } => {
-                if as_json {
-                    crate::say!(
-                        "{}",
-                        json!({"event": "listening", "address": address.to_string()})
-                    );
-                } else {
-                    crate::say!("waiting for a primary on {address}");
-                }
+    // After a planned switchover this process leads, with the defaults of
+    // `understudy primary`.
+    let primary = PrimaryOptions {
+        secondary: arguments.listen,
+        epoch: EpochPolicy {
+            target: Duration::from_millis(25),
+            min: Duration::from_millis(5),
+            max_pause: Duration::from_millis(2),
+            idle: Duration::from_secs(1),
+        },
+        codec: "delta+zstd:level=1".parse()?,
+        heartbeat: options.heartbeat,
+        verify: arguments.verify,
+        precopy_rounds: 5,
+        max_bandwidth: None,
+        security: options.security.clone(),
+    };
+    let pair = Pair {
+        primary,
+        witness,
+        owner: instance,
+        output_epoch: Duration::from_millis(2),
+        lead_duration: None,
+        colo: None,
+        understudy: Some(options),
+        tap,
+        standalone_duration: arguments.duration,
+        json: arguments.json,
+        reach,
+    };
+    perform(&pair, &host, &stop, Part::Understudy(UnderstudyPart::default()))
+}
+
+/// Prints what a secondary reports.
+pub(crate) fn print_secondary_event(event: &SecondaryEvent, as_json: bool) {
+    match event {
+        SecondaryEvent::Listening { address } => {
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "listening", "address": address.to_string()})
+                );
+            } else {
+                crate::say!("waiting for a primary on {address}");
             }
-            SecondaryEvent::Connected { peer, hello } => {
-                if as_json {
-                    crate::say!(
-                        "{}",
-                        json!({"event": "connected", "peer": peer.to_string(),
-                           "memory_bytes": hello.memory_bytes, "vcpus": hello.vcpus})
-                    );
-                } else {
-                    crate::say!(
-                        "primary {peer} connected: {} MiB, {} vCPU(s)",
-                        hello.memory_bytes >> 20,
-                        hello.vcpus
-                    );
-                }
+        }
+        SecondaryEvent::Connected { peer, hello } => {
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "connected", "peer": peer.to_string(),
+                           "memory_bytes": hello.memory_bytes, "vcpus": hello.vcpus,
+                           "base_image": hello.base_image != 0})
+                );
+            } else {
+                crate::say!(
+                    "primary {peer} connected: {} MiB, {} vCPU(s)",
+                    hello.memory_bytes >> 20,
+                    hello.vcpus
+                );
             }
-            SecondaryEvent::Committed {
-                epoch,
-                pages,
-                receive,
-            } => {
-                if as_json {
-                    crate::say!(
-                        "{}",
-                        json!({"event": "committed", "epoch": epoch, "pages": pages,
+        }
+        SecondaryEvent::Committed {
+            epoch,
+            pages,
+            receive,
+        } => {
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "committed", "epoch": epoch, "pages": pages,
                            "receive_us": receive.as_secs_f64() * 1e6})
-                    );
-                }
+                );
             }
-            SecondaryEvent::PostcopyComplete(done) => {
-                if as_json {
-                    crate::say!(
-                        "{}",
-                        json!({"event": "postcopy_complete", "pages": done.pages,
+        }
+        SecondaryEvent::PostcopyComplete(done) => {
+            if as_json {
+                crate::say!(
+                    "{}",
+                    json!({"event": "postcopy_complete", "pages": done.pages,
                            "faults": done.faults, "zero_page_faults": done.zero_pages,
                            "fault_p50_us_at_most": done.fault_p50_us,
                            "fault_p99_us_at_most": done.fault_p99_us,
                            "reconnections": done.reconnections,
                            "verified_pages": done.verified_pages,
                            "written_here": done.written_here})
-                    );
-                } else {
-                    crate::say!(
+                );
+            } else {
+                crate::say!(
                     "post-copy complete: {} pages arrived, {} faults (p99 <= {} us), {} reconnection(s){}",
                     done.pages,
                     done.faults,
@@ -820,124 +616,20 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
                         done.written_here
                     ))
                 );
-                }
             }
-            SecondaryEvent::WitnessWaiting { reason } => {
-                eprintln!(
-                    "WAITING for the witness before taking over ({reason}); the guest stays paused"
-                );
-                if as_json {
-                    crate::say!("{}", json!({"event": "witness_waiting", "reason": reason}));
-                }
-            }
-            SecondaryEvent::Disconnected { reason } => {
-                if as_json {
-                    crate::say!("{}", json!({"event": "disconnected", "reason": reason}));
-                } else {
-                    crate::say!("primary disconnected: {reason}");
-                }
-            }
-        }
-    })?;
-    let Some(failover) = failover else {
-        return Ok(());
-    };
-    host.telemetry.took_over(if failover.migrated {
-        "the guest migrated here; no secondary protects it"
-    } else {
-        "this secondary took over from its lost primary; no secondary protects the guest"
-    });
-    host.publish(
-        json!({"event": if failover.migrated { "migrated_in" } else { "failover" },
-                        "epoch": failover.epoch, "reason": failover.reason}),
-    );
-    let vm = failover.vm;
-    if as_json {
-        crate::say!(
-            "{}",
-            json!({
-                "event": "resumed",
-                "epoch": failover.epoch,
-                "memory_hash": failover.memory_hash,
-                "since_last_heartbeat_ms": failover.since_last_heartbeat.as_secs_f64() * 1e3,
-                "reason": failover.reason,
-                "migrated": failover.migrated,
-                "replayed_frames": failover.replayed_frames,
-                "vcpus": vcpus_json(&failover.progress),
-            })
-        );
-    } else if failover.migrated {
-        crate::say!("migration arrived: the guest runs here now");
-    } else {
-        crate::say!(
-            "PRIMARY LOST ({}): resumed the guest from epoch {} in {:.1} ms after the last heartbeat",
-            failover.reason,
-            failover.epoch,
-            failover.since_last_heartbeat.as_secs_f64() * 1e3
-        );
-    }
-    wait_until_running(&vm, Duration::from_secs(10))?;
-    let guest = Guest {
-        vm,
-        vm_id: failover.vm_id,
-        source_image: failover.source_image.map(|(_, tag)| tag),
-    };
-    let options = StandaloneOptions {
-        duration: arguments.duration,
-        json: as_json,
-        harvest_interval: Duration::from_secs(1),
-        reach,
-    };
-    let super::host::Ended::Stopped(mut guest) = standalone(guest, &host, &options)? else {
-        return Ok(());
-    };
-    guest.vm.pause()?;
-    check_events(&guest.vm)?;
-    if as_json {
-        crate::say!(
-            "{}",
-            json!({"event": "stopped", "vcpus": vcpus_json(&ProgressSample::read(&guest.vm)?)})
-        );
-    }
-    guest.vm.shutdown();
-    Ok(())
-}
-
-/// Keeps a secondary's telemetry and control subscribers up to date.
-fn record_secondary_event(host: &Host, event: &SecondaryEvent) {
-    let telemetry = &host.telemetry;
-    match event {
-        SecondaryEvent::Listening { .. } => {}
-        SecondaryEvent::Connected { peer, hello } => {
-            telemetry.set_guest(hello.vm_id, hello.memory_bytes, hello.vcpus);
-            telemetry.set_generation(hello.generation);
-            telemetry.set_peer(Some(peer.to_string()));
-            telemetry.set_state(
-                "synchronising",
-                false,
-                Some("epoch 0 is not committed yet".to_owned()),
-            );
-            host.publish(json!({"event": "primary_connected", "peer": peer.to_string()}));
-        }
-        SecondaryEvent::Committed { epoch, receive, .. } => {
-            if *epoch == 0 {
-                telemetry.set_state("protecting", true, None);
-                host.publish(json!({"event": "protection_resumed", "epoch": epoch}));
-            }
-            telemetry.committed(*epoch, *receive);
-        }
-        SecondaryEvent::Disconnected { reason } => {
-            telemetry.set_peer(None);
-            telemetry.set_state("waiting", false, Some(format!("no primary: {reason}")));
-            host.publish(json!({"event": "primary_disconnected", "reason": reason}));
-        }
-        SecondaryEvent::PostcopyComplete(done) => {
-            host.publish(
-                json!({"event": "postcopy_complete", "pages": done.pages, "faults": done.faults}),
-            );
         }
         SecondaryEvent::WitnessWaiting { reason } => {
-            host.publish(json!({"event": "witness_waiting", "reason": reason}));
+            eprintln!("WAITING for the witness before taking over ({reason}); the guest stays paused");
+            if as_json {
+                crate::say!("{}", json!({"event": "witness_waiting", "reason": reason}));
+            }
+        }
+        SecondaryEvent::Disconnected { reason } => {
+            if as_json {
+                crate::say!("{}", json!({"event": "disconnected", "reason": reason}));
+            } else {
+                crate::say!("primary disconnected: {reason}");
+            }
         }
     }
 }

@@ -126,6 +126,11 @@ impl Pending {
 /// Live settings a `set` asks for; the main loop applies them.
 pub type Settings = serde_json::Map<String, Value>;
 
+/// Runs on the client's thread as a main-loop request is queued (before
+/// the main loop sees the interrupt): a request the main loop carries out
+/// from inside a longer operation is announced to it here.
+pub type QueueHook = dyn Fn(&Request) + Send + Sync;
+
 /// Checks a `set` request's arguments; the role's own validation.
 pub type SettingsCheck = dyn Fn(&Settings) -> Result<Value, ControlError> + Send + Sync;
 
@@ -141,6 +146,7 @@ struct Shared {
     busy: AtomicBool,
     subscribers: Mutex<Vec<SyncSender<String>>>,
     settings: Mutex<Option<Box<SettingsCheck>>>,
+    before_queue: Mutex<Option<Box<QueueHook>>>,
     clients: AtomicUsize,
     started: std::time::Instant,
 }
@@ -171,6 +177,7 @@ impl Control {
             busy: AtomicBool::new(false),
             subscribers: Mutex::new(Vec::new()),
             settings: Mutex::new(None),
+            before_queue: Mutex::new(None),
             clients: AtomicUsize::new(0),
             started: std::time::Instant::now(),
         });
@@ -203,6 +210,11 @@ impl Control {
     /// How `set` checks and stores settings (none: `set` is not supported).
     pub fn on_set(&self, check: Option<Box<SettingsCheck>>) {
         *self.shared.settings.lock().expect("control lock poisoned") = check;
+    }
+
+    /// What runs as a main-loop request is queued (see [`QueueHook`]).
+    pub fn before_queue(&self, hook: Option<Box<QueueHook>>) {
+        *self.shared.before_queue.lock().expect("control lock poisoned") = hook;
     }
 
     /// The next queued request, if any (clears the interrupt).
@@ -450,6 +462,14 @@ fn queue(shared: &Shared, request: Request) -> Result<Value, ControlError> {
             "busy",
             "another migrate or switchover is under way",
         ));
+    }
+    if let Some(hook) = shared
+        .before_queue
+        .lock()
+        .expect("control lock poisoned")
+        .as_ref()
+    {
+        hook(&request);
     }
     let (reply, answer) = std::sync::mpsc::channel();
     let sent = shared

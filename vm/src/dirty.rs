@@ -264,12 +264,19 @@ impl DirtyTracker {
     /// the pages are counted against. What was dirty before is dropped.
     pub fn mark(&self, vm: &VmFd, memory: &GuestMemory) -> Result<(), DirtyLogError> {
         self.harvest(vm, memory)?;
+        self.mark_as_of_last_harvest(memory);
+        Ok(())
+    }
+
+    /// Like [`DirtyTracker::mark`], but the image is the memory as of the
+    /// last harvest: whatever was written since (not harvested yet) counts
+    /// as changed.
+    pub fn mark_as_of_last_harvest(&self, memory: &GuestMemory) {
         let empty = memory
             .iter()
             .map(|region| DirtyBitmap::new(usize_from(region.len() / PAGE_SIZE)))
             .collect();
         *self.since_mark.lock().expect("dirty tracker lock poisoned") = Some(empty);
-        Ok(())
     }
 
     /// The pages harvested since the mark (harvest first to include the

@@ -497,6 +497,13 @@ impl Vm {
         Ok(self.dirty.mark(&self.fd, &self.memory)?)
     }
 
+    /// [`Vm::mark_image`] with the memory as of the last harvest as the
+    /// image (a checkpoint's, taken while paused): writes since count as
+    /// changes, so nothing written after the checkpoint is missed.
+    pub fn mark_image_as_of_last_harvest(&self) {
+        self.dirty.mark_as_of_last_harvest(&self.memory);
+    }
+
     /// Every page written since [`Vm::mark_image`] (with a fresh harvest
     /// included), or `None` without a mark.
     pub fn dirty_since_mark(&self) -> Result<Option<DirtySet>, VmError> {
