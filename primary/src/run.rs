@@ -121,7 +121,10 @@ impl Controls {
     }
 
     fn take_switchover(&self) -> Option<String> {
-        self.switchover.lock().expect("controls lock poisoned").take()
+        self.switchover
+            .lock()
+            .expect("controls lock poisoned")
+            .take()
     }
 
     /// Asks for new settings (merged with any not applied yet).

@@ -443,7 +443,8 @@ struct Held<'a> {
 /// Makes, from the tap, where a resumed guest's frames go and who hears of
 /// the frames it receives (the new primary's output-commit gate after a
 /// planned switchover); without it they go straight to the tap.
-pub type NetSinks = dyn Fn(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>) + Send + Sync;
+pub type NetSinks =
+    dyn Fn(Arc<Tap>) -> (Arc<dyn FrameSink>, Option<Arc<dyn FrameSink>>) + Send + Sync;
 
 /// What else a secondary may hold: an image of a guest that left (with
 /// when serving ends, if it should), and how a resumed guest's network is
@@ -784,8 +785,17 @@ fn take_over(
     let Some(backup) = slot.take() else {
         return Ok(None);
     };
-    let network = Network { tap, sinks: net_sinks };
-    match backup.take_over(last_heard, reason, options.verify, network, &options.rescue_dir)? {
+    let network = Network {
+        tap,
+        sinks: net_sinks,
+    };
+    match backup.take_over(
+        last_heard,
+        reason,
+        options.verify,
+        network,
+        &options.rescue_dir,
+    )? {
         Ok(failover) => Ok(Some(failover)),
         Err(backup) => {
             *slot = Some(backup);

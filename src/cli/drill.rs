@@ -81,6 +81,9 @@ pub enum FailureArgument {
     WitnessDown,
     /// Intruders without the key besiege the secondary, then SIGKILL the primary.
     Impostor,
+    /// No failure: a planned switchover (`ctl switchover`), and one back
+    /// after half the run.
+    Switchover,
 }
 
 impl From<FailureArgument> for Failure {
@@ -93,6 +96,7 @@ impl From<FailureArgument> for Failure {
             FailureArgument::StallSecondary => Failure::StallSecondary,
             FailureArgument::WitnessDown => Failure::WitnessDown,
             FailureArgument::Impostor => Failure::Impostor,
+            FailureArgument::Switchover => Failure::Switchover,
         }
     }
 }
@@ -167,6 +171,8 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
                 "verified": result.verified, "benchmark_failure": result.benchmark_failure,
                 "survivor": result.survivor.map(survivor_name),
                 "loser_frames": result.loser_frames,
+                "switchover_pages": result.switchover_pages,
+                "switched_back": result.switched_back,
             })
         );
     } else {
@@ -188,6 +194,13 @@ fn report_round(round: u32, result: &RoundResult, as_json: bool) {
                     "; redis-benchmark: {failure}"
                 )),
         );
+        if !result.switchover_pages.is_empty() {
+            crate::say!(
+                "  switchovers: reverse protection synchronised {:?} pages; back home: {}",
+                result.switchover_pages,
+                result.switched_back
+            );
+        }
     }
 }
 

@@ -491,8 +491,16 @@ pub fn await_return(
         colo: false,
         postcopy_recovery: Duration::from_secs(60),
     };
-    let returned =
-        understudy_secondary::serve_with(options, Extras { kept: Some(kept), until: Some(until), net_sinks: None, tap: None }, &host.stop, |event| {
+    let returned = understudy_secondary::serve_with(
+        options,
+        Extras {
+            kept: Some(kept),
+            until: Some(until),
+            net_sinks: None,
+            tap: None,
+        },
+        &host.stop,
+        |event| {
             if let SecondaryEvent::Connected { peer, hello } = event {
                 crate::say!(
                     "{}",
@@ -500,7 +508,8 @@ pub fn await_return(
                            "builds_on_kept_image": hello.base_image == tag})
                 );
             }
-        })?;
+        },
+    )?;
     let Some(failover) = returned else {
         return Ok(None);
     };

@@ -127,17 +127,24 @@ pub fn perform(pair: &Pair, host: &Host, stop: &Arc<AtomicBool>, part: Part) -> 
                 Some(next) => next,
                 None => return Ok(()),
             },
-            Part::Understudy(understudy_part) => match understudy(pair, host, stop, understudy_part)? {
-                Some(next) => next,
-                None => return Ok(()),
-            },
+            Part::Understudy(understudy_part) => {
+                match understudy(pair, host, stop, understudy_part)? {
+                    Some(next) => next,
+                    None => return Ok(()),
+                }
+            }
         };
     }
 }
 
 /// Leads until stopped, moved away, or handed over (then the understudy
 /// part follows).
-fn lead(pair: &Pair, host: &Host, stop: &Arc<AtomicBool>, part: LeadPart) -> anyhow::Result<Option<Part>> {
+fn lead(
+    pair: &Pair,
+    host: &Host,
+    stop: &Arc<AtomicBool>,
+    part: LeadPart,
+) -> anyhow::Result<Option<Part>> {
     let LeadPart {
         mut vm,
         vm_id,
@@ -167,8 +174,11 @@ fn lead(pair: &Pair, host: &Host, stop: &Arc<AtomicBool>, part: LeadPart) -> any
         base_image,
     };
     host.telemetry.set_role(Role::Primary, "synchronising");
-    host.telemetry
-        .set_state("synchronising", false, Some("epoch 0 is not acknowledged yet".to_owned()));
+    host.telemetry.set_state(
+        "synchronising",
+        false,
+        Some("epoch 0 is not acknowledged yet".to_owned()),
+    );
     host.telemetry
         .set_guest(vm_id, vm.config().memory_bytes, vm.config().vcpus);
     host.telemetry.set_peer(Some(secondary.to_string()));
@@ -236,7 +246,10 @@ fn lead(pair: &Pair, host: &Host, stop: &Arc<AtomicBool>, part: LeadPart) -> any
             let reply = json!({"kept_image": format!("{kept_image:016x}"), "confirmed": confirmed,
                                "now": "secondary"});
             if pair.json {
-                crate::say!("{}", json!({"event": "handed_over", "kept_image": format!("{kept_image:016x}"), "confirmed": confirmed}));
+                crate::say!(
+                    "{}",
+                    json!({"event": "handed_over", "kept_image": format!("{kept_image:016x}"), "confirmed": confirmed})
+                );
             }
             if !confirmed {
                 eprintln!(
@@ -468,14 +481,19 @@ fn serve_request(
                 vm_id,
                 source_image: None,
             };
-            Ok(super::host::await_return(guest, tag, keep, listen, host, reach)?
-                .map_or(Moved::Away, Moved::Back))
+            Ok(
+                super::host::await_return(guest, tag, keep, listen, host, reach)?
+                    .map_or(Moved::Away, Moved::Back),
+            )
         }
         Departure::Stayed(error) => {
-            let message =
-                format!("{error:#}; the guest keeps running here, unharmed, and protection resumes");
+            let message = format!(
+                "{error:#}; the guest keeps running here, unharmed, and protection resumes"
+            );
             eprintln!("migration failed: {message}");
-            host.publish(json!({"event": "migration_failed", "reason": message, "guest": "running here"}));
+            host.publish(
+                json!({"event": "migration_failed", "reason": message, "guest": "running here"}),
+            );
             host.finished(pending, Err(ControlError::new("failed", message)));
             host.telemetry.set_state(
                 "synchronising",
@@ -486,7 +504,9 @@ fn serve_request(
         }
         Departure::Unsure(error) => {
             let message = format!("{error:#}");
-            host.publish(json!({"event": "migration_failed", "reason": message, "guest": "stopped here"}));
+            host.publish(
+                json!({"event": "migration_failed", "reason": message, "guest": "stopped here"}),
+            );
             host.finished(pending, Err(ControlError::new("failed", message.clone())));
             bail!("{message}")
         }

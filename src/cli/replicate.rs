@@ -12,9 +12,7 @@ use understudy_checkpoint::witness::Witness;
 use understudy_compress::CodecSpec;
 use understudy_primary::colo::ColoMetrics;
 use understudy_primary::output::{InputRecorder, OutputCommit};
-use understudy_primary::{
-    ColoOptions, EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions,
-};
+use understudy_primary::{ColoOptions, EpochMetrics, EpochPolicy, PrimaryEvent, PrimaryOptions};
 use understudy_proxy::compare::CompareConfig;
 use understudy_proxy::{Limits, Metrics};
 use understudy_secondary::{SecondaryEvent, SecondaryOptions};
@@ -547,7 +545,12 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         json: arguments.json,
         reach,
     };
-    perform(&pair, &host, &stop, Part::Understudy(UnderstudyPart::default()))
+    perform(
+        &pair,
+        &host,
+        &stop,
+        Part::Understudy(UnderstudyPart::default()),
+    )
 }
 
 /// Prints what a secondary reports.
@@ -619,7 +622,9 @@ pub(crate) fn print_secondary_event(event: &SecondaryEvent, as_json: bool) {
             }
         }
         SecondaryEvent::WitnessWaiting { reason } => {
-            eprintln!("WAITING for the witness before taking over ({reason}); the guest stays paused");
+            eprintln!(
+                "WAITING for the witness before taking over ({reason}); the guest stays paused"
+            );
             if as_json {
                 crate::say!("{}", json!({"event": "witness_waiting", "reason": reason}));
             }

@@ -214,7 +214,11 @@ impl Control {
 
     /// What runs as a main-loop request is queued (see [`QueueHook`]).
     pub fn before_queue(&self, hook: Option<Box<QueueHook>>) {
-        *self.shared.before_queue.lock().expect("control lock poisoned") = hook;
+        *self
+            .shared
+            .before_queue
+            .lock()
+            .expect("control lock poisoned") = hook;
     }
 
     /// The next queued request, if any (clears the interrupt).

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::network::guest_vm_arguments;
-use crate::network::{GUEST_IP, GUEST_PORT, Host, Lab, Process, SECONDARY_LISTEN};
+use crate::network::{GUEST_IP, GUEST_PORT, Host, Lab, PRIMARY_IP, Process, SECONDARY_LISTEN};
 use crate::resp::RespClient;
 use crate::tools::require_tool;
 
@@ -60,6 +60,12 @@ pub enum Failure {
     /// is killed (SIGKILL). The secondary must take over as if they were
     /// not there.
     Impostor,
+    /// Not a failure: a planned switchover (`ctl switchover` on the
+    /// primary), and after half the run a second one back. The guest must
+    /// move with no lost write, no reset, no repeated reply, be protected
+    /// the other way after each, and the side that handed over must send
+    /// nothing while the other runs the guest.
+    Switchover,
 }
 
 impl Failure {
@@ -73,6 +79,7 @@ impl Failure {
             Failure::StallSecondary => "stall-secondary",
             Failure::WitnessDown => "witness-down",
             Failure::Impostor => "impostor",
+            Failure::Switchover => "switchover",
         }
     }
 }
@@ -181,6 +188,12 @@ pub struct RoundResult {
     pub loser_frames: u64,
     /// How redis-benchmark failed, if it did.
     pub benchmark_failure: Option<String>,
+    /// Switchover: the pages each reverse protection's first
+    /// synchronisation sent (it builds on the old primary's memory).
+    pub switchover_pages: Vec<u64>,
+    /// Switchover: the guest came back to the primary host (the second
+    /// switchover), protected again.
+    pub switched_back: bool,
 }
 
 impl RoundResult {
@@ -203,7 +216,8 @@ impl RoundResult {
 
     /// Whether the round passed every check.
     pub fn passed(&self) -> bool {
-        self.verified
+        (self.switchover_pages.is_empty() || self.switched_back)
+            && self.verified
             && self.loser_frames == 0
             && self.survivor.is_some()
             && self.lost_writes == 0
@@ -388,11 +402,25 @@ fn run_round(
     }
     let mut primary_arguments = both.clone();
     primary_arguments.extend_from_slice(&options.primary_arguments);
+    let mut secondary_arguments = both.clone();
+    let sockets = (
+        lab.private_dir().join("primary.sock"),
+        lab.private_dir().join("secondary.sock"),
+    );
+    if options.failure == Failure::Switchover {
+        primary_arguments.extend([
+            "--listen".to_owned(),
+            format!("{PRIMARY_IP}:7001"),
+            "--control".to_owned(),
+            sockets.0.display().to_string(),
+        ]);
+        secondary_arguments.extend(["--control".to_owned(), sockets.1.display().to_string()]);
+    }
     let (mut secondary, mut primary) = start_protected(
         &lab,
         &options.program,
         options.epoch,
-        &both,
+        &secondary_arguments,
         &primary_arguments,
     )?;
     on_event(DrillEvent::Protected { round });
@@ -428,6 +456,9 @@ fn run_round(
     let failed_at = Instant::now();
     match options.failure {
         Failure::Sigkill | Failure::Impostor => primary.kill()?,
+        Failure::Switchover => {
+            control_request(&sockets.0, "switchover").context("the switchover was refused")?;
+        }
         Failure::Isolate => lab.isolate(Host::Primary)?,
         Failure::Partition => lab.cut_replication()?,
         Failure::StallPrimary => primary.signal(libc::SIGSTOP)?,
@@ -481,6 +512,32 @@ fn run_round(
         _ => {}
     }
     let after = Instant::now();
+    let mut switchover_pages = Vec::new();
+    let mut switched_back = false;
+    let mut loser_frames_early = 0;
+    if options.failure == Failure::Switchover && outcome.is_some() {
+        // Reverse protection: the old secondary leads now.
+        let (synchronised, _) = secondary
+            .wait_event("synchronised", Duration::from_secs(20))
+            .with_context(|| lab.log_tail("secondary", 20))?;
+        switchover_pages.push(synchronised["pages"].as_u64().unwrap_or_default());
+        while after.elapsed() < options.run_after / 2 && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Nothing from the old primary while the guest ran elsewhere.
+        if let (Some(host), Some(then)) = (loser, loser_frames_then) {
+            loser_frames_early = lab.guest_frames_out(host)?.saturating_sub(then);
+        }
+        control_request(&sockets.1, "switchover").context("the switchover back was refused")?;
+        primary
+            .wait_event("resumed", Duration::from_secs(20))
+            .with_context(|| lab.log_tail("primary", 20))?;
+        let (synchronised, _) = primary
+            .wait_event("synchronised", Duration::from_secs(20))
+            .with_context(|| lab.log_tail("primary", 20))?;
+        switchover_pages.push(synchronised["pages"].as_u64().unwrap_or_default());
+        switched_back = true;
+    }
     while after.elapsed() < options.run_after && !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -506,6 +563,8 @@ fn run_round(
             )
         })?;
     let loser_frames = match (loser, loser_frames_then) {
+        // The guest came back there: only the time it was away counts.
+        _ if switched_back => loser_frames_early,
         (Some(host), Some(then)) => lab.guest_frames_out(host)?.saturating_sub(then),
         _ => 0,
     };
@@ -522,7 +581,31 @@ fn run_round(
     result.loser_frames = loser_frames;
     result.fail_after = fail_after;
     result.benchmark_failure = benchmark_failure;
+    result.switchover_pages = switchover_pages;
+    result.switched_back = switched_back;
     Ok(result)
+}
+
+/// Sends `{"command": COMMAND}` to a control socket and waits for the
+/// reply; fails unless it is `ok`.
+fn control_request(socket: &std::path::Path, command: &str) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot reach {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    writeln!(
+        stream,
+        "{}",
+        serde_json::json!({"id": 1, "command": command})
+    )?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("not a reply: {line:?}"))?;
+    if reply["ok"] != true {
+        bail!("{command} failed: {}", reply["error"]);
+    }
+    Ok(reply["result"].clone())
 }
 
 /// Intruders on the client host, without the key, at the secondary's
