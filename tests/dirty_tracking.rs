@@ -136,3 +136,42 @@ fn a_harvest_put_back_is_reported_again() {
     );
     assert_eq!(lost, Vec::<u64>::new());
 }
+
+#[test]
+fn pages_written_since_a_mark_are_counted_whoever_harvests() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a memtouch guest, its memory marked as an image.
+    let mut vm = memtouch_vm("random");
+    start_window(&mut vm);
+    vm.mark_image().expect("mark");
+    vm.resume().expect("resume");
+
+    // Act: the guest writes while others harvest (as a checkpoint loop or
+    // the statistics would), and the VMM writes one page itself.
+    std::thread::sleep(Duration::from_millis(100));
+    let first = vm.harvest_dirty().expect("harvest");
+    std::thread::sleep(Duration::from_millis(100));
+    vm.pause().expect("pause");
+    let vmm_page = GUEST_MEMORY - PAGE_SIZE;
+    memory::write(vm.memory(), vmm_page, &[7u8; 16]).expect("a VMM write");
+    let logged = guest_logged_pages(&vm);
+    let since = vm
+        .dirty_since_mark()
+        .expect("read the mark")
+        .expect("a mark");
+
+    // Assert: every page the guest logged, the VMM's page, and what the
+    // first harvest took, all counted against the image; forgetting the
+    // mark forgets them.
+    assert!(
+        missed(&logged, &since).is_empty(),
+        "{} logged pages missed",
+        missed(&logged, &since).len()
+    );
+    assert!(since.contains(vmm_page));
+    assert!(first.page_addresses().all(|gpa| since.contains(gpa)));
+    vm.forget_mark();
+    assert!(vm.dirty_since_mark().expect("read").is_none());
+}

@@ -222,6 +222,9 @@ fn read_base_image(reader: &mut LivenessReader) -> Result<u64, PrimaryError> {
     }
 }
 
+/// Frames waiting on the tap a planned switchover forwards at most.
+const MAX_FORWARDED_FRAMES: usize = 256;
+
 /// Pages per background push of post-copy: small, so that a page the
 /// target faults on waits behind little.
 const POSTCOPY_CHUNK_PAGES: u64 = 64;
@@ -995,6 +998,15 @@ impl Protection {
             return Err(error);
         }
         let tag = crate::migrate::image_tag();
+        // Requests that reached this host since the pause would wait for a
+        // client's retransmission (200 ms or more) once the guest runs
+        // elsewhere: they go to the secondary as the next epoch's input,
+        // which its takeover replays into the guest.
+        if let Some(net) = vm.net() {
+            for frame in net.take_waiting_input(MAX_FORWARDED_FRAMES) {
+                let _ = self.submit(Work::Message(epoch + 1, Message::Input(frame)));
+            }
+        }
         // From here the secondary takes over whatever happens to this
         // connection (its last epoch is committed): the guest stays paused.
         if self.send_handover(tag, protect_to).is_err() {

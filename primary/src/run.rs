@@ -545,3 +545,63 @@ fn protect_colo(
 fn guest_stopped(vm: &Vm) -> Option<String> {
     progress::guest_stopped(vm).map(|event| event.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_asked_twice_merge_the_latest_of_each() {
+        let controls = Controls::new(Arc::new(AtomicBool::new(false)));
+        controls.retune(Retune {
+            epoch: Some(Duration::from_millis(50)),
+            max_pause: Some(Duration::from_millis(3)),
+            codec: None,
+        });
+
+        controls.retune(Retune {
+            epoch: Some(Duration::from_millis(40)),
+            ..Retune::default()
+        });
+
+        assert_eq!(
+            controls.take_retune(),
+            Some(Retune {
+                epoch: Some(Duration::from_millis(40)),
+                max_pause: Some(Duration::from_millis(3)),
+                codec: None,
+            })
+        );
+    }
+
+    #[test]
+    fn a_new_epoch_brings_its_minimum_along() {
+        let mut policy = EpochPolicy {
+            target: Duration::from_millis(25),
+            min: Duration::from_millis(5),
+            max_pause: Duration::from_millis(2),
+            idle: Duration::ZERO,
+        };
+
+        Retune {
+            epoch: Some(Duration::from_millis(100)),
+            ..Retune::default()
+        }
+        .apply_to(&mut policy);
+
+        assert_eq!(policy.min, Duration::from_millis(20));
+        assert_eq!(policy.max_pause, Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_switchover_asked_for_interrupts_and_can_be_withdrawn() {
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let controls = Controls::new(interrupt.clone());
+
+        controls.request_switchover("10.0.0.2:7001".to_owned());
+
+        assert!(interrupt.load(Ordering::Relaxed));
+        assert!(controls.cancel_switchover());
+        assert!(!controls.cancel_switchover());
+    }
+}

@@ -526,3 +526,56 @@ pub fn await_return(
         source_image: failover.source_image.map(|(_, tag)| tag),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migrate_request_needs_a_target() {
+        let error = MigrateRequest::parse(&json!({"command": "migrate"})).expect_err("no target");
+
+        assert_eq!(error.code, "bad_argument");
+    }
+
+    #[test]
+    fn a_kept_image_needs_a_place_to_listen() {
+        let request = json!({"to": "127.0.0.1:7000", "keep_image": "1m"});
+
+        let error = MigrateRequest::parse(&request).expect_err("no listen");
+
+        assert_eq!(error.code, "bad_argument");
+    }
+
+    #[test]
+    fn a_kept_image_is_for_pre_copy_only() {
+        let request = json!({"to": "127.0.0.1:7000", "keep_image": "1m",
+                             "listen": "127.0.0.1:7001", "mode": "postcopy"});
+
+        let error = MigrateRequest::parse(&request).expect_err("post-copy");
+
+        assert!(error.message.contains("pre-copy"), "{error:?}");
+    }
+
+    #[test]
+    fn a_full_migrate_request_parses() {
+        let request = json!({"to": "127.0.0.1:7000", "mode": "hybrid", "max_downtime": "5ms",
+                             "deadline": "2s", "codec": "raw", "verify": true});
+
+        let parsed = MigrateRequest::parse(&request).expect("valid");
+
+        assert_eq!(parsed.mode, MigrationMode::Hybrid);
+        assert_eq!(parsed.max_downtime, Duration::from_millis(5));
+        assert_eq!(parsed.deadline, Duration::from_secs(2));
+        assert!(parsed.verify);
+        assert!(parsed.keep_image.is_none());
+    }
+
+    #[test]
+    fn an_unknown_mode_is_named() {
+        let error = MigrateRequest::parse(&json!({"to": "127.0.0.1:7000", "mode": "teleport"}))
+            .expect_err("unknown mode");
+
+        assert!(error.message.contains("teleport"), "{error:?}");
+    }
+}

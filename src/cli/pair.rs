@@ -682,3 +682,72 @@ fn record_secondary_event(host: &Host, event: &SecondaryEvent) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Telemetry;
+
+    fn settings() -> (LiveSettings, Controls, Telemetry) {
+        let primary = PrimaryOptions {
+            secondary: "127.0.0.1:7000".parse().expect("address"),
+            epoch: EpochPolicy {
+                target: Duration::from_millis(25),
+                min: Duration::from_millis(5),
+                max_pause: Duration::from_millis(2),
+                idle: Duration::from_secs(1),
+            },
+            codec: "raw".parse().expect("codec"),
+            heartbeat: understudy_checkpoint::heartbeat::HeartbeatPolicy::default(),
+            verify: false,
+            precopy_rounds: 5,
+            max_bandwidth: None,
+            security: understudy_checkpoint::channel::Security::Plaintext,
+        };
+        let (live, telemetry) = (LiveSettings::new(&primary), Telemetry::new(Role::Primary));
+        live.show(&telemetry);
+        (
+            live,
+            Controls::new(Arc::new(AtomicBool::new(false))),
+            telemetry,
+        )
+    }
+
+    fn asked(value: serde_json::Value) -> Settings {
+        value.as_object().expect("object").clone()
+    }
+
+    #[test]
+    fn an_unknown_setting_changes_nothing() {
+        let (live, controls, telemetry) = settings();
+
+        let result = live.set(
+            &asked(json!({"epoch": "50ms", "colour": "blue"})),
+            &controls,
+            &telemetry,
+        );
+
+        assert_eq!(result.expect_err("unknown").code, "bad_argument");
+        assert_eq!(telemetry.status_json()["settings"]["epoch_ms"], 25.0);
+    }
+
+    #[test]
+    fn an_epoch_under_a_millisecond_is_refused() {
+        let (live, controls, telemetry) = settings();
+
+        let result = live.set(&asked(json!({"epoch": "0ms"})), &controls, &telemetry);
+
+        assert_eq!(result.expect_err("too short").code, "bad_argument");
+    }
+
+    #[test]
+    fn a_new_epoch_shows_in_status_at_once() {
+        let (live, controls, telemetry) = settings();
+
+        let result = live.set(&asked(json!({"epoch": "50ms"})), &controls, &telemetry);
+
+        assert!(result.is_ok());
+        assert_eq!(telemetry.status_json()["settings"]["epoch_ms"], 50.0);
+        assert_eq!(telemetry.status_json()["settings"]["min_epoch_ms"], 10.0);
+    }
+}

@@ -457,6 +457,30 @@ impl VirtioNet {
         delivered
     }
 
+    /// Takes up to `limit` frames waiting on the tap, without delivering
+    /// them (the guest is paused for good: a planned switchover forwards
+    /// them to the copy that goes on). Frames injected but not delivered
+    /// come first.
+    pub fn take_waiting_input(&self, limit: usize) -> Vec<Vec<u8>> {
+        let mut registers = self.lock();
+        let mut frames: Vec<Vec<u8>> = registers.injected.drain(..).take(limit).collect();
+        let mut frame = [0u8; MAX_FRAME];
+        while frames.len() < limit {
+            let Some(Ok(Some(length))) = registers
+                .input
+                .as_ref()
+                .map(|tap| tap.read_frame(&mut frame))
+            else {
+                break;
+            };
+            if let Some(filter) = &registers.input_filter {
+                filter.filter(&mut frame[..length]);
+            }
+            frames.push(frame[..length].to_vec());
+        }
+        frames
+    }
+
     /// Sends every frame the guest made available on the transmit queue.
     fn transmit(&self) {
         let mut registers = self.lock();
