@@ -310,7 +310,7 @@ fn a_migration_that_fails_before_the_handover_leaves_the_guest_running() {
     let mut target_args = vec!["secondary", "--listen", &target_address];
     let keys = channel_arguments("secondary");
     target_args.extend(keys.iter().map(String::as_str));
-    let target = start(&target_args);
+    let mut target = start(&target_args);
     std::thread::sleep(Duration::from_millis(300));
     let target_pid = target.id();
     let relay = common::cutting_relay(target_address, 16 * 1024, move || {
@@ -318,6 +318,7 @@ fn a_migration_that_fails_before_the_handover_leaves_the_guest_running() {
         unsafe { libc::kill(target_pid.cast_signed(), libc::SIGKILL) };
     });
     assert_failed_migration_keeps_the_guest(&socket, json!({"to": relay}), "target killed");
+    let _ = target.wait();
 
     // The deadline passes (a downtime target no migration can meet).
     let patient_address = free_address();
@@ -466,4 +467,43 @@ fn ctl_reports_an_unreachable_socket_clearly() {
         stderr.contains("cannot reach the control socket"),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_example_service_files_use_flags_the_commands_have() {
+    for (unit, command) in [
+        ("deploy/systemd/understudy-primary.service", "primary"),
+        ("deploy/systemd/understudy-secondary.service", "secondary"),
+    ] {
+        // Arrange: the flags of the unit's ExecStart.
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(unit))
+            .expect("the unit file");
+        let exec = text
+            .split("ExecStart=")
+            .nth(1)
+            .expect("an ExecStart")
+            .split("\n\n")
+            .next()
+            .expect("its lines")
+            .split('\n')
+            .take_while(|line| !line.starts_with('#') && !line.contains('='))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let flags: Vec<&str> = exec
+            .split_whitespace()
+            .filter(|word| word.starts_with("--"))
+            .collect();
+
+        // Act: the command's own help.
+        let help = understudy(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&help.stdout);
+
+        // Assert: every flag is one it has.
+        let unknown: Vec<&&str> = flags.iter().filter(|flag| !help.contains(**flag)).collect();
+        assert!(flags.len() > 5, "{unit}: no flags found in {exec:?}");
+        assert!(
+            unknown.is_empty(),
+            "{unit} uses flags `{command}` lacks: {unknown:?}"
+        );
+    }
 }

@@ -12,6 +12,7 @@
 //! (`understudy bench compress`); in [`replication`], checkpoint pauses and
 //! guest slowdown under protection (`understudy bench replication`).
 
+pub mod bfmig;
 pub mod compress;
 pub mod encryption;
 pub mod migration;

@@ -22,7 +22,18 @@
 //!   for an interval, and as UDP datagrams beside it; the secondary is
 //!   declared lost after the configured number of silent intervals, and the
 //!   guest keeps running, unprotected, loudly reported.
-//! - [`migrate`]: live migration over the same connection and epoch 0.
+//! - [`migrate`]: live migration over the same connection and epoch 0,
+//!   committed by `Handover`: a migration that fails before it leaves the
+//!   guest running here.
+//! - **Planned switchover** ([`Controls::request_switchover`]): a last
+//!   checkpoint with the guest paused for good, acknowledged, then
+//!   `Handover`; [`run`] returns [`RunEnd::HandedOver`] with the tag of the
+//!   image this side keeps (the paused VM), and the caller serves as the
+//!   secondary. The new primary names that image ([`RunOptions::base_image`])
+//!   and its first synchronisation sends only the pages written since.
+//! - **Live control** ([`Controls`]): epoch settings changed at the next
+//!   checkpoint, a codec by a new connection, an interrupt that hands the
+//!   running guest back to the caller (a migration asked for).
 //! - [`output`]: output commit: the guest's network frames are held until
 //!   the secondary acknowledged the epoch that produced them.
 //! - **COLO mode** ([`ColoOptions`], [`colo`]): the secondary runs its copy

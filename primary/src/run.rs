@@ -140,9 +140,11 @@ impl Controls {
 
     /// The codec asked for and not applied yet (taken).
     fn take_codec(&self) -> Option<understudy_compress::CodecSpec> {
-        let mut pending = self.retune.lock().expect("controls lock poisoned");
-        let codec = pending.as_mut().and_then(|retune| retune.codec.take());
-        codec
+        self.retune
+            .lock()
+            .expect("controls lock poisoned")
+            .as_mut()
+            .and_then(|retune| retune.codec.take())
     }
 
     fn take_retune(&self) -> Option<Retune> {

@@ -966,7 +966,10 @@ mod tests {
             Instant::now(),
             "test".to_owned(),
             false,
-            None,
+            crate::Network {
+                tap: None,
+                sinks: None,
+            },
             rescue.path(),
         );
 
@@ -990,7 +993,10 @@ mod tests {
                 Instant::now(),
                 "test".to_owned(),
                 false,
-                None,
+                crate::Network {
+                    tap: None,
+                    sinks: None,
+                },
                 std::path::Path::new("."),
             )
             .expect("no VM failure");

@@ -25,8 +25,23 @@
 //! - A malformed, corrupted, replayed or out-of-order message closes the
 //!   connection with `Goodbye` and changes nothing: the primary is alive
 //!   but cannot be trusted, so this is no reason to take over.
-//! - A migration (`Hello` with purpose `Migrate`) ends with epoch 0: once
-//!   it is applied and acknowledged, the guest is resumed here.
+//! - A migration (`Hello` with purpose `Migrate`) ends with epoch 0 and a
+//!   commit: once epoch 0 is applied and acknowledged, the guest is resumed
+//!   here only on the source's `Handover` (answered `TookOver`). A source
+//!   that vanishes before it never has its guest resumed here: it runs it.
+//! - A planned switchover (`Handover` on a `Replicate` connection, after
+//!   the primary's last checkpoint was acknowledged): the guest is resumed
+//!   here from that epoch (through the witness when fencing is on) and the
+//!   caller protects it by the old primary at the address the handover
+//!   names ([`Failover::protect_to`]).
+//! - A kept image ([`KeptImage`], [`serve_with`]): the paused VM of a guest
+//!   that left this host (a migration with `--keep-image`, or a switchover's
+//!   old primary), its writes counted since. A `Hello` naming its tag, of
+//!   the same VM and shape, while it is unchanged, gets `BaseImage {tag}`
+//!   and the VM itself as the backup: epoch 0 then brings only the pages
+//!   changed since. Anything else (another tag: the guest went elsewhere
+//!   since; a changed or expired image) gets `BaseImage {0}` and a fresh
+//!   backup, copied whole.
 //! - COLO (`Hello` with purpose `Colo`, served only with
 //!   [`SecondaryOptions::colo`]): from epoch 0's commit on, the backup VM
 //!   *runs*, fed the primary's input, its output sent back for comparison;

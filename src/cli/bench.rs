@@ -48,6 +48,21 @@ pub enum BenchCommand {
         #[arg(long)]
         plaintext: bool,
     },
+    /// Back-and-forth migration (BFMig): a 1 GiB guest migrates away, runs
+    /// there for a while, and comes back to the host that kept its image;
+    /// the return trip's bytes and time against a full migration, at a few
+    /// (time away, write rate) points.
+    BackAndForth {
+        /// Carry the trips in plain text (default: Noise).
+        #[arg(long)]
+        plaintext: bool,
+        /// Also write the plot (SVG) here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Only the first N points (of 5).
+        #[arg(long)]
+        points: Option<usize>,
+    },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
     /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
@@ -110,6 +125,23 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
         } => {
             let report = understudy_bench::migration::migration(repeat, qemu, plaintext)?;
             print!("{report}");
+            Ok(())
+        }
+        BenchCommand::BackAndForth {
+            plaintext,
+            plot,
+            points,
+        } => {
+            let points = &understudy_bench::bfmig::POINTS[..points
+                .unwrap_or(understudy_bench::bfmig::POINTS.len())
+                .min(understudy_bench::bfmig::POINTS.len())];
+            let report = understudy_bench::bfmig::back_and_forth(points, plaintext)?;
+            print!("{report}");
+            if let Some(path) = plot {
+                std::fs::write(&path, report.plot())
+                    .with_context(|| format!("plot {}", path.display()))?;
+                println!("plot written to {}", path.display());
+            }
             Ok(())
         }
         BenchCommand::Compress(arguments) => bench_compress(arguments),

@@ -346,7 +346,7 @@ pub struct StandaloneOptions {
 /// Why the standalone loop ended.
 pub enum Ended {
     /// Stopped, or its duration passed: the guest is still here, running.
-    Stopped(Guest),
+    Stopped(Box<Guest>),
     /// The guest moved away (and any kept image expired or was not kept).
     Moved,
 }
@@ -369,7 +369,7 @@ pub fn standalone(
         );
         let left = deadline.map(|end| end.saturating_duration_since(Instant::now()));
         if left.is_some_and(|left| left.is_zero()) || host.stop.load(Ordering::Relaxed) {
-            return Ok(Ended::Stopped(guest));
+            return Ok(Ended::Stopped(Box::new(guest)));
         }
         let watch = understudy_vm::progress::WatchOptions {
             duration: left,
