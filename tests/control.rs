@@ -204,11 +204,35 @@ fn each_role_reports_its_status_and_survives_bad_requests() {
     );
     assert!(text.contains("understudy_protected 1"), "{text}");
 
-    // Act: stop the secondary's process... no: stop the primary, then the
-    // secondary; both exit cleanly, and the subscriber heard the primary's
-    // secondary go (or the stream end).
-    let primary_status = stop(primary, &primary_socket);
+    // Act: stop the secondary: the primary loses it and tells its
+    // subscriber; then stop the primary.
     let secondary_status = stop(secondary, &secondary_socket);
+    subscriber
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let lost = loop {
+        let mut line = String::new();
+        events.read_line(&mut line).expect("an event");
+        let event: Value = serde_json::from_str(&line).expect("an event line");
+        if event["event"] == "secondary_lost" {
+            break event;
+        }
+    };
+    let unprotected = status_when(&primary_socket, Duration::from_secs(10), |status| {
+        status["protected"] == false
+    });
+    let primary_status = stop(primary, &primary_socket);
+
+    // Assert: the event, the status that explains it, clean exits.
+    assert!(lost["reason"].is_string(), "{lost}");
+    assert!(lost["t_ms"].is_f64(), "{lost}");
+    assert_eq!(unprotected["state"], "unprotected");
+    assert!(
+        unprotected["why_not_protected"]
+            .as_str()
+            .is_some_and(|why| why.contains("secondary was lost")),
+        "{unprotected}"
+    );
     assert!(
         primary_status.success(),
         "the primary failed: {primary_status}"
@@ -328,7 +352,8 @@ fn a_migration_that_fails_before_the_handover_leaves_the_guest_running() {
     std::thread::sleep(Duration::from_millis(300));
     assert_failed_migration_keeps_the_guest(
         &socket,
-        json!({"to": patient_address, "max_downtime": "0ms", "deadline": "500ms"}),
+        json!({"to": patient_address, "max_downtime": "0ms", "deadline": "500ms",
+               "on_no_convergence": "wait"}),
         "deadline",
     );
 

@@ -69,6 +69,10 @@ pub enum CtlCommand {
         /// Have the target check the memory hash.
         #[arg(long)]
         verify: bool,
+        /// When pre-copy does not converge: wait (until the deadline),
+        /// throttle the guest, or abort.
+        #[arg(long)]
+        on_no_convergence: Option<String>,
     },
     /// Hand the guest over to the secondary (planned switchover).
     Switchover,
@@ -112,6 +116,7 @@ pub fn ctl(arguments: CtlArguments) -> anyhow::Result<()> {
             deadline,
             codec,
             verify,
+            on_no_convergence,
         } => {
             for duration in [keep_image, max_downtime, deadline].into_iter().flatten() {
                 parse_duration(duration).map_err(anyhow::Error::msg)?;
@@ -121,7 +126,7 @@ pub fn ctl(arguments: CtlArguments) -> anyhow::Result<()> {
                     json!({"command": "migrate", "to": to.to_string(), "mode": mode,
                     "keep_image": keep_image, "listen": listen.map(|listen| listen.to_string()),
                     "max_downtime": max_downtime, "deadline": deadline, "codec": codec,
-                    "verify": verify}),
+                    "verify": verify, "on_no_convergence": on_no_convergence}),
                 ),
                 false,
                 None,

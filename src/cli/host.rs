@@ -143,6 +143,8 @@ pub struct MigrateRequest {
     pub codec: CodecSpec,
     /// Have the target check the memory hash.
     pub verify: bool,
+    /// When pre-copy does not converge.
+    pub on_no_convergence: NoConvergence,
     /// Keep the image this long after the guest left, listening on
     /// `listen` for it to come back.
     pub keep_image: Option<(Duration, SocketAddr)>,
@@ -196,6 +198,17 @@ impl MigrateRequest {
                         ControlError::new("bad_argument", format!("codec: {error}"))
                     })?,
             };
+        let on_no_convergence = match object.get("on_no_convergence").and_then(Value::as_str) {
+            None | Some("throttle") => NoConvergence::Throttle,
+            Some("wait") => NoConvergence::Wait,
+            Some("abort") => NoConvergence::Abort,
+            Some(other) => {
+                return Err(ControlError::new(
+                    "bad_argument",
+                    format!("on_no_convergence: {other:?}: expected wait, throttle or abort"),
+                ));
+            }
+        };
         let keep = duration_argument(object, "keep_image")?;
         let listen = address("listen")?;
         let keep_image = match (keep, listen) {
@@ -225,6 +238,7 @@ impl MigrateRequest {
                 .get("verify")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            on_no_convergence,
             keep_image,
         })
     }
@@ -274,7 +288,7 @@ pub fn migrate_from_here(
         },
         max_downtime: request.max_downtime,
         deadline: request.deadline,
-        on_no_convergence: NoConvergence::Throttle,
+        on_no_convergence: request.on_no_convergence,
         postcopy_recovery: Duration::from_secs(30),
         keep_image: request.keep_image.is_some(),
         base_image,
