@@ -952,6 +952,19 @@ impl Protection {
                 .epoch
                 .next(self.epoch_length, metrics.pause, metrics.dirty_pages);
         checkpointed(&metrics);
+        self.queue_epoch(epoch, batch, state, metrics)?;
+        Ok(epoch)
+    }
+
+    /// Queues a checkpoint taken as `epoch` (its pages, state and output)
+    /// for sending; the next checkpoint is the next epoch.
+    fn queue_epoch(
+        &mut self,
+        epoch: u64,
+        batch: PageBatch,
+        state: Vec<u8>,
+        metrics: EpochMetrics,
+    ) -> Result<(), PrimaryError> {
         self.submit(Work::Begin(epoch))?;
         self.submit(Work::Pages(epoch, batch))?;
         self.submit(Work::End {
@@ -962,7 +975,7 @@ impl Protection {
             checkpointed: Instant::now(),
         })?;
         self.next_epoch += 1;
-        Ok(epoch)
+        Ok(())
     }
 
     /// A planned switchover: a last checkpoint with the guest paused for
@@ -979,19 +992,9 @@ impl Protection {
         let epoch = self.next_epoch;
         let (batch, state, metrics) = self.checkpoint(vm, epoch, false, "switchover")?;
         checkpointed(&metrics);
-        let sent = (|| {
-            self.submit(Work::Begin(epoch))?;
-            self.submit(Work::Pages(epoch, batch))?;
-            self.submit(Work::End {
-                epoch,
-                state,
-                output: self.output_of(epoch),
-                metrics: Box::new(metrics),
-                checkpointed: Instant::now(),
-            })?;
-            self.next_epoch += 1;
-            self.wait_acknowledged(epoch)
-        })();
+        let sent = self
+            .queue_epoch(epoch, batch, state, metrics)
+            .and_then(|()| self.wait_acknowledged(epoch));
         if let Err(error) = sent {
             vm.forget_mark();
             vm.resume()?;

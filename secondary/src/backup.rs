@@ -198,28 +198,13 @@ pub(crate) struct Backup {
 impl Backup {
     /// A fresh backup VM of the shape `hello` describes.
     pub fn create(hello: &Hello) -> Result<Self, SecondaryError> {
-        Ok(Self {
-            vm: Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))?,
-            synced_with: SyncedWith {
-                vm_id: hello.vm_id,
-                owner: hello.owner,
-                generation: hello.generation,
-            },
-            committed: None,
-            input_log: InputLog::default(),
-            recent_output: VecDeque::new(),
-            colo: hello.purpose == Purpose::Colo,
-            lockstep: None,
-            waiting_input: VecDeque::new(),
-            running: false,
-            migration: hello.purpose == Purpose::Migrate,
-            handed_over: None,
-        })
+        let vm = Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))?;
+        Ok(Self::from_kept(vm, hello))
     }
 
-    /// A backup on an image of the guest kept here (`vm`, paused, its
-    /// writes counted since it was kept and found none): epoch 0 brings
-    /// only the pages changed since.
+    /// A backup on `vm`: a fresh one, or an image of the guest kept here
+    /// (paused, its writes counted since it was kept and found none), on
+    /// which epoch 0 brings only the pages changed since.
     pub fn from_kept(vm: Vm, hello: &Hello) -> Self {
         Self {
             vm,
