@@ -253,6 +253,7 @@ fn spawn_target(
             rescue_dir: std::env::temp_dir(),
             colo: false,
             postcopy_recovery: Duration::ZERO,
+            store: None,
         };
         let arrived = understudy_secondary::serve_with(options, extras, &stop, |_| {});
         stop.store(true, Ordering::Relaxed);

@@ -111,6 +111,7 @@ pub(crate) fn spawn_secondary_reporting(
                 rescue_dir: std::env::temp_dir(),
                 colo: false,
                 postcopy_recovery: Duration::ZERO,
+                store: None,
             },
             &stop,
             report,

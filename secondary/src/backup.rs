@@ -91,6 +91,17 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Gives back the memory of the largest epoch staged so far (after the
+    /// initial copy, whose frames are the largest).
+    pub fn release_buffers(&mut self) {
+        for page_number in self.pages.page_numbers() {
+            if let Some(word) = self.staged.get_mut(usize_from(page_number / 64)) {
+                *word = 0;
+            }
+        }
+        self.pages = PageBatch::new();
+    }
+
     /// Starts a new epoch of a guest of `guest_pages` pages.
     pub fn begin(&mut self, guest_pages: u64) {
         self.begun = Some(Instant::now());
@@ -193,6 +204,9 @@ pub(crate) struct Backup {
     /// The source handed the guest over, keeping an image with this tag
     /// (0: none).
     handed_over: Option<u64>,
+    /// Storage-backed: the guest's memory lives in this store, not in the
+    /// backup VM's (which stays untouched until a takeover).
+    store: Option<crate::store::Store>,
 }
 
 impl Backup {
@@ -200,6 +214,18 @@ impl Backup {
     pub fn create(hello: &Hello) -> Result<Self, SecondaryError> {
         let vm = Vm::new(VmConfig::new(hello.memory_bytes, hello.vcpus))?;
         Ok(Self::from_kept(vm, hello))
+    }
+
+    /// A backup whose memory lives in a store under `root` (see
+    /// [`crate::store`]): the VM is created but its memory never touched.
+    pub fn create_stored(hello: &Hello, root: &std::path::Path) -> Result<Self, SecondaryError> {
+        let mut backup = Self::create(hello)?;
+        backup.store = Some(crate::store::Store::create(
+            root,
+            hello.vm_id,
+            hello.memory_bytes,
+        )?);
+        Ok(backup)
     }
 
     /// A backup on `vm`: a fresh one, or an image of the guest kept here
@@ -222,6 +248,7 @@ impl Backup {
             running: false,
             migration: hello.purpose == Purpose::Migrate,
             handed_over: None,
+            store: None,
         }
     }
 
@@ -430,6 +457,9 @@ impl Backup {
     /// Writes pages into the backup memory; writes none unless every page
     /// is inside guest memory.
     pub fn apply(&self, pages: &PageBatch) -> Result<(), SecondaryError> {
+        if let Some(store) = &self.store {
+            return Ok(store.write_pages(pages)?);
+        }
         if let Some((page_number, _)) = pages
             .iter()
             .find(|(page_number, _)| !memory::holds_page(self.vm.memory(), *page_number))
@@ -468,7 +498,9 @@ impl Backup {
                 return Err(ConnectionError::PageOutOfRange { epoch, page_number });
             }
         }
-        if let Some(expected) = end.memory_hash {
+        // A stored backup's memory is in the store: its hash is checked when
+        // a takeover reads it back (with --verify), not at every epoch.
+        if let Some(expected) = end.memory_hash.filter(|_| self.store.is_none()) {
             let actual = hash_after(self.committed_memory(), &staging.pages)?;
             if actual != expected {
                 return Err(ConnectionError::MemoryHash {
@@ -482,9 +514,13 @@ impl Backup {
             .state
             .take()
             .ok_or(ConnectionError::MissingState(epoch))?;
-        match &mut self.lockstep {
-            Some(lockstep) => lockstep.load(&mut self.vm, epoch, &staging.pages, &state)?,
-            None => self.apply(&staging.pages)?,
+        match (&mut self.lockstep, &mut self.store) {
+            (Some(lockstep), _) => lockstep.load(&mut self.vm, epoch, &staging.pages, &state)?,
+            // Durable before the acknowledgement.
+            (None, Some(store)) => store
+                .commit(epoch, &staging.pages, &state.encode())
+                .map_err(SecondaryError::from)?,
+            (None, None) => self.apply(&staging.pages)?,
         }
         self.committed = Some((epoch, state));
         self.input_log.committed(epoch);
@@ -538,6 +574,7 @@ impl Backup {
             running,
             migration,
             handed_over,
+            store,
         } = self;
         let Some((epoch, state)) = committed else {
             return Ok(Err(Backup {
@@ -552,7 +589,17 @@ impl Backup {
                 running,
                 migration,
                 handed_over,
+                store,
             }));
+        };
+        // A stored backup: the guest's memory comes from the store, on
+        // fault and prefetched behind, from the moment it runs.
+        let lazy = match &store {
+            Some(store) => Some((
+                crate::store::start_lazy_memory(&vm, store.directory())?,
+                store.directory().to_owned(),
+            )),
+            None => None,
         };
         let resumed = (|| -> Result<_, SecondaryError> {
             let memory_hash = if verify {
@@ -603,6 +650,9 @@ impl Backup {
             vm.resume()?;
             Ok((memory_hash, progress, replayed))
         })();
+        if let (Ok(_), Some((handler, directory))) = (&resumed, lazy) {
+            crate::store::prefetch(handler, directory, vm.config().memory_bytes / PAGE_SIZE);
+        }
         let (memory_hash, progress, replayed) = match resumed {
             Ok(resumed) => resumed,
             Err(error) => {

@@ -159,6 +159,7 @@ pub(crate) fn serve_connection(
         pending,
         postcopy_recovery: options.postcopy_recovery,
         kept,
+        store: options.store.clone(),
     };
     let result = receive(&mut link, &mut receiver, hello, backup, report);
     // The heartbeat threads notice their stop flags within an interval;
@@ -266,6 +267,8 @@ struct Connection<'a> {
     postcopy_recovery: Duration,
     /// An image kept here that a return trip may build on.
     kept: &'a std::sync::Mutex<Option<crate::KeptImage>>,
+    /// Storage-backed: where the stores are.
+    store: Option<std::path::PathBuf>,
 }
 
 fn receive(
@@ -291,7 +294,10 @@ fn receive(
     }
     let (backup, base) = match crate::take_kept_image(link.kept, &hello) {
         Some(vm) => (Backup::from_kept(vm, &hello), hello.base_image),
-        None => (Backup::create(&hello)?, 0),
+        None => match (&link.store, hello.purpose) {
+            (Some(root), Purpose::Replicate) => (Backup::create_stored(&hello, root)?, 0),
+            _ => (Backup::create(&hello)?, 0),
+        },
     };
     let backup = slot.insert(backup);
     link.udp_heartbeats = Some(udp_heartbeats(
@@ -385,6 +391,13 @@ fn receive_epochs(
             }
             Action::Commit { epoch, end } => {
                 backup.commit(epoch, end, &mut staging)?;
+                if epoch == 0 {
+                    // The initial copy's frames were the largest this
+                    // connection sees: give their buffers back.
+                    decoded = PageBatch::new();
+                    staging.release_buffers();
+                    decoder.release_buffers();
+                }
                 backup.start_lockstep(sender)?;
                 last_commit = Some(Instant::now());
                 // Committed, whether or not the acknowledgement gets out.

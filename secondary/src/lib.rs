@@ -80,6 +80,7 @@ mod colo;
 mod connection;
 mod fence;
 mod postcopy;
+pub mod store;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -128,6 +129,15 @@ pub enum SecondaryError {
     /// A page outside guest memory.
     #[error("page {0} is outside guest memory")]
     PageOutOfRange(u64),
+    /// The store (a storage-backed secondary) failed.
+    #[error("the backup's store failed")]
+    Store(#[from] store::StoreError),
+    /// A stored state does not decode.
+    #[error("the stored VM state is invalid")]
+    StoredState(#[source] StateError),
+    /// The guest's memory could not be backed by the store lazily.
+    #[error("the guest's memory could not be served from the store")]
+    LazyMemory(#[from] understudy_vm::postcopy::PostcopyError),
     /// The takeover failed; the committed checkpoint was saved (or not).
     #[error("{}", takeover_failed_message(saved))]
     TakeoverFailed {
@@ -382,6 +392,10 @@ pub struct SecondaryOptions {
     /// How long a post-copy whose connection broke waits for its source to
     /// resume it before the guest is stopped here.
     pub postcopy_recovery: Duration,
+    /// Storage-backed: keep each protected guest's memory in a store under
+    /// this directory (one per VM id) instead of in memory (see
+    /// [`store`]). Replication only; migrations and COLO stay in memory.
+    pub store: Option<std::path::PathBuf>,
 }
 
 /// An image of a guest that migrated away from this host, kept so that a

@@ -504,6 +504,7 @@ pub fn await_return(
         rescue_dir: PathBuf::from("."),
         colo: false,
         postcopy_recovery: Duration::from_secs(60),
+        store: None,
     };
     let returned = understudy_secondary::serve_with(
         options,

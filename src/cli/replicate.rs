@@ -207,6 +207,13 @@ pub struct SecondaryArguments {
     /// it is stopped. Longer than the source's own window.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     postcopy_recovery: Duration,
+    /// Keep each protected guest's memory in a store under this directory
+    /// (one per VM id: an image updated in place and the last two epochs,
+    /// each durable before it is acknowledged) instead of in this
+    /// process's memory; a takeover runs the guest at once, its pages read
+    /// from the store on demand and prefetched behind.
+    #[arg(long)]
+    store: Option<std::path::PathBuf>,
     #[command(flatten)]
     channel: super::ChannelOptions,
     #[command(flatten)]
@@ -406,6 +413,7 @@ pub fn primary(arguments: PrimaryArguments) -> anyhow::Result<()> {
         rescue_dir: std::path::PathBuf::from("."),
         colo,
         postcopy_recovery: Duration::from_secs(60),
+        store: None,
     });
     let reach = Reach {
         security: Some(primary.security.clone()),
@@ -506,7 +514,12 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         rescue_dir: arguments.rescue_dir.clone(),
         colo: arguments.mode == Mode::Colo,
         postcopy_recovery: arguments.postcopy_recovery,
+        store: arguments.store.clone(),
     };
+    if let Some(root) = &arguments.store {
+        understudy_secondary::store::return_large_buffers();
+        report_stores(root, arguments.json);
+    }
     // Opened once: the guest's network device holds it whichever part
     // this process plays.
     let tap = arguments.tap.as_deref().map(super::open_tap).transpose()?;
@@ -551,6 +564,40 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         &stop,
         Part::Understudy(UnderstudyPart::default()),
     )
+}
+
+/// Says what the stores under `root` hold (a restarted storage-backed
+/// secondary): each VM's last committed epoch, which `understudy restore
+/// DIR` runs. A primary of that VM that connects again is synchronised
+/// whole (its store starts afresh).
+fn report_stores(root: &std::path::Path, as_json: bool) {
+    for (path, found) in understudy_secondary::store::Store::find_all(root) {
+        match found {
+            Ok(recovered) => {
+                if as_json {
+                    crate::say!(
+                        "{}",
+                        json!({"event": "store_found", "path": path, "vm_id": format!("{:016x}", recovered.vm_id),
+                               "epoch": recovered.epoch, "memory_bytes": recovered.memory_bytes})
+                    );
+                } else {
+                    crate::say!(
+                        "store {}: VM {:016x}, epoch {} committed ({} MiB); `understudy restore {}` runs it; its primary, if it returns, is synchronised whole",
+                        path.display(),
+                        recovered.vm_id,
+                        recovered.epoch,
+                        recovered.memory_bytes >> 20,
+                        path.display()
+                    );
+                }
+            }
+            Err(error) => eprintln!(
+                "WARNING: the store {} cannot be read: {:#}",
+                path.display(),
+                anyhow::Error::new(error)
+            ),
+        }
+    }
 }
 
 /// Prints what a secondary reports.

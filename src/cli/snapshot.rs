@@ -36,6 +36,10 @@ pub struct RestoreArguments {
     /// A guest with a network interface gets it on this tap.
     #[arg(long)]
     tap: Option<String>,
+    /// A store (a directory): hash the guest's memory before it runs
+    /// (reads every page from the store first).
+    #[arg(long)]
+    verify: bool,
     #[command(flatten)]
     monitor: MonitorOptions,
 }
@@ -95,6 +99,9 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     let stop = stop_flag()?;
     let restoring = Instant::now();
     let tap = arguments.tap.as_deref().map(open_tap).transpose()?;
+    if arguments.input.is_dir() {
+        return restore_stored(&arguments, tap, &stop, restoring);
+    }
     let (mut vm, summary) = snapshot::restore(&arguments.input, tap)
         .with_context(|| format!("cannot restore the snapshot {}", arguments.input.display()))?;
     crate::say!(
@@ -114,6 +121,47 @@ pub fn restore(arguments: RestoreArguments) -> anyhow::Result<()> {
     }
     wait_until_running(&vm, Duration::from_secs(10))?;
     monitor(&vm, arguments.monitor, &stop)?;
+    vm.pause()?;
+    check_events(&vm)?;
+    crate::say!(
+        "{}",
+        json!({ "event": "stopped", "vcpus": paused_progress(&vm)? })
+    );
+    vm.shutdown();
+    Ok(())
+}
+
+/// Runs the guest a storage-backed secondary's store holds (its last
+/// committed epoch), pages on demand: after a double failure, or to
+/// inspect what a store holds.
+fn restore_stored(
+    arguments: &RestoreArguments,
+    tap: Option<std::sync::Arc<understudy_vm::tap::Tap>>,
+    stop: &std::sync::atomic::AtomicBool,
+    restoring: Instant,
+) -> anyhow::Result<()> {
+    let (mut vm, recovered, memory_hash, progress) =
+        understudy_secondary::store::resume_stored(&arguments.input, tap, arguments.verify)
+            .with_context(|| format!("cannot run the store {}", arguments.input.display()))?;
+    crate::say!(
+        "{}",
+        json!({
+            "event": "restored",
+            "store": arguments.input,
+            "vm_id": format!("{:016x}", recovered.vm_id),
+            "epoch": recovered.epoch,
+            "memory_hash": memory_hash,
+            "memory_bytes": recovered.memory_bytes,
+            "restore_ms": restoring.elapsed().as_secs_f64() * 1e3,
+            "vcpus": progress
+                .vcpus
+                .iter()
+                .map(|status| json!({"counter": status.counter, "counter_hash": status.counter_hash}))
+                .collect::<Vec<_>>(),
+        })
+    );
+    wait_until_running(&vm, Duration::from_secs(10))?;
+    monitor(&vm, arguments.monitor, stop)?;
     vm.pause()?;
     check_events(&vm)?;
     crate::say!(

@@ -433,6 +433,14 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// Gives back the scratch space sized for the largest frame decoded so
+    /// far (after a stream's initial copy); later frames grow it again as
+    /// they need. The reference state is kept.
+    pub fn release_buffers(&mut self) {
+        self.records = Vec::new();
+        self.literals = Vec::new();
+    }
+
     /// A decoder at the start of a stream, accepting a version store of at
     /// most [`DEFAULT_MAX_STORE_PAGES`] and any page number.
     pub fn new() -> Self {
