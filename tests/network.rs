@@ -227,6 +227,24 @@ fn a_planned_switchover_and_back_loses_nothing_and_reprotects_by_what_changed() 
 }
 
 #[test]
+fn failovers_from_a_storage_backed_secondary_lose_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    require_program("etcd", "etcd-server");
+
+    // Act: the primary SIGKILLed under a Redis client; the secondary keeps
+    // the guest on disk and faults it in when it takes over.
+    let (summary, lines) = common::drill(&["--store", "--rounds", "2", "--benchmark-clients", "0"]);
+
+    // Assert: the same guarantees as an in-memory secondary.
+    assert_eq!(summary["failed"], 0, "{lines:?}");
+    assert_eq!(summary["lost_writes"], 0, "{lines:?}");
+    assert_eq!(summary["resets"], 0, "{lines:?}");
+    assert_eq!(summary["two_copies"], 0, "{lines:?}");
+}
+
+#[test]
 fn three_failovers_lose_no_acknowledged_write_and_reset_no_connection() {
     if !require_kvm() {
         return;

@@ -315,3 +315,118 @@ fn a_secondary_killed_mid_epoch_recovers_the_last_acknowledged_epoch() {
     assert_eq!(start["vcpus"], checkpoint["vcpus"]);
     assert_counter_chains_continue(&start["vcpus"], &stopped["vcpus"], 2);
 }
+
+#[test]
+fn one_storage_backed_secondary_protects_two_primaries_and_fails_over_only_the_lost_one() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: one secondary listening for two primaries, a store each.
+    let (first, second) = (free_address(), free_address());
+    let store = store_dir("two");
+    let store_text = store.display().to_string();
+    let (mut secondary, secondary_lines) = spawn_json(&[
+        "secondary",
+        "--listen",
+        &first,
+        "--listen",
+        &second,
+        "--json",
+        "--plaintext",
+        "--store",
+        &store_text,
+        "--duration",
+        "300ms",
+    ]);
+    let mut secondary_seen = Vec::new();
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let guest = ["--workload", "counter", "--memory", "64M"];
+    let (mut doomed, doomed_lines) = start_primary(&first, &guest);
+    let (mut survivor, survivor_lines) = start_primary(&second, &guest);
+    let (mut doomed_seen, mut survivor_seen) = (Vec::new(), Vec::new());
+    until_event(
+        &doomed_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut doomed_seen,
+    );
+    until_event(
+        &survivor_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut survivor_seen,
+    );
+    for _ in 0..5 {
+        until_event(
+            &doomed_lines,
+            "ack",
+            Duration::from_secs(10),
+            &mut doomed_seen,
+        );
+    }
+
+    // Act: one primary dies.
+    doomed.kill().expect("SIGKILL one primary");
+    doomed.wait().expect("reap");
+    let resumed = until_event(
+        &secondary_lines,
+        "resumed",
+        Duration::from_secs(30),
+        &mut secondary_seen,
+    );
+    let stopped = until_event(
+        &secondary_lines,
+        "stopped",
+        Duration::from_secs(30),
+        &mut secondary_seen,
+    );
+    // The other goes on being acknowledged meanwhile and after.
+    let mut acknowledged_after = 0;
+    for _ in 0..10 {
+        until_event(
+            &survivor_lines,
+            "ack",
+            Duration::from_secs(10),
+            &mut survivor_seen,
+        );
+        acknowledged_after += 1;
+    }
+    survivor.kill().expect("stop the other primary");
+    survivor.wait().expect("reap");
+    let _ = secondary.kill();
+    let _ = secondary.wait();
+    secondary_seen.extend(secondary_lines.try_iter());
+
+    // Assert: only the lost primary's guest was resumed, from its own
+    // store, and ran on; the other primary stayed protected throughout.
+    assert_eq!(resumed["listen"], first.as_str(), "{resumed}");
+    assert_eq!(stopped["listen"], first.as_str(), "{stopped}");
+    assert_counter_chains_continue(&resumed["vcpus"], &stopped["vcpus"], 1);
+    assert_eq!(acknowledged_after, 10);
+    assert!(
+        survivor_seen
+            .iter()
+            .all(|line| line["event"] != "secondary_lost"),
+        "the other primary lost its secondary: {survivor_seen:?}"
+    );
+    assert_eq!(
+        secondary_seen
+            .iter()
+            .filter(|line| line["event"] == "resumed")
+            .count(),
+        1,
+        "{secondary_seen:?}"
+    );
+    assert_eq!(std::fs::read_dir(&store).expect("stores").count(), 2);
+}

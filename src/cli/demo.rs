@@ -41,6 +41,7 @@ pub fn demo(arguments: DemoArguments) -> anyhow::Result<()> {
         witness: false,
         stall: Duration::from_secs(1),
         colo: false,
+        store: false,
     };
     let started = Instant::now();
     let say = |text: String| crate::say!("[{:5.1} s] {text}", started.elapsed().as_secs_f64());

@@ -59,6 +59,9 @@ pub struct DrillArguments {
     /// `colo` (its guest runs in lockstep and runs on after a failover).
     #[arg(long, value_enum, default_value_t = Mode::Remus)]
     mode: Mode,
+    /// A storage-backed secondary (`--store` in the lab's directory).
+    #[arg(long)]
+    store: bool,
     /// Extra arguments for the primary (e.g. --primary-arg=--output-epoch=0ms).
     #[arg(long = "primary-arg", allow_hyphen_values = true)]
     primary_args: Vec<String>,
@@ -124,6 +127,7 @@ pub fn drill(arguments: DrillArguments) -> anyhow::Result<()> {
         witness: !arguments.no_witness,
         stall: arguments.stall,
         colo: arguments.mode == Mode::Colo,
+        store: arguments.store,
     };
     if arguments.json {
         crate::say!(

@@ -169,9 +169,12 @@ pub struct PrimaryArguments {
 /// Arguments of `understudy secondary`.
 #[derive(clap::Args, Debug)]
 pub struct SecondaryArguments {
-    /// Where to listen for a primary (host:port).
-    #[arg(long)]
-    listen: SocketAddr,
+    /// Where to listen for a primary (host:port). Repeat to protect several
+    /// primaries at once, one per address, each with its own connection,
+    /// backup (a store of its own with --store) and failover (then without
+    /// --tap, switchover or a control API per guest).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
     #[command(flatten)]
     heartbeat: HeartbeatOptions,
     /// Hash the backup memory before resuming it, and report the hash.
@@ -503,7 +506,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     let witness = arguments.witness.witness();
     let instance = super::new_vm_id();
     let options = SecondaryOptions {
-        listen: arguments.listen,
+        listen: arguments.listen[0],
         heartbeat: arguments.heartbeat.policy()?,
         verify: arguments.verify,
         tap: None,
@@ -520,6 +523,9 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         understudy_secondary::store::return_large_buffers();
         report_stores(root, arguments.json);
     }
+    if arguments.listen.len() > 1 {
+        return protect_several(&arguments, &options, &stop);
+    }
     // Opened once: the guest's network device holds it whichever part
     // this process plays.
     let tap = arguments.tap.as_deref().map(super::open_tap).transpose()?;
@@ -531,7 +537,7 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
     // After a planned switchover this process leads, with the defaults of
     // `understudy primary`.
     let primary = PrimaryOptions {
-        secondary: arguments.listen,
+        secondary: arguments.listen[0],
         epoch: EpochPolicy {
             target: Duration::from_millis(25),
             min: Duration::from_millis(5),
@@ -564,6 +570,80 @@ pub fn secondary(arguments: SecondaryArguments) -> anyhow::Result<()> {
         &stop,
         Part::Understudy(UnderstudyPart::default()),
     )
+}
+
+/// Several primaries at once, one per `--listen` address: a serving loop
+/// each, on a thread of its own; a primary lost is taken over alone (its
+/// guest then runs on that thread, the others are still protected).
+fn protect_several(
+    arguments: &SecondaryArguments,
+    options: &SecondaryOptions,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    if arguments.tap.is_some() {
+        bail!("--tap names one guest's network: with several --listen, guests run without one");
+    }
+    let as_json = arguments.json;
+    std::thread::scope(|scope| {
+        let mut served = Vec::new();
+        for listen in &arguments.listen {
+            let options = SecondaryOptions {
+                listen: *listen,
+                ..options.clone()
+            };
+            served.push(scope.spawn(move || -> anyhow::Result<()> {
+                let failover = understudy_secondary::serve(options, stop, |event| {
+                    print_secondary_event(event, as_json);
+                })?;
+                let Some(failover) = failover else {
+                    return Ok(());
+                };
+                if as_json {
+                    crate::say!(
+                        "{}",
+                        json!({"event": "resumed", "listen": listen.to_string(),
+                               "vm_id": format!("{:016x}", failover.vm_id),
+                               "epoch": failover.epoch, "memory_hash": failover.memory_hash,
+                               "reason": failover.reason,
+                               "vcpus": vcpus_json(&failover.progress)})
+                    );
+                } else {
+                    crate::say!(
+                        "PRIMARY LOST on {listen} ({}): resumed VM {:016x} from epoch {}",
+                        failover.reason,
+                        failover.vm_id,
+                        failover.epoch
+                    );
+                }
+                let mut vm = failover.vm;
+                wait_until_running(&vm, Duration::from_secs(10))?;
+                let watch = understudy_vm::progress::WatchOptions {
+                    duration: arguments.duration,
+                    harvest_interval: Duration::from_secs(1),
+                };
+                understudy_vm::progress::watch(&vm, watch, stop, |_| {})?;
+                vm.pause()?;
+                if as_json {
+                    crate::say!(
+                        "{}",
+                        json!({"event": "stopped", "listen": listen.to_string(),
+                               "vcpus": vcpus_json(&ProgressSample::read(&vm)?)})
+                    );
+                }
+                vm.shutdown();
+                Ok(())
+            }));
+        }
+        served
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a serving thread panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<()>>>()
+            .map(|_| ())
+    })
 }
 
 /// Says what the stores under `root` hold (a restarted storage-backed

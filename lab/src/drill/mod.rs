@@ -123,6 +123,9 @@ pub struct DrillOptions {
     /// Run the pair in COLO mode (the secondary's guest runs in lockstep;
     /// a failover lets it run on) instead of Remus.
     pub colo: bool,
+    /// A storage-backed secondary (`--store` in the lab's private
+    /// directory): the backup lives on disk, the failover faults it in.
+    pub store: bool,
 }
 
 /// What a drill reports as it goes.
@@ -403,6 +406,12 @@ fn run_round(
     let mut primary_arguments = both.clone();
     primary_arguments.extend_from_slice(&options.primary_arguments);
     let mut secondary_arguments = both.clone();
+    if options.store {
+        secondary_arguments.extend([
+            "--store".to_owned(),
+            lab.private_dir().join("store").display().to_string(),
+        ]);
+    }
     let sockets = (
         lab.private_dir().join("primary.sock"),
         lab.private_dir().join("secondary.sock"),
