@@ -63,6 +63,11 @@ pub enum BenchCommand {
         #[arg(long)]
         points: Option<usize>,
     },
+    /// An in-memory and a storage-backed secondary side by side (real
+    /// processes, the store on this machine's disk): backup memory, ack
+    /// latency, checkpoint throughput, failover and the guest's write rate
+    /// while its pages come from the store.
+    Store(super::storebench::StoreBenchArguments),
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
     /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
@@ -144,6 +149,7 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Store(arguments) => super::storebench::bench_store(&arguments),
         BenchCommand::Compress(arguments) => bench_compress(arguments),
         BenchCommand::Kv(arguments) => super::kvbench::bench_kv(arguments),
     }

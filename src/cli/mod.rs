@@ -13,6 +13,7 @@ pub mod pair;
 pub mod replicate;
 pub mod run;
 pub mod snapshot;
+pub mod storebench;
 pub mod trace;
 
 use std::sync::Arc;
