@@ -15,6 +15,7 @@
 pub mod bfmig;
 pub mod compress;
 pub mod encryption;
+pub mod freepages;
 pub mod migration;
 pub mod replication;
 mod svg;

@@ -3,8 +3,8 @@
 
 use crate::{Status, rdtsc};
 use understudy_guest_abi::{
-    BootInfo, FLAG_WRITE_LOG, PAGE_SIZE, Pattern, SPARSE_WORDS, STATE_RUNNING, WORK_AREA_GPA,
-    WRITE_LOG_GPA, counter_seed, counter_step,
+    BootInfo, FLAG_FREE_CHURN, FLAG_FREE_REPORT, FLAG_WRITE_LOG, FREE_REPORT_GPA, PAGE_SIZE,
+    Pattern, SPARSE_WORDS, STATE_RUNNING, WORK_AREA_GPA, WRITE_LOG_GPA, counter_seed, counter_step,
 };
 
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
@@ -79,6 +79,25 @@ fn log_write(page: u64) {
     unsafe { (*word).fetch_or(1 << (page % 64), core::sync::atomic::Ordering::Relaxed) };
 }
 
+/// Reports work-area pages `first..end` free (their contents no longer
+/// matter) or in use again; in use again is reported *before* the pages
+/// are written (the rule of [`FREE_REPORT_GPA`]).
+fn report_free(first: u64, end: u64, free: bool) {
+    for page in first..end {
+        let word = (FREE_REPORT_GPA + (page / 64) * 8) as *const core::sync::atomic::AtomicU64;
+        let bit = 1u64 << (page % 64);
+        // SAFETY: the report covers every work-area page (16 GiB of them);
+        // AtomicU64 is 8-byte aligned there; vCPUs share words, hence atomics.
+        unsafe {
+            if free {
+                (*word).fetch_or(bit, core::sync::atomic::Ordering::SeqCst);
+            } else {
+                (*word).fetch_and(!bit, core::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// Dirties this vCPU's share of the working set at `rate_bytes_per_sec / vcpu_count`.
 pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
     let total_pages = boot.wss_bytes / PAGE_SIZE;
@@ -93,6 +112,18 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
         );
     }
     let pattern = Pattern::from_u32(boot.pattern).unwrap_or(Pattern::Random);
+    // With a free-page report: every other second the top `free_percent`
+    // of this share is freed (reported, not touched), then taken back
+    // (report cleared first) and written again.
+    let freeing = boot.flags & FLAG_FREE_REPORT != 0 && boot.free_percent > 0;
+    let kept = if freeing {
+        (pages * u64::from(100 - boot.free_percent.min(99)) / 100).max(1)
+    } else {
+        pages
+    };
+    let churn = boot.flags & FLAG_FREE_CHURN != 0;
+    let started_tsc = rdtsc();
+    let mut freed = false;
     let write_log = boot.flags & FLAG_WRITE_LOG != 0;
     let hot_pages = (pages / 10).max(1);
     // TSC ticks per page at this vCPU's share of the rate (0: unthrottled).
@@ -113,18 +144,19 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
     let mut written_since_start = 0u64;
 
     loop {
+        let in_use = if freed { kept } else { pages };
         let offset = match pattern {
             Pattern::Seq | Pattern::Zero => {
                 let offset = cursor;
                 cursor += 1;
-                if cursor == pages {
+                if cursor >= in_use {
                     cursor = 0;
                     passes += 1;
                 }
                 offset
             }
-            Pattern::Hotspot if rng.below(10) < 9 => rng.below(hot_pages),
-            Pattern::Random | Pattern::Sparse | Pattern::Hotspot => rng.below(pages),
+            Pattern::Hotspot if rng.below(10) < 9 => rng.below(hot_pages.min(in_use)),
+            Pattern::Random | Pattern::Sparse | Pattern::Hotspot => rng.below(in_use),
         };
         let page = first + offset;
         match pattern {
@@ -139,6 +171,20 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
         written += 1;
         written_since_start += 1;
         if written % PAGES_PER_REPORT == 0 {
+            if freeing {
+                let seconds = rdtsc().wrapping_sub(started_tsc) / ticks_per_second.max(1);
+                let free_now = if churn {
+                    seconds % 2 == 1
+                } else {
+                    seconds >= 1
+                };
+                if free_now != freed {
+                    // Freeing: report after the last write; taking back:
+                    // clear the report before the first write.
+                    report_free(first + kept, end, free_now);
+                    freed = free_now;
+                }
+            }
             if !matches!(pattern, Pattern::Seq | Pattern::Zero) {
                 passes = written / pages;
             }

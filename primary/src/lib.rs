@@ -179,6 +179,8 @@ pub struct EpochMetrics {
     pub dirty_pages: usize,
     /// Bytes of page contents.
     pub raw_bytes: u64,
+    /// Dirty pages not sent because the guest reported them free.
+    pub free_pages: usize,
     /// Bytes on the wire (frames and state).
     pub wire_bytes: u64,
     /// Time spent encoding.

@@ -3,6 +3,7 @@
 
 use understudy_compress::PageBatch;
 use understudy_compress::batch::is_zero_page;
+use understudy_vm::free_report::FreePages;
 use understudy_vm::memory::{self, MemoryError};
 use understudy_vm::{PAGE_SIZE, Vm};
 
@@ -30,14 +31,19 @@ pub fn read_pages(
 }
 
 /// Appends to `batch` every page of guest memory in `range` (page-aligned)
-/// that is not all zero: what a first full copy has to send.
+/// that is not all zero, nor reported free by the guest (`free`): what a
+/// first full copy has to send.
 pub fn read_nonzero_pages(
     vm: &Vm,
     range: std::ops::Range<u64>,
+    free: Option<&FreePages>,
     batch: &mut PageBatch,
 ) -> Result<(), MemoryError> {
     let mut page = [0u8; understudy_vm::PAGE_BYTES];
     for address in range.step_by(understudy_vm::PAGE_BYTES) {
+        if free.is_some_and(|free| free.contains(address)) {
+            continue;
+        }
         memory::read(vm.memory(), address, &mut page)?;
         if !is_zero_page(&page) {
             batch.push(address / PAGE_SIZE, &page);

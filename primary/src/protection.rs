@@ -26,6 +26,7 @@ use understudy_checkpoint::protocol::{
 use understudy_compress::PageBatch;
 use understudy_compress::batch::is_zero_page;
 use understudy_vm::dirty::DirtyBitmap;
+use understudy_vm::free_report::FreePages;
 use understudy_vm::memory;
 use understudy_vm::progress::ProgressSample;
 use understudy_vm::{PAGE_BYTES, PAGE_SIZE, Vm, usize_from};
@@ -220,6 +221,26 @@ fn read_base_image(reader: &mut LivenessReader) -> Result<u64, PrimaryError> {
             }
         }
     }
+}
+
+/// `dirty` less the pages the guest reports free (see
+/// `understudy_vm::free_report`), and how many those were; with `put_back`
+/// they go back into the dirty log, to be sent once the guest takes them
+/// back (it clears their report before writing them).
+fn skip_free(
+    vm: &Vm,
+    dirty: understudy_vm::dirty::DirtySet,
+    put_back: bool,
+) -> Result<(understudy_vm::dirty::DirtySet, usize), PrimaryError> {
+    let Some(free) = FreePages::read(vm.memory())? else {
+        return Ok((dirty, 0));
+    };
+    let (send, held) = free.split(dirty);
+    let skipped = held.count();
+    if put_back && skipped > 0 {
+        vm.put_back_dirty(&held)?;
+    }
+    Ok((send, skipped))
 }
 
 /// Frames waiting on the tap a planned switchover forwards at most.
@@ -493,12 +514,15 @@ impl Protection {
         }
         let size = memory::size(vm.memory());
         let chunk_bytes = PRECOPY_CHUNK_PAGES as u64 * PAGE_SIZE;
+        // Pages the guest reports free now are not sent; if it takes one
+        // back, it writes it, and a later round sends it.
+        let free = FreePages::read(vm.memory())?;
         let mut pages = 0;
         let mut start = 0;
         while start < size {
             let end = (start + chunk_bytes).min(size);
             let mut batch = self.shared.spare_batch();
-            read_nonzero_pages(vm, start..end, &mut batch)?;
+            read_nonzero_pages(vm, start..end, free.as_ref(), &mut batch)?;
             pages += batch.len();
             self.submit(Work::Pages(0, batch))?;
             between_chunks(vm)?;
@@ -520,6 +544,10 @@ impl Protection {
                     .to_owned(),
             )
         })?;
+        let changed = match FreePages::read(vm.memory())? {
+            Some(free) => free.split(changed).0,
+            None => changed,
+        };
         let addresses: Vec<u64> = changed.page_addresses().collect();
         for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
             let batch = read_pages(vm, chunk, self.shared.spare_batch())?;
@@ -561,7 +589,7 @@ impl Protection {
         vm: &mut Vm,
         mut between_chunks: impl FnMut(&mut Vm) -> Result<(), PrimaryError>,
     ) -> Result<usize, PrimaryError> {
-        let dirty = vm.harvest_dirty()?;
+        let dirty = skip_free(vm, vm.harvest_dirty()?, true)?.0;
         let addresses: Vec<u64> = dirty.page_addresses().collect();
         for chunk in addresses.chunks(PRECOPY_CHUNK_PAGES) {
             let batch = read_pages(vm, chunk, self.shared.spare_batch())?;
@@ -688,6 +716,7 @@ impl Protection {
             memory_hash: None,
             progress: ProgressSample::read(vm)?,
             cause: "postcopy",
+            free_pages: 0,
         };
         self.submit(Work::End {
             epoch: 0,
@@ -870,6 +899,10 @@ impl Protection {
                 took
             };
             let dirty = vm.harvest_dirty()?;
+            // Pages the guest reports free are not sent; those of a
+            // checkpoint the guest runs on after are put back (sent once
+            // the guest takes them back).
+            let (dirty, free_pages) = skip_free(vm, dirty, resume)?;
             if !resume {
                 // The guest stops here for good (a migration's switchover,
                 // a planned switchover): its memory as of this checkpoint
@@ -901,7 +934,7 @@ impl Protection {
             };
             let progress = ProgressSample::read(vm)?;
             phases.other = lap();
-            Ok((batch, state, memory_hash, progress))
+            Ok((batch, state, memory_hash, progress, free_pages))
         })();
         if resume || taken.is_err() {
             let resuming = Instant::now();
@@ -909,7 +942,7 @@ impl Protection {
             phases.resume = resuming.elapsed();
         }
         let pause = paused.elapsed();
-        let (batch, state, memory_hash, progress) = taken?;
+        let (batch, state, memory_hash, progress, free_pages) = taken?;
         let now = Instant::now();
         let metrics = EpochMetrics {
             epoch,
@@ -924,6 +957,7 @@ impl Protection {
             memory_hash,
             progress,
             cause,
+            free_pages,
         };
         self.last_checkpoint = now;
         Ok((batch, state, metrics))

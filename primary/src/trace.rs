@@ -58,7 +58,7 @@ pub fn capture_guest_trace(
             let dirty = vm.harvest_dirty()?;
             let mut batch = std::mem::take(&mut batch);
             if writer.epochs() == 0 {
-                read_nonzero_pages(vm, 0..memory::size(vm.memory()), &mut batch)?;
+                read_nonzero_pages(vm, 0..memory::size(vm.memory()), None, &mut batch)?;
                 Ok(batch)
             } else {
                 let mut addresses: Vec<u64> = dirty.page_addresses().collect();

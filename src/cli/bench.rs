@@ -68,6 +68,13 @@ pub enum BenchCommand {
     /// latency, checkpoint throughput, failover and the guest's write rate
     /// while its pages come from the store.
     Store(super::storebench::StoreBenchArguments),
+    /// Guest-assisted transfer: a 1 GiB guest that freed a share of its
+    /// working set, migrated with and without its free-page report.
+    FreePages {
+        /// Runs of each share.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
     /// Compare checkpoint codecs on memory traces (see `understudy trace capture`).
     Compress(CompressArguments),
     /// redis-benchmark against the kv guest, alone and protected (needs root, redis-tools).
@@ -150,6 +157,11 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Store(arguments) => super::storebench::bench_store(&arguments),
+        BenchCommand::FreePages { repeat } => {
+            let report = understudy_bench::freepages::free_pages(&[0, 50, 75, 90], repeat)?;
+            print!("{report}");
+            Ok(())
+        }
         BenchCommand::Compress(arguments) => bench_compress(arguments),
         BenchCommand::Kv(arguments) => super::kvbench::bench_kv(arguments),
     }

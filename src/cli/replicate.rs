@@ -256,6 +256,7 @@ fn print_checkpoint(metrics: &EpochMetrics, as_json: bool) {
                     "resume": micros(metrics.phases.resume),
                 },
                 "dirty_pages": metrics.dirty_pages,
+                "free_pages_skipped": metrics.free_pages,
                 "memory_hash": metrics.memory_hash,
                 "cause": metrics.cause,
                 "vcpus": vcpus_json(&metrics.progress),

@@ -69,7 +69,10 @@ fn spawn(args: &[String]) -> anyhow::Result<Spawned> {
     let stdout = child.stdout.take().context("its output")?;
     let (sender, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Ok(value) = serde_json::from_str::<Value>(&line)
                 && sender.send(value).is_err()
             {
@@ -110,7 +113,9 @@ fn memory_of(pid: u32) -> anyhow::Result<(u64, u64)> {
 }
 
 fn free_port() -> anyhow::Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     Ok(format!("127.0.0.1:{port}"))
 }
 
@@ -128,7 +133,13 @@ fn one(
 ) -> anyhow::Result<Row> {
     let listen = free_port()?;
     let mut secondary_args: Vec<String> = [
-        "secondary", "--listen", &listen, "--plaintext", "--json", "--duration", "3500ms",
+        "secondary",
+        "--listen",
+        &listen,
+        "--plaintext",
+        "--json",
+        "--duration",
+        "3500ms",
     ]
     .map(String::from)
     .to_vec();
@@ -142,8 +153,17 @@ fn one(
     let workload = format!("memtouch:rate={rate},wss={wss_mib}M,pattern=random");
     let mut primary = spawn(
         &[
-            "primary", "--secondary", &listen, "--plaintext", "--json", "--codec", "raw",
-            "--memory", &arguments.memory, "--workload", &workload,
+            "primary",
+            "--secondary",
+            &listen,
+            "--plaintext",
+            "--json",
+            "--codec",
+            "raw",
+            "--memory",
+            &arguments.memory,
+            "--workload",
+            &workload,
         ]
         .map(String::from),
     )?;
@@ -187,7 +207,9 @@ fn one(
         committed_mb_per_second: raw_bytes as f64 / seconds / 1e6,
         resident_kib,
         peak_kib,
-        failover_ms: resumed["since_last_heartbeat_ms"].as_f64().unwrap_or_default(),
+        failover_ms: resumed["since_last_heartbeat_ms"]
+            .as_f64()
+            .unwrap_or_default(),
         guest_mb_per_s_after,
     })
 }
@@ -208,8 +230,12 @@ pub fn bench_store(arguments: &StoreBenchArguments) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for rate in &arguments.rates {
         for store in [None, Some(root.as_path())] {
-            let row = one(store, arguments, rate)
-                .with_context(|| format!("{rate}, {}", if store.is_some() { "store" } else { "memory" }))?;
+            let row = one(store, arguments, rate).with_context(|| {
+                format!(
+                    "{rate}, {}",
+                    if store.is_some() { "store" } else { "memory" }
+                )
+            })?;
             eprintln!("  {} at {}: done", row.mode, row.rate);
             rows.push(row);
             let _ = std::fs::remove_dir_all(&root);

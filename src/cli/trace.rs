@@ -25,7 +25,7 @@ pub enum TraceCommand {
     /// From a process: `--pid PID`, or `-- CMD ARGS` to start one (stopped
     /// when the capture ends). From the built-in guest: `--guest` with the VM
     /// options.
-    Capture(CaptureArguments),
+    Capture(Box<CaptureArguments>),
     /// Summarise a trace (and check every checksum in it).
     Info {
         /// The trace file.
@@ -79,7 +79,7 @@ pub struct CaptureArguments {
 /// Runs an `understudy trace` subcommand.
 pub fn trace(command: TraceCommand) -> anyhow::Result<()> {
     match command {
-        TraceCommand::Capture(arguments) => capture(arguments),
+        TraceCommand::Capture(arguments) => capture(*arguments),
         TraceCommand::Info { path } => info(path),
     }
 }

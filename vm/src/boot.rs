@@ -159,7 +159,7 @@ pub fn prepare(
         net_ipv4: workload.ipv4.octets(),
         net_prefix_len: u32::from(workload.prefix_len),
         kv_port: u32::from(workload.port),
-        reserved: 0,
+        free_percent: workload.free_percent,
     };
     memory::write(memory, BOOT_INFO_GPA, boot.as_bytes())?;
     memory::write(

@@ -17,6 +17,7 @@
 pub mod boot;
 pub mod bus;
 pub mod dirty;
+pub mod free_report;
 pub mod memory;
 pub mod postcopy;
 pub mod progress;

@@ -121,7 +121,9 @@ pub fn read_value<T: zerocopy::FromBytes + zerocopy::IntoBytes>(
 /// Chunk size for whole-memory passes (hashing, copying).
 const CHUNK: usize = 1 << 20;
 
-/// xxh3-64 of all guest memory, region by region in address order.
+/// xxh3-64 of all guest memory, region by region in address order; pages
+/// the guest reported free (see [`crate::free_report`]) count as zeroes,
+/// so two copies that differ only in such pages hash the same.
 pub fn hash(memory: &GuestMemory) -> Result<u64, MemoryError> {
     hash_overlaid(memory, |_, _| {})
 }
@@ -135,8 +137,12 @@ pub fn hash_overlaid(
     mut overlay: impl FnMut(u64, &mut [u8]),
 ) -> Result<u64, MemoryError> {
     let mut hasher = Xxh3::new();
+    // Pages the guest reported free count as zero (see `free_report`).
+    let mut free = crate::free_report::HashMask::default();
+    let memory_bytes = size(memory);
     for_each_chunk(memory, |address, chunk| {
         overlay(address, chunk);
+        free.apply(memory_bytes, address, chunk);
         hasher.update(chunk);
         Ok(())
     })?;

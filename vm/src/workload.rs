@@ -8,7 +8,9 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use understudy_guest_abi::{FLAG_WRITE_LOG, PAGE_SIZE, Pattern, Workload};
+use understudy_guest_abi::{
+    FLAG_FREE_CHURN, FLAG_FREE_REPORT, FLAG_WRITE_LOG, PAGE_SIZE, Pattern, Workload,
+};
 
 /// Default busy-loop iterations between two counter steps (a few million steps/s).
 pub const DEFAULT_COUNTER_SPIN: u32 = 200;
@@ -62,6 +64,9 @@ pub struct WorkloadSpec {
     pub prefix_len: u8,
     /// kv: the TCP port.
     pub port: u16,
+    /// memtouch: the share of the working set (percent) freed every other
+    /// second and reported free (`free=75%`).
+    pub free_percent: u32,
 }
 
 /// The guest's address when `kv` is given none.
@@ -84,6 +89,7 @@ impl Default for WorkloadSpec {
             ipv4: DEFAULT_GUEST_IPV4,
             prefix_len: 24,
             port: DEFAULT_KV_PORT,
+            free_percent: 0,
         }
     }
 }
@@ -131,6 +137,18 @@ impl FromStr for WorkloadSpec {
                 (Workload::MemTouch, "wss") => spec.wss = Some(parse_size("wss", value)?),
                 (Workload::MemTouch, "pattern") => spec.pattern = parse_pattern(value)?,
                 (Workload::MemTouch, "log") => spec.flags |= FLAG_WRITE_LOG,
+                (Workload::MemTouch, "free") => {
+                    let percent = value.trim_end_matches('%').parse::<u32>().ok();
+                    spec.free_percent = percent
+                        .filter(|percent| (1..=99).contains(percent))
+                        .ok_or_else(|| WorkloadError::BadValue {
+                            option: "free",
+                            value: value.to_string(),
+                            reason: "a share of the working set from 1% to 99%",
+                        })?;
+                    spec.flags |= FLAG_FREE_REPORT;
+                }
+                (Workload::MemTouch, "churn") => spec.flags |= FLAG_FREE_CHURN,
                 (Workload::Kv, "ip") => (spec.ipv4, spec.prefix_len) = parse_cidr(value)?,
                 (Workload::Kv, "port") => {
                     spec.port = value.parse().map_err(|_| WorkloadError::BadValue {
@@ -197,6 +215,12 @@ impl fmt::Display for WorkloadSpec {
                     Some(wss) if wss.is_multiple_of(1 << 20) => write!(f, ",wss={}M", wss >> 20)?,
                     Some(wss) => write!(f, ",wss={}K", wss >> 10)?,
                     None => {}
+                }
+                if self.free_percent > 0 {
+                    write!(f, ",free={}%", self.free_percent)?;
+                }
+                if self.flags & FLAG_FREE_CHURN != 0 {
+                    write!(f, ",churn")?;
                 }
                 Ok(())
             }
@@ -284,6 +308,24 @@ pub fn parse_rate(value: &str) -> Result<u64, WorkloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memtouch_can_free_a_share_of_its_working_set() {
+        let spec: WorkloadSpec = "memtouch:wss=64M,free=75%,churn".parse().expect("valid");
+
+        assert_eq!(spec.free_percent, 75);
+        assert_eq!(spec.flags, FLAG_FREE_REPORT | FLAG_FREE_CHURN);
+        assert_eq!(
+            spec.to_string(),
+            "memtouch:pattern=random,rate=max,wss=64M,free=75%,churn"
+        );
+    }
+
+    #[test]
+    fn freeing_all_or_nothing_is_refused() {
+        assert!("memtouch:free=0%".parse::<WorkloadSpec>().is_err());
+        assert!("memtouch:free=100%".parse::<WorkloadSpec>().is_err());
+    }
 
     #[test]
     fn the_issue_example_parses() {

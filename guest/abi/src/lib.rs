@@ -34,7 +34,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// Magic value at the start of [`BootInfo`]: "USTUDYG1".
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"USTUDYG1");
 /// Version of this interface; the guest refuses a boot page of another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Size of a guest page, the unit of dirty tracking, checkpoints, codecs and
 /// formats: defined here once for the whole project.
@@ -73,6 +73,21 @@ pub const IMAGE_MAX_SIZE: u64 = 0x10_0000;
 pub const WRITE_LOG_GPA: u64 = 0x20_0000;
 /// Bytes reserved for the write log: enough for a 64 GiB work area.
 pub const WRITE_LOG_SIZE: u64 = 0x20_0000;
+/// Guest-physical address of the free-page report: one bit per work-area
+/// page (bit `p % 64` of little-endian word `p / 64`), set while the guest
+/// does not care what the page holds (freed heap, a freed working set).
+/// The last quarter of the write log's room: the write log never reaches it
+/// (guest memory is at most 4 GiB), and it covers 16 GiB of work area.
+///
+/// The rule the guest keeps: it clears a page's bit *before* it writes the
+/// page again, and sets it only once it will not read the page before
+/// writing it. The VMM reads the report only while the guest is paused, so
+/// at any checkpoint a page whose bit is set may be skipped: whatever the
+/// other side holds for it (zero, or older contents) is as good.
+pub const FREE_REPORT_GPA: u64 = WRITE_LOG_GPA + 0x18_0000;
+/// Bytes reserved for the free-page report.
+pub const FREE_REPORT_SIZE: u64 = 0x8_0000;
+
 /// Guest-physical address where the work area starts.
 pub const WORK_AREA_GPA: u64 = 0x40_0000;
 
@@ -164,6 +179,13 @@ impl Pattern {
 
 /// Flag in [`BootInfo::flags`]: keep the write log at [`WRITE_LOG_GPA`].
 pub const FLAG_WRITE_LOG: u32 = 1;
+/// Flag in [`BootInfo::flags`]: the guest keeps the free-page report at
+/// [`FREE_REPORT_GPA`] (the VMM may skip the pages it names).
+pub const FLAG_FREE_REPORT: u32 = 2;
+/// Flag in [`BootInfo::flags`], memtouch with [`FLAG_FREE_REPORT`]: free
+/// and take back the freed share every other second (without it, the share
+/// is freed once, after the first second, for good).
+pub const FLAG_FREE_CHURN: u32 = 4;
 
 /// The boot page, written by the VMM at [`BOOT_INFO_GPA`] before the first run.
 #[repr(C)]
@@ -203,8 +225,11 @@ pub struct BootInfo {
     pub net_prefix_len: u32,
     /// `kv`: the TCP port it listens on.
     pub kv_port: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// memtouch with [`FLAG_FREE_REPORT`]: the share of each vCPU's working
+    /// set (percent) it frees (reporting it free) after the first second,
+    /// for good or, with [`FLAG_FREE_CHURN`], every other second, writing
+    /// it again in between (clearing the report first).
+    pub free_percent: u32,
 }
 
 impl BootInfo {

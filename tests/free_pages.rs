@@ -1,0 +1,169 @@
+//! Guest-assisted transfer: a guest that reports freed pages
+//! (`memtouch:free=P%`) migrates with correspondingly fewer bytes; pages
+//! freed and taken back (`churn`) are replicated exactly, every epoch's
+//! memory hash checked, and a failover resumes the primary's memory.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{free_address, json_lines, require_kvm, spawn_json, u64_of, until_event};
+
+/// Migrates a 256 MiB guest writing at random over 192 MiB (`extra`
+/// options appended to its workload) with the memory hash checked;
+/// returns the pages sent.
+fn migrate_pages(extra: &str) -> u64 {
+    let address = free_address();
+    let mut target = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args([
+            "secondary",
+            "--listen",
+            &address,
+            "--plaintext",
+            "--duration",
+            "300ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the target");
+    std::thread::sleep(Duration::from_millis(300));
+    let workload = format!("memtouch:rate=400MB/s,wss=192M,pattern=random{extra}");
+    let source = common::understudy(&[
+        "migrate",
+        "--to",
+        &address,
+        "--plaintext",
+        "--json",
+        "--verify",
+        "--codec",
+        "raw",
+        "--memory",
+        "256M",
+        "--after",
+        "2500ms",
+        "--workload",
+        &workload,
+    ]);
+    let status = target.wait().expect("the target exits");
+    assert!(
+        source.status.success(),
+        "{extra}: the migration failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    assert!(status.success(), "{extra}: the target failed");
+    u64_of(&common::event(&json_lines(&source), "migrated")["pages"])
+}
+
+#[test]
+fn a_guest_that_freed_most_of_its_memory_migrates_with_fewer_bytes() {
+    if !require_kvm() {
+        return;
+    }
+
+    // Act: the same guest, keeping all it wrote, and freeing 75 % of it
+    // after its first second (reported); both checked by memory hash.
+    let kept = migrate_pages("");
+    let freed = migrate_pages(",free=75%");
+
+    // Assert: far fewer pages moved (not the exact share: the guest wrote
+    // about 87 % of its working set before freeing, and keeps writing).
+    assert!(
+        freed * 2 < kept,
+        "freeing 75 % sent {freed} pages against {kept}"
+    );
+}
+
+#[test]
+fn pages_freed_and_taken_back_are_replicated_exactly() {
+    if !require_kvm() {
+        return;
+    }
+    // Arrange: a guest that frees half its working set every other second
+    // and writes it again in between, protected with every epoch's memory
+    // hash checked by the secondary.
+    let address = free_address();
+    let (mut secondary, secondary_lines) = spawn_json(&[
+        "secondary",
+        "--listen",
+        &address,
+        "--json",
+        "--plaintext",
+        "--verify",
+        "--duration",
+        "300ms",
+    ]);
+    let mut secondary_seen = Vec::new();
+    until_event(
+        &secondary_lines,
+        "listening",
+        Duration::from_secs(10),
+        &mut secondary_seen,
+    );
+    let (mut primary, primary_lines) = spawn_json(&[
+        "primary",
+        "--secondary",
+        &address,
+        "--json",
+        "--plaintext",
+        "--verify",
+        "--codec",
+        "raw",
+        "--memory",
+        "128M",
+        "--workload",
+        "memtouch:rate=100MB/s,wss=96M,pattern=random,free=50%,churn",
+    ]);
+    let mut primary_seen = Vec::new();
+    until_event(
+        &primary_lines,
+        "synchronised",
+        Duration::from_secs(20),
+        &mut primary_seen,
+    );
+    // Over four seconds: two rounds of freeing and taking back.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        until_event(
+            &primary_lines,
+            "ack",
+            Duration::from_secs(10),
+            &mut primary_seen,
+        );
+    }
+
+    // Act: the primary dies.
+    primary.kill().expect("SIGKILL the primary");
+    primary.wait().expect("reap");
+    primary_seen.extend(primary_lines.try_iter());
+    let resumed = until_event(
+        &secondary_lines,
+        "resumed",
+        Duration::from_secs(30),
+        &mut secondary_seen,
+    );
+    let _ = secondary.wait();
+
+    // Assert: every epoch passed the secondary's hash check (it never
+    // dropped the primary), some checkpoints skipped freed pages, and the
+    // takeover holds the primary's memory of its epoch.
+    assert!(
+        secondary_seen
+            .iter()
+            .all(|line| line["event"] != "disconnected"),
+        "an epoch was refused: {secondary_seen:?}"
+    );
+    let skipped: u64 = primary_seen
+        .iter()
+        .filter(|line| line["event"] == "checkpoint")
+        .filter_map(|line| line["free_pages_skipped"].as_u64())
+        .sum();
+    assert!(skipped > 0, "no checkpoint skipped a freed page");
+    let epoch = u64_of(&resumed["epoch"]);
+    let checkpoint = primary_seen
+        .iter()
+        .find(|line| line["event"] == "checkpoint" && line["epoch"] == epoch)
+        .unwrap_or_else(|| panic!("no checkpoint of epoch {epoch}"));
+    assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
+}
