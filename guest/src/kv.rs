@@ -12,19 +12,19 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use linked_list_allocator::LockedHeap;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
-use understudy_guest_abi::{BootInfo, PORT_EXIT, PORT_YIELD, STATE_RUNNING, WORK_AREA_GPA};
+use understudy_guest_abi::{BootInfo, PORT_EXIT, PORT_YIELD, STATE_RUNNING};
 use understudy_guest_kv::{Connection, Store};
 
+use crate::heap::ReportingHeap;
 use crate::net::NetDevice;
 use crate::{Status, port_out, rdtsc};
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: ReportingHeap = ReportingHeap::empty();
 
 /// Sockets kept listening at all times: the listen backlog. A client that
 /// closes many connections and opens as many again at once (as
@@ -67,10 +67,7 @@ fn store_clock() -> u64 {
 pub(crate) fn serve(boot: &BootInfo, status: &Status) -> ! {
     // SAFETY: the work area [WORK_AREA_GPA, +wss) is identity-mapped guest
     // memory that only this workload uses, and this is the only init.
-    unsafe {
-        HEAP.lock()
-            .init(WORK_AREA_GPA as *mut u8, boot.wss_bytes as usize)
-    };
+    unsafe { HEAP.init(boot.wss_bytes) };
     let Some(mut device) = NetDevice::probe() else {
         port_out(PORT_EXIT, EXIT_NO_NETWORK);
         crate::idle(status);

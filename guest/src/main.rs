@@ -13,6 +13,7 @@
 
 extern crate alloc;
 
+mod heap;
 mod kv;
 mod net;
 mod workloads;

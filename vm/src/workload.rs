@@ -129,6 +129,10 @@ impl FromStr for WorkloadSpec {
             "kv" => Workload::Kv,
             _ => Workload::MemTouch,
         };
+        if spec.workload == Workload::Kv {
+            // Its heap reports the large values it frees.
+            spec.flags |= FLAG_FREE_REPORT;
+        }
         for option in options.split(',').filter(|option| !option.is_empty()) {
             let (key, value) = option.split_once('=').unwrap_or((option, ""));
             match (spec.workload, key) {
