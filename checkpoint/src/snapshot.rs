@@ -322,12 +322,16 @@ pub fn write_with_state(
     // one pass over memory: write a placeholder now, the real header last.
     out.inner.write_all(&[0u8; HEADER_LEN]).map_err(io)?;
     out.put(&state).map_err(io)?;
-    // Hashing the chunks in address order gives the same value as `memory::hash`.
+    // Hashing the chunks in address order gives the same value as
+    // `memory::hash`: pages the guest reported free count as zero, and are
+    // not stored (a restored guest finds them zero; it did not care).
     let mut memory_hasher = Xxh3::new();
+    let mut free = understudy_vm::free_report::HashMask::default();
     let mut chunk = vec![0u8; CHUNK_BYTES];
     let mut stored_pages = 0u64;
     for chunk_start in (0..memory_bytes).step_by(CHUNK_BYTES) {
         memory::read(memory, chunk_start, &mut chunk)?;
+        free.apply(memory_bytes, chunk_start, &mut chunk);
         memory_hasher.update(&chunk);
         let bitmap = chunk_bitmap(&chunk);
         out.put(&bitmap).map_err(io)?;

@@ -99,7 +99,7 @@ pub struct VmOptions {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
     /// Workload: idle, counter[:spin=N],
-    /// memtouch:rate=200MB/s,wss=128M,pattern=seq|random|hotspot|sparse|zero,
+    /// memtouch:rate=200MB/s,wss=128M,pattern=seq|random|hotspot|sparse|zero[,free=75%[,churn]],
     /// or kv[:ip=10.0.0.10/24][,port=6379][,heap=16M] (needs --tap).
     #[arg(long, default_value = "memtouch:rate=200MB/s,wss=128M,pattern=random")]
     pub workload: WorkloadSpec,

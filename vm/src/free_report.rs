@@ -126,13 +126,14 @@ impl FreePages {
     }
 }
 
-/// Zeroes, in a chunk of guest memory being hashed, the pages reported
-/// free: the hash a memory hash takes (see [`crate::memory::hash`]). Reads
+/// Zeroes, in chunks of guest memory read in address order, the pages
+/// reported free: what a memory hash hashes (see [`crate::memory::hash`])
+/// and what a snapshot stores. Reads
 /// the boot page and the report as the chunks go by (both precede the work
 /// area), so a hash over memory as overlaid by an epoch sees the report of
 /// that epoch.
 #[derive(Default)]
-pub(crate) struct HashMask {
+pub struct HashMask {
     boot: Vec<u8>,
     report: Option<(u64, Vec<u8>)>,
 }
@@ -140,7 +141,7 @@ pub(crate) struct HashMask {
 impl HashMask {
     /// Sees the chunk at `address` (after any overlay) and zeroes its
     /// reported pages.
-    pub(crate) fn apply(&mut self, memory_bytes: u64, address: u64, chunk: &mut [u8]) {
+    pub fn apply(&mut self, memory_bytes: u64, address: u64, chunk: &mut [u8]) {
         let end = address + chunk.len() as u64;
         let boot_len = std::mem::size_of::<BootInfo>() as u64;
         if address <= BOOT_INFO_GPA && BOOT_INFO_GPA + boot_len <= end {
