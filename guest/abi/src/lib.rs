@@ -17,6 +17,7 @@
 //! | [`STACKS_GPA`]             | one [`STACK_SIZE`] ring-3 stack per vCPU          |
 //! | [`IMAGE_GPA`]              | the guest image (ELF `PT_LOAD` segments)          |
 //! | [`WRITE_LOG_GPA`]          | optional bitmap of work-area pages the guest wrote|
+//! | [`FREE_REPORT_GPA`]        | bitmap of work-area pages the guest freed         |
 //! | [`WORK_AREA_GPA`]`..end`   | the work area the workloads dirty (`kv`: its heap)|
 //! | [`VIRTIO_NET_MMIO_GPA`]    | the virtio-net device's virtio-mmio registers     |
 //!
