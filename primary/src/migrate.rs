@@ -517,10 +517,14 @@ fn precopy_round(
     })
 }
 
-/// Pages dirty right now, without taking them: harvest, count, put back.
+/// Pages dirty right now that a round would send, without taking them:
+/// harvest, count (less those the guest reports free), put back.
 fn vm_dirty_count(vm: &Vm) -> Result<usize, PrimaryError> {
     let dirty = vm.harvest_dirty()?;
-    let count = dirty.count();
+    let count = match understudy_vm::free_report::FreePages::read(vm.memory())? {
+        Some(free) => free.split(dirty.clone()).0.count(),
+        None => dirty.count(),
+    };
     vm.put_back_dirty(&dirty)?;
     Ok(count)
 }

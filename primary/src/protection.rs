@@ -528,6 +528,10 @@ impl Protection {
             between_chunks(vm)?;
             start = end;
         }
+        if let Some(free) = &free {
+            // The skipped pages are owed until the guest takes them back.
+            vm.put_back_dirty(&free.as_dirty_set(vm.memory()))?;
+        }
         Ok(pages)
     }
 
@@ -545,7 +549,11 @@ impl Protection {
             )
         })?;
         let changed = match FreePages::read(vm.memory())? {
-            Some(free) => free.split(changed).0,
+            Some(free) => {
+                let (send, owed) = free.split(changed);
+                vm.put_back_dirty(&owed)?;
+                send
+            }
             None => changed,
         };
         let addresses: Vec<u64> = changed.page_addresses().collect();

@@ -98,22 +98,35 @@ impl FreePages {
             .sum()
     }
 
-    /// Splits `dirty` into the pages to send and those reported free.
+    /// The report word for `region_start`'s bitmap word `word`, if any
+    /// (work-area page `p` is guest page `WORK_AREA_GPA / PAGE_SIZE + p`,
+    /// and both start on a word: 1024 pages in).
+    fn word_at(&self, region_start: u64, word: usize) -> u64 {
+        let first_page = region_start / PAGE_SIZE + word as u64 * 64;
+        let work_area_page = WORK_AREA_GPA / PAGE_SIZE;
+        if first_page < work_area_page {
+            return 0;
+        }
+        self.words
+            .get(usize_from((first_page - work_area_page) / 64))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Splits `dirty` into the pages to send and those reported free
+    /// (word by word: it runs while the guest is paused).
     pub fn split(&self, dirty: DirtySet) -> (DirtySet, DirtySet) {
         let mut free_regions = Vec::with_capacity(dirty.regions.len());
         let mut send_regions = Vec::with_capacity(dirty.regions.len());
         for (start, bitmap) in dirty.regions {
-            let mut send = DirtyBitmap::new(bitmap.len());
-            let mut free = DirtyBitmap::new(bitmap.len());
-            for page in bitmap.iter() {
-                if self.contains(start + page as u64 * PAGE_SIZE) {
-                    free.set(page);
-                } else {
-                    send.set(page);
-                }
+            let (mut send, mut free) = (Vec::new(), Vec::new());
+            for (index, word) in bitmap.words().iter().enumerate() {
+                let reported = self.word_at(start, index);
+                send.push(word & !reported);
+                free.push(word & reported);
             }
-            send_regions.push((start, send));
-            free_regions.push((start, free));
+            send_regions.push((start, DirtyBitmap::from_words(send, bitmap.len())));
+            free_regions.push((start, DirtyBitmap::from_words(free, bitmap.len())));
         }
         (
             DirtySet {
@@ -123,6 +136,27 @@ impl FreePages {
                 regions: free_regions,
             },
         )
+    }
+
+    /// Every page reported free, as a dirty set of `memory`'s layout: what
+    /// a first copy that skipped them puts back into the dirty log, so that
+    /// a page the guest takes back is sent even before it writes it (until
+    /// then the other side holds nothing for it, and the page is in use).
+    pub fn as_dirty_set(&self, memory: &GuestMemory) -> DirtySet {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        DirtySet {
+            regions: memory
+                .iter()
+                .map(|region| {
+                    let start = region.start_addr().0;
+                    let pages = usize_from(region.len() / PAGE_SIZE);
+                    let words = (0..pages.div_ceil(64))
+                        .map(|word| self.word_at(start, word))
+                        .collect();
+                    (start, DirtyBitmap::from_words(words, pages))
+                })
+                .collect(),
+        }
     }
 }
 
