@@ -178,10 +178,7 @@ fn pages_freed_and_taken_back_are_replicated_exactly() {
         .sum();
     assert!(skipped > 0, "no checkpoint skipped a freed page");
     let epoch = u64_of(&resumed["epoch"]);
-    let checkpoint = primary_seen
-        .iter()
-        .find(|line| line["event"] == "checkpoint" && line["epoch"] == epoch)
-        .unwrap_or_else(|| panic!("no checkpoint of epoch {epoch}"));
+    let checkpoint = common::checkpoint_of(&primary_seen, epoch);
     assert_eq!(resumed["memory_hash"], checkpoint["memory_hash"]);
 }
 

@@ -360,17 +360,7 @@ fn a_networked_guest_live_migrates_with_its_data_and_its_address() {
     // Arrange: two taps on one bridge (the source's and the target's host
     // ports), the client's address on the bridge; a key set before the move.
     let namespace = test_namespace("move");
-    for args in [
-        &["link", "add", "br0", "type", "bridge"][..],
-        &["tuntap", "add", "dev", "tap0", "mode", "tap"],
-        &["tuntap", "add", "dev", "tap1", "mode", "tap"],
-        &["link", "set", "tap0", "master", "br0", "up"],
-        &["link", "set", "tap1", "master", "br0", "up"],
-        &["addr", "add", "10.0.0.1/24", "dev", "br0"],
-        &["link", "set", "br0", "up"],
-    ] {
-        namespace.ip(args).expect("build the test network");
-    }
+    two_taps_on_a_bridge(&namespace);
     let (_target, target_lines) = spawn_json_in(
         &namespace,
         &with_keys(
@@ -458,17 +448,7 @@ fn migrate_kv_after_deleting(tag: &str, deleted: usize) -> u64 {
     // bridge (a second guest of the same address on the first bridge
     // would find the bridge sending its traffic to the first target).
     let namespace = &test_namespace(tag);
-    for args in [
-        &["link", "add", "br0", "type", "bridge"][..],
-        &["tuntap", "add", "dev", "tap0", "mode", "tap"],
-        &["tuntap", "add", "dev", "tap1", "mode", "tap"],
-        &["link", "set", "tap0", "master", "br0", "up"],
-        &["link", "set", "tap1", "master", "br0", "up"],
-        &["addr", "add", "10.0.0.1/24", "dev", "br0"],
-        &["link", "set", "br0", "up"],
-    ] {
-        namespace.ip(args).expect("build the test network");
-    }
+    two_taps_on_a_bridge(namespace);
     let socket = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kv-{}-{tag}.sock", std::process::id()));
     let socket_text = socket.display().to_string();
@@ -570,4 +550,20 @@ fn a_kv_guest_that_deleted_large_values_migrates_without_them() {
         freed + 36 * 256 / 2 < kept,
         "after deleting 36 MiB: {freed} pages, keeping all: {kept}"
     );
+}
+
+/// tap0 and tap1 (a source's and a target's host ports) on a bridge that
+/// holds the client's address, in `namespace`.
+fn two_taps_on_a_bridge(namespace: &Namespace) {
+    for args in [
+        &["link", "add", "br0", "type", "bridge"][..],
+        &["tuntap", "add", "dev", "tap0", "mode", "tap"],
+        &["tuntap", "add", "dev", "tap1", "mode", "tap"],
+        &["link", "set", "tap0", "master", "br0", "up"],
+        &["link", "set", "tap1", "master", "br0", "up"],
+        &["addr", "add", "10.0.0.1/24", "dev", "br0"],
+        &["link", "set", "br0", "up"],
+    ] {
+        namespace.ip(args).expect("build the test network");
+    }
 }

@@ -8,6 +8,13 @@ use std::time::{Duration, Instant};
 use understudy_checkpoint::link::LinkSender;
 use understudy_checkpoint::protocol::{EpochEnd, Message};
 use understudy_compress::codec::MAX_PAGES_PER_FRAME;
+
+/// Most pages in one frame on the wire (16 MiB): what the receiver holds
+/// at once for a frame (its bytes, the decoded pages, the decoder's
+/// scratch) stays bounded whatever the batch, so a storage-backed
+/// secondary's memory does not grow with an initial copy's chunks.
+const FRAME_PAGES: usize = 4096;
+const _: () = assert!(FRAME_PAGES <= MAX_PAGES_PER_FRAME);
 use understudy_compress::{CodecSpec, Encoder, PageBatch};
 
 use crate::shared::Shared;
@@ -132,8 +139,8 @@ struct EpochSender<'a> {
 impl EpochSender<'_> {
     fn pages(&mut self, epoch: u64, batch: PageBatch) -> Result<(), PrimaryError> {
         self.cost.pages += batch.len() as u64;
-        if batch.len() > MAX_PAGES_PER_FRAME {
-            for part in split(&batch, MAX_PAGES_PER_FRAME) {
+        if batch.len() > FRAME_PAGES {
+            for part in split(&batch, FRAME_PAGES) {
                 self.frame(epoch, &part)?;
             }
         } else {

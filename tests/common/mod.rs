@@ -291,3 +291,22 @@ pub fn cutting_relay(
     });
     address
 }
+
+/// The highest epoch a primary's lines say was acknowledged.
+pub fn last_acknowledged(primary_lines: &[serde_json::Value]) -> u64 {
+    primary_lines
+        .iter()
+        .filter(|line| line["event"] == "ack")
+        .map(|line| u64_of(&line["epoch"]))
+        .max()
+        .expect("acknowledgements")
+}
+
+/// A primary's `checkpoint` line of `epoch`.
+pub fn checkpoint_of(primary_lines: &[serde_json::Value], epoch: u64) -> serde_json::Value {
+    primary_lines
+        .iter()
+        .find(|line| line["event"] == "checkpoint" && line["epoch"] == epoch)
+        .unwrap_or_else(|| panic!("the primary reported no checkpoint of epoch {epoch}"))
+        .clone()
+}
