@@ -267,6 +267,25 @@ fn a_secondary_killed_mid_epoch_recovers_the_last_acknowledged_epoch() {
         .collect();
     assert_eq!(stores.len(), 1, "{stores:?}");
     let stored = stores[0].display().to_string();
+    // A restarted secondary says what its store holds.
+    let (mut restarted, restarted_lines) = spawn_json(&[
+        "secondary",
+        "--listen",
+        &free_address(),
+        "--json",
+        "--plaintext",
+        "--store",
+        &store_text,
+    ]);
+    let mut restarted_seen = Vec::new();
+    let found = until_event(
+        &restarted_lines,
+        "store_found",
+        Duration::from_secs(10),
+        &mut restarted_seen,
+    );
+    let _ = restarted.kill();
+    let _ = restarted.wait();
     let restored = Command::new(env!("CARGO_BIN_EXE_understudy"))
         .args([
             "restore",
@@ -300,6 +319,7 @@ fn a_secondary_killed_mid_epoch_recovers_the_last_acknowledged_epoch() {
     assert_eq!(start["memory_hash"], checkpoint["memory_hash"]);
     assert_eq!(start["vcpus"], checkpoint["vcpus"]);
     assert_counter_chains_continue(&start["vcpus"], &stopped["vcpus"], 2);
+    assert_eq!(found["epoch"], start["epoch"], "{found}");
 }
 
 #[test]
