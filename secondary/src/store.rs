@@ -18,7 +18,8 @@
 //! Commit of epoch n (the caller acknowledges after it returns):
 //!
 //! ```text
-//! 1. fdatasync(image)       every earlier epoch's pages are on disk
+//! 1. fdatasync(image)       every earlier epoch's pages are on disk (skipped
+//!                           when no page was written since the last one)
 //! 2. write epoch-(n % 2)    its record (overwrites epoch n − 2's, whose
 //!    fdatasync              pages step 1 made durable in the image)
 //! 3. pwrite pages → image   in the page cache; step 1 of epoch n + 1 (or
@@ -124,6 +125,8 @@ pub struct Recovered {
 pub struct Store {
     directory: PathBuf,
     image: File,
+    /// Pages were written into the image since its last `fdatasync`.
+    image_unsynced: std::cell::Cell<bool>,
     records: [File; 2],
     vm_id: u64,
     memory_bytes: u64,
@@ -184,6 +187,7 @@ impl Store {
         Ok(Self {
             directory,
             image,
+            image_unsynced: std::cell::Cell::new(true),
             records,
             vm_id,
             memory_bytes,
@@ -208,6 +212,9 @@ impl Store {
     pub fn write_pages(&self, pages: &PageBatch) -> Result<(), StoreError> {
         self.check_pages(pages)?;
         let path = self.directory.join("image");
+        if !pages.is_empty() {
+            self.image_unsynced.set(true);
+        }
         for (page_number, page) in pages.iter() {
             self.image
                 .write_all_at(page, page_number * PAGE_SIZE)
@@ -226,7 +233,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.check_pages(pages)?;
         let image_path = self.directory.join("image");
-        self.image.sync_data().map_err(io(&image_path))?;
+        // Nothing written since the last sync (an idle epoch before): the
+        // earlier epochs' pages are on disk already.
+        if self.image_unsynced.get() {
+            self.image.sync_data().map_err(io(&image_path))?;
+            self.image_unsynced.set(false);
+        }
         let record = encode_record(self.vm_id, epoch, self.memory_bytes, pages, state);
         let slot = usize_from(epoch % 2);
         let path = self.directory.join(format!("epoch-{slot}"));
