@@ -3,6 +3,10 @@
 //! the store on demand; the secondary stays small whatever the guest's
 //! size; a secondary killed mid-epoch recovers the last acknowledged epoch
 //! and never a torn one.
+//!
+//! Every primary and secondary here runs with `--heartbeat-misses 50`:
+//! several processes per test, tests in parallel, a debug build; a
+//! process starved for a few heartbeats must not count as lost.
 
 mod common;
 
@@ -32,6 +36,8 @@ fn start_primary(
         address,
         "--json",
         "--plaintext",
+        "--heartbeat-misses",
+        "50",
         "--verify",
         "--codec",
         "raw",
@@ -70,6 +76,8 @@ fn a_storage_backed_secondary_resumes_the_committed_epoch_from_its_store() {
         &address,
         "--json",
         "--plaintext",
+        "--heartbeat-misses",
+        "50",
         "--verify",
         "--store",
         &store_text,
@@ -159,6 +167,8 @@ fn a_storage_backed_secondary_stays_small_whatever_the_guest_size() {
             &address,
             "--json",
             "--plaintext",
+            "--heartbeat-misses",
+            "50",
             "--store",
             &store_text,
         ]);
@@ -170,6 +180,8 @@ fn a_storage_backed_secondary_stays_small_whatever_the_guest_size() {
             &address,
             "--json",
             "--plaintext",
+            "--heartbeat-misses",
+            "50",
             "--codec",
             "raw",
             "--memory",
@@ -223,6 +235,8 @@ fn a_secondary_killed_mid_epoch_recovers_the_last_acknowledged_epoch() {
             &address,
             "--json",
             "--plaintext",
+            "--heartbeat-misses",
+            "50",
             "--store",
             &store_text,
         ])
@@ -274,6 +288,8 @@ fn a_secondary_killed_mid_epoch_recovers_the_last_acknowledged_epoch() {
         &free_address(),
         "--json",
         "--plaintext",
+        "--heartbeat-misses",
+        "50",
         "--store",
         &store_text,
     ]);
@@ -339,6 +355,8 @@ fn one_storage_backed_secondary_protects_two_primaries_and_fails_over_only_the_l
         &second,
         "--json",
         "--plaintext",
+        "--heartbeat-misses",
+        "50",
         "--store",
         &store_text,
         "--duration",
