@@ -94,7 +94,15 @@ fn each_role_reports_its_status_and_survives_bad_requests() {
     let address = free_address();
     let metrics = free_address();
     let (primary_socket, secondary_socket) = (socket_path("p.sock"), socket_path("s.sock"));
-    let mut secondary_args = vec!["secondary", "--listen", &address, "--control"];
+    // Patient heartbeats: a busy debug-build machine must not lose a peer.
+    let mut secondary_args = vec![
+        "secondary",
+        "--heartbeat-misses",
+        "50",
+        "--listen",
+        &address,
+        "--control",
+    ];
     let secondary_socket_text = secondary_socket.display().to_string();
     secondary_args.push(&secondary_socket_text);
     let keys = channel_arguments("secondary");
@@ -104,6 +112,8 @@ fn each_role_reports_its_status_and_survives_bad_requests() {
     let primary_socket_text = primary_socket.display().to_string();
     let mut primary_args = vec![
         "primary",
+        "--heartbeat-misses",
+        "50",
         "--secondary",
         &address,
         "--workload",
