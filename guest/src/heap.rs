@@ -64,7 +64,7 @@ impl ReportingHeap {
         let pages = ((bytes - small) / PAGE_SIZE).min(MAX_RUN_PAGES as u64);
         self.first.store(first, Ordering::Relaxed);
         self.pages.store(pages, Ordering::Relaxed);
-        report(first, pages, true);
+        report_free(first..first + pages, true);
     }
 
     fn locked<T>(&self, work: impl FnOnce(&mut [u64; MAX_RUN_PAGES / 64]) -> T) -> T {
@@ -114,12 +114,16 @@ fn is_set(used: &[u64; MAX_RUN_PAGES / 64], page: u64) -> bool {
     used[(page / 64) as usize] & (1 << (page % 64)) != 0
 }
 
-/// Reports work-area pages `first..first + count` free or taken back.
-fn report(first: u64, count: u64, free: bool) {
-    for page in first..first + count {
+/// Reports work-area pages `pages` free (their contents no longer matter)
+/// or in use again; in use again is reported *before* the pages are
+/// written (the rule of `FREE_REPORT_GPA`). Shared by every workload that
+/// keeps the report.
+pub(crate) fn report_free(pages: core::ops::Range<u64>, free: bool) {
+    for page in pages {
         let word = (FREE_REPORT_GPA + (page / 64) * 8) as *const AtomicU64;
         let bit = 1u64 << (page % 64);
-        // SAFETY: the report covers every work-area page; 8-byte aligned.
+        // SAFETY: the report covers every work-area page (16 GiB of them);
+        // AtomicU64 is 8-byte aligned there; vCPUs share words, hence atomics.
         unsafe {
             if free {
                 (*word).fetch_or(bit, Ordering::SeqCst);
@@ -144,7 +148,7 @@ unsafe impl GlobalAlloc for ReportingHeap {
             if let Some(start) = self.take_run(count) {
                 let first = self.first.load(Ordering::Relaxed) + start;
                 // Taken back before the program can write them.
-                report(first, count, false);
+                report_free(first..first + count, false);
                 return (WORK_AREA_GPA + first * PAGE_SIZE) as *mut u8;
             }
         }
@@ -161,7 +165,7 @@ unsafe impl GlobalAlloc for ReportingHeap {
             let start = (address - runs_start) / PAGE_SIZE;
             let count = run_pages(layout);
             // Freed: the program never reads these again.
-            report(first + start, count, true);
+            report_free(first + start..first + start + count, true);
             self.give_back(start, count);
             return;
         }

@@ -3,8 +3,8 @@
 
 use crate::{Status, rdtsc};
 use understudy_guest_abi::{
-    BootInfo, FLAG_FREE_CHURN, FLAG_FREE_REPORT, FLAG_WRITE_LOG, FREE_REPORT_GPA, PAGE_SIZE,
-    Pattern, SPARSE_WORDS, STATE_RUNNING, WORK_AREA_GPA, WRITE_LOG_GPA, counter_seed, counter_step,
+    BootInfo, FLAG_FREE_CHURN, FLAG_FREE_REPORT, FLAG_WRITE_LOG, PAGE_SIZE, Pattern, SPARSE_WORDS,
+    STATE_RUNNING, WORK_AREA_GPA, WRITE_LOG_GPA, counter_seed, counter_step,
 };
 
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
@@ -77,25 +77,6 @@ fn log_write(page: u64) {
     let word = (WRITE_LOG_GPA + (page / 64) * 8) as *const core::sync::atomic::AtomicU64;
     // SAFETY: the write log covers every work-area page; AtomicU64 is 8-byte aligned there.
     unsafe { (*word).fetch_or(1 << (page % 64), core::sync::atomic::Ordering::Relaxed) };
-}
-
-/// Reports work-area pages `first..end` free (their contents no longer
-/// matter) or in use again; in use again is reported *before* the pages
-/// are written (the rule of [`FREE_REPORT_GPA`]).
-fn report_free(first: u64, end: u64, free: bool) {
-    for page in first..end {
-        let word = (FREE_REPORT_GPA + (page / 64) * 8) as *const core::sync::atomic::AtomicU64;
-        let bit = 1u64 << (page % 64);
-        // SAFETY: the report covers every work-area page (16 GiB of them);
-        // AtomicU64 is 8-byte aligned there; vCPUs share words, hence atomics.
-        unsafe {
-            if free {
-                (*word).fetch_or(bit, core::sync::atomic::Ordering::SeqCst);
-            } else {
-                (*word).fetch_and(!bit, core::sync::atomic::Ordering::SeqCst);
-            }
-        }
-    }
 }
 
 /// Dirties this vCPU's share of the working set at `rate_bytes_per_sec / vcpu_count`.
@@ -181,7 +162,7 @@ pub(crate) fn memtouch(boot: &BootInfo, index: u32, status: &Status) -> ! {
                 if free_now != freed {
                     // Freeing: report after the last write; taking back:
                     // clear the report before the first write.
-                    report_free(first + kept, end, free_now);
+                    crate::heap::report_free(first + kept..end, free_now);
                     freed = free_now;
                 }
             }

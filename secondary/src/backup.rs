@@ -94,24 +94,24 @@ impl Staging {
     /// Gives back the memory of the largest epoch staged so far (after the
     /// initial copy, whose frames are the largest).
     pub fn release_buffers(&mut self) {
+        self.clear_staged_bits();
+        self.pages = PageBatch::new();
+    }
+
+    /// Clears only the bits of the pages staged last time: a pass over the
+    /// whole bitmap every epoch would grow with the guest.
+    fn clear_staged_bits(&mut self) {
         for page_number in self.pages.page_numbers() {
             if let Some(word) = self.staged.get_mut(usize_from(page_number / 64)) {
                 *word = 0;
             }
         }
-        self.pages = PageBatch::new();
     }
 
     /// Starts a new epoch of a guest of `guest_pages` pages.
     pub fn begin(&mut self, guest_pages: u64) {
         self.begun = Some(Instant::now());
-        // Clear only the bits of the pages staged last time: a pass over
-        // the whole bitmap every epoch would grow with the guest.
-        for page_number in self.pages.page_numbers() {
-            if let Some(word) = self.staged.get_mut(usize_from(page_number / 64)) {
-                *word = 0;
-            }
-        }
+        self.clear_staged_bits();
         self.staged.resize(usize_from(guest_pages.div_ceil(64)), 0);
         self.pages.clear();
         self.received = 0;
